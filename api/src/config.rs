@@ -1,0 +1,34 @@
+//! The api's configuration, read once at start-up.
+
+use std::net::SocketAddr;
+
+use clinflow::config::{self, ConfigError};
+use secrecy::{SecretBox, SecretString};
+
+pub struct ApiConfig {
+    pub database_url: SecretString,
+    pub amqp_url: SecretString,
+    pub queue_prefix: String,
+    pub master_key: SecretBox<[u8; 32]>,
+    pub jwt_secret: SecretBox<Vec<u8>>,
+    pub api_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+impl ApiConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            database_url: database_url()?,
+            amqp_url: config::url("AMQP_URL", &["amqp", "amqps"])?,
+            queue_prefix: config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into()),
+            master_key: config::master_key()?,
+            jwt_secret: config::secret_bytes("JWT_SECRET")?,
+            api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
+            metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,
+        })
+    }
+}
+
+pub fn database_url() -> Result<SecretString, ConfigError> {
+    config::url("DATABASE_URL", &["postgres", "postgresql"])
+}

@@ -1,0 +1,232 @@
+//! Upload a document; read a document and its results.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clinflow::annotation::Annotation;
+use clinflow::audit::{Action, Outcome};
+use clinflow::documents::{self, Inserted, NewDocument, Status};
+use clinflow::jobs;
+use serde::{Deserialize, Serialize};
+use time::{Date, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::{AuthUser, JsonBody};
+use crate::error::ApiError;
+use crate::users::Role;
+
+/// Largest accepted note, in bytes of UTF-8.
+pub const MAX_TEXT_BYTES: usize = 1_000_000;
+const MAX_PATIENT_REF_CHARS: usize = 128;
+const MAX_SOURCE_REF_CHARS: usize = 256;
+
+const UPLOADERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Admin];
+const READERS: &[Role] = &[Role::Clinician, Role::Admin];
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/documents", post(upload)).route("/v1/documents/{id}", get(read))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadRequest {
+    patient_ref: String,
+    text: String,
+    source_ref: Option<String>,
+    /// Parsed by hand so a bad value gets a clear message without echoing it.
+    document_date: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct UploadResponse {
+    id: Uuid,
+    status: Status,
+}
+
+struct ValidUpload {
+    patient_ref: String,
+    text: String,
+    source_ref: Option<String>,
+    document_date: Option<Date>,
+}
+
+fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
+    let patient_ref = req.patient_ref.trim().to_owned();
+    if patient_ref.is_empty() || patient_ref.chars().count() > MAX_PATIENT_REF_CHARS {
+        return Err(ApiError::invalid(
+            "invalid_patient_ref",
+            format!("patient_ref must be 1-{MAX_PATIENT_REF_CHARS} characters"),
+        ));
+    }
+    if patient_ref.chars().any(char::is_control) {
+        return Err(ApiError::invalid("invalid_patient_ref", "patient_ref must not contain control characters"));
+    }
+    if req.text.trim().is_empty() {
+        return Err(ApiError::invalid("empty_text", "text must not be empty"));
+    }
+    if req.text.len() > MAX_TEXT_BYTES {
+        return Err(ApiError::BadRequest {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "text_too_large",
+            message: format!("text must be at most {MAX_TEXT_BYTES} bytes, got {}", req.text.len()),
+        });
+    }
+    let source_ref = req.source_ref.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    if source_ref.as_ref().is_some_and(|s| s.chars().count() > MAX_SOURCE_REF_CHARS || s.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid(
+            "invalid_source_ref",
+            format!("source_ref must be at most {MAX_SOURCE_REF_CHARS} characters, without control characters"),
+        ));
+    }
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let document_date =
+        match req.document_date.as_deref().map(str::trim).filter(|d| !d.is_empty()) {
+            None => None,
+            Some(d) => Some(Date::parse(d, &format).map_err(|_| {
+                ApiError::invalid("invalid_document_date", "document_date must be a date as YYYY-MM-DD")
+            })?),
+        };
+    Ok(ValidUpload { patient_ref, text: req.text, source_ref, document_date })
+}
+
+#[tracing::instrument(skip_all, fields(user_id = %user.id, document_id))]
+async fn upload(
+    State(state): State<AppState>,
+    user: AuthUser,
+    JsonBody(req): JsonBody<UploadRequest>,
+) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
+    user.require(&state, UPLOADERS, Action::DocumentUpload, None).await?;
+    let upload = validate(req)?;
+    let id = Uuid::now_v7();
+    tracing::Span::current().record("document_id", tracing::field::display(id));
+
+    let doc = NewDocument {
+        id,
+        patient_ref_ct: state
+            .keyring
+            .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
+            .map_err(anyhow::Error::new)?,
+        text_ct: state.keyring.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
+        source_ref: upload.source_ref,
+        document_date: upload.document_date,
+        uploaded_by: user.id,
+    };
+    let mut conn = state.db.acquire().await?;
+    if let Inserted::DuplicateSourceRef(existing) = documents::insert(&mut conn, &doc).await? {
+        return Err(ApiError::DuplicateSourceRef(existing));
+    }
+
+    // The row is committed before the job is published, so the worker always
+    // finds it. If the hand-off or its audit event fails, the row is removed
+    // and the client told to retry: nothing is half-accepted. (A transactional
+    // outbox replaces this compensation in the bulk-ingestion stage.)
+    let handed_off = match jobs::publish(&state.publisher, &state.topology, id).await {
+        Ok(()) => state.audit(&user.event(Action::DocumentUpload, Outcome::Success).document(id)).await,
+        Err(e) => {
+            tracing::error!(error = %e, "publishing the document job failed");
+            Err(ApiError::Unavailable("the job queue"))
+        }
+    };
+    if let Err(e) = handed_off {
+        documents::delete(&mut *conn, id).await?;
+        return Err(e);
+    }
+    metrics::counter!("clinflow_documents_uploaded_total").increment(1);
+    Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })))
+}
+
+#[derive(Serialize)]
+pub struct DocumentResponse {
+    id: Uuid,
+    status: Status,
+    patient_ref: String,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    document_date: Option<Date>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    annotations: Option<Vec<Annotation>>,
+}
+
+#[tracing::instrument(skip_all, fields(user_id = %user.id, document_id = %id))]
+async fn read(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<Uuid>,
+) -> Result<Json<DocumentResponse>, ApiError> {
+    user.require(&state, READERS, Action::DocumentRead, Some(id)).await?;
+    let Some(row) = documents::get(&state.db, id).await? else {
+        state.audit(&user.event(Action::DocumentRead, Outcome::Failure).document(id).reason("not_found")).await?;
+        return Err(ApiError::NotFound);
+    };
+    let status = Status::parse(&row.status).ok_or_else(|| anyhow::anyhow!("unknown document status"))?;
+    let patient_ref =
+        state.keyring.open_string(documents::patient_ref_field(id), &row.patient_ref_ct).map_err(anyhow::Error::new)?;
+    let (model_version, annotations) = match status {
+        Status::Done => {
+            let result = documents::latest_result(&state.db, id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("done document has no result"))?;
+            let plain = state
+                .keyring
+                .open(documents::annotations_field(id), &result.annotations_ct)
+                .map_err(anyhow::Error::new)?;
+            let annotations: Vec<Annotation> = serde_json::from_slice(&plain).map_err(anyhow::Error::new)?;
+            (Some(result.model_version), Some(annotations))
+        }
+        _ => (None, None),
+    };
+    // No PHI leaves unless its read is on the audit trail.
+    state.audit(&user.event(Action::DocumentRead, Outcome::Success).document(id)).await?;
+    Ok(Json(DocumentResponse {
+        id,
+        status,
+        patient_ref,
+        created_at: row.created_at,
+        source_ref: row.source_ref,
+        document_date: row.document_date,
+        failure_code: row.failure_code,
+        model_version,
+        annotations,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(patient_ref: &str, text: &str, date: Option<&str>) -> UploadRequest {
+        UploadRequest {
+            patient_ref: patient_ref.into(),
+            text: text.into(),
+            source_ref: None,
+            document_date: date.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn validation_messages_never_echo_the_input() {
+        for bad in [
+            req("", "x", None),
+            req("PAT-1", "  ", None),
+            req("PAT-1", "x", Some("14/02/2026")),
+            req("PAT\u{7}", "x", None),
+        ] {
+            let err = validate(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(!err.is_empty());
+            assert!(!err.contains("14/02") && !err.contains("PAT"), "{err}");
+        }
+        let ok = validate(req(" PAT-1 ", "metformin", Some("2026-02-14"))).unwrap();
+        assert_eq!(ok.patient_ref, "PAT-1");
+        assert_eq!(ok.document_date, Some(time::macros::date!(2026 - 02 - 14)));
+    }
+}

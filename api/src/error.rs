@@ -1,0 +1,120 @@
+//! The API's one error type. Every error is JSON `{"error": {"code",
+//! "message"}}`; messages are written here, never copied from input, so they
+//! cannot carry document text or patient references. 5xx causes are logged
+//! (ids only) and the client gets a generic message.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { status: StatusCode, code: &'static str, message: String },
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    #[error("your role may not do this")]
+    Forbidden,
+    #[error("not found")]
+    NotFound,
+    #[error("a document with this source_ref exists")]
+    DuplicateSourceRef(Uuid),
+    #[error("{0} is unavailable; try again")]
+    Unavailable(&'static str),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest { status: StatusCode::UNPROCESSABLE_ENTITY, code, message: message.into() }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest { status, code, .. } => (*status, code),
+            Self::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            Self::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
+            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::DuplicateSourceRef(_) => (StatusCode::CONFLICT, "duplicate_source_ref"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Unexpected(anyhow::Error::new(e).context("database"))
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        let (code, message) = match &rejection {
+            JsonRejection::MissingJsonContentType(_) => {
+                ("unsupported_media_type", "send the body as JSON with Content-Type: application/json".to_owned())
+            }
+            JsonRejection::JsonSyntaxError(_) => ("invalid_json", "the body is not valid JSON".to_owned()),
+            JsonRejection::JsonDataError(e) => ("invalid_body", describe_data_error(&e.body_text())),
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the body is too large".to_owned()),
+            _ => ("invalid_body", "the body could not be read".to_owned()),
+        };
+        Self::BadRequest { status, code, message }
+    }
+}
+
+/// serde's messages for a wrong type quote the offending value, which may be
+/// PHI; only the missing/unknown-field messages (which quote field names)
+/// are passed on.
+fn describe_data_error(text: &str) -> String {
+    let detail = text.split_once(": ").map_or(text, |(_, d)| d);
+    let detail = detail.split(" at line ").next().unwrap_or(detail);
+    if detail.starts_with("missing field") || detail.starts_with("unknown field") {
+        format!("the JSON body is not what this endpoint expects: {detail}")
+    } else {
+        "the JSON body is not what this endpoint expects: a field has the wrong type".to_owned()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let Self::Unexpected(e) = &self {
+            tracing::error!(error = format!("{e:#}"), "request failed");
+        }
+        let message = match &self {
+            Self::Unexpected(_) => "internal error; the request id in the x-request-id header identifies it".to_owned(),
+            other => other.to_string(),
+        };
+        let mut body = json!({ "error": { "code": code, "message": message } });
+        if let Self::DuplicateSourceRef(id) = self {
+            body["id"] = json!(id);
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_type_errors_do_not_echo_values() {
+        let m = describe_data_error(
+            "Failed to deserialize the JSON body into the target type: patient_ref: invalid type: integer `1234567`, expected a string at line 1 column 25",
+        );
+        assert!(!m.contains("1234567"), "{m}");
+        let m = describe_data_error(
+            "Failed to deserialize the JSON body into the target type: missing field `text` at line 1 column 25",
+        );
+        assert_eq!(m, "the JSON body is not what this endpoint expects: missing field `text`");
+    }
+}

@@ -1,0 +1,105 @@
+//! clinflow-api: log in, upload documents, read their results.
+
+pub mod auth;
+pub mod config;
+pub mod documents;
+pub mod error;
+pub mod users;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use clinflow::amqp::{Publisher, Topology};
+use clinflow::audit::{self, AuditEvent};
+use clinflow::crypto::Keyring;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::auth::JwtKeys;
+use crate::error::ApiError;
+use crate::users::Passwords;
+
+/// Request bodies above this are refused with 413 before they are parsed.
+const MAX_BODY_BYTES: usize = 2 * documents::MAX_TEXT_BYTES;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub keyring: Arc<Keyring>,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub jwt: Arc<JwtKeys>,
+    pub passwords: Passwords,
+    pub idle_timeout: Duration,
+}
+
+impl AppState {
+    /// Publishes an audit event and waits for the broker's confirmation; an
+    /// unconfirmed event fails the request with 503 before anything is shown.
+    pub async fn audit(&self, event: &AuditEvent) -> Result<(), ApiError> {
+        audit::publish(&self.publisher, &self.topology, event).await.map_err(|e| {
+            tracing::error!(error = %e, action = event.action.as_str(), "audit event not confirmed");
+            ApiError::Unavailable("the audit trail")
+        })
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .merge(auth::router())
+        .merge(documents::router())
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
+            let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+            // The route template, never the raw path: ids stay out of span names.
+            tracing::info_span!("request", method = %req.method(), route, request_id)
+        }))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let db = sqlx::query_scalar!("SELECT 1 AS one").fetch_one(&state.db).await.is_ok();
+    let amqp = state.publisher.channel().status().connected();
+    let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let word = |ok: bool| if ok { "up" } else { "down" };
+    (status, Json(json!({"postgres": word(db), "rabbitmq": word(amqp)}))).into_response()
+}
+
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("clinflow_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("clinflow_http_request_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Serves until `shutdown` fires, then finishes in-flight requests.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}

@@ -1,0 +1,124 @@
+use std::io::BufRead;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use clinflow::amqp::{self, Publisher, Topology};
+use clinflow::crypto::Keyring;
+use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
+use clinflow_api::config::{self, ApiConfig};
+use clinflow_api::users::{self, Passwords, Role, UserError};
+use clinflow_api::{AppState, serve};
+use secrecy::ExposeSecret;
+use sqlx::postgres::PgPoolOptions;
+
+/// clinflow HTTP API. Configuration comes from the environment (see README).
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Apply the database migrations; run it as the role that owns the schema
+    /// (MIGRATION_DATABASE_URL, or DATABASE_URL if unset).
+    Migrate,
+    /// Create a user; the password is read from stdin (one line).
+    CreateUser {
+        #[arg(long)]
+        username: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Succeed without changes when the user exists already.
+        #[arg(long)]
+        if_not_exists: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    clinflow::telemetry::init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => run_server().await,
+        Command::Migrate => migrate().await,
+        Command::CreateUser { username, role, if_not_exists } => create_user(&username, role, if_not_exists).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clinflow-api: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_server() -> anyhow::Result<()> {
+    let config = ApiConfig::from_env()?;
+    clinflow::telemetry::install_metrics(config.metrics_addr)?;
+    let db = PgPoolOptions::new()
+        .max_connections(32)
+        .connect(config.database_url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL (DATABASE_URL)")?;
+    let connection =
+        amqp::connect(&config.amqp_url, "clinflow-api").await.context("connecting to RabbitMQ (AMQP_URL)")?;
+    let publisher = Publisher::new(&connection).await?;
+    let topology = Topology::new(config.queue_prefix);
+    topology.declare(publisher.channel()).await?;
+    let state = AppState {
+        db,
+        keyring: Arc::new(Keyring::from_master_key(&config.master_key)),
+        publisher,
+        topology,
+        jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
+        passwords: Passwords::new().await?,
+        idle_timeout: IDLE_TIMEOUT,
+    };
+    let listener = tokio::net::TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("API_ADDR {}", config.api_addr))?;
+    tracing::info!(addr = %config.api_addr, "clinflow-api listening");
+    serve(listener, state, clinflow::shutdown::on_signal()).await?;
+    connection.close(200, "shutdown".into()).await.ok();
+    Ok(())
+}
+
+async fn migrate() -> anyhow::Result<()> {
+    let url = match clinflow::config::optional("MIGRATION_DATABASE_URL")? {
+        Some(_) => clinflow::config::url("MIGRATION_DATABASE_URL", &["postgres", "postgresql"])?,
+        None => config::database_url()?,
+    };
+    let db = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL")?;
+    clinflow::MIGRATOR.run(&db).await.context("applying migrations")?;
+    println!("migrations applied");
+    Ok(())
+}
+
+async fn create_user(username: &str, role: Role, if_not_exists: bool) -> anyhow::Result<()> {
+    let url = config::database_url()?;
+    let mut password = String::new();
+    std::io::stdin().lock().read_line(&mut password).context("reading the password from stdin")?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    let db = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL")?;
+    let passwords = Passwords::new().await?;
+    match users::create(&db, &passwords, username, password, role).await {
+        Ok(id) => println!("created user {username} ({}) with id {id}", role.as_str()),
+        Err(UserError::Exists(_)) if if_not_exists => println!("user {username} exists; unchanged"),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}

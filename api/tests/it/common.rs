@@ -1,0 +1,180 @@
+//! The whole pipeline in one test process: the api on an ephemeral port, a
+//! worker and an audit sink, against the machine's real PostgreSQL, RabbitMQ
+//! and the local MedCAT service — each test with its own database and its own
+//! queue names.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::ExponentialBuilder;
+use clinflow::amqp::{Publisher, Topology};
+use clinflow::testing::{self, TestDb};
+use clinflow_api::AppState;
+use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
+use clinflow_api::users::{self, Passwords, Role};
+use clinflow_audit_sink::Sink;
+use clinflow_audit_sink::chain::ChainKey;
+use clinflow_worker::Worker;
+use clinflow_worker::medcat::MedcatClient;
+use secrecy::SecretBox;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const PASSWORD: &str = "a long test password";
+
+pub fn audit_key() -> ChainKey {
+    ChainKey::new(SecretBox::new(Box::new(b"test audit hmac key, 32+ bytes long!".to_vec())))
+}
+
+pub struct Stack {
+    pub db: TestDb,
+    pub topology: Topology,
+    pub amqp: lapin::Connection,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub passwords: Passwords,
+    pub shutdown: CancellationToken,
+    pub worker: JoinHandle<anyhow::Result<()>>,
+    pub sink: JoinHandle<anyhow::Result<()>>,
+    pub api: JoinHandle<std::io::Result<()>>,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        clinflow::telemetry::init_tracing();
+        let db = TestDb::new().await;
+        let (topology, amqp) = testing::topology().await;
+        let keyring = Arc::new(testing::keyring());
+        let shutdown = CancellationToken::new();
+        let passwords = Passwords::new().await.unwrap();
+
+        let state = AppState {
+            db: db.app.clone(),
+            keyring: Arc::clone(&keyring),
+            publisher: Publisher::new(&amqp).await.unwrap(),
+            topology: topology.clone(),
+            jwt: Arc::new(JwtKeys::new(&SecretBox::new(Box::new(b"test jwt secret that is long enough!!".to_vec())))),
+            passwords: passwords.clone(),
+            idle_timeout: IDLE_TIMEOUT,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let api = tokio::spawn(clinflow_api::serve(listener, state, shutdown.clone()));
+
+        let backoff = ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(3);
+        let medcat = MedcatClient::new(&testing::medcat_url(), backoff).unwrap();
+        let model_version = medcat.model_version().await.expect("MedCAT at MEDCAT_URL (./dev/test starts one)");
+        let worker = Arc::new(Worker {
+            db: db.app.clone(),
+            keyring,
+            medcat,
+            model_version,
+            publisher: Publisher::new(&amqp).await.unwrap(),
+            topology: topology.clone(),
+        });
+        let channel = amqp.create_channel().await.unwrap();
+        let worker = tokio::spawn(worker.run(channel, 8, shutdown.clone()));
+
+        let sink = Sink { db: db.app.clone(), key: audit_key(), topology: topology.clone(), batch_size: 64 };
+        let channel = amqp.create_channel().await.unwrap();
+        let token = shutdown.clone();
+        let sink = tokio::spawn(async move { sink.run(channel, token).await });
+
+        Self {
+            db,
+            topology,
+            amqp,
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            passwords,
+            shutdown,
+            worker,
+            sink,
+            api,
+        }
+    }
+
+    pub async fn user(&self, name: &str, role: Role) -> uuid::Uuid {
+        users::create(&self.db.app, &self.passwords, name, PASSWORD, role).await.unwrap()
+    }
+
+    pub async fn login(&self, name: &str) -> String {
+        let (status, body) = self.post("/v1/auth/login", None, &json!({"username": name, "password": PASSWORD})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["token_type"], "bearer");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the audit table holds `n` rows (the sink is asynchronous).
+    pub async fn wait_for_audit_rows(&self, n: i64) -> i64 {
+        let mut count = 0;
+        for _ in 0..200 {
+            count = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_events")
+                .fetch_one(&self.db.owner)
+                .await
+                .unwrap();
+            if count >= n {
+                // Give a late straggler the chance to show up and break equality.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_events")
+                    .fetch_one(&self.db.owner)
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        count
+    }
+
+    /// Message count of a queue (passive declare).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let channel = self.amqp.create_channel().await.unwrap();
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        channel.queue_declare(queue.into(), options, lapin::types::FieldTable::default()).await.unwrap().message_count()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for (name, result) in [
+            ("worker", self.worker.await.map(|r| r.map_err(|e| e.to_string()))),
+            ("sink", self.sink.await.map(|r| r.map_err(|e| e.to_string()))),
+            ("api", self.api.await.map(|r| r.map_err(|e| e.to_string()))),
+        ] {
+            assert!(matches!(result, Ok(Ok(()))), "{name} did not stop cleanly: {result:?}");
+        }
+        testing::delete_queues(&self.topology, &self.amqp).await;
+        self.db.drop_database().await;
+    }
+}
+
+/// Audit rows as (action, outcome, actor_name) triples, sorted, for exact
+/// comparison.
+pub async fn audit_summary(db: &sqlx::PgPool) -> Vec<(String, String, String)> {
+    let mut rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT action, outcome, actor_name FROM audit_events").fetch_all(db).await.unwrap();
+    rows.sort();
+    rows.into_iter().map(|(a, o, n)| (a, o, n.unwrap_or_default())).collect()
+}

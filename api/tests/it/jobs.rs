@@ -1,0 +1,92 @@
+use std::time::Duration;
+
+use clinflow::amqp::Publisher;
+use clinflow_api::users::Role;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use serde_json::json;
+
+use crate::common::Stack;
+
+/// Publishes raw bytes where document jobs go, as a buggy producer would.
+async fn publish_raw(stack: &Stack, body: &[u8]) {
+    let publisher = Publisher::new(&stack.amqp).await.unwrap();
+    let lane = stack.topology.documents_live();
+    publisher
+        .channel()
+        .basic_publish(
+            lane.exchange.as_str().into(),
+            lane.key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn malformed_jobs_are_dead_lettered_and_do_not_block_the_queue() {
+    let stack = Stack::start().await;
+    for body in [&b"not json at all"[..], br#"{"document_id": "not-a-uuid"}"#, b"{}", &[0xff, 0xfe, 0x00]] {
+        publish_raw(&stack, body).await;
+    }
+    // A well-formed job for a document that does not exist is acked, not parked.
+    publish_raw(&stack, br#"{"document_id": "018f0000-0000-7000-8000-000000000000"}"#).await;
+
+    stack.user("u", Role::Clinician).await;
+    let token = stack.login("u").await;
+    let (status, up) = stack
+        .post("/v1/documents", Some(&token), &json!({"patient_ref": "PAT-7", "text": "Started metformin for T2DM."}))
+        .await;
+    assert_eq!(status, 202);
+    let id = up["id"].as_str().unwrap().to_owned();
+    let mut doc = json!(null);
+    for _ in 0..200 {
+        doc = stack.get(&format!("/v1/documents/{id}"), Some(&token)).await.1;
+        if doc["status"] == "done" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(doc["status"], "done", "the valid job behind the bad ones was processed: {doc}");
+    assert!(doc["annotations"].as_array().unwrap().iter().any(|a| a["cui"] == "372567009"));
+
+    let lane = stack.topology.documents_live();
+    let mut parked = 0;
+    for _ in 0..100 {
+        parked = stack.queue_depth(&lane.dead_queue).await;
+        if parked == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(parked, 4, "the four malformed messages are kept in the dead-letter queue");
+    assert_eq!(stack.queue_depth(&lane.queue).await, 0);
+    assert!(!stack.worker.is_finished(), "the worker is still running");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_audit_messages_are_dead_lettered_and_the_sink_goes_on() {
+    let stack = Stack::start().await;
+    let publisher = Publisher::new(&stack.amqp).await.unwrap();
+    let audit = stack.topology.audit();
+    publisher.publish_json(&audit.exchange, audit.key, "bogus", &json!({"hello": "world"})).await.unwrap();
+    stack.user("u", Role::Clinician).await;
+    stack.login("u").await;
+    assert_eq!(stack.wait_for_audit_rows(1).await, 1);
+    let mut parked = 0;
+    for _ in 0..100 {
+        parked = stack.queue_depth(&audit.dead_queue).await;
+        if parked == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(parked, 1);
+    assert!(!stack.sink.is_finished());
+    stack.stop().await;
+}

@@ -1,0 +1,10 @@
+//! Integration tests of clinflow against the real services; see common.rs.
+//! One test binary (faster to link than one per file).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod audit_table;
+mod auth;
+mod common;
+mod jobs;
+mod pipeline;
+mod startup;

@@ -1,0 +1,77 @@
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use clinflow::amqp::{self, Topology};
+use clinflow::config;
+use clinflow_audit_sink::chain::{self, ChainKey};
+use clinflow_audit_sink::{SERVICE_NAME, Sink};
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// Writes audit events to the append-only, hash-chained audit table.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume audit events (the default).
+    Run,
+    /// Walk the hash chain and report the first broken row, if any.
+    Verify,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    clinflow::telemetry::init_tracing();
+    let result = match Cli::parse().command.unwrap_or(Command::Run) {
+        Command::Run => run().await,
+        Command::Verify => verify().await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{SERVICE_NAME}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect_db() -> anyhow::Result<PgPool> {
+    let url = config::url("DATABASE_URL", &["postgres", "postgresql"])?;
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect(url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL (DATABASE_URL)")
+}
+
+async fn run() -> anyhow::Result<()> {
+    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
+    let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
+    let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
+    let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9103")?;
+    clinflow::telemetry::install_metrics(metrics_addr)?;
+    let db = connect_db().await?;
+    let connection = amqp::connect(&amqp_url, SERVICE_NAME).await.context("connecting to RabbitMQ (AMQP_URL)")?;
+    let channel = connection.create_channel().await?;
+    let topology = Topology::new(prefix);
+    topology.declare(&channel).await?;
+    let sink = Sink { db, key, topology, batch_size: 256 };
+    sink.run(channel, clinflow::shutdown::on_signal()).await?;
+    connection.close(200, "shutdown".into()).await.ok();
+    Ok(())
+}
+
+async fn verify() -> anyhow::Result<()> {
+    let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
+    let db = connect_db().await?;
+    let rows = chain::verify(&db, &key).await?;
+    println!("audit chain intact: {rows} events");
+    Ok(())
+}

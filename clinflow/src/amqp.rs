@@ -1,0 +1,200 @@
+//! The RabbitMQ topology, declared in one place, and a confirming publisher.
+//!
+//! ```text
+//! {p}.jobs  (direct) --documents.live--> {p}.documents.live  (quorum)
+//! {p}.audit (direct) --audit----------->  {p}.audit          (quorum)
+//! {p}.dead  (direct) --documents.live--> {p}.documents.live.dead
+//!                    --audit----------->  {p}.audit.dead
+//! ```
+//!
+//! Every work queue is a durable quorum queue with a delivery limit, and
+//! dead-letters (at-least-once) into its own `.dead` queue: a message that is
+//! rejected as malformed, or that keeps failing, is parked for inspection
+//! instead of being dropped or blocking the queue. The prefix lets tests run
+//! beside a live stack on the same broker without touching its queues.
+//! A backfill lane (`documents.backfill`) and a delayed-retry queue slot in as
+//! further entries of [`Topology::work_queues`].
+
+use lapin::Confirmation;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+
+/// How many times a quorum queue redelivers a message before dead-lettering it.
+pub const DELIVERY_LIMIT: i64 = 5;
+
+pub const DOCUMENTS_LIVE: &str = "documents.live";
+pub const AUDIT: &str = "audit";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("RabbitMQ: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("RabbitMQ could not route the message to any queue")]
+    Unroutable,
+    #[error("message could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Names of exchanges and queues under one prefix (`clinflow` in production).
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+}
+
+/// One work queue: bound to `exchange` with routing key `key`.
+#[derive(Debug, Clone)]
+pub struct WorkQueue {
+    pub exchange: String,
+    pub key: &'static str,
+    pub queue: String,
+    pub dead_queue: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    pub fn audit_exchange(&self) -> String {
+        format!("{}.audit", self.prefix)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    pub fn documents_live(&self) -> WorkQueue {
+        self.work_queue(self.jobs_exchange(), DOCUMENTS_LIVE)
+    }
+
+    pub fn audit(&self) -> WorkQueue {
+        self.work_queue(self.audit_exchange(), AUDIT)
+    }
+
+    pub fn work_queues(&self) -> Vec<WorkQueue> {
+        vec![self.documents_live(), self.audit()]
+    }
+
+    fn work_queue(&self, exchange: String, key: &'static str) -> WorkQueue {
+        let queue = format!("{}.{key}", self.prefix);
+        WorkQueue { exchange, key, dead_queue: format!("{queue}.dead"), queue }
+    }
+
+    /// Declares everything; idempotent, so every process calls it at start-up.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), AmqpError> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for exchange in [self.jobs_exchange(), self.audit_exchange(), self.dead_letter_exchange()] {
+            channel
+                .exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+                .await?;
+        }
+        for wq in self.work_queues() {
+            self.declare_quorum(channel, &wq.dead_queue, quorum_args()).await?;
+            self.bind(channel, &wq.dead_queue, &self.dead_letter_exchange(), wq.key).await?;
+
+            let mut args = quorum_args();
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+            args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_letter_exchange()));
+            args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+            // at-least-once dead-lettering requires reject-publish overflow.
+            args.insert("x-overflow".into(), long_string("reject-publish"));
+            self.declare_quorum(channel, &wq.queue, args).await?;
+            self.bind(channel, &wq.queue, &wq.exchange, wq.key).await?;
+        }
+        Ok(())
+    }
+
+    async fn declare_quorum(&self, channel: &Channel, name: &str, args: FieldTable) -> Result<(), AmqpError> {
+        let options = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(name.into(), options, args).await?;
+        Ok(())
+    }
+
+    async fn bind(&self, channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), AmqpError> {
+        channel
+            .queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        Ok(())
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    args
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// Connects with lapin's built-in recovery (exchanges, queues, bindings and
+/// consumers are replayed after a broker restart).
+pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, AmqpError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into()).enable_auto_recover();
+    Ok(Connection::connect(url.expose_secret(), properties).await?)
+}
+
+/// A channel in confirm mode: `publish` returns only once the broker has
+/// taken responsibility for the message (written to a quorum of nodes).
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").field("channel", &self.channel.id()).finish()
+    }
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection) -> Result<Self, AmqpError> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Self { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes `message` as persistent JSON; `mandatory` so that a missing
+    /// binding is an error rather than a silent drop.
+    pub async fn publish_json<T: Serialize>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message_id: &str,
+        message: &T,
+    ) -> Result<(), AmqpError> {
+        let body = serde_json::to_vec(message)?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(message_id.into());
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirm =
+            self.channel.basic_publish(exchange.into(), routing_key.into(), options, &body, properties).await?.await?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(AmqpError::Nacked),
+        }
+    }
+}

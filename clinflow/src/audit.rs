@@ -1,0 +1,195 @@
+//! The audit event: who did what to which resource, when, from where, and how
+//! it ended. Ids only — never document text or patient references.
+//!
+//! Producers (api, worker) publish events to `{prefix}.audit` with publisher
+//! confirms; `clinflow-audit-sink` is the only writer of the audit table.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::amqp::{self, AmqpError, Publisher, Topology};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Chosen by the producer, so a redelivered event is stored once.
+    pub event_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub occurred_at: OffsetDateTime,
+    pub actor: Actor,
+    pub source_ip: Option<IpAddr>,
+    pub request_id: Option<String>,
+    pub action: Action,
+    pub resource: Option<Resource>,
+    pub outcome: Outcome,
+    /// A short machine code (`bad_credentials`, `role_forbidden`, …), never
+    /// free text that could carry PHI.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Actor {
+    pub kind: ActorKind,
+    pub id: Option<Uuid>,
+    /// Username, service name, or the username a failed login tried.
+    pub name: Option<String>,
+    pub role: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActorKind {
+    User,
+    Service,
+    Anonymous,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resource {
+    pub kind: String,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Action {
+    #[serde(rename = "auth.login")]
+    Login,
+    #[serde(rename = "auth.logout")]
+    Logout,
+    #[serde(rename = "document.upload")]
+    DocumentUpload,
+    /// A user read a document or its results.
+    #[serde(rename = "document.read")]
+    DocumentRead,
+    /// The worker decrypted a document to send it to MedCAT.
+    #[serde(rename = "document.process")]
+    DocumentProcess,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+    Denied,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Login => "auth.login",
+            Action::Logout => "auth.logout",
+            Action::DocumentUpload => "document.upload",
+            Action::DocumentRead => "document.read",
+            Action::DocumentProcess => "document.process",
+        }
+    }
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Denied => "denied",
+        }
+    }
+}
+
+impl AuditEvent {
+    pub fn new(action: Action, actor: Actor, outcome: Outcome) -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            occurred_at: now_micros(),
+            actor,
+            source_ip: None,
+            request_id: None,
+            action,
+            resource: None,
+            outcome,
+            reason: None,
+        }
+    }
+
+    pub fn document(mut self, id: Uuid) -> Self {
+        self.resource = Some(Resource { kind: "document".into(), id: id.to_string() });
+        self
+    }
+
+    pub fn reason(mut self, code: &str) -> Self {
+        self.reason = Some(code.to_owned());
+        self
+    }
+
+    pub fn from_request(mut self, source_ip: Option<IpAddr>, request_id: Option<String>) -> Self {
+        self.source_ip = source_ip;
+        self.request_id = request_id;
+        self
+    }
+
+    /// The bytes the audit hash chain covers. Field order is the struct's, so
+    /// the encoding is stable; times are kept to the microsecond that
+    /// PostgreSQL stores, so an event read back hashes the same.
+    pub fn canonical_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut normalized = self.clone();
+        normalized.occurred_at = truncate_to_micros(self.occurred_at);
+        serde_json::to_vec(&normalized)
+    }
+}
+
+impl Actor {
+    pub fn service(name: &str) -> Self {
+        Self { kind: ActorKind::Service, id: None, name: Some(name.to_owned()), role: None }
+    }
+
+    pub fn anonymous(attempted_name: Option<&str>) -> Self {
+        Self { kind: ActorKind::Anonymous, id: None, name: attempted_name.map(str::to_owned), role: None }
+    }
+}
+
+pub fn now_micros() -> OffsetDateTime {
+    truncate_to_micros(OffsetDateTime::now_utc())
+}
+
+pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap_or(t)
+}
+
+/// Publishes one event and waits for the broker's confirmation. A caller that
+/// is about to reveal PHI must not do so when this fails.
+pub async fn publish(publisher: &Publisher, topology: &Topology, event: &AuditEvent) -> Result<(), AmqpError> {
+    let started = std::time::Instant::now();
+    let result =
+        publisher.publish_json(&topology.audit_exchange(), amqp::AUDIT, &event.event_id.to_string(), event).await;
+    metrics::histogram!("clinflow_audit_publish_seconds").record(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        metrics::counter!("clinflow_audit_publish_failures_total").increment(1);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_bytes_survive_a_round_trip_through_json() {
+        let event = AuditEvent::new(Action::DocumentRead, Actor::service("t"), Outcome::Success)
+            .document(Uuid::now_v7())
+            .reason("x");
+        let json = serde_json::to_vec(&event).unwrap();
+        let back: AuditEvent = serde_json::from_slice(&json).unwrap();
+        assert_eq!(event.canonical_bytes().unwrap(), back.canonical_bytes().unwrap());
+        assert_eq!(event.occurred_at.nanosecond() % 1_000, 0);
+    }
+
+    #[test]
+    fn action_names_match_their_serde_names() {
+        for a in [Action::Login, Action::Logout, Action::DocumentUpload, Action::DocumentRead, Action::DocumentProcess]
+        {
+            assert_eq!(serde_json::to_value(a).unwrap(), serde_json::Value::from(a.as_str()));
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Test support (feature `testing`): every test gets its own PostgreSQL
+//! database and its own RabbitMQ names, so tests run in parallel with each
+//! other and beside a running `./dev/up` stack.
+//!
+//! Environment (all optional): `CLINFLOW_TEST_ADMIN_URL` (a superuser on the
+//! maintenance database, default `postgres://postgres@127.0.0.1:5432/postgres`),
+//! `CLINFLOW_TEST_AMQP_URL` (default guest on 127.0.0.1:5672), `MEDCAT_URL`.
+
+#![allow(clippy::expect_used)] // test support: a failed set-up should stop the test loudly
+
+use lapin::options::QueueDeleteOptions;
+use secrecy::{SecretBox, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::amqp::Topology;
+use crate::crypto::Keyring;
+
+pub fn admin_url() -> String {
+    std::env::var("CLINFLOW_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn amqp_url() -> SecretString {
+    std::env::var("CLINFLOW_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+        .into()
+}
+
+pub fn medcat_url() -> String {
+    std::env::var("MEDCAT_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".to_owned())
+}
+
+/// A fresh, migrated database named `clinflow_test_<uuid>`.
+pub struct TestDb {
+    pub name: String,
+    /// Connected as `clinflow_app`, like the services.
+    pub app: PgPool,
+    /// Connected as the owner (superuser), for arranging and inspecting.
+    pub owner: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = format!("clinflow_test_{}", Uuid::new_v4().simple());
+        let admin: PgConnectOptions = admin_url().parse().expect("CLINFLOW_TEST_ADMIN_URL");
+        let mut conn = admin.connect().await.expect("connect as test admin");
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+
+        let owner_opts = admin.clone().database(&name);
+        let owner = PgPoolOptions::new().max_connections(4).connect_with(owner_opts.clone()).await.expect("owner pool");
+        crate::MIGRATOR.run(&owner).await.expect("migrate test database");
+        let app_opts = owner_opts.username("clinflow_app");
+        let app = PgPoolOptions::new().max_connections(10).connect_with(app_opts).await.expect("app pool");
+        Self { name, app, owner }
+    }
+
+    /// A single connection as the application role (for privilege tests).
+    pub async fn app_connection(&self) -> PgConnection {
+        let admin: PgConnectOptions = admin_url().parse().expect("CLINFLOW_TEST_ADMIN_URL");
+        admin.database(&self.name).username("clinflow_app").connect().await.expect("app connection")
+    }
+
+    /// A database URL for the application role, for tests that start a binary.
+    pub fn app_url(&self) -> String {
+        let admin: PgConnectOptions = admin_url().parse().expect("CLINFLOW_TEST_ADMIN_URL");
+        format!("postgres://clinflow_app@{}:{}/{}", admin.get_host(), admin.get_port(), self.name)
+    }
+
+    /// Drops the database. Tests that fail before this leave theirs behind;
+    /// `./dev/test` drops leftovers before each run.
+    pub async fn drop_database(self) {
+        self.app.close().await;
+        self.owner.close().await;
+        let admin: PgConnectOptions = admin_url().parse().expect("CLINFLOW_TEST_ADMIN_URL");
+        if let Ok(mut conn) = admin.connect().await {
+            let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+}
+
+/// A topology under a random prefix, declared on the machine's broker.
+pub async fn topology() -> (Topology, lapin::Connection) {
+    let topology = Topology::new(format!("clinflow-test-{}", Uuid::new_v4().simple()));
+    let conn = crate::amqp::connect(&amqp_url(), "clinflow-test").await.expect("connect to RabbitMQ");
+    let channel = conn.create_channel().await.expect("channel");
+    topology.declare(&channel).await.expect("declare test topology");
+    (topology, conn)
+}
+
+/// Deletes the queues of a test topology (exchanges are left: they hold no
+/// messages and cost nothing).
+pub async fn delete_queues(topology: &Topology, conn: &lapin::Connection) {
+    if let Ok(channel) = conn.create_channel().await {
+        for wq in topology.work_queues() {
+            for q in [wq.queue, wq.dead_queue] {
+                let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+        }
+    }
+}
+
+pub fn keyring() -> Keyring {
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::try_from(i).unwrap_or(0).wrapping_mul(73).wrapping_add(11);
+    }
+    Keyring::from_master_key(&SecretBox::new(Box::new(key)))
+}

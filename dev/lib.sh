@@ -1,0 +1,69 @@
+# Shared by dev/up, dev/down and dev/test. Source it; do not run it.
+# Starts the machine's PostgreSQL and RabbitMQ when they are installed but
+# stopped, and the local MedCAT service, and waits until each answers.
+
+CLINFLOW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PG_ADMIN_URL="${CLINFLOW_TEST_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Prints "started" if it had to start PostgreSQL.
+ensure_postgres() {
+  if pg_isready -q -h 127.0.0.1 -p 5432; then return 0; fi
+  command -v pg_ctlcluster >/dev/null || die "PostgreSQL is not running on 127.0.0.1:5432 and pg_ctlcluster is not installed"
+  say "starting PostgreSQL"
+  local version
+  version="$(ls /etc/postgresql | sort -V | tail -n1)"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2
+  for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && { echo started; return 0; }; sleep 1; done
+  die "PostgreSQL did not become ready within 60 s"
+}
+
+# Prints "started" if it had to start RabbitMQ.
+ensure_rabbitmq() {
+  if rabbitmq_up; then return 0; fi
+  command -v rabbitmq-server >/dev/null || die "RabbitMQ is not running on 127.0.0.1:5672 and rabbitmq-server is not installed"
+  say "starting RabbitMQ"
+  rabbitmq-server -detached >&2
+  timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || die "RabbitMQ did not start within 120 s"
+  echo started
+}
+
+rabbitmq_up() {
+  (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && rabbitmqctl -q status >/dev/null 2>&1
+}
+
+medcat_ready() {
+  curl -fsS -m 2 "http://127.0.0.1:$1/api/health/ready" >/dev/null 2>&1
+}
+
+# ensure_medcat PORT LOGFILE PIDFILE — starts dev/medcat/run on PORT unless a
+# MedCAT already answers there. The first start builds the venv (~1 min).
+ensure_medcat() {
+  local port=$1 log=$2 pidfile=$3
+  if medcat_ready "$port"; then return 0; fi
+  say "starting MedCAT on 127.0.0.1:$port (the first start builds its venv, ~1 minute)"
+  mkdir -p "$(dirname "$log")" "$(dirname "$pidfile")"
+  SERVER_PORT="$port" setsid "$CLINFLOW_ROOT/dev/medcat/run" >"$log" 2>&1 < /dev/null &
+  echo $! > "$pidfile"
+  for _ in $(seq 1 600); do
+    medcat_ready "$port" && return 0
+    kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -n 20 "$log" >&2; die "MedCAT exited during start-up (log: $log)"; }
+    sleep 0.5
+  done
+  die "MedCAT did not become ready within 300 s (log: $log)"
+}
+
+# stop_pidfile FILE — TERM the process group, then KILL after 15 s.
+stop_pidfile() {
+  local pidfile=$1 pid
+  [ -f "$pidfile" ] || return 0
+  pid="$(cat "$pidfile")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}

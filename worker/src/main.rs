@@ -1,0 +1,69 @@
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clinflow::amqp::{self, Publisher, Topology};
+use clinflow::config;
+use clinflow::crypto::Keyring;
+use clinflow_worker::medcat::MedcatClient;
+use clinflow_worker::{SERVICE_NAME, Worker};
+use secrecy::ExposeSecret;
+use sqlx::postgres::PgPoolOptions;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    clinflow::telemetry::init_tracing();
+    if std::env::args().len() > 1 {
+        eprintln!("clinflow-worker takes no arguments; configure it with environment variables (see README)");
+        return ExitCode::from(2);
+    }
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{SERVICE_NAME}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let database_url = config::url("DATABASE_URL", &["postgres", "postgresql"])?;
+    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
+    let medcat_url = config::url("MEDCAT_URL", &["http", "https"])?;
+    let master_key = config::master_key()?;
+    let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
+    let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9102")?;
+    let prefetch = match config::optional("WORKER_PREFETCH")? {
+        None => 8,
+        Some(v) => v.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(|| config::ConfigError {
+            name: "WORKER_PREFETCH",
+            problem: "must be a whole number from 1 to 65535".into(),
+        })?,
+    };
+    clinflow::telemetry::install_metrics(metrics_addr)?;
+
+    let medcat = MedcatClient::new(medcat_url.expose_secret(), MedcatClient::default_backoff())?;
+    let model_version = medcat.model_version().await.context("asking MedCAT for its model (MEDCAT_URL)")?;
+    let db = PgPoolOptions::new()
+        .max_connections(u32::from(prefetch) + 2)
+        .connect(database_url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL (DATABASE_URL)")?;
+    let connection = amqp::connect(&amqp_url, SERVICE_NAME).await.context("connecting to RabbitMQ (AMQP_URL)")?;
+    let publisher = Publisher::new(&connection).await?;
+    let topology = Topology::new(prefix);
+    topology.declare(publisher.channel()).await?;
+    let worker = Arc::new(Worker {
+        db,
+        keyring: Arc::new(Keyring::from_master_key(&master_key)),
+        medcat,
+        model_version,
+        publisher,
+        topology,
+    });
+    let channel = connection.create_channel().await?;
+    worker.run(channel, prefetch, clinflow::shutdown::on_signal()).await?;
+    connection.close(200, "shutdown".into()).await.ok();
+    tracing::info!("worker stopped");
+    Ok(())
+}

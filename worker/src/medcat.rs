@@ -1,0 +1,258 @@
+//! Client for the medcat-service HTTP contract (see ../shared/MEDCAT.md).
+//!
+//! Response bodies are never logged or put into errors: MedCAT echoes the
+//! document text back, and a 422 body may quote it.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use clinflow::annotation::Annotation;
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MedcatError {
+    #[error("MedCAT unreachable or timed out: {0}")]
+    Transport(#[source] reqwest::Error),
+    #[error("MedCAT answered HTTP {0}")]
+    Status(StatusCode),
+    #[error("MedCAT reported success=false")]
+    NotSuccessful,
+    #[error("MedCAT echoed another document's footer")]
+    FooterMismatch,
+    #[error("MedCAT response not understood: {0}")]
+    Decode(String),
+}
+
+impl MedcatError {
+    /// Worth retrying: the service is down, overloaded or briefly failing.
+    /// A 4xx (other than 408/429) or an unreadable answer will not improve.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport(_) | Self::NotSuccessful | Self::FooterMismatch => true,
+            Self::Status(s) => {
+                s.is_server_error() || *s == StatusCode::TOO_MANY_REQUESTS || *s == StatusCode::REQUEST_TIMEOUT
+            }
+            Self::Decode(_) => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Processed {
+    /// `medcat_info.service_model` of the answer, when the service sends it.
+    pub model_version: Option<String>,
+    pub annotations: Vec<Annotation>,
+}
+
+#[derive(Clone)]
+pub struct MedcatClient {
+    http: reqwest::Client,
+    base: String,
+    backoff: ExponentialBuilder,
+}
+
+impl MedcatClient {
+    pub fn new(base_url: &str, backoff: ExponentialBuilder) -> Result<Self, MedcatError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(MedcatError::Transport)?;
+        Ok(Self { http, base: base_url.trim_end_matches('/').to_owned(), backoff })
+    }
+
+    /// The backoff used in production: 0.5 s doubling to 20 s, with jitter,
+    /// 6 retries (about a minute in all).
+    pub fn default_backoff() -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(20))
+            .with_max_times(6)
+    }
+
+    /// `service_model` from `GET /api/info`: the model version recorded with
+    /// every result.
+    pub async fn model_version(&self) -> Result<String, MedcatError> {
+        #[derive(Deserialize)]
+        struct Info {
+            service_model: Value,
+        }
+        let fetch = || async {
+            let response =
+                self.http.get(format!("{}/api/info", self.base)).send().await.map_err(MedcatError::Transport)?;
+            let info: Info = json(response).await?;
+            value_to_string(&info.service_model).ok_or_else(|| MedcatError::Decode("service_model is missing".into()))
+        };
+        fetch.retry(self.backoff).when(MedcatError::is_transient).notify(notify).await
+    }
+
+    /// `POST /api/process` with retries on transient failures.
+    pub async fn process(&self, text: &str, footer: &str) -> Result<Processed, MedcatError> {
+        let attempt = || self.process_once(text, footer);
+        attempt.retry(self.backoff).when(MedcatError::is_transient).notify(notify).await
+    }
+
+    async fn process_once(&self, text: &str, footer: &str) -> Result<Processed, MedcatError> {
+        let started = std::time::Instant::now();
+        let body = serde_json::json!({ "content": { "text": text, "footer": footer } });
+        let response = self
+            .http
+            .post(format!("{}/api/process", self.base))
+            .json(&body)
+            .send()
+            .await
+            .map_err(MedcatError::Transport)?;
+        let parsed: ProcessResponse = json(response).await?;
+        metrics::histogram!("clinflow_medcat_request_seconds").record(started.elapsed().as_secs_f64());
+        if parsed.result.success == Some(false) {
+            return Err(MedcatError::NotSuccessful);
+        }
+        if parsed.result.footer.as_ref().and_then(value_to_string).is_some_and(|f| f != footer) {
+            return Err(MedcatError::FooterMismatch);
+        }
+        Ok(Processed {
+            model_version: parsed.medcat_info.and_then(|i| i.service_model).as_ref().and_then(value_to_string),
+            annotations: parse_annotations(&parsed.result.annotations)?,
+        })
+    }
+}
+
+fn notify(e: &MedcatError, after: Duration) {
+    metrics::counter!("clinflow_medcat_retries_total").increment(1);
+    tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "MedCAT call failed; retrying");
+}
+
+async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, MedcatError> {
+    let status = response.status();
+    if !status.is_success() {
+        return Err(MedcatError::Status(status));
+    }
+    let bytes = response.bytes().await.map_err(MedcatError::Transport)?;
+    // serde's message names the position, not the content.
+    serde_json::from_slice(&bytes)
+        .map_err(|e| MedcatError::Decode(format!("line {} column {}: {:?}", e.line(), e.column(), e.classify())))
+}
+
+#[derive(Deserialize)]
+struct ProcessResponse {
+    medcat_info: Option<MedcatInfo>,
+    result: ResultBody,
+}
+
+#[derive(Deserialize)]
+struct MedcatInfo {
+    service_model: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ResultBody {
+    #[serde(default)]
+    annotations: Value,
+    success: Option<bool>,
+    footer: Option<Value>,
+}
+
+fn value_to_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Accepts every shape the service produces: `[{"0": ent, "1": ent}]`
+/// (dict mode), `[[ent, ent]]` (list mode), `[{}]`, `[[]]` and `[]`.
+pub fn parse_annotations(value: &Value) -> Result<Vec<Annotation>, MedcatError> {
+    let mut out = Vec::new();
+    let groups = match value {
+        Value::Null => return Ok(out),
+        Value::Array(groups) => groups,
+        _ => return Err(MedcatError::Decode("annotations is not a list".into())),
+    };
+    for group in groups {
+        match group {
+            Value::Object(by_id) => {
+                for entity in by_id.values() {
+                    out.push(entity_to_annotation(entity)?);
+                }
+            }
+            Value::Array(entities) => {
+                for entity in entities {
+                    out.push(entity_to_annotation(entity)?);
+                }
+            }
+            _ => return Err(MedcatError::Decode("annotations holds neither objects nor lists".into())),
+        }
+    }
+    out.sort_by(|a, b| (a.start, a.end, &a.cui).cmp(&(b.start, b.end, &b.cui)));
+    Ok(out)
+}
+
+fn entity_to_annotation(entity: &Value) -> Result<Annotation, MedcatError> {
+    let field = |name: &str| entity.get(name).ok_or_else(|| MedcatError::Decode(format!("an entity has no {name}")));
+    let offset = |name: &str| {
+        field(name)?
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| MedcatError::Decode(format!("an entity's {name} is not an offset")))
+    };
+    let start = offset("start")?;
+    let end = offset("end")?;
+    if end < start {
+        return Err(MedcatError::Decode("an entity ends before it starts".into()));
+    }
+    Ok(Annotation {
+        cui: value_to_string(field("cui")?)
+            .ok_or_else(|| MedcatError::Decode("an entity's cui is not a string".into()))?,
+        pretty_name: entity.get("pretty_name").and_then(value_to_string).unwrap_or_default(),
+        start,
+        end,
+        acc: entity.get("acc").and_then(Value::as_f64).unwrap_or(0.0),
+        type_ids: entity
+            .get("type_ids")
+            .and_then(Value::as_array)
+            .map(|ids| ids.iter().filter_map(value_to_string).collect())
+            .unwrap_or_default(),
+        meta_anns: entity.get("meta_anns").and_then(Value::as_object).cloned().unwrap_or_else(Map::new),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ent(cui: &str, start: u32, end: u32) -> Value {
+        json!({"pretty_name": "X", "cui": cui, "type_ids": ["T047"], "acc": 1, "start": start, "end": end, "meta_anns": {}})
+    }
+
+    #[test]
+    fn accepts_dict_list_and_empty_shapes() {
+        let dict = json!([{"1": ent("b", 10, 12), "0": ent("a", 0, 3)}]);
+        let got = parse_annotations(&dict).unwrap();
+        assert_eq!(got.iter().map(|a| a.cui.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(got[0].acc, 1.0);
+        assert_eq!(parse_annotations(&json!([[ent("a", 0, 3), ent("b", 4, 5)]])).unwrap().len(), 2);
+        for empty in [json!([{}]), json!([[]]), json!([]), Value::Null] {
+            assert!(parse_annotations(&empty).unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn rejects_entities_without_offsets() {
+        assert!(parse_annotations(&json!([{"0": {"cui": "a", "start": -1, "end": 2}}])).is_err());
+        assert!(parse_annotations(&json!([{"0": {"cui": "a", "start": 5, "end": 2}}])).is_err());
+        assert!(parse_annotations(&json!("nope")).is_err());
+    }
+
+    #[test]
+    fn transient_classification() {
+        assert!(MedcatError::Status(StatusCode::SERVICE_UNAVAILABLE).is_transient());
+        assert!(MedcatError::Status(StatusCode::TOO_MANY_REQUESTS).is_transient());
+        assert!(!MedcatError::Status(StatusCode::UNPROCESSABLE_ENTITY).is_transient());
+        assert!(!MedcatError::Decode("x".into()).is_transient());
+    }
+}
