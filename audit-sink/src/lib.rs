@@ -119,8 +119,3 @@ fn settle(result: Result<bool, lapin::Error>) {
         tracing::error!(error = %e, "could not settle an audit delivery");
     }
 }
-
-/// Helper for tests and tools: append events directly.
-pub async fn append(db: &PgPool, key: &ChainKey, events: &[AuditEvent]) -> Result<usize, chain::ChainError> {
-    chain::append(db, key, events).await
-}

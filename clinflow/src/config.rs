@@ -36,10 +36,11 @@ pub fn required(name: &'static str) -> Result<String, ConfigError> {
 
 /// An optional variable; empty counts as unset.
 pub fn optional(name: &'static str) -> Result<Option<String>, ConfigError> {
-    match required(name) {
+    match std::env::var(name) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
         Ok(v) => Ok(Some(v)),
-        Err(e) if e.problem == "is not set" || e.problem == "is set but empty" => Ok(None),
-        Err(e) => Err(e),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::new(name, "is not valid UTF-8")),
     }
 }
 
