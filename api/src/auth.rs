@@ -140,6 +140,7 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let started = std::time::Instant::now();
         let Ok(meta) = RequestMeta::from_request_parts(parts, state).await;
         let token = parts
             .headers
@@ -173,6 +174,7 @@ impl FromRequestParts<AppState> for AuthUser {
             return Err(ApiError::Unauthenticated);
         };
         let role = Role::parse(&row.role).ok_or(ApiError::Unauthenticated)?;
+        metrics::histogram!("clinflow_api_stage_seconds", "stage" => "auth").record(started.elapsed().as_secs_f64());
         Ok(Self { id: claims.sub, username: row.username, role, session_id: claims.jti, meta })
     }
 }

@@ -8,6 +8,7 @@ use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted, NewDocument, Status};
 use clinflow::jobs;
+use clinflow::telemetry::{timed, timed_sync};
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
@@ -24,6 +25,8 @@ const MAX_SOURCE_REF_CHARS: usize = 256;
 
 const UPLOADERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Admin];
 const READERS: &[Role] = &[Role::Clinician, Role::Admin];
+/// Per-stage timings of the request path (see BENCHMARKS.md).
+const STAGE: &str = "clinflow_api_stage_seconds";
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/documents", post(upload)).route("/v1/documents/{id}", get(read))
@@ -103,19 +106,21 @@ async fn upload(
     let id = Uuid::now_v7();
     tracing::Span::current().record("document_id", tracing::field::display(id));
 
-    let doc = NewDocument {
-        id,
-        patient_ref_ct: state
-            .keyring
-            .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
-            .map_err(anyhow::Error::new)?,
-        text_ct: state.keyring.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
-        source_ref: upload.source_ref,
-        document_date: upload.document_date,
-        uploaded_by: user.id,
-    };
+    let doc = timed_sync(STAGE, "seal", || -> Result<NewDocument, ApiError> {
+        Ok(NewDocument {
+            id,
+            patient_ref_ct: state
+                .keyring
+                .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
+                .map_err(anyhow::Error::new)?,
+            text_ct: state.keyring.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
+            source_ref: upload.source_ref,
+            document_date: upload.document_date,
+            uploaded_by: user.id,
+        })
+    })?;
     let mut conn = state.db.acquire().await?;
-    if let Inserted::DuplicateSourceRef(existing) = documents::insert(&mut conn, &doc).await? {
+    if let Inserted::DuplicateSourceRef(existing) = timed(STAGE, "insert", documents::insert(&mut conn, &doc)).await? {
         return Err(ApiError::DuplicateSourceRef(existing));
     }
 
@@ -123,8 +128,11 @@ async fn upload(
     // finds it. If the hand-off or its audit event fails, the row is removed
     // and the client told to retry: nothing is half-accepted. (A transactional
     // outbox replaces this compensation in the bulk-ingestion stage.)
-    let handed_off = match jobs::publish(&state.publisher, &state.topology, id).await {
-        Ok(()) => state.audit(&user.event(Action::DocumentUpload, Outcome::Success).document(id)).await,
+    let handed_off = match timed(STAGE, "publish", jobs::publish(&state.publisher, &state.topology, id)).await {
+        Ok(()) => {
+            let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
+            timed(STAGE, "audit", state.audit(&event)).await
+        }
         Err(e) => {
             tracing::error!(error = %e, "publishing the document job failed");
             Err(ApiError::Unavailable("the job queue"))

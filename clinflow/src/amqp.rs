@@ -15,6 +15,8 @@
 //! A backfill lane (`documents.backfill`) and a delayed-retry queue slot in as
 //! further entries of [`Topology::work_queues`].
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -143,6 +145,24 @@ fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(s.into())
 }
 
+/// Header carrying the publish time (µs since the Unix epoch), so a consumer
+/// can tell how long a message waited in the queue.
+pub const PUBLISHED_AT_HEADER: &str = "x-published-at-us";
+
+fn unix_micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// How long ago a message was published (from [`PUBLISHED_AT_HEADER`]).
+pub fn queue_wait(properties: &BasicProperties) -> Option<Duration> {
+    let published = match properties.headers().as_ref()?.inner().get(PUBLISHED_AT_HEADER)? {
+        AMQPValue::LongLongInt(us) => *us,
+        _ => return None,
+    };
+    let age = unix_micros(SystemTime::now()).checked_sub(published)?;
+    u64::try_from(age).ok().map(Duration::from_micros)
+}
+
 /// Connects with lapin's built-in recovery (exchanges, queues, bindings and
 /// consumers are replayed after a broker restart).
 pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, AmqpError> {
@@ -184,10 +204,13 @@ impl Publisher {
         message: &T,
     ) -> Result<(), AmqpError> {
         let body = serde_json::to_vec(message)?;
+        let mut headers = FieldTable::default();
+        headers.insert(PUBLISHED_AT_HEADER.into(), AMQPValue::LongLongInt(unix_micros(SystemTime::now())));
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(ShortString::from("application/json"))
-            .with_message_id(message_id.into());
+            .with_message_id(message_id.into())
+            .with_headers(headers);
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let confirm =
             self.channel.basic_publish(exchange.into(), routing_key.into(), options, &body, properties).await?.await?;

@@ -5,6 +5,7 @@
 //! user id — and never document text or patient references.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tracing_subscriber::EnvFilter;
@@ -23,4 +24,21 @@ pub fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         .with_http_listener(addr)
         .install()
         .map_err(|e| anyhow::anyhow!("METRICS_ADDR {addr}: cannot serve metrics: {e}"))
+}
+
+/// Awaits `work` and records its duration in the histogram `metric` under
+/// the label `stage`: the per-stage breakdown that `./bench/run` reports.
+pub async fn timed<F: Future>(metric: &'static str, stage: &'static str, work: F) -> F::Output {
+    let started = Instant::now();
+    let output = work.await;
+    metrics::histogram!(metric, "stage" => stage).record(started.elapsed().as_secs_f64());
+    output
+}
+
+/// [`timed`] for synchronous work.
+pub fn timed_sync<T>(metric: &'static str, stage: &'static str, work: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let output = work();
+    metrics::histogram!(metric, "stage" => stage).record(started.elapsed().as_secs_f64());
+    output
 }

@@ -17,6 +17,7 @@ use clinflow::audit::{self, Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
 use clinflow::documents::{self, Claim};
 use clinflow::jobs::DocumentJob;
+use clinflow::telemetry::{timed, timed_sync};
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -24,11 +25,14 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::FieldTable;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::medcat::MedcatClient;
 
 pub const SERVICE_NAME: &str = "clinflow-worker";
+/// Per-stage timings of one document (see BENCHMARKS.md).
+const STAGE: &str = "clinflow_worker_stage_seconds";
 
 pub struct Worker {
     pub db: PgPool,
@@ -99,6 +103,9 @@ impl Worker {
     }
 
     async fn settle(&self, delivery: Delivery) {
+        if let Some(wait) = clinflow::amqp::queue_wait(&delivery.properties) {
+            metrics::histogram!(STAGE, "stage" => "queue_wait").record(wait.as_secs_f64());
+        }
         let disposition = self.handle(&delivery.data).await;
         metrics::counter!("clinflow_worker_deliveries_total", "disposition" => format!("{disposition:?}").to_lowercase()).increment(1);
         let settled = match disposition {
@@ -122,8 +129,7 @@ impl Worker {
         };
         let id = job.document_id;
         let span = tracing::info_span!("document", document_id = %id);
-        let _guard = span.enter();
-        match self.process(id).await {
+        match self.process(id).instrument(span).await {
             Ok(disposition) => disposition,
             Err(e) => {
                 tracing::warn!(error = %e, "transient failure; requeueing");
@@ -134,7 +140,7 @@ impl Worker {
 
     async fn process(&self, id: Uuid) -> Result<Disposition, Transient> {
         let mut conn = self.db.acquire().await?;
-        let text_ct = match documents::claim(&mut conn, id).await? {
+        let text_ct = match timed(STAGE, "claim", documents::claim(&mut conn, id)).await? {
             Claim::Claimed { text_ct, .. } => text_ct,
             Claim::Finished => {
                 tracing::info!("document finished already; acking the duplicate job");
@@ -146,16 +152,17 @@ impl Worker {
             }
         };
         drop(conn);
-        let Ok(text) = self.keyring.open_string(documents::text_field(id), &text_ct) else {
+        let opened = timed_sync(STAGE, "decrypt", || self.keyring.open_string(documents::text_field(id), &text_ct));
+        let Ok(text) = opened else {
             return self.fail(id, "decrypt_failed").await;
         };
 
         let event =
             AuditEvent::new(Action::DocumentProcess, Actor::service(SERVICE_NAME), Outcome::Success).document(id);
-        audit::publish(&self.publisher, &self.topology, &event).await?;
+        timed(STAGE, "audit", audit::publish(&self.publisher, &self.topology, &event)).await?;
 
         let started = std::time::Instant::now();
-        let processed = match self.medcat.process(&text, &id.to_string()).await {
+        let processed = match timed(STAGE, "nlp", self.medcat.process(&text, &id.to_string())).await {
             Ok(p) => p,
             Err(e) if e.is_transient() => return Err(Transient::Medcat(e)),
             Err(e) => {
@@ -165,6 +172,7 @@ impl Worker {
         };
         metrics::histogram!("clinflow_worker_nlp_seconds").record(started.elapsed().as_secs_f64());
 
+        let stored_at = std::time::Instant::now();
         let model_version = processed.model_version.as_deref().unwrap_or(&self.model_version);
         let plain = serde_json::to_vec(&processed.annotations).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let Ok(sealed) = self.keyring.seal(documents::annotations_field(id), &plain) else {
@@ -174,6 +182,7 @@ impl Worker {
         let mut tx = self.db.begin().await?;
         documents::store_result(&mut tx, id, model_version, &sealed, count).await?;
         tx.commit().await?;
+        metrics::histogram!(STAGE, "stage" => "store").record(stored_at.elapsed().as_secs_f64());
         metrics::counter!("clinflow_worker_documents_total", "outcome" => "done").increment(1);
         tracing::info!(annotations = count, model_version, "document done");
         Ok(Disposition::Ack)

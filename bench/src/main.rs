@@ -1,0 +1,259 @@
+//! clinflow-bench: the harness behind `./bench/run` (see BENCHMARKS.md).
+//!
+//! In one run, on one machine, side by side: the same notes sent straight to
+//! MedCAT's `/api/process_bulk` and through the whole pipeline (the ratio),
+//! the pipeline with a STAND-IN for MedCAT (its ceiling, upload latency and
+//! the per-stage breakdown), the audit sink draining a pre-filled queue, and
+//! in `full` mode a backlog drain. Figures go to stdout as a table and to
+//! `bench/results/*.json`; the last line is the `RESULT` line.
+
+mod notes;
+mod phases;
+mod prom;
+mod report;
+mod stack;
+mod standin;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
+
+use crate::stack::{API, SINK, Stack, WORKER};
+
+#[derive(Parser)]
+#[command(about = "clinflow benchmark harness; run it through ./bench/run")]
+struct Cli {
+    #[arg(value_enum)]
+    mode: Mode,
+    /// The real MedCAT (medcat-service contract) to compare against.
+    #[arg(long)]
+    medcat_url: String,
+    /// Where the clinflow-api, -worker and -audit-sink binaries are.
+    #[arg(long)]
+    bin_dir: PathBuf,
+    #[arg(long)]
+    results_dir: PathBuf,
+    /// Where the services' logs go.
+    #[arg(long)]
+    log_dir: PathBuf,
+    #[arg(long)]
+    concepts: PathBuf,
+    /// A PostgreSQL superuser on the maintenance database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    admin_url: String,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    /// Documents queued for the backlog drain (full mode).
+    #[arg(long)]
+    backlog: Option<usize>,
+    /// Recorded with the results: the cargo profile the binaries were built with.
+    #[arg(long, default_value = "release")]
+    profile: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// A few hundred documents, for CI: proves the harness runs, asserts nothing.
+    Tiny,
+    /// At most 4 minutes here.
+    Quick,
+    /// Larger runs and the 1,000,000-document backlog drain.
+    Full,
+}
+
+/// How much work each phase does.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Notes per round of the direct-vs-pipeline comparison.
+    pub notes: usize,
+    pub rounds: usize,
+    /// Documents per `/api/process_bulk` call of the direct client.
+    pub bulk_batch: usize,
+    /// Concurrent uploaders in the comparison rounds.
+    pub pipeline_clients: usize,
+    pub ceiling_notes: usize,
+    /// Concurrent single-document uploaders in the ceiling run.
+    pub upload_clients: usize,
+    pub sink_events: usize,
+    pub backlog: usize,
+    pub note_bytes: usize,
+}
+
+impl Plan {
+    fn for_mode(mode: Mode, backlog: Option<usize>) -> Self {
+        let base = Plan {
+            notes: 1_000,
+            rounds: 3,
+            bulk_batch: 50,
+            pipeline_clients: 16,
+            ceiling_notes: 5_000,
+            upload_clients: 50,
+            sink_events: 50_000,
+            backlog: 0,
+            note_bytes: 1_000,
+        };
+        let plan = match mode {
+            Mode::Tiny => Plan { notes: 100, rounds: 1, ceiling_notes: 300, sink_events: 2_000, ..base },
+            Mode::Quick => base,
+            Mode::Full => Plan {
+                notes: 2_000,
+                rounds: 3,
+                ceiling_notes: 20_000,
+                sink_events: 200_000,
+                backlog: 1_000_000,
+                ..base
+            },
+        };
+        Plan { backlog: backlog.unwrap_or(plan.backlog), ..plan }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clinflow-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const DB_NAME: &str = "clinflow_bench";
+const PREFIX: &str = "clinflow-bench";
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let plan = Plan::for_mode(cli.mode, cli.backlog);
+    let vocabulary = notes::Vocabulary::load(&cli.concepts)?;
+    let owner = fresh_database(&cli.admin_url).await?;
+    let admin: PgConnectOptions = cli.admin_url.parse().context("--admin-url")?;
+    let app_url = format!("postgres://clinflow_app@{}:{}/{DB_NAME}", admin.get_host(), admin.get_port());
+    let topology = clinflow::amqp::Topology::new(PREFIX);
+    let amqp = clinflow::amqp::connect(&cli.amqp_url.clone().into(), "clinflow-bench").await?;
+    phases::delete_queues(&amqp, &topology).await;
+
+    let mut master_key = [0u8; 32];
+    master_key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    master_key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    let mut stack =
+        Stack::new(cli.bin_dir.clone(), cli.log_dir.clone(), app_url, cli.amqp_url.clone(), PREFIX, &master_key)?;
+    let password = uuid::Uuid::new_v4().to_string();
+    stack.create_user("bench-ingest", "ingest", &password).await?;
+
+    let ctx = phases::Context::new(&owner, &vocabulary, &plan);
+    let result = measure(&cli, &plan, &ctx, &mut stack, &amqp, &topology, &password, &master_key).await;
+    let rss = report::peak_rss(&stack);
+    stack.stop_all().await;
+    phases::delete_queues(&amqp, &topology).await;
+    owner.close().await;
+    drop_database(&cli.admin_url).await;
+    let mut figures = result?;
+    figures.peak_rss_mib = rss.into_iter().chain(figures.peak_rss_mib).collect();
+    report::print_and_save(&cli.results_dir, cli.mode, &cli.profile, &plan, &figures, started.elapsed())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    cli: &Cli,
+    plan: &Plan,
+    ctx: &phases::Context<'_>,
+    stack: &mut Stack,
+    amqp: &lapin::Connection,
+    topology: &clinflow::amqp::Topology,
+    password: &str,
+    master_key: &[u8; 32],
+) -> anyhow::Result<report::Figures> {
+    let mut figures = report::Figures::default();
+    let real = [("MEDCAT_URL", cli.medcat_url.as_str())];
+    stack.start(SINK, &[]).await?;
+    stack.start(WORKER, &real).await?;
+    stack.start(API, &[]).await?;
+    let client = phases::Client::login(&stack.api_url, "bench-ingest", password).await?;
+
+    eprintln!("== warm-up");
+    phases::direct(&cli.medcat_url, &ctx.notes(0, plan.bulk_batch), plan.bulk_batch).await?;
+    phases::pipeline(ctx, stack, &client, &ctx.notes(1_000_000_000, 50), plan.pipeline_clients).await?;
+
+    let round_notes = ctx.notes(0, plan.notes);
+    for round in 1..=plan.rounds {
+        let direct = phases::direct(&cli.medcat_url, &round_notes, plan.bulk_batch).await?;
+        let pipeline = phases::pipeline(ctx, stack, &client, &round_notes, plan.pipeline_clients).await?;
+        eprintln!(
+            "== round {round}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3}",
+            direct,
+            pipeline.docs_per_s(),
+            pipeline.docs_per_s() / direct
+        );
+        figures.rounds.push(report::Round { direct_docs_per_s: direct, pipeline_docs_per_s: pipeline.docs_per_s() });
+    }
+
+    eprintln!("== ceiling: the pipeline with the NLP STAND-IN, {} uploaders", plan.upload_clients);
+    let standin = standin::start().await?;
+    stack.stop(WORKER).await?;
+    stack.start(WORKER, &[("MEDCAT_URL", standin.as_str())]).await?;
+    phases::pipeline(ctx, stack, &client, &ctx.notes(2_000_000_000, 200), plan.upload_clients).await?;
+    let before = phases::Observation::take(stack).await?;
+    let ceiling =
+        phases::pipeline(ctx, stack, &client, &ctx.notes(3_000_000_000, plan.ceiling_notes), plan.upload_clients)
+            .await?;
+    let after = phases::Observation::take(stack).await?;
+    figures.ceiling = Some(report::Ceiling::new(&ceiling, &before, &after));
+
+    eprintln!("== audit sink: draining {} pre-filled events", plan.sink_events);
+    figures.sink = Some(phases::sink(ctx, stack, amqp, topology, plan.sink_events).await?);
+
+    if plan.backlog > 0 {
+        eprintln!("== backlog: {} queued documents drained with the STAND-IN", plan.backlog);
+        figures.peak_rss_mib.extend(report::peak_rss(stack));
+        figures.backlog = Some(phases::backlog(ctx, stack, amqp, topology, master_key, &standin, plan.backlog).await?);
+    }
+    Ok(figures)
+}
+
+async fn fresh_database(admin_url: &str) -> anyhow::Result<sqlx::PgPool> {
+    drop_database(admin_url).await;
+    let admin: PgConnectOptions = admin_url.parse().context("--admin-url")?;
+    let mut conn = admin.connect().await.context("connecting to PostgreSQL as the admin")?;
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {DB_NAME}"))).execute(&mut conn).await?;
+    conn.close().await?;
+    let owner = PgPoolOptions::new().max_connections(4).connect_with(admin.database(DB_NAME)).await?;
+    clinflow::MIGRATOR.run(&owner).await.context("migrating the bench database")?;
+    Ok(owner)
+}
+
+async fn drop_database(admin_url: &str) {
+    let Ok(admin) = admin_url.parse::<PgConnectOptions>() else { return };
+    if let Ok(mut conn) = admin.connect().await {
+        let sql = format!("DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)");
+        if let Err(e) = sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await {
+            eprintln!("dropping {DB_NAME}: {e}");
+        }
+    }
+}
+
+/// Polls `probe` every `every` until it returns `Some`, or `deadline` passes.
+pub async fn wait_for<T, F, Fut>(deadline: Duration, every: Duration, mut probe: F) -> anyhow::Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(v) = probe().await? {
+            return Ok(Some(v));
+        }
+        if Instant::now() >= until {
+            return Ok(None);
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,410 @@
+//! The measurements: direct MedCAT, the pipeline, the audit sink, the
+//! backlog drain.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clinflow::amqp::Topology;
+use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
+use clinflow::crypto::Keyring;
+use clinflow::documents;
+use clinflow::jobs::DocumentJob;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::{BasicProperties, Confirmation};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::notes::{Note, Vocabulary};
+use crate::prom::{self, Snapshot};
+use crate::report;
+use crate::stack::{self, API, SINK, Stack, WORKER};
+use crate::{Plan, wait_for};
+
+const POLL: Duration = Duration::from_millis(20);
+
+pub struct Context<'a> {
+    /// The bench database as its owner, for arranging and observing.
+    pub db: &'a PgPool,
+    vocabulary: &'a Vocabulary,
+    note_bytes: usize,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(db: &'a PgPool, vocabulary: &'a Vocabulary, plan: &Plan) -> Self {
+        Self { db, vocabulary, note_bytes: plan.note_bytes }
+    }
+
+    pub fn notes(&self, first: u64, n: usize) -> Vec<Note> {
+        (first..first + n as u64).map(|i| self.vocabulary.note(i, self.note_bytes)).collect()
+    }
+}
+
+/// A logged-in ingest client of the API.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    pub async fn login(base: &str, username: &str, password: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+        let response = http
+            .post(format!("{base}/v1/auth/login"))
+            .json(&json!({"username": username, "password": password}))
+            .send()
+            .await?
+            .error_for_status()
+            .context("logging in to the API")?;
+        let body: serde_json::Value = response.json().await?;
+        let token = body["access_token"].as_str().context("no access_token in the login answer")?.to_owned();
+        Ok(Self { http, base: base.to_owned(), token })
+    }
+
+    async fn upload(&self, note: &Note) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let response = self
+            .http
+            .post(format!("{}/v1/documents", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({"patient_ref": note.patient_ref, "text": note.text}))
+            .send()
+            .await?;
+        let status = response.status();
+        // Error bodies of the API never quote the request, so they are safe to show.
+        let body = response.bytes().await?;
+        let elapsed = started.elapsed();
+        anyhow::ensure!(status.as_u16() == 202, "upload answered {status}: {}", String::from_utf8_lossy(&body));
+        Ok(elapsed)
+    }
+}
+
+/// The notes straight to MedCAT's `/api/process_bulk`, `batch` at a time, one
+/// request after another: what a user's own loop would get. Returns docs/s.
+pub async fn direct(medcat_url: &str, notes: &[Note], batch: usize) -> anyhow::Result<f64> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    for chunk in notes.chunks(batch) {
+        let content: Vec<_> = chunk.iter().map(|n| json!({"text": n.text})).collect();
+        let answer: serde_json::Value = http
+            .post(format!("{medcat_url}/api/process_bulk"))
+            .json(&json!({ "content": content }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let results = answer["result"].as_array().map_or(0, Vec::len);
+        anyhow::ensure!(results == chunk.len(), "process_bulk answered {results} results for {} notes", chunk.len());
+    }
+    Ok(notes.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+pub struct PipelineRun {
+    pub docs: usize,
+    pub upload_latencies: Vec<Duration>,
+    /// From the first upload sent until the last one answered.
+    pub uploaded_after: Duration,
+    /// From the first upload sent until every document is `done` and every
+    /// audit event of the run is in the audit table.
+    pub done_after: Duration,
+}
+
+impl PipelineRun {
+    pub fn docs_per_s(&self) -> f64 {
+        self.docs as f64 / self.done_after.as_secs_f64()
+    }
+}
+
+/// Uploads `notes` with `clients` concurrent single-document uploaders and
+/// waits until every document is done and every audit event is stored.
+pub async fn pipeline(
+    ctx: &Context<'_>,
+    stack: &Stack,
+    client: &Client,
+    notes: &[Note],
+    clients: usize,
+) -> anyhow::Result<PipelineRun> {
+    let http = reqwest::Client::new();
+    let (_, failed_before) = document_counts(ctx.db).await?;
+    let audit_before = audit_progress(ctx.db, stack, &http).await?;
+    let started = Instant::now();
+    let upload_latencies = upload_all(client, notes, clients).await?;
+    let uploaded_after = started.elapsed();
+
+    let deadline = Duration::from_secs(120) + Duration::from_secs(notes.len() as u64 / 5);
+    let all_done = wait_for(deadline, POLL, || async {
+        let (pending, failed) = document_counts(ctx.db).await?;
+        anyhow::ensure!(failed == failed_before, "{} documents failed (see the worker log)", failed - failed_before);
+        Ok((pending == 0).then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(all_done.is_some(), "documents still pending after {deadline:?}");
+    let audited = wait_for(Duration::from_secs(120), POLL, || async {
+        let now = audit_progress(ctx.db, stack, &http).await?;
+        Ok((now.0 - audit_before.0 >= now.1 - audit_before.1).then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(audited.is_some(), "audit events still unpersisted after 120 s");
+    Ok(PipelineRun { docs: notes.len(), upload_latencies, uploaded_after, done_after: started.elapsed() })
+}
+
+async fn upload_all(client: &Client, notes: &[Note], clients: usize) -> anyhow::Result<Vec<Duration>> {
+    let notes = Arc::new(notes.to_vec());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (client, notes, next) = (client.clone(), Arc::clone(&notes), Arc::clone(&next));
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(note) = notes.get(i) else { return anyhow::Ok(latencies) };
+                latencies.push(client.upload(note).await?);
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(notes.len());
+    while let Some(result) = tasks.join_next().await {
+        all.extend(result??);
+    }
+    Ok(all)
+}
+
+/// (documents queued or processing, documents failed); both read through
+/// the partial index on unfinished documents.
+async fn document_counts(db: &PgPool) -> anyhow::Result<(i64, i64)> {
+    let (pending, failed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status IN ('queued', 'processing')), count(*) FILTER (WHERE status = 'failed')
+         FROM documents WHERE status <> 'done'",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok((pending, failed))
+}
+
+/// (audit rows stored, audit events the api and worker had confirmed).
+async fn audit_progress(db: &PgPool, stack: &Stack, http: &reqwest::Client) -> anyhow::Result<(f64, f64)> {
+    let mut published = 0.0;
+    for name in [API, WORKER] {
+        if let Some(service) = stack.service(name) {
+            let m = prom::scrape(http, &service.metrics_url).await?;
+            published += m.sum("clinflow_audit_publish_seconds_count", &[])
+                - m.sum("clinflow_audit_publish_failures_total", &[]);
+        }
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_events").fetch_one(db).await?;
+    Ok((rows as f64, published))
+}
+
+/// Metrics and CPU time of every process at one instant.
+pub struct Observation {
+    pub at: Instant,
+    pub metrics: BTreeMap<&'static str, Snapshot>,
+    pub cpu_seconds: BTreeMap<String, f64>,
+}
+
+impl Observation {
+    pub async fn take(stack: &Stack) -> anyhow::Result<Self> {
+        let http = reqwest::Client::new();
+        let mut metrics = BTreeMap::new();
+        let mut cpu_seconds = BTreeMap::new();
+        for (name, pid) in stack.pids() {
+            if let Some(service) = stack.service(name) {
+                metrics.insert(name, prom::scrape(&http, &service.metrics_url).await?);
+            }
+            cpu_seconds.insert(format!("clinflow-{name}"), stack::cpu_seconds(pid).unwrap_or(0.0));
+        }
+        cpu_seconds.insert("postgresql (all backends)".into(), stack::cpu_seconds_of(&["postgres"]));
+        cpu_seconds.insert("rabbitmq".into(), stack::cpu_seconds_of(&["beam.smp"]));
+        cpu_seconds.insert("bench client + stand-in".into(), stack::cpu_seconds(std::process::id()).unwrap_or(0.0));
+        Ok(Self { at: Instant::now(), metrics, cpu_seconds })
+    }
+}
+
+/// The audit sink alone, draining `events` events published while it was
+/// stopped.
+pub async fn sink(
+    ctx: &Context<'_>,
+    stack: &mut Stack,
+    amqp: &lapin::Connection,
+    topology: &Topology,
+    events: usize,
+) -> anyhow::Result<report::Sink> {
+    stack.stop(SINK).await?;
+    let seq_before: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_events").fetch_one(ctx.db).await?;
+    let bodies = (0..events).map(|_| {
+        let event = AuditEvent::new(Action::DocumentProcess, Actor::service("clinflow-bench"), Outcome::Success)
+            .document(Uuid::now_v7());
+        serde_json::to_vec(&event)
+    });
+    publish_all(amqp, &topology.audit_exchange(), clinflow::amqp::AUDIT, bodies).await?;
+
+    let started = Instant::now();
+    stack.start(SINK, &[]).await?;
+    let pid = stack.pids().into_iter().find(|(n, _)| *n == SINK).map(|(_, p)| p);
+    let cpu_before = pid.and_then(stack::cpu_seconds).unwrap_or(0.0);
+    let target = seq_before + events as i64;
+    let deadline = Duration::from_secs(60 + events as u64 / 500);
+    let drained = wait_for(deadline, POLL, || async {
+        let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_events").fetch_one(ctx.db).await?;
+        Ok((seq >= target).then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(drained.is_some(), "the sink did not store {events} events within {deadline:?}");
+    let wall = started.elapsed();
+    let cpu = pid.and_then(stack::cpu_seconds).unwrap_or(0.0) - cpu_before;
+
+    // Steady state from the sink's own commit times: the rows after its first
+    // batch, over the time from the first batch to the last.
+    let (span, rows, first_batch): (f64, i64, i64) = sqlx::query_as(
+        "WITH r AS (SELECT recorded_at FROM audit_events WHERE seq > $1)
+         SELECT coalesce(extract(epoch FROM max(recorded_at) - min(recorded_at))::float8, 0),
+                count(*),
+                count(*) FILTER (WHERE recorded_at = (SELECT min(recorded_at) FROM r))
+         FROM r",
+    )
+    .bind(seq_before)
+    .fetch_one(ctx.db)
+    .await?;
+    let wall_rate = events as f64 / wall.as_secs_f64();
+    let steady = if span > 0.0 { (rows - first_batch) as f64 / span } else { wall_rate };
+    Ok(report::Sink { events, events_per_s: steady, wall_events_per_s: wall_rate, sink_cpu_s: cpu })
+}
+
+/// Publishes every body with confirms, many in flight at once.
+async fn publish_all(
+    amqp: &lapin::Connection,
+    exchange: &str,
+    key: &str,
+    bodies: impl Iterator<Item = Result<Vec<u8>, serde_json::Error>>,
+) -> anyhow::Result<()> {
+    const WINDOW: usize = 2_000;
+    let channel = amqp.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+    let mut in_flight = Vec::with_capacity(WINDOW);
+    let settle = |confirmation: Confirmation| match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        other => Err(anyhow::anyhow!("publish not acknowledged: {other:?}")),
+    };
+    for body in bodies {
+        let confirm = channel.basic_publish(exchange.into(), key.into(), options, &body?, properties.clone()).await?;
+        in_flight.push(confirm);
+        if in_flight.len() == WINDOW {
+            for c in in_flight.drain(..) {
+                settle(c.await?)?;
+            }
+        }
+    }
+    for c in in_flight {
+        settle(c.await?)?;
+    }
+    channel.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// `n` documents written straight into the database and queued (the
+/// benchmark's bulk-load path), then drained by a fresh worker with the
+/// STAND-IN: throughput of the first and the last 100,000.
+pub async fn backlog(
+    ctx: &Context<'_>,
+    stack: &mut Stack,
+    amqp: &lapin::Connection,
+    topology: &Topology,
+    master_key: &[u8; 32],
+    standin_url: &str,
+    n: usize,
+) -> anyhow::Result<report::Backlog> {
+    const CHUNK: usize = 5_000;
+    stack.stop(WORKER).await?;
+    let keyring = Keyring::from_master_key(&secrecy::SecretBox::new(Box::new(*master_key)));
+    let uploader: Uuid =
+        sqlx::query_scalar("SELECT id FROM users WHERE username = 'bench-ingest'").fetch_one(ctx.db).await?;
+    let lane = topology.documents_live();
+    let load_started = Instant::now();
+    for first in (0..n).step_by(CHUNK) {
+        let notes = ctx.notes(4_000_000_000 + first as u64, CHUNK.min(n - first));
+        let ids: Vec<Uuid> = notes.iter().map(|_| Uuid::now_v7()).collect();
+        let mut texts = Vec::with_capacity(notes.len());
+        let mut patients = Vec::with_capacity(notes.len());
+        for (id, note) in ids.iter().zip(&notes) {
+            texts.push(keyring.seal_str(documents::text_field(*id), &note.text)?);
+            patients.push(keyring.seal_str(documents::patient_ref_field(*id), &note.patient_ref)?);
+        }
+        sqlx::query(
+            "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by)
+             SELECT id, p, t, $4 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[]) AS u(id, p, t)",
+        )
+        .bind(&ids)
+        .bind(&patients)
+        .bind(&texts)
+        .bind(uploader)
+        .execute(ctx.db)
+        .await?;
+        let jobs = ids.iter().map(|id| serde_json::to_vec(&DocumentJob { document_id: *id }));
+        publish_all(amqp, &lane.exchange, lane.key, jobs).await?;
+        if (first + CHUNK).is_multiple_of(100_000) {
+            eprintln!("   loaded {} documents ({:.0} s)", first + CHUNK, load_started.elapsed().as_secs_f64());
+        }
+    }
+    let load_s = load_started.elapsed().as_secs_f64();
+
+    let window = 100_000.min(n / 2).max(1) as i64;
+    let n = n as i64;
+    let started = Instant::now();
+    stack.start(WORKER, &[("MEDCAT_URL", standin_url)]).await?;
+    let (mut first_window, mut last_window_start) = (None, None);
+    let mut last_report = Instant::now();
+    loop {
+        let (remaining,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM documents WHERE status <> 'done'").fetch_one(ctx.db).await?;
+        let t = started.elapsed();
+        if first_window.is_none() && remaining <= n - window {
+            first_window = Some(t);
+        }
+        if last_window_start.is_none() && remaining <= window {
+            last_window_start = Some(t);
+        }
+        if remaining == 0 {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(30) {
+            eprintln!("   {} of {n} done after {:.0} s", n - remaining, t.as_secs_f64());
+            last_report = Instant::now();
+        }
+        anyhow::ensure!(t < Duration::from_secs(6 * 3600), "backlog not drained after 6 hours");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let drain = started.elapsed();
+    let first = first_window.unwrap_or(drain);
+    let last = drain - last_window_start.unwrap_or_default();
+    let worker_rss = report::peak_rss(stack).remove("clinflow-worker");
+    Ok(report::Backlog {
+        docs: n as usize,
+        load_s,
+        drain_s: drain.as_secs_f64(),
+        window: window as usize,
+        first_window_docs_per_s: window as f64 / first.as_secs_f64(),
+        last_window_docs_per_s: window as f64 / last.as_secs_f64(),
+        worker_peak_rss_mib: worker_rss,
+    })
+}
+
+/// Removes the benchmark's queues (left over from an interrupted run, or at
+/// the end of this one).
+pub async fn delete_queues(amqp: &lapin::Connection, topology: &Topology) {
+    if let Ok(channel) = amqp.create_channel().await {
+        for wq in topology.work_queues() {
+            for q in [wq.queue, wq.dead_queue] {
+                let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+        }
+    }
+}

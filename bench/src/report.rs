@@ -1,0 +1,310 @@
+//! The figures: the table on stdout, the JSON under `bench/results/`, and
+//! the `RESULT` line.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::phases::{Observation, PipelineRun};
+use crate::stack::{self, API, SINK, Stack, WORKER};
+use crate::{Mode, Plan};
+
+#[derive(Debug, Default, Serialize)]
+pub struct Figures {
+    pub rounds: Vec<Round>,
+    pub ceiling: Option<Ceiling>,
+    pub sink: Option<Sink>,
+    pub backlog: Option<Backlog>,
+    pub peak_rss_mib: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Round {
+    pub direct_docs_per_s: f64,
+    pub pipeline_docs_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Ceiling {
+    pub docs: usize,
+    pub docs_per_s: f64,
+    pub upload_docs_per_s: f64,
+    pub upload_p50_ms: f64,
+    pub upload_p99_ms: f64,
+    pub upload_max_ms: f64,
+    pub wall_s: f64,
+    pub stages: Vec<Stage>,
+    /// CPU seconds each process used during the run (2 cores = 2 s per second).
+    pub cpu_seconds: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Stage {
+    pub service: &'static str,
+    pub stage: &'static str,
+    pub count: f64,
+    pub mean_ms: f64,
+    /// Seconds spent in the stage, summed over concurrent executions.
+    pub busy_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Sink {
+    pub events: usize,
+    /// Rows committed after the sink's first batch ÷ time from its first
+    /// commit to its last.
+    pub events_per_s: f64,
+    /// All events ÷ time from starting the sink process to the last row.
+    pub wall_events_per_s: f64,
+    pub sink_cpu_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Backlog {
+    pub docs: usize,
+    pub load_s: f64,
+    pub drain_s: f64,
+    pub window: usize,
+    pub first_window_docs_per_s: f64,
+    pub last_window_docs_per_s: f64,
+    pub worker_peak_rss_mib: Option<f64>,
+}
+
+/// One stage of a document's way: (service, metric, labels, what it is).
+type StageDef = (&'static str, &'static str, &'static [(&'static str, &'static str)], &'static str);
+
+const STAGES: &[StageDef] = &[
+    (API, "clinflow_http_request_seconds", &[("route", "/v1/documents"), ("method", "POST")], "upload request, whole"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "auth")], "  auth: token + session touch"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "seal")], "  encrypt text + patient"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "insert")], "  insert row"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "publish")], "  publish job, await confirm"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "audit")], "  publish audit, await confirm"),
+    (WORKER, "clinflow_worker_stage_seconds", &[("stage", "queue_wait")], "queue wait: publish → delivery"),
+    (WORKER, "clinflow_worker_stage_seconds", &[("stage", "claim")], "claim (UPDATE … RETURNING)"),
+    (WORKER, "clinflow_worker_stage_seconds", &[("stage", "decrypt")], "decrypt text"),
+    (WORKER, "clinflow_worker_stage_seconds", &[("stage", "audit")], "publish audit, await confirm"),
+    (WORKER, "clinflow_worker_stage_seconds", &[("stage", "nlp")], "NLP call (stand-in)"),
+    (WORKER, "clinflow_worker_stage_seconds", &[("stage", "store")], "encrypt + store result, commit"),
+    (SINK, "clinflow_audit_batch_seconds", &[], "audit batch: chain + insert + commit"),
+];
+
+impl Ceiling {
+    pub fn new(run: &PipelineRun, before: &Observation, after: &Observation) -> Self {
+        let mut ms: Vec<f64> = run.upload_latencies.iter().map(|d| d.as_secs_f64() * 1_000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        let stages = STAGES
+            .iter()
+            .filter_map(|(service, metric, labels, stage)| {
+                let (count, busy_s) =
+                    after.metrics.get(service)?.histogram_delta(before.metrics.get(service)?, metric, labels);
+                Some(Stage {
+                    service,
+                    stage,
+                    count,
+                    mean_ms: if count > 0.0 { busy_s / count * 1e3 } else { 0.0 },
+                    busy_s,
+                })
+            })
+            .collect();
+        let cpu_seconds = after
+            .cpu_seconds
+            .iter()
+            .map(|(name, cpu)| (name.clone(), cpu - before.cpu_seconds.get(name).copied().unwrap_or(0.0)))
+            .collect();
+        Self {
+            docs: run.docs,
+            docs_per_s: run.docs_per_s(),
+            upload_docs_per_s: run.docs as f64 / run.uploaded_after.as_secs_f64(),
+            upload_p50_ms: percentile(&ms, 0.50),
+            upload_p99_ms: percentile(&ms, 0.99),
+            upload_max_ms: ms.last().copied().unwrap_or(0.0),
+            wall_s: (after.at - before.at).as_secs_f64(),
+            stages,
+            cpu_seconds,
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    percentile(&values, 0.5)
+}
+
+/// Peak resident memory (VmHWM) of every running service, by binary name.
+pub fn peak_rss(stack: &Stack) -> BTreeMap<String, f64> {
+    stack
+        .pids()
+        .into_iter()
+        .filter_map(|(name, pid)| Some((format!("clinflow-{name}"), stack::peak_rss_mib(pid)?)))
+        .collect()
+}
+
+pub fn print_and_save(
+    results_dir: &Path,
+    mode: Mode,
+    profile: &str,
+    plan: &Plan,
+    figures: &Figures,
+    elapsed: Duration,
+) -> anyhow::Result<()> {
+    let now = time::OffsetDateTime::now_utc();
+    let machine = stack::machine();
+    let ratio = median(figures.rounds.iter().map(|r| r.pipeline_docs_per_s / r.direct_docs_per_s).collect());
+    let direct = median(figures.rounds.iter().map(|r| r.direct_docs_per_s).collect());
+    let piped = median(figures.rounds.iter().map(|r| r.pipeline_docs_per_s).collect());
+    let ceiling = figures.ceiling.as_ref();
+    let sink = figures.sink.as_ref();
+    let (ceiling_docs, p50, p99) =
+        ceiling.map_or((0.0, 0.0, 0.0), |c| (c.docs_per_s, c.upload_p50_ms, c.upload_p99_ms));
+    let sink_rate = sink.map_or(0.0, |s| s.events_per_s);
+
+    println!();
+    println!(
+        "clinflow bench: {mode:?} on {} ({} cores, {} GiB), {profile} build, {} UTC, {:.0} s",
+        machine["host"].as_str().unwrap_or("?"),
+        machine["nproc"],
+        machine["mem_gib"],
+        now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        elapsed.as_secs_f64()
+    );
+    println!("{:<44} {:>14}  target", "figure", "measured");
+    let row = |name: &str, value: String, target: &str, met: Option<bool>| {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "NOT MET",
+            None => "",
+        };
+        println!("{name:<44} {value:>14}  {target:<10} {verdict}");
+    };
+    let rounds: Vec<String> =
+        figures.rounds.iter().map(|r| format!("{:.2}", r.pipeline_docs_per_s / r.direct_docs_per_s)).collect();
+    row(
+        &format!("ratio pipeline ÷ direct (rounds {})", rounds.join(" ")),
+        format!("{ratio:.3}"),
+        "≥ 0.95",
+        Some(ratio >= 0.95),
+    );
+    row(
+        &format!("  direct /api/process_bulk, batches of {}", plan.bulk_batch),
+        format!("{direct:.0} docs/s"),
+        "",
+        None,
+    );
+    row(
+        &format!("  pipeline, {} uploaders, real MedCAT", plan.pipeline_clients),
+        format!("{piped:.0} docs/s"),
+        "",
+        None,
+    );
+    if let Some(c) = ceiling {
+        row(
+            &format!("ceiling (stand-in NLP), {} docs", c.docs),
+            format!("{:.0} docs/s", c.docs_per_s),
+            "≥ 3000",
+            Some(c.docs_per_s >= 3000.0),
+        );
+        row(
+            &format!("upload p99, {} concurrent clients", plan.upload_clients),
+            format!("{:.1} ms", c.upload_p99_ms),
+            "< 20 ms",
+            Some(c.upload_p99_ms < 20.0),
+        );
+        row("  upload p50 / max", format!("{:.1} / {:.0} ms", c.upload_p50_ms, c.upload_max_ms), "", None);
+        row("  uploads accepted", format!("{:.0} docs/s", c.upload_docs_per_s), "", None);
+    }
+    if let Some(s) = sink {
+        row(
+            &format!("audit sink, {} pre-filled events", s.events),
+            format!("{:.0} ev/s", s.events_per_s),
+            "≥ 10000",
+            Some(s.events_per_s >= 10_000.0),
+        );
+        row("  incl. sink start-up", format!("{:.0} ev/s", s.wall_events_per_s), "", None);
+    }
+    if let Some(b) = &figures.backlog {
+        let r = b.last_window_docs_per_s / b.first_window_docs_per_s;
+        row(
+            &format!("backlog {}: last ÷ first {}k", b.docs, b.window / 1000),
+            format!("{r:.2}"),
+            "≥ 0.9",
+            Some(r >= 0.9),
+        );
+        row(
+            "  first / last window",
+            format!("{:.0} / {:.0} docs/s", b.first_window_docs_per_s, b.last_window_docs_per_s),
+            "",
+            None,
+        );
+        row("  drain / load time", format!("{:.0} / {:.0} s", b.drain_s, b.load_s), "", None);
+    }
+    for (name, mib) in &figures.peak_rss_mib {
+        let limit = match name.as_str() {
+            "clinflow-worker" => Some(100.0),
+            "clinflow-api" => Some(150.0),
+            _ => None,
+        };
+        let target = limit.map_or(String::new(), |l| format!("< {l:.0} MB"));
+        row(&format!("peak RSS {name}"), format!("{mib:.1} MiB"), &target, limit.map(|l| *mib < l));
+    }
+    if let Some(c) = ceiling {
+        println!(
+            "\nwhere the time goes (ceiling run, {:.1} s wall; busy = seconds summed over concurrent work)",
+            c.wall_s
+        );
+        println!(
+            "{:<12} {:<40} {:>8} {:>10} {:>9} {:>7}",
+            "service", "stage", "count", "mean ms", "busy s", "busy/wall"
+        );
+        for s in &c.stages {
+            println!(
+                "{:<12} {:<40} {:>8.0} {:>10.2} {:>9.2} {:>7.2}",
+                s.service,
+                s.stage,
+                s.count,
+                s.mean_ms,
+                s.busy_s,
+                s.busy_s / c.wall_s
+            );
+        }
+        println!(
+            "\nCPU during the ceiling run (of {:.1} CPU-s available)",
+            c.wall_s * machine["nproc"].as_f64().unwrap_or(1.0)
+        );
+        let mut cpu: Vec<_> = c.cpu_seconds.iter().collect();
+        cpu.sort_by(|a, b| b.1.total_cmp(a.1));
+        for (name, s) in cpu {
+            println!("  {name:<34} {s:>7.2} CPU-s  {:>5.0} % of one core", s / c.wall_s * 100.0);
+        }
+    }
+
+    let json = serde_json::json!({
+        "mode": mode, "profile": profile, "date": now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "git_commit": std::env::var("BENCH_GIT_COMMIT").ok(), "machine": machine, "plan": plan,
+        "duration_s": elapsed.as_secs_f64(),
+        "result": {"ratio": ratio, "direct_docs_per_s": direct, "pipeline_docs_per_s": piped,
+                   "ceiling_docs_per_s": ceiling_docs, "upload_p50_ms": p50, "upload_p99_ms": p99,
+                   "sink_events_per_s": sink_rate},
+        "figures": figures,
+    });
+    std::fs::create_dir_all(results_dir)?;
+    let stamp = now.format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))?;
+    let path = results_dir.join(format!("{stamp}-{}.json", serde_json::to_value(mode)?.as_str().unwrap_or("run")));
+    std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+    println!("\nfigures written to {}", path.display());
+    println!(
+        "RESULT ratio={ratio:.3} ceiling_docs_per_s={ceiling_docs:.0} upload_p99_ms={p99:.1} sink_events_per_s={sink_rate:.0}"
+    );
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! The clinflow services as separate processes (the release binaries), in
+//! the benchmark's own database and queue prefix, beside whatever else runs
+//! on the machine's PostgreSQL and RabbitMQ.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine as _;
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+
+/// Everything the services need to find each other.
+pub struct Stack {
+    pub bin_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub env: BTreeMap<&'static str, String>,
+    pub api_url: String,
+    services: BTreeMap<&'static str, Service>,
+}
+
+pub struct Service {
+    pub child: Child,
+    pub metrics_url: String,
+}
+
+pub const API: &str = "api";
+pub const WORKER: &str = "worker";
+pub const SINK: &str = "audit-sink";
+
+impl Stack {
+    pub fn new(
+        bin_dir: PathBuf,
+        log_dir: PathBuf,
+        database_url: String,
+        amqp_url: String,
+        prefix: &str,
+        master_key: &[u8; 32],
+    ) -> anyhow::Result<Self> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let api_addr = free_addr()?;
+        let env = BTreeMap::from([
+            ("DATABASE_URL", database_url),
+            ("AMQP_URL", amqp_url),
+            ("CLINFLOW_QUEUE_PREFIX", prefix.to_owned()),
+            ("CLINFLOW_MASTER_KEY", b64.encode(master_key)),
+            ("JWT_SECRET", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
+            ("AUDIT_HMAC_KEY", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
+            ("API_ADDR", api_addr.clone()),
+            ("RUST_LOG", "warn".to_owned()),
+        ]);
+        std::fs::create_dir_all(&log_dir)?;
+        Ok(Self { bin_dir, log_dir, env, api_url: format!("http://{api_addr}"), services: BTreeMap::new() })
+    }
+
+    /// Starts service `name` (`api`, `worker`, `audit-sink`) with `extra`
+    /// environment, and waits until it is ready (metrics served; the api
+    /// also ready for requests).
+    pub async fn start(&mut self, name: &'static str, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+        let metrics_addr = free_addr()?;
+        let log = File::options().create(true).append(true).open(self.log_dir.join(format!("{name}.log")))?;
+        let mut command = Command::new(self.bin_dir.join(format!("clinflow-{name}")));
+        command
+            .envs(&self.env)
+            .env("METRICS_ADDR", &metrics_addr)
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let child = command.spawn().with_context(|| format!("starting clinflow-{name} (is it built?)"))?;
+        let metrics_url = format!("http://{metrics_addr}/metrics");
+        // The api serves metrics before it listens: wait for its readiness.
+        let ready_url = if name == API { format!("{}/readyz", self.api_url) } else { metrics_url.clone() };
+        self.services.insert(name, Service { child, metrics_url });
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let log = self.log_dir.join(format!("{name}.log"));
+        loop {
+            if http.get(&ready_url).send().await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            let exited = self.services.get_mut(name).and_then(|s| s.child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                anyhow::bail!("clinflow-{name} exited at start-up ({status}); see {}", log.display());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "clinflow-{name} was not ready within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (SIGKILL after 30 s).
+    pub async fn stop(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(mut service) = self.services.remove(name) else { return Ok(()) };
+        if let Some(pid) = service.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        match tokio::time::timeout(Duration::from_secs(30), service.child.wait()).await {
+            Ok(status) => {
+                status?;
+            }
+            Err(_) => service.child.kill().await?,
+        }
+        Ok(())
+    }
+
+    pub async fn stop_all(&mut self) {
+        let names: Vec<&'static str> = self.services.keys().copied().collect();
+        for name in names {
+            if let Err(e) = self.stop(name).await {
+                eprintln!("stopping {name}: {e:#}");
+            }
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.get(name)
+    }
+
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.services.iter().filter_map(|(n, s)| Some((*n, s.child.id()?))).collect()
+    }
+
+    /// Creates a user through `clinflow-api create-user`, as an operator would.
+    pub async fn create_user(&self, username: &str, role: &str, password: &str) -> anyhow::Result<()> {
+        let mut child = Command::new(self.bin_dir.join("clinflow-api"))
+            .envs(&self.env)
+            .args(["create-user", "--username", username, "--role", role, "--if-not-exists"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(format!("{password}\n").as_bytes()).await?;
+        }
+        anyhow::ensure!(child.wait().await?.success(), "clinflow-api create-user {username} failed");
+        Ok(())
+    }
+}
+
+fn free_addr() -> anyhow::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak resident set size (VmHWM) of a live process, in MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// CPU seconds used so far by every live process whose command name is one
+/// of `names` (PostgreSQL backends, the RabbitMQ VM, MedCAT's python).
+pub fn cpu_seconds_of(names: &[&str]) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| names.contains(&c.trim())))
+        .filter_map(cpu_seconds)
+        .sum()
+}
+
+pub fn machine() -> serde_json::Value {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(str::to_owned))
+        .and_then(|l| l.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        .unwrap_or_default();
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_owned();
+    serde_json::json!({"nproc": cores, "mem_gib": (mem_kib as f64 / 1048576.0 * 10.0).round() / 10.0, "cpu": cpu, "host": host})
+}
