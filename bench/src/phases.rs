@@ -193,8 +193,7 @@ async fn audit_progress(db: &PgPool, stack: &Stack, http: &reqwest::Client) -> a
     for name in [API, WORKER] {
         if let Some(service) = stack.service(name) {
             let m = prom::scrape(http, &service.metrics_url).await?;
-            published += m.sum("clinflow_audit_publish_seconds_count", &[])
-                - m.sum("clinflow_audit_publish_failures_total", &[]);
+            published += m.sum("clinflow_audit_events_published_total", &[]);
         }
     }
     let rows: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_events").fetch_one(db).await?;

@@ -160,13 +160,19 @@ pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
 /// Publishes one event and waits for the broker's confirmation. A caller that
 /// is about to reveal PHI must not do so when this fails.
 pub async fn publish(publisher: &Publisher, topology: &Topology, event: &AuditEvent) -> Result<(), AmqpError> {
+    publish_many(publisher, topology, std::slice::from_ref(event)).await
+}
+
+/// Publishes many events and waits for all their confirmations at once.
+pub async fn publish_many(publisher: &Publisher, topology: &Topology, events: &[AuditEvent]) -> Result<(), AmqpError> {
     let started = std::time::Instant::now();
-    let result =
-        publisher.publish_json(&topology.audit_exchange(), amqp::AUDIT, &event.event_id.to_string(), event).await;
+    let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    let messages: Vec<(&str, &AuditEvent)> = ids.iter().map(String::as_str).zip(events).collect();
+    let result = publisher.publish_json_many(&topology.audit_exchange(), amqp::AUDIT, &messages).await;
     metrics::histogram!("clinflow_audit_publish_seconds").record(started.elapsed().as_secs_f64());
-    if result.is_err() {
-        metrics::counter!("clinflow_audit_publish_failures_total").increment(1);
-    }
+    let counter =
+        if result.is_ok() { "clinflow_audit_events_published_total" } else { "clinflow_audit_publish_failures_total" };
+    metrics::counter!(counter).increment(events.len() as u64);
     result
 }
 

@@ -54,6 +54,19 @@ pub fn url(name: &'static str, schemes: &[&str]) -> Result<SecretString, ConfigE
     }
 }
 
+/// A whole number from 1 up, with a default.
+pub fn positive(name: &'static str, default: u16) -> Result<u16, ConfigError> {
+    match optional(name)? {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| ConfigError::new(name, "must be a whole number from 1 to 65535")),
+    }
+}
+
 /// A socket address such as `127.0.0.1:8080`, with a default.
 pub fn socket_addr(name: &'static str, default: &str) -> Result<SocketAddr, ConfigError> {
     let value = optional(name)?.unwrap_or_else(|| default.to_owned());

@@ -131,66 +131,77 @@ pub async fn latest_result(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<R
     .await
 }
 
-#[derive(Debug)]
-pub enum Claim {
-    /// The document is now `processing`; here is its encrypted text.
-    Claimed { text_ct: Vec<u8>, attempts: i32 },
-    /// A redelivered job for a document that is finished already.
-    Finished,
-    /// No such document (deleted after a failed hand-off, or a bad id).
-    Missing,
-}
-
-/// Marks a queued (or interrupted) document as processing.
-pub async fn claim(conn: &mut PgConnection, id: Uuid) -> Result<Claim, sqlx::Error> {
-    let claimed = sqlx::query!(
+/// Marks the queued (or interrupted) documents among `ids` as processing,
+/// in one statement, and returns their encrypted texts. Ids that are not
+/// returned are finished already (a redelivered job) or do not exist.
+pub async fn claim_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<(Uuid, Vec<u8>)>, sqlx::Error> {
+    let rows = sqlx::query!(
         "UPDATE documents SET status = 'processing', attempts = attempts + 1, updated_at = now()
-         WHERE id = $1 AND status IN ('queued', 'processing')
-         RETURNING text_ct, attempts",
-        id
+         WHERE id = ANY($1) AND status IN ('queued', 'processing')
+         RETURNING id, text_ct",
+        ids
     )
-    .fetch_optional(&mut *conn)
+    .fetch_all(db)
     .await?;
-    if let Some(row) = claimed {
-        return Ok(Claim::Claimed { text_ct: row.text_ct, attempts: row.attempts });
-    }
-    let exists =
-        sqlx::query_scalar!("SELECT 1 AS one FROM documents WHERE id = $1", id).fetch_optional(&mut *conn).await?;
-    Ok(if exists.is_some() { Claim::Finished } else { Claim::Missing })
+    Ok(rows.into_iter().map(|r| (r.id, r.text_ct)).collect())
 }
 
-/// Stores a result and marks the document done. Run it in the transaction
-/// whose commit precedes the ack.
-pub async fn store_result(
-    conn: &mut PgConnection,
-    id: Uuid,
-    model_version: &str,
-    annotations_ct: &[u8],
-    annotation_count: i32,
-) -> Result<(), sqlx::Error> {
+/// The result of one document, sealed, ready to store.
+#[derive(Debug)]
+pub struct NewResult {
+    pub document_id: Uuid,
+    pub model_version: String,
+    pub annotations_ct: Vec<u8>,
+    pub annotation_count: i32,
+}
+
+/// Stores results and marks their documents done, set-based. Exactly one
+/// result per (document, model version): a redelivered job adds nothing.
+/// Status only moves forward: only a `processing` document becomes `done`.
+/// Run it in the transaction whose commit precedes the ack.
+pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Result<(), sqlx::Error> {
+    if results.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = results.iter().map(|r| r.document_id).collect();
+    let models: Vec<String> = results.iter().map(|r| r.model_version.clone()).collect();
+    let sealed: Vec<Vec<u8>> = results.iter().map(|r| r.annotations_ct.clone()).collect();
+    let counts: Vec<i32> = results.iter().map(|r| r.annotation_count).collect();
     sqlx::query!(
         "INSERT INTO document_results (document_id, model_version, annotations_ct, annotation_count)
-         VALUES ($1, $2, $3, $4)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::int[])
          ON CONFLICT (document_id, model_version) DO NOTHING",
-        id,
-        model_version,
-        annotations_ct,
-        annotation_count,
+        &ids,
+        &models,
+        &sealed,
+        &counts,
     )
     .execute(&mut *conn)
     .await?;
-    sqlx::query!("UPDATE documents SET status = 'done', failure_code = NULL, updated_at = now() WHERE id = $1", id)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE documents SET status = 'done', failure_code = NULL, updated_at = now()
+         WHERE id = ANY($1) AND status = 'processing'",
+        &ids
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
-/// Marks a document failed with a machine-readable code.
-pub async fn mark_failed(db: impl PgExecutor<'_>, id: Uuid, code: &str) -> Result<(), sqlx::Error> {
+/// Marks documents failed, each with a machine-readable code (never text
+/// from the note). A finished document stays as it is.
+pub async fn mark_failed(db: impl PgExecutor<'_>, failures: &[(Uuid, &str)]) -> Result<(), sqlx::Error> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = failures.iter().map(|f| f.0).collect();
+    let codes: Vec<String> = failures.iter().map(|f| f.1.to_owned()).collect();
     sqlx::query!(
-        "UPDATE documents SET status = 'failed', failure_code = $2, updated_at = now() WHERE id = $1",
-        id,
-        code
+        "UPDATE documents d SET status = 'failed', failure_code = f.code, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::text[]) AS f(id, code)
+         WHERE d.id = f.id AND d.status IN ('queued', 'processing')",
+        &ids,
+        &codes
     )
     .execute(db)
     .await?;

@@ -1,37 +1,49 @@
-//! clinflow-worker: takes document jobs off the queue, annotates them with
-//! MedCAT and stores the result encrypted.
+//! clinflow-worker: takes document jobs off the queue in batches, annotates
+//! them through MedCAT's bulk endpoint and stores the results encrypted.
 //!
-//! Per delivery: claim the document, decrypt it, audit the read, call MedCAT
-//! (retrying transient failures with backoff), then store the encrypted result
-//! and mark the document done in one transaction — and only after the commit
-//! ack the message. A malformed message is dead-lettered, a document MedCAT
-//! refuses is marked failed, and anything transient is requeued (the quorum
-//! queue's delivery limit dead-letters it if it never succeeds).
+//! Per batch (up to `size` deliveries, or what came within `max_wait` of the
+//! first): claim the documents in one statement, decrypt them, audit the
+//! reads (one confirm round trip for the batch), call `/api/process_bulk`
+//! once, re-check alone through `/api/process` every non-blank document bulk
+//! found nothing in (bulk fails silently, see ../shared/MEDCAT.md), store all
+//! results and failures in one transaction, and only after the commit ack the
+//! batch with one `multiple` ack. Several batches are in flight, each on its
+//! own channel, so MedCAT is never idle while a batch is being stored.
+//!
+//! Failures: a malformed job is dead-lettered at once. A document MedCAT
+//! refuses (4xx, 500, an unreadable answer) is marked failed with a code and
+//! its batch-mates go on. A transient failure (database, broker, MedCAT
+//! unreachable or overloaded past the in-process retries) holds the batch and
+//! retries it with growing pauses, taking no new work meanwhile, so an outage
+//! burns no delivery attempts. A document that cannot be decrypted means the
+//! worker runs with the wrong key: it stops, leaving everything queued.
 
 pub mod medcat;
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clinflow::amqp::{Publisher, Topology};
 use clinflow::audit::{self, Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
-use clinflow::documents::{self, Claim};
+use clinflow::documents::{self, NewResult};
 use clinflow::jobs::DocumentJob;
 use clinflow::telemetry::{timed, timed_sync};
 use futures_util::StreamExt;
-use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::medcat::MedcatClient;
+use crate::medcat::{MedcatClient, MedcatError, Processed};
 
 pub const SERVICE_NAME: &str = "clinflow-worker";
-/// Per-stage timings of one document (see BENCHMARKS.md).
+/// Per-stage timings of a batch (see BENCHMARKS.md).
 const STAGE: &str = "clinflow_worker_stage_seconds";
 
 pub struct Worker {
@@ -43,42 +55,76 @@ pub struct Worker {
     pub model_version: String,
     pub publisher: Publisher,
     pub topology: Topology,
+    pub batch: BatchConfig,
 }
 
-/// What to do with a delivery once handling is over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    Ack,
-    /// Reject without requeue: the dead-letter queue keeps it.
-    DeadLetter,
-    /// Put back for another attempt.
-    Requeue,
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Most documents per batch (and the prefetch of each channel).
+    pub size: u16,
+    /// How long a batch waits for more deliveries after its first.
+    pub max_wait: Duration,
+    /// Batches processed at once, each on its own channel.
+    pub in_flight: u16,
+    /// Longest pause between two tries of a batch held by a transient failure.
+    pub max_pause: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { size: 50, max_wait: Duration::from_millis(20), in_flight: 3, max_pause: Duration::from_secs(30) }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
-enum Transient {
+enum BatchError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("audit event not confirmed: {0}")]
+    #[error("audit events not confirmed: {0}")]
     Audit(#[from] clinflow::amqp::AmqpError),
     #[error("{0}")]
-    Medcat(medcat::MedcatError),
+    Medcat(MedcatError),
+    /// Not transient: the worker holds the wrong key.
+    #[error(
+        "document {0} cannot be decrypted with CLINFLOW_MASTER_KEY: is this worker started with the key the api \
+         uses? Stopping; nothing was marked failed"
+    )]
+    Decrypt(Uuid),
 }
 
 impl Worker {
-    /// Consumes the live documents queue until `shutdown` fires; deliveries in
-    /// progress are finished and acked, prefetched ones go back to the queue
-    /// when the channel closes.
-    pub async fn run(
-        self: Arc<Self>,
-        channel: Channel,
-        prefetch: u16,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    /// Consumes the live documents queue until `shutdown` fires. Returns an
+    /// error (and stops every batch loop) when one of them cannot go on: the
+    /// broker closed a consumer, or a document cannot be decrypted.
+    pub async fn run(self: Arc<Self>, connection: &Connection, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let stop = shutdown.child_token();
+        let mut loops = tokio::task::JoinSet::new();
+        for slot in 0..self.batch.in_flight {
+            let channel = connection.create_channel().await?;
+            loops.spawn(Arc::clone(&self).consume(channel, slot, stop.clone()));
+        }
+        tracing::info!(
+            queue = self.topology.documents_live().queue,
+            batch_size = self.batch.size,
+            in_flight = self.batch.in_flight,
+            model_version = self.model_version,
+            "worker consuming"
+        );
+        let mut first_error = None;
+        while let Some(ended) = loops.join_next().await {
+            if let Err(e) = ended.map_err(anyhow::Error::from).and_then(|r| r) {
+                stop.cancel();
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn consume(self: Arc<Self>, channel: Channel, slot: u16, stop: CancellationToken) -> anyhow::Result<()> {
+        channel.basic_qos(self.batch.size, BasicQosOptions::default()).await?;
         let queue = self.topology.documents_live().queue;
-        let tag = format!("{SERVICE_NAME}-{}", Uuid::new_v4().simple());
-        let consumer = channel
+        let tag = format!("{SERVICE_NAME}-{}-{slot}", Uuid::new_v4().simple());
+        let mut consumer = channel
             .basic_consume(
                 queue.as_str().into(),
                 tag.as_str().into(),
@@ -86,112 +132,229 @@ impl Worker {
                 FieldTable::default(),
             )
             .await?;
-        tracing::info!(queue, prefetch, model_version = self.model_version, "worker consuming");
-        consumer
-            .take_until(shutdown.cancelled_owned())
-            .for_each_concurrent(usize::from(prefetch), |delivery| {
-                let worker = Arc::clone(&self);
-                async move {
-                    match delivery {
-                        Ok(delivery) => worker.settle(delivery).await,
-                        Err(e) => tracing::error!(error = %e, "consumer error"),
-                    }
-                }
-            })
-            .await;
+        while let Some(batch) = self.next_batch(&mut consumer, &stop).await? {
+            let span = tracing::info_span!("batch", slot, documents = batch.len());
+            self.settle(batch, &stop).instrument(span).await?;
+        }
         Ok(())
     }
 
-    async fn settle(&self, delivery: Delivery) {
-        if let Some(wait) = clinflow::amqp::queue_wait(&delivery.properties) {
-            metrics::histogram!(STAGE, "stage" => "queue_wait").record(wait.as_secs_f64());
+    /// The next batch, or `None` once `stop` fires while waiting for one.
+    async fn next_batch(
+        &self,
+        consumer: &mut Consumer,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Option<Vec<Delivery>>> {
+        let mut batch = Vec::with_capacity(usize::from(self.batch.size));
+        while batch.is_empty() {
+            let next = tokio::select! {
+                () = stop.cancelled() => return Ok(None),
+                next = consumer.next() => next,
+            };
+            batch.extend(delivery(next)?);
         }
-        let disposition = self.handle(&delivery.data).await;
-        metrics::counter!("clinflow_worker_deliveries_total", "disposition" => format!("{disposition:?}").to_lowercase()).increment(1);
-        let settled = match disposition {
-            Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-            Disposition::DeadLetter => delivery.reject(BasicRejectOptions { requeue: false }).await,
-            Disposition::Requeue => delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await,
-        };
-        if let Err(e) = settled {
-            // The broker redelivers an unsettled message; the claim makes
-            // that safe.
-            tracing::error!(error = %e, ?disposition, "could not settle delivery");
+        let deadline = tokio::time::Instant::now() + self.batch.max_wait;
+        while batch.len() < usize::from(self.batch.size) {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(next) => batch.extend(delivery(next)?),
+                Err(_) => break,
+            }
         }
+        metrics::histogram!("clinflow_worker_batch_size").record(batch.len() as f64);
+        Ok(Some(batch))
     }
 
-    /// Handles one job body. Public so tests can drive it without a queue.
-    pub async fn handle(&self, body: &[u8]) -> Disposition {
-        let Ok(job) = serde_json::from_slice::<DocumentJob>(body) else {
-            tracing::warn!(bytes = body.len(), "malformed job message; dead-lettering it");
-            metrics::counter!("clinflow_worker_malformed_total").increment(1);
-            return Disposition::DeadLetter;
-        };
-        let id = job.document_id;
-        let span = tracing::info_span!("document", document_id = %id);
-        match self.process(id).instrument(span).await {
-            Ok(disposition) => disposition,
-            Err(e) => {
-                tracing::warn!(error = %e, "transient failure; requeueing");
-                Disposition::Requeue
+    /// Processes one batch and settles every delivery in it.
+    async fn settle(&self, batch: Vec<Delivery>, stop: &CancellationToken) -> anyhow::Result<()> {
+        let mut jobs = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            if let Some(wait) = clinflow::amqp::queue_wait(&delivery.properties) {
+                metrics::histogram!(STAGE, "stage" => "queue_wait").record(wait.as_secs_f64());
+            }
+            match serde_json::from_slice::<DocumentJob>(&delivery.data) {
+                Ok(job) => jobs.push((delivery, job.document_id)),
+                Err(_) => {
+                    tracing::warn!(bytes = delivery.data.len(), "malformed job message; dead-lettering it");
+                    metrics::counter!("clinflow_worker_malformed_total").increment(1);
+                    log_settle_error(delivery.reject(BasicRejectOptions { requeue: false }).await);
+                }
             }
         }
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = jobs.iter().map(|(_, id)| *id).collect();
+        let mut pause = Duration::from_millis(250);
+        let requeue = loop {
+            match self.process(&ids).await {
+                Ok(requeue) => break requeue,
+                Err(e @ BatchError::Decrypt(_)) => {
+                    requeue_all(jobs).await;
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    metrics::counter!("clinflow_worker_batch_retries_total").increment(1);
+                    tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "batch failed transiently; holding it");
+                    tokio::select! {
+                        () = stop.cancelled() => {
+                            requeue_all(jobs).await;
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(self.batch.max_pause);
+                }
+            }
+        };
+        let mut last = None;
+        for (delivery, id) in jobs {
+            if requeue.contains(&id) {
+                log_settle_error(delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await);
+            } else if last.as_ref().is_none_or(|l: &Delivery| l.delivery_tag < delivery.delivery_tag) {
+                last = Some(delivery);
+            }
+        }
+        // Every other delivery of the batch has a lower tag on this channel,
+        // and the requeued ones are settled already.
+        if let Some(last) = last {
+            log_settle_error(last.ack(BasicAckOptions { multiple: true }).await);
+        }
+        Ok(())
     }
 
-    async fn process(&self, id: Uuid) -> Result<Disposition, Transient> {
-        let mut conn = self.db.acquire().await?;
-        let text_ct = match timed(STAGE, "claim", documents::claim(&mut conn, id)).await? {
-            Claim::Claimed { text_ct, .. } => text_ct,
-            Claim::Finished => {
-                tracing::info!("document finished already; acking the duplicate job");
-                return Ok(Disposition::Ack);
-            }
-            Claim::Missing => {
-                tracing::warn!("no such document; acking the job");
-                return Ok(Disposition::Ack);
-            }
-        };
-        drop(conn);
-        let opened = timed_sync(STAGE, "decrypt", || self.keyring.open_string(documents::text_field(id), &text_ct));
-        let Ok(text) = opened else {
-            return self.fail(id, "decrypt_failed").await;
-        };
+    /// Claims, annotates and stores the documents of `ids`; returns the ids
+    /// whose jobs go back to the queue (a re-check that failed transiently).
+    async fn process(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, BatchError> {
+        let claimed = timed(STAGE, "claim", documents::claim_many(&self.db, ids)).await?;
+        let unique: HashSet<&Uuid> = ids.iter().collect();
+        if claimed.len() < unique.len() {
+            // Redelivered jobs of finished documents, or jobs naming none.
+            let skipped = (unique.len() - claimed.len()) as u64;
+            metrics::counter!("clinflow_worker_jobs_skipped_total").increment(skipped);
+            tracing::info!(skipped, "jobs for documents finished already or missing; acking them");
+        }
+        if claimed.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let docs = timed_sync(STAGE, "decrypt", || {
+            claimed
+                .into_iter()
+                .map(|(id, ct)| {
+                    let text = self.keyring.open_string(documents::text_field(id), &ct);
+                    text.map(|t| (id, t)).map_err(|_| BatchError::Decrypt(id))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })?;
 
-        let event =
-            AuditEvent::new(Action::DocumentProcess, Actor::service(SERVICE_NAME), Outcome::Success).document(id);
-        timed(STAGE, "audit", audit::publish(&self.publisher, &self.topology, &event)).await?;
+        // Every read is on the audit trail before any text leaves for MedCAT.
+        let events: Vec<AuditEvent> = docs
+            .iter()
+            .map(|(id, _)| {
+                AuditEvent::new(Action::DocumentProcess, Actor::service(SERVICE_NAME), Outcome::Success).document(*id)
+            })
+            .collect();
+        timed(STAGE, "audit", audit::publish_many(&self.publisher, &self.topology, &events)).await?;
 
-        let started = std::time::Instant::now();
-        let processed = match timed(STAGE, "nlp", self.medcat.process(&text, &id.to_string())).await {
-            Ok(p) => p,
-            Err(e) if e.is_transient() => return Err(Transient::Medcat(e)),
+        let outcomes = timed(STAGE, "nlp", self.annotate(&docs)).await?;
+        timed(STAGE, "store", self.store(&docs, outcomes)).await
+    }
+
+    /// One bulk call for the batch; documents it could not vouch for are
+    /// re-checked alone, so one bad document never fails its batch-mates.
+    async fn annotate(&self, docs: &[(Uuid, String)]) -> Result<Vec<Result<Processed, MedcatError>>, BatchError> {
+        let texts: Vec<&str> = docs.iter().map(|(_, text)| text.as_str()).collect();
+        let mut outcomes = match self.medcat.process_bulk(&texts).await {
+            Ok(outcomes) => outcomes,
+            Err(e) if e.is_transient() => return Err(BatchError::Medcat(e)),
             Err(e) => {
-                tracing::warn!(error = %e, "MedCAT refused the document");
-                return self.fail(id, "nlp_rejected").await;
+                tracing::warn!(error = %e, "process_bulk failed for the whole batch; taking its documents one by one");
+                docs.iter().map(|_| Err(MedcatError::NotSuccessful)).collect()
             }
         };
-        metrics::histogram!("clinflow_worker_nlp_seconds").record(started.elapsed().as_secs_f64());
+        for ((id, text), outcome) in docs.iter().zip(outcomes.iter_mut()) {
+            let vouched = outcome.as_ref().is_ok_and(|p| !p.annotations.is_empty() || text.trim().is_empty());
+            if !vouched {
+                metrics::counter!("clinflow_worker_rechecks_total").increment(1);
+                *outcome = self.medcat.process(text, &id.to_string()).await;
+            }
+        }
+        Ok(outcomes)
+    }
 
-        let stored_at = std::time::Instant::now();
-        let model_version = processed.model_version.as_deref().unwrap_or(&self.model_version);
-        let plain = serde_json::to_vec(&processed.annotations).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        let Ok(sealed) = self.keyring.seal(documents::annotations_field(id), &plain) else {
-            return self.fail(id, "encrypt_failed").await;
-        };
-        let count = i32::try_from(processed.annotations.len()).unwrap_or(i32::MAX);
+    /// Seals the results and writes them, and the failures, in one
+    /// transaction; returns the documents to requeue.
+    async fn store(
+        &self,
+        docs: &[(Uuid, String)],
+        outcomes: Vec<Result<Processed, MedcatError>>,
+    ) -> Result<HashSet<Uuid>, BatchError> {
+        let mut results = Vec::with_capacity(docs.len());
+        let mut failed: Vec<(Uuid, &str)> = Vec::new();
+        let mut requeue = HashSet::new();
+        for ((id, _), outcome) in docs.iter().zip(outcomes) {
+            let id = *id;
+            let processed = match outcome {
+                Ok(p) => p,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(document_id = %id, error = %e, "MedCAT unavailable for a re-check; requeueing the job");
+                    requeue.insert(id);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(document_id = %id, error = %e, "MedCAT could not process the document");
+                    failed.push((id, e.failure_code()));
+                    continue;
+                }
+            };
+            let sealed = serde_json::to_vec(&processed.annotations)
+                .ok()
+                .and_then(|plain| self.keyring.seal(documents::annotations_field(id), &plain).ok());
+            let Some(annotations_ct) = sealed else {
+                failed.push((id, "encrypt_failed"));
+                continue;
+            };
+            results.push(NewResult {
+                document_id: id,
+                model_version: processed.model_version.unwrap_or_else(|| self.model_version.clone()),
+                annotation_count: i32::try_from(processed.annotations.len()).unwrap_or(i32::MAX),
+                annotations_ct,
+            });
+        }
         let mut tx = self.db.begin().await?;
-        documents::store_result(&mut tx, id, model_version, &sealed, count).await?;
+        documents::store_results(&mut tx, &results).await?;
+        documents::mark_failed(&mut *tx, &failed).await?;
         tx.commit().await?;
-        metrics::histogram!(STAGE, "stage" => "store").record(stored_at.elapsed().as_secs_f64());
-        metrics::counter!("clinflow_worker_documents_total", "outcome" => "done").increment(1);
-        tracing::info!(annotations = count, model_version, "document done");
-        Ok(Disposition::Ack)
+        metrics::counter!("clinflow_worker_documents_total", "outcome" => "done").increment(results.len() as u64);
+        for (_, code) in &failed {
+            metrics::counter!("clinflow_worker_documents_total", "outcome" => *code).increment(1);
+        }
+        tracing::debug!(done = results.len(), failed = failed.len(), requeued = requeue.len(), "batch stored");
+        Ok(requeue)
     }
+}
 
-    async fn fail(&self, id: Uuid, code: &'static str) -> Result<Disposition, Transient> {
-        documents::mark_failed(&self.db, id, code).await?;
-        metrics::counter!("clinflow_worker_documents_total", "outcome" => code).increment(1);
-        tracing::warn!(failure_code = code, "document failed");
-        Ok(Disposition::Ack)
+/// A delivery from the consumer stream; its end is an error, never a quiet
+/// exit. A delivery error (the connection is being recovered) yields none.
+fn delivery(next: Option<Result<Delivery, lapin::Error>>) -> anyhow::Result<Option<Delivery>> {
+    match next {
+        Some(Ok(delivery)) => Ok(Some(delivery)),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "consumer error");
+            Ok(None)
+        }
+        None => anyhow::bail!("the broker closed the document consumer"),
+    }
+}
+
+async fn requeue_all(jobs: Vec<(Delivery, Uuid)>) {
+    for (delivery, _) in jobs {
+        log_settle_error(delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await);
+    }
+}
+
+fn log_settle_error(result: Result<bool, lapin::Error>) {
+    if let Err(e) = result {
+        // The broker redelivers an unsettled message; the claim makes that safe.
+        tracing::error!(error = %e, "could not settle a delivery");
     }
 }

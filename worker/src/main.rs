@@ -1,12 +1,13 @@
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clinflow::amqp::{self, Publisher, Topology};
 use clinflow::config;
 use clinflow::crypto::Keyring;
 use clinflow_worker::medcat::MedcatClient;
-use clinflow_worker::{SERVICE_NAME, Worker};
+use clinflow_worker::{BatchConfig, SERVICE_NAME, Worker};
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgPoolOptions;
 
@@ -33,19 +34,19 @@ async fn run() -> anyhow::Result<()> {
     let master_key = config::master_key()?;
     let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9102")?;
-    let prefetch = match config::optional("WORKER_PREFETCH")? {
-        None => 8,
-        Some(v) => v.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(|| config::ConfigError {
-            name: "WORKER_PREFETCH",
-            problem: "must be a whole number from 1 to 65535".into(),
-        })?,
+    let defaults = BatchConfig::default();
+    let batch = BatchConfig {
+        size: config::positive("WORKER_BATCH_SIZE", defaults.size)?,
+        max_wait: Duration::from_millis(config::positive("WORKER_BATCH_WAIT_MS", 20)?.into()),
+        in_flight: config::positive("WORKER_IN_FLIGHT", defaults.in_flight)?,
+        ..defaults
     };
     clinflow::telemetry::install_metrics(metrics_addr)?;
 
     let medcat = MedcatClient::new(medcat_url.expose_secret(), MedcatClient::default_backoff())?;
     let model_version = medcat.model_version().await.context("asking MedCAT for its model (MEDCAT_URL)")?;
     let db = PgPoolOptions::new()
-        .max_connections(u32::from(prefetch) + 2)
+        .max_connections(u32::from(batch.in_flight) * 2 + 2)
         .connect(database_url.expose_secret())
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")?;
@@ -60,9 +61,9 @@ async fn run() -> anyhow::Result<()> {
         model_version,
         publisher,
         topology,
+        batch,
     });
-    let channel = connection.create_channel().await?;
-    worker.run(channel, prefetch, clinflow::shutdown::on_signal()).await?;
+    worker.run(&connection, clinflow::shutdown::on_signal()).await?;
     connection.close(200, "shutdown".into()).await.ok();
     tracing::info!("worker stopped");
     Ok(())

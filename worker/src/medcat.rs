@@ -16,7 +16,7 @@ pub enum MedcatError {
     #[error("MedCAT unreachable or timed out: {0}")]
     Transport(#[source] reqwest::Error),
     #[error("MedCAT answered HTTP {0}")]
-    Status(StatusCode),
+    Status(StatusCode, Option<Duration>),
     #[error("MedCAT reported success=false")]
     NotSuccessful,
     #[error("MedCAT echoed another document's footer")]
@@ -26,15 +26,34 @@ pub enum MedcatError {
 }
 
 impl MedcatError {
-    /// Worth retrying: the service is down, overloaded or briefly failing.
-    /// A 4xx (other than 408/429) or an unreadable answer will not improve.
+    /// Worth retrying: the service is unreachable, timed out, overloaded or
+    /// restarting (connection errors, timeouts, 408, 429, 502, 503, 504).
+    /// A 500 is MedCAT failing on this input, and a 4xx or an unreadable
+    /// answer will not improve either: those fail the document at once.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Transport(_) | Self::NotSuccessful | Self::FooterMismatch => true,
-            Self::Status(s) => {
-                s.is_server_error() || *s == StatusCode::TOO_MANY_REQUESTS || *s == StatusCode::REQUEST_TIMEOUT
-            }
-            Self::Decode(_) => false,
+            Self::Transport(_) | Self::FooterMismatch => true,
+            Self::Status(s, _) => matches!(s.as_u16(), 408 | 429 | 502 | 503 | 504),
+            Self::NotSuccessful | Self::Decode(_) => false,
+        }
+    }
+
+    /// A short, fixed code for the document's `failure_code` (no PHI).
+    pub fn failure_code(&self) -> &'static str {
+        match self {
+            Self::Status(s, _) if s.is_server_error() => "nlp_error",
+            Self::Status(..) => "nlp_rejected",
+            Self::NotSuccessful => "nlp_unsuccessful",
+            Self::Decode(_) => "nlp_bad_answer",
+            Self::Transport(_) | Self::FooterMismatch => "nlp_unavailable",
+        }
+    }
+
+    /// The server's `Retry-After`, which overrides the backoff's next delay.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status(_, after) => *after,
+            _ => None,
         }
     }
 }
@@ -86,13 +105,63 @@ impl MedcatClient {
             let info: Info = json(response).await?;
             value_to_string(&info.service_model).ok_or_else(|| MedcatError::Decode("service_model is missing".into()))
         };
-        fetch.retry(self.backoff).when(MedcatError::is_transient).notify(notify).await
+        fetch.retry(self.backoff).when(MedcatError::is_transient).notify(notify).adjust(adjust).await
+    }
+
+    /// `GET /api/health/ready` answers 200.
+    pub async fn ready(&self) -> bool {
+        let url = format!("{}/api/health/ready", self.base);
+        self.http.get(url).timeout(Duration::from_secs(5)).send().await.is_ok_and(|r| r.status().is_success())
     }
 
     /// `POST /api/process` with retries on transient failures.
     pub async fn process(&self, text: &str, footer: &str) -> Result<Processed, MedcatError> {
         let attempt = || self.process_once(text, footer);
-        attempt.retry(self.backoff).when(MedcatError::is_transient).notify(notify).await
+        attempt.retry(self.backoff).when(MedcatError::is_transient).notify(notify).adjust(adjust).await
+    }
+
+    /// `POST /api/process_bulk` with retries on transient failures of the
+    /// whole call. The outer error is the call's; the inner ones are per
+    /// document, in input order (`NotSuccessful` or `Decode`).
+    pub async fn process_bulk(&self, texts: &[&str]) -> Result<Vec<Result<Processed, MedcatError>>, MedcatError> {
+        let attempt = || self.process_bulk_once(texts);
+        attempt.retry(self.backoff).when(MedcatError::is_transient).notify(notify).adjust(adjust).await
+    }
+
+    async fn process_bulk_once(&self, texts: &[&str]) -> Result<Vec<Result<Processed, MedcatError>>, MedcatError> {
+        let started = std::time::Instant::now();
+        let content: Vec<_> = texts.iter().map(|t| serde_json::json!({ "text": t })).collect();
+        let response = self
+            .http
+            .post(format!("{}/api/process_bulk", self.base))
+            .json(&serde_json::json!({ "content": content }))
+            .send()
+            .await
+            .map_err(MedcatError::Transport)?;
+        let parsed: BulkResponse = json(response).await?;
+        metrics::histogram!("clinflow_medcat_request_seconds", "endpoint" => "process_bulk")
+            .record(started.elapsed().as_secs_f64());
+        if parsed.result.len() != texts.len() {
+            return Err(MedcatError::Decode(format!(
+                "process_bulk answered {} results for {} documents",
+                parsed.result.len(),
+                texts.len()
+            )));
+        }
+        let model_version = parsed.medcat_info.and_then(|i| i.service_model).as_ref().and_then(value_to_string);
+        Ok(parsed
+            .result
+            .into_iter()
+            .map(|result| {
+                if result.success == Some(false) {
+                    return Err(MedcatError::NotSuccessful);
+                }
+                Ok(Processed {
+                    model_version: model_version.clone(),
+                    annotations: parse_annotations(&result.annotations)?,
+                })
+            })
+            .collect())
     }
 
     async fn process_once(&self, text: &str, footer: &str) -> Result<Processed, MedcatError> {
@@ -106,7 +175,8 @@ impl MedcatClient {
             .await
             .map_err(MedcatError::Transport)?;
         let parsed: ProcessResponse = json(response).await?;
-        metrics::histogram!("clinflow_medcat_request_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("clinflow_medcat_request_seconds", "endpoint" => "process")
+            .record(started.elapsed().as_secs_f64());
         if parsed.result.success == Some(false) {
             return Err(MedcatError::NotSuccessful);
         }
@@ -120,6 +190,12 @@ impl MedcatClient {
     }
 }
 
+fn adjust(e: &MedcatError, next: Option<Duration>) -> Option<Duration> {
+    // Honour Retry-After, but only while the backoff still allows a retry,
+    // and never for longer than a minute.
+    next.map(|n| e.retry_after().map_or(n, |after| after.min(Duration::from_secs(60))))
+}
+
 fn notify(e: &MedcatError, after: Duration) {
     metrics::counter!("clinflow_medcat_retries_total").increment(1);
     tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "MedCAT call failed; retrying");
@@ -128,7 +204,13 @@ fn notify(e: &MedcatError, after: Duration) {
 async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, MedcatError> {
     let status = response.status();
     if !status.is_success() {
-        return Err(MedcatError::Status(status));
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        return Err(MedcatError::Status(status, retry_after));
     }
     let bytes = response.bytes().await.map_err(MedcatError::Transport)?;
     // serde's message names the position, not the content.
@@ -140,6 +222,12 @@ async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Re
 struct ProcessResponse {
     medcat_info: Option<MedcatInfo>,
     result: ResultBody,
+}
+
+#[derive(Deserialize)]
+struct BulkResponse {
+    medcat_info: Option<MedcatInfo>,
+    result: Vec<ResultBody>,
 }
 
 #[derive(Deserialize)]
@@ -250,9 +338,22 @@ mod tests {
 
     #[test]
     fn transient_classification() {
-        assert!(MedcatError::Status(StatusCode::SERVICE_UNAVAILABLE).is_transient());
-        assert!(MedcatError::Status(StatusCode::TOO_MANY_REQUESTS).is_transient());
-        assert!(!MedcatError::Status(StatusCode::UNPROCESSABLE_ENTITY).is_transient());
+        for code in [408, 429, 502, 503, 504] {
+            assert!(MedcatError::Status(StatusCode::from_u16(code).unwrap(), None).is_transient(), "{code}");
+        }
+        for code in [400, 404, 422, 500, 501] {
+            assert!(!MedcatError::Status(StatusCode::from_u16(code).unwrap(), None).is_transient(), "{code}");
+        }
         assert!(!MedcatError::Decode("x".into()).is_transient());
+        assert!(!MedcatError::NotSuccessful.is_transient());
+    }
+
+    #[test]
+    fn retry_after_replaces_the_backoff_delay_but_not_the_budget() {
+        let busy = MedcatError::Status(StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(7)));
+        assert_eq!(adjust(&busy, Some(Duration::from_millis(500))), Some(Duration::from_secs(7)));
+        assert_eq!(adjust(&busy, None), None, "no retries left");
+        let long = MedcatError::Status(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(3600)));
+        assert_eq!(adjust(&long, Some(Duration::from_millis(500))), Some(Duration::from_secs(60)));
     }
 }

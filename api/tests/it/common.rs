@@ -16,8 +16,8 @@ use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
 use clinflow_api::users::{self, Passwords, Role};
 use clinflow_audit_sink::Sink;
 use clinflow_audit_sink::chain::ChainKey;
-use clinflow_worker::Worker;
 use clinflow_worker::medcat::MedcatClient;
+use clinflow_worker::{BatchConfig, Worker};
 use secrecy::SecretBox;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -74,9 +74,13 @@ impl Stack {
             model_version,
             publisher: Publisher::new(&amqp).await.unwrap(),
             topology: topology.clone(),
+            batch: BatchConfig { size: 8, in_flight: 2, ..BatchConfig::default() },
         });
-        let channel = amqp.create_channel().await.unwrap();
-        let worker = tokio::spawn(worker.run(channel, 8, shutdown.clone()));
+        let worker = {
+            let connection = clinflow::amqp::connect(&testing::amqp_url(), "clinflow-test-worker").await.unwrap();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { worker.run(&connection, shutdown).await })
+        };
 
         let sink = Sink { db: db.app.clone(), key: audit_key(), topology: topology.clone(), batch_size: 64 };
         let channel = amqp.create_channel().await.unwrap();
