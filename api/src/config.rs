@@ -11,6 +11,8 @@ pub struct ApiConfig {
     pub queue_prefix: String,
     pub master_key: SecretBox<[u8; 32]>,
     pub jwt_secret: SecretBox<Vec<u8>>,
+    pub index_key: SecretBox<Vec<u8>>,
+    pub limits: crate::UploadLimits,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
 }
@@ -23,6 +25,11 @@ impl ApiConfig {
             queue_prefix: config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into()),
             master_key: config::master_key()?,
             jwt_secret: config::secret_bytes("JWT_SECRET")?,
+            index_key: config::secret_bytes("CLINFLOW_INDEX_KEY")?,
+            limits: crate::UploadLimits {
+                max_outbox: count("UPLOAD_MAX_OUTBOX", crate::UploadLimits::default().max_outbox)?,
+                max_queued: count("UPLOAD_MAX_QUEUED", crate::UploadLimits::default().max_queued)?,
+            },
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,
         })
@@ -31,4 +38,11 @@ impl ApiConfig {
 
 pub fn database_url() -> Result<SecretString, ConfigError> {
     config::url("DATABASE_URL", &["postgres", "postgresql"])
+}
+
+fn count(name: &'static str, default: u64) -> Result<u64, ConfigError> {
+    match config::optional(name)? {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| ConfigError { name, problem: "must be a whole number".into() }),
+    }
 }

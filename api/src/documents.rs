@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted, NewDocument, Status};
-use clinflow::jobs;
+use clinflow::outbox;
 use clinflow::telemetry::{timed, timed_sync};
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
@@ -106,6 +106,7 @@ async fn upload(
     let id = Uuid::now_v7();
     tracing::Span::current().record("document_id", tracing::field::display(id));
 
+    state.check_backpressure()?;
     let doc = timed_sync(STAGE, "seal", || -> Result<NewDocument, ApiError> {
         Ok(NewDocument {
             id,
@@ -114,34 +115,26 @@ async fn upload(
                 .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
                 .map_err(anyhow::Error::new)?,
             text_ct: state.keyring.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
-            source_ref: upload.source_ref,
+            source_ref_hmac: upload
+                .source_ref
+                .map(|s| state.index_key.hash(documents::SOURCE_REF_DOMAIN, s.as_bytes())),
             document_date: upload.document_date,
             uploaded_by: user.id,
         })
     })?;
-    let mut conn = state.db.acquire().await?;
-    if let Inserted::DuplicateSourceRef(existing) = timed(STAGE, "insert", documents::insert(&mut conn, &doc)).await? {
+    let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
+    let messages = [outbox::Message::job(id), outbox::Message::audit(&event).map_err(anyhow::Error::new)?];
+
+    // The document, its job and its audit event commit together: a 2xx
+    // document always has a job (the relay publishes it, now or after an
+    // outage), and a failed request leaves nothing behind.
+    let mut tx = state.db.begin().await?;
+    if let Inserted::DuplicateSourceRef(existing) = timed(STAGE, "insert", documents::insert(&mut tx, &doc)).await? {
         return Err(ApiError::DuplicateSourceRef(existing));
     }
-
-    // The row is committed before the job is published, so the worker always
-    // finds it. If the hand-off or its audit event fails, the row is removed
-    // and the client told to retry: nothing is half-accepted. (A transactional
-    // outbox replaces this compensation in the bulk-ingestion stage.)
-    let handed_off = match timed(STAGE, "publish", jobs::publish(&state.publisher, &state.topology, id)).await {
-        Ok(()) => {
-            let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
-            timed(STAGE, "audit", state.audit(&event)).await
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "publishing the document job failed");
-            Err(ApiError::Unavailable("the job queue"))
-        }
-    };
-    if let Err(e) = handed_off {
-        documents::delete(&mut *conn, id).await?;
-        return Err(e);
-    }
+    timed(STAGE, "outbox", outbox::enqueue(&mut tx, &messages)).await?;
+    timed(STAGE, "commit", tx.commit()).await?;
+    state.relay.wake();
     metrics::counter!("clinflow_documents_uploaded_total").increment(1);
     Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })))
 }
@@ -153,8 +146,6 @@ pub struct DocumentResponse {
     patient_ref: String,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source_ref: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     document_date: Option<Date>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -200,7 +191,6 @@ async fn read(
         status,
         patient_ref,
         created_at: row.created_at,
-        source_ref: row.source_ref,
         document_date: row.document_date,
         failure_code: row.failure_code,
         model_version,

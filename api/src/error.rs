@@ -10,6 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use uuid::Uuid;
 
+/// What a throttled or briefly unavailable client is told to wait.
+const RETRY_AFTER_SECONDS: &str = "2";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
@@ -26,6 +29,8 @@ pub enum ApiError {
     DuplicateSourceRef(Uuid),
     #[error("{0} is unavailable; try again")]
     Unavailable(&'static str),
+    #[error("the pipeline is busy; retry after the time in Retry-After")]
+    Busy,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -44,6 +49,7 @@ impl ApiError {
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::DuplicateSourceRef(_) => (StatusCode::CONFLICT, "duplicate_source_ref"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Busy => (StatusCode::TOO_MANY_REQUESTS, "busy"),
             Self::Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -98,7 +104,13 @@ impl IntoResponse for ApiError {
         if let Self::DuplicateSourceRef(id) = self {
             body["id"] = json!(id);
         }
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response
     }
 }
 

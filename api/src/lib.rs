@@ -16,9 +16,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use clinflow::amqp::{Publisher, Topology};
-use clinflow::audit::{self, AuditEvent};
-use clinflow::crypto::Keyring;
+use clinflow::audit::AuditEvent;
+use clinflow::crypto::{IndexKey, Keyring};
+use clinflow::outbox;
+use clinflow::relay::RelayHandle;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -37,22 +38,57 @@ const MAX_BODY_BYTES: usize = 2 * documents::MAX_TEXT_BYTES;
 pub struct AppState {
     pub db: PgPool,
     pub keyring: Arc<Keyring>,
-    pub publisher: Publisher,
-    pub topology: Topology,
+    /// Keyed hashes of source refs and idempotency keys.
+    pub index_key: Arc<IndexKey>,
+    /// The outbox relay of this process: woken after each commit, and the
+    /// source of readiness and backpressure.
+    pub relay: RelayHandle,
     pub jwt: Arc<JwtKeys>,
     pub passwords: Passwords,
     pub idle_timeout: Duration,
+    pub limits: UploadLimits,
+}
+
+/// Backpressure: uploads answer 429 while the outbox or the live queue holds
+/// more than this (as last measured by the relay).
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    pub max_outbox: u64,
+    pub max_queued: u64,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self { max_outbox: 100_000, max_queued: 2_000_000 }
+    }
 }
 
 impl AppState {
-    /// Publishes an audit event and waits for the broker's confirmation; an
-    /// unconfirmed event fails the request with 503 before anything is shown.
+    /// Writes an audit event to the outbox (committed in PostgreSQL before
+    /// this returns); a failure fails the request with 503 before anything is
+    /// shown. Where the audited action itself writes, use
+    /// `outbox::enqueue` in its transaction instead.
     pub async fn audit(&self, event: &AuditEvent) -> Result<(), ApiError> {
-        audit::publish(&self.publisher, &self.topology, event).await.map_err(|e| {
-            tracing::error!(error = %e, action = event.action.as_str(), "audit event not confirmed");
-            ApiError::Unavailable("the audit trail")
-        })
+        let message = outbox::Message::audit(event).map_err(anyhow::Error::new)?;
+        let mut conn = self.db.acquire().await.map_err(|e| audit_unavailable(event, &e))?;
+        outbox::enqueue(&mut conn, &[message]).await.map_err(|e| audit_unavailable(event, &e))?;
+        self.relay.wake();
+        Ok(())
     }
+
+    /// 429 while the pipeline is this far behind.
+    pub fn check_backpressure(&self) -> Result<(), ApiError> {
+        if self.relay.backlog() > self.limits.max_outbox || self.relay.queue_depth() > self.limits.max_queued {
+            metrics::counter!("clinflow_uploads_throttled_total").increment(1);
+            return Err(ApiError::Busy);
+        }
+        Ok(())
+    }
+}
+
+fn audit_unavailable(event: &AuditEvent, e: &sqlx::Error) -> ApiError {
+    tracing::error!(error = %e, action = event.action.as_str(), "audit event not stored");
+    ApiError::Unavailable("the audit trail")
 }
 
 pub fn app(state: AppState) -> Router {
@@ -60,7 +96,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(auth::router())
         .merge(documents::router())
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::NotFound })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -76,9 +112,19 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Live while the outbox relay runs: a relay that has ended cannot come back
+/// without a restart.
+async fn live(State(state): State<AppState>) -> Response {
+    if state.relay.alive() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "relay stopped"}))).into_response()
+    }
+}
+
 async fn ready(State(state): State<AppState>) -> Response {
     let db = sqlx::query_scalar!("SELECT 1 AS one").fetch_one(&state.db).await.is_ok();
-    let amqp = state.publisher.channel().status().connected();
+    let amqp = state.relay.connected();
     let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = |ok: bool| if ok { "up" } else { "down" };
     (status, Json(json!({"postgres": word(db), "rabbitmq": word(amqp)}))).into_response()

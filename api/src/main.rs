@@ -4,14 +4,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use clinflow::amqp::{self, Publisher, Topology};
-use clinflow::crypto::Keyring;
+use clinflow::amqp::Topology;
+use clinflow::crypto::{IndexKey, Keyring};
+use clinflow::relay::{Relay, RelayHandle};
 use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
 use clinflow_api::config::{self, ApiConfig};
 use clinflow_api::users::{self, Passwords, Role, UserError};
 use clinflow_api::{AppState, serve};
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
 
 /// clinflow HTTP API. Configuration comes from the environment (see README).
 #[derive(Parser)]
@@ -66,26 +68,37 @@ async fn run_server() -> anyhow::Result<()> {
         .connect(config.database_url.expose_secret())
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")?;
-    let connection =
-        amqp::connect(&config.amqp_url, "clinflow-api").await.context("connecting to RabbitMQ (AMQP_URL)")?;
-    let publisher = Publisher::new(&connection).await?;
-    let topology = Topology::new(config.queue_prefix);
-    topology.declare(publisher.channel()).await?;
+    let relay = Relay {
+        db: db.clone(),
+        amqp_url: config.amqp_url,
+        topology: Topology::new(config.queue_prefix),
+        name: "clinflow-api".into(),
+        handle: RelayHandle::default(),
+    };
     let state = AppState {
         db,
         keyring: Arc::new(Keyring::from_master_key(&config.master_key)),
-        publisher,
-        topology,
+        index_key: Arc::new(IndexKey::new(config.index_key)),
+        relay: relay.handle.clone(),
         jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
         passwords: Passwords::new().await?,
         idle_timeout: IDLE_TIMEOUT,
+        limits: config.limits,
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
         .with_context(|| format!("API_ADDR {}", config.api_addr))?;
     tracing::info!(addr = %config.api_addr, "clinflow-api listening");
-    serve(listener, state, clinflow::shutdown::on_signal()).await?;
-    connection.close(200, "shutdown".into()).await.ok();
+    // The relay starts at once and keeps trying while RabbitMQ is away:
+    // uploads are accepted meanwhile and published when it returns.
+    let shutdown = clinflow::shutdown::on_signal();
+    let stop_relay = CancellationToken::new();
+    let relay = tokio::spawn(relay.run(stop_relay.clone()));
+    let served = serve(listener, state, shutdown).await;
+    // Requests are finished: publish what they committed, then stop.
+    stop_relay.cancel();
+    relay.await.context("the outbox relay panicked")?;
+    served?;
     Ok(())
 }
 

@@ -184,9 +184,19 @@ async fn measure(
     phases::pipeline(ctx, stack, &client, &ctx.notes(1_000_000_000, 50), plan.pipeline_clients).await?;
 
     let round_notes = ctx.notes(0, plan.notes);
+    let mut pipeline_busy = std::time::Duration::ZERO;
+    let mut cpu_before = None;
+    let first = phases::Observation::take(stack).await?;
     for round in 1..=plan.rounds {
         let direct = phases::direct(&cli.medcat_url, &round_notes, plan.bulk_batch).await?;
+        let before = phases::Observation::take(stack).await?;
         let pipeline = phases::pipeline(ctx, stack, &client, &round_notes, plan.pipeline_clients).await?;
+        let after = phases::Observation::take(stack).await?;
+        pipeline_busy += after.at - before.at;
+        let cpu = cpu_before.get_or_insert_with(std::collections::BTreeMap::new);
+        for (name, s) in &after.cpu_seconds {
+            *cpu.entry(name.clone()).or_insert(0.0) += s - before.cpu_seconds.get(name).copied().unwrap_or(0.0);
+        }
         eprintln!(
             "== round {round}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3}",
             direct,
@@ -195,6 +205,9 @@ async fn measure(
         );
         figures.rounds.push(report::Round { direct_docs_per_s: direct, pipeline_docs_per_s: pipeline.docs_per_s() });
     }
+    figures.pipeline_cpu_seconds = cpu_before.unwrap_or_default();
+    figures.pipeline_stages = report::stages(&first, &phases::Observation::take(stack).await?);
+    figures.pipeline_wall_s = pipeline_busy.as_secs_f64();
 
     eprintln!("== ceiling: the pipeline with the NLP STAND-IN, {} uploaders", plan.upload_clients);
     let standin = standin::start().await?;

@@ -14,6 +14,10 @@ use crate::{Mode, Plan};
 #[derive(Debug, Default, Serialize)]
 pub struct Figures {
     pub rounds: Vec<Round>,
+    /// CPU seconds each process used during the pipeline rounds (real MedCAT).
+    pub pipeline_cpu_seconds: BTreeMap<String, f64>,
+    pub pipeline_stages: Vec<Stage>,
+    pub pipeline_wall_s: f64,
     pub ceiling: Option<Ceiling>,
     pub sink: Option<Sink>,
     pub backlog: Option<Backlog>,
@@ -80,13 +84,14 @@ const STAGES: &[StageDef] = &[
     (API, "clinflow_api_stage_seconds", &[("stage", "auth")], "  auth: token + session touch"),
     (API, "clinflow_api_stage_seconds", &[("stage", "seal")], "  encrypt text + patient"),
     (API, "clinflow_api_stage_seconds", &[("stage", "insert")], "  insert row"),
-    (API, "clinflow_api_stage_seconds", &[("stage", "publish")], "  publish job, await confirm"),
-    (API, "clinflow_api_stage_seconds", &[("stage", "audit")], "  publish audit, await confirm"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "outbox")], "  insert job + audit into outbox"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "commit")], "  commit"),
+    (API, "clinflow_relay_publish_seconds", &[], "relay: publish a round, await confirms"),
     (WORKER, "clinflow_worker_stage_seconds", &[("stage", "queue_wait")], "queue wait: publish → delivery"),
     (WORKER, "clinflow_worker_stage_seconds", &[("stage", "claim")], "claim (UPDATE … RETURNING)"),
     (WORKER, "clinflow_worker_stage_seconds", &[("stage", "decrypt")], "decrypt text"),
     (WORKER, "clinflow_worker_stage_seconds", &[("stage", "audit")], "publish audit, await confirm"),
-    (WORKER, "clinflow_worker_stage_seconds", &[("stage", "nlp")], "NLP call (stand-in)"),
+    (WORKER, "clinflow_worker_stage_seconds", &[("stage", "nlp")], "NLP call"),
     (WORKER, "clinflow_worker_stage_seconds", &[("stage", "store")], "encrypt + store result, commit"),
     (SINK, "clinflow_audit_batch_seconds", &[], "audit batch: chain + insert + commit"),
 ];
@@ -95,20 +100,7 @@ impl Ceiling {
     pub fn new(run: &PipelineRun, before: &Observation, after: &Observation) -> Self {
         let mut ms: Vec<f64> = run.upload_latencies.iter().map(|d| d.as_secs_f64() * 1_000.0).collect();
         ms.sort_by(f64::total_cmp);
-        let stages = STAGES
-            .iter()
-            .filter_map(|(service, metric, labels, stage)| {
-                let (count, busy_s) =
-                    after.metrics.get(service)?.histogram_delta(before.metrics.get(service)?, metric, labels);
-                Some(Stage {
-                    service,
-                    stage,
-                    count,
-                    mean_ms: if count > 0.0 { busy_s / count * 1e3 } else { 0.0 },
-                    busy_s,
-                })
-            })
-            .collect();
+        let stages = stages(before, after);
         let cpu_seconds = after
             .cpu_seconds
             .iter()
@@ -125,6 +117,45 @@ impl Ceiling {
             stages,
             cpu_seconds,
         }
+    }
+}
+
+fn print_cpu(during: &str, cpu: &BTreeMap<String, f64>, wall_s: f64, machine: &serde_json::Value) {
+    let available = wall_s * machine["nproc"].as_f64().unwrap_or(1.0);
+    println!("\nCPU during {during} ({wall_s:.1} s wall, {available:.1} CPU-s available)");
+    let mut cpu: Vec<_> = cpu.iter().collect();
+    cpu.sort_by(|a, b| b.1.total_cmp(a.1));
+    for (name, s) in cpu {
+        println!("  {name:<34} {s:>7.2} CPU-s  {:>5.0} % of one core", s / wall_s * 100.0);
+    }
+}
+
+/// Each stage's count and busy time between two observations.
+pub fn stages(before: &Observation, after: &Observation) -> Vec<Stage> {
+    STAGES
+        .iter()
+        .filter_map(|(service, metric, labels, stage)| {
+            let (count, busy_s) =
+                after.metrics.get(service)?.histogram_delta(before.metrics.get(service)?, metric, labels);
+            let mean_ms = if count > 0.0 { busy_s / count * 1e3 } else { 0.0 };
+            Some(Stage { service, stage, count, mean_ms, busy_s })
+        })
+        .collect()
+}
+
+fn print_stages(title: &str, stages: &[Stage], wall_s: f64) {
+    println!("\nwhere the time goes ({title}, {wall_s:.1} s wall; busy = seconds summed over concurrent work)");
+    println!("{:<12} {:<40} {:>8} {:>10} {:>9} {:>7}", "service", "stage", "count", "mean ms", "busy s", "busy/wall");
+    for s in stages {
+        println!(
+            "{:<12} {:<40} {:>8.0} {:>10.2} {:>9.2} {:>7.2}",
+            s.service,
+            s.stage,
+            s.count,
+            s.mean_ms,
+            s.busy_s,
+            s.busy_s / wall_s
+        );
     }
 }
 
@@ -259,34 +290,17 @@ pub fn print_and_save(
         row(&format!("peak RSS {name}"), format!("{mib:.1} MiB"), &target, limit.map(|l| *mib < l));
     }
     if let Some(c) = ceiling {
-        println!(
-            "\nwhere the time goes (ceiling run, {:.1} s wall; busy = seconds summed over concurrent work)",
-            c.wall_s
+        print_stages("ceiling run", &c.stages, c.wall_s);
+        print_cpu("the ceiling run", &c.cpu_seconds, c.wall_s, &machine);
+    }
+    if figures.pipeline_wall_s > 0.0 {
+        print_stages("pipeline rounds, real MedCAT", &figures.pipeline_stages, figures.pipeline_wall_s);
+        print_cpu(
+            "the pipeline rounds (real MedCAT)",
+            &figures.pipeline_cpu_seconds,
+            figures.pipeline_wall_s,
+            &machine,
         );
-        println!(
-            "{:<12} {:<40} {:>8} {:>10} {:>9} {:>7}",
-            "service", "stage", "count", "mean ms", "busy s", "busy/wall"
-        );
-        for s in &c.stages {
-            println!(
-                "{:<12} {:<40} {:>8.0} {:>10.2} {:>9.2} {:>7.2}",
-                s.service,
-                s.stage,
-                s.count,
-                s.mean_ms,
-                s.busy_s,
-                s.busy_s / c.wall_s
-            );
-        }
-        println!(
-            "\nCPU during the ceiling run (of {:.1} CPU-s available)",
-            c.wall_s * machine["nproc"].as_f64().unwrap_or(1.0)
-        );
-        let mut cpu: Vec<_> = c.cpu_seconds.iter().collect();
-        cpu.sort_by(|a, b| b.1.total_cmp(a.1));
-        for (name, s) in cpu {
-            println!("  {name:<34} {s:>7.2} CPU-s  {:>5.0} % of one core", s / c.wall_s * 100.0);
-        }
     }
 
     let json = serde_json::json!({

@@ -50,6 +50,7 @@ impl Stack {
             ("CLINFLOW_MASTER_KEY", b64.encode(master_key)),
             ("JWT_SECRET", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
             ("AUDIT_HMAC_KEY", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
+            ("CLINFLOW_INDEX_KEY", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
             ("API_ADDR", api_addr.clone()),
             ("RUST_LOG", "warn".to_owned()),
         ]);

@@ -42,6 +42,10 @@ pub enum AmqpError {
     Unroutable,
     #[error("message could not be encoded: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("RabbitMQ did not confirm a publish within {} s", CONFIRM_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("RabbitMQ connection closed")]
+    Closed,
 }
 
 /// Names of exchanges and queues under one prefix (`clinflow` in production).
@@ -86,6 +90,14 @@ impl Topology {
 
     pub fn audit(&self) -> WorkQueue {
         self.work_queue(self.audit_exchange(), AUDIT)
+    }
+
+    /// The work queue an outbox topic is published to.
+    pub fn route(&self, topic: crate::outbox::Topic) -> WorkQueue {
+        match topic {
+            crate::outbox::Topic::DocumentsLive => self.documents_live(),
+            crate::outbox::Topic::Audit => self.audit(),
+        }
     }
 
     pub fn work_queues(&self) -> Vec<WorkQueue> {
@@ -170,6 +182,13 @@ pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, AmqpE
     Ok(Connection::connect(url.expose_secret(), properties).await?)
 }
 
+/// Connects without lapin's recovery, for an owner that rebuilds the whole
+/// connection after any error (see [`relay`](crate::relay)).
+pub async fn connect_fresh(url: &SecretString, name: &str) -> Result<Connection, AmqpError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(Connection::connect(url.expose_secret(), properties).await?)
+}
+
 /// A channel in confirm mode: `publish` returns only once the broker has
 /// taken responsibility for the message (written to a quorum of nodes).
 #[derive(Clone)]
@@ -206,35 +225,52 @@ impl Publisher {
         self.publish_json_many(exchange, routing_key, &[(message_id, message)]).await
     }
 
-    /// Publishes every message, then awaits all their confirmations: one
-    /// round trip for the lot instead of one per message.
+    /// [`publish_many`](Self::publish_many) for values serialised here.
     pub async fn publish_json_many<T: Serialize>(
         &self,
         exchange: &str,
         routing_key: &str,
         messages: &[(&str, &T)],
     ) -> Result<(), AmqpError> {
+        let bodies = messages.iter().map(|(_, m)| serde_json::to_vec(m)).collect::<Result<Vec<_>, _>>()?;
+        let outgoing: Vec<Outgoing<'_>> = messages
+            .iter()
+            .zip(&bodies)
+            .map(|((message_id, _), body)| Outgoing { exchange, routing_key, message_id, body })
+            .collect();
+        self.publish_many(&outgoing).await
+    }
+
+    /// Publishes every message (persistent JSON, `mandatory`, with the
+    /// publish-time header), then awaits all their confirmations: one round
+    /// trip for the lot instead of one per message. An error means some may
+    /// not have been taken: publish them again (consumers are idempotent).
+    pub async fn publish_many(&self, messages: &[Outgoing<'_>]) -> Result<(), AmqpError> {
         let mut confirms = Vec::with_capacity(messages.len());
-        for (message_id, message) in messages {
-            let body = serde_json::to_vec(message)?;
+        for m in messages {
             let mut headers = FieldTable::default();
             headers.insert(PUBLISHED_AT_HEADER.into(), AMQPValue::LongLongInt(unix_micros(SystemTime::now())));
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type(ShortString::from("application/json"))
-                .with_message_id((*message_id).into())
+                .with_message_id(m.message_id.into())
                 .with_headers(headers);
             let options = BasicPublishOptions { mandatory: true, ..Default::default() };
             confirms.push(
-                self.channel.basic_publish(exchange.into(), routing_key.into(), options, &body, properties).await?,
+                self.channel
+                    .basic_publish(m.exchange.into(), m.routing_key.into(), options, m.body, properties)
+                    .await?,
             );
         }
         let mut outcome = Ok(());
         for confirm in confirms {
-            let result = match confirm.await? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable),
-                Confirmation::Nack(_) | Confirmation::NotRequested => Err(AmqpError::Nacked),
+            let result = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Err(_) => Err(AmqpError::Timeout),
+                Ok(confirmation) => match confirmation? {
+                    Confirmation::Ack(None) => Ok(()),
+                    Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable),
+                    Confirmation::Nack(_) | Confirmation::NotRequested => Err(AmqpError::Nacked),
+                },
             };
             // Await every confirmation even after a failure, so none is left
             // pending on the channel.
@@ -243,3 +279,16 @@ impl Publisher {
         outcome
     }
 }
+
+/// One message for [`Publisher::publish_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub message_id: &'a str,
+    pub body: &'a [u8],
+}
+
+/// How long a publish waits for the broker's confirmation before the
+/// connection is taken for dead.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);

@@ -110,9 +110,49 @@ impl Keyring {
     }
 }
 
+/// Keyed hashes (HMAC-SHA256) of values that must be matched but never
+/// stored in clear: an uploader's `source_ref`, an `Idempotency-Key`, and
+/// (issue 21) patient references. Its own key (`CLINFLOW_INDEX_KEY`), which
+/// never rotates with the encryption keys, or every index would break.
+pub struct IndexKey(SecretBox<Vec<u8>>);
+
+impl std::fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IndexKey(..)")
+    }
+}
+
+impl IndexKey {
+    pub fn new(key: SecretBox<Vec<u8>>) -> Self {
+        Self(key)
+    }
+
+    /// HMAC over `domain`, a zero byte and `value`: the domain keeps hashes
+    /// of different kinds of value apart.
+    pub fn hash(&self, domain: &str, value: &[u8]) -> Vec<u8> {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(self.0.expose_secret())
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(domain.as_bytes());
+        mac.update(&[0]);
+        mac.update(value);
+        mac.finalize().into_bytes().to_vec()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_hashes_are_keyed_and_domain_separated() {
+        let a = IndexKey::new(SecretBox::new(Box::new(vec![1; 32])));
+        let b = IndexKey::new(SecretBox::new(Box::new(vec![2; 32])));
+        assert_eq!(a.hash("source_ref", b"n.txt"), a.hash("source_ref", b"n.txt"));
+        assert_ne!(a.hash("source_ref", b"n.txt"), b.hash("source_ref", b"n.txt"));
+        assert_ne!(a.hash("source_ref", b"n.txt"), a.hash("idempotency_key", b"n.txt"));
+        assert_eq!(a.hash("x", b"").len(), 32);
+    }
 
     fn keyring(byte: u8) -> Keyring {
         Keyring::from_master_key(&SecretBox::new(Box::new([byte; 32])))

@@ -45,28 +45,32 @@ pub struct NewDocument {
     pub id: Uuid,
     pub patient_ref_ct: Vec<u8>,
     pub text_ct: Vec<u8>,
-    pub source_ref: Option<String>,
+    /// HMAC of the uploader's `source_ref` (see `crypto::IndexKey`).
+    pub source_ref_hmac: Option<Vec<u8>>,
     pub document_date: Option<Date>,
     pub uploaded_by: Uuid,
 }
 
+/// Domain of `source_ref` hashes under the index key.
+pub const SOURCE_REF_DOMAIN: &str = "documents.source_ref";
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inserted {
     New,
-    /// A document with this `source_ref` exists already: its id.
+    /// The same uploader sent this `source_ref` before: their document's id.
     DuplicateSourceRef(Uuid),
 }
 
 pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Inserted, sqlx::Error> {
     let inserted = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref, document_date, uploaded_by)
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by)
            VALUES ($1, $2, $3, $4, $5, $6)
-           ON CONFLICT (source_ref) DO NOTHING
+           ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
            RETURNING id"#,
         doc.id,
         doc.patient_ref_ct,
         doc.text_ct,
-        doc.source_ref,
+        doc.source_ref_hmac,
         doc.document_date,
         doc.uploaded_by,
     )
@@ -75,17 +79,14 @@ pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Insert
     if inserted.is_some() {
         return Ok(Inserted::New);
     }
-    let existing = sqlx::query_scalar!("SELECT id FROM documents WHERE source_ref = $1", doc.source_ref)
-        .fetch_one(&mut *conn)
-        .await?;
+    let existing = sqlx::query_scalar!(
+        "SELECT id FROM documents WHERE uploaded_by = $1 AND source_ref_hmac = $2",
+        doc.uploaded_by,
+        doc.source_ref_hmac
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(Inserted::DuplicateSourceRef(existing))
-}
-
-/// Removes a document whose hand-off to the queue failed, so the client's
-/// retry starts clean.
-pub async fn delete(db: impl PgExecutor<'_>, id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query!("DELETE FROM documents WHERE id = $1", id).execute(db).await?;
-    Ok(())
 }
 
 #[derive(Debug)]
@@ -93,7 +94,6 @@ pub struct DocumentRow {
     pub id: Uuid,
     pub status: String,
     pub patient_ref_ct: Vec<u8>,
-    pub source_ref: Option<String>,
     pub document_date: Option<Date>,
     pub created_at: OffsetDateTime,
     pub failure_code: Option<String>,
@@ -102,7 +102,7 @@ pub struct DocumentRow {
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<DocumentRow>, sqlx::Error> {
     sqlx::query_as!(
         DocumentRow,
-        "SELECT id, status, patient_ref_ct, source_ref, document_date, created_at, failure_code
+        "SELECT id, status, patient_ref_ct, document_date, created_at, failure_code
          FROM documents WHERE id = $1",
         id
     )

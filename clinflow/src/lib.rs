@@ -12,6 +12,8 @@ pub mod config;
 pub mod crypto;
 pub mod documents;
 pub mod jobs;
+pub mod outbox;
+pub mod relay;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::amqp::Topology;
-use crate::crypto::Keyring;
+use crate::crypto::{IndexKey, Keyring};
 
 pub fn admin_url() -> String {
     std::env::var("CLINFLOW_TEST_ADMIN_URL")
@@ -107,10 +107,19 @@ pub async fn delete_queues(topology: &Topology, conn: &lapin::Connection) {
     }
 }
 
-pub fn keyring() -> Keyring {
+pub fn index_key() -> IndexKey {
+    IndexKey::new(SecretBox::new(Box::new(b"test index key, at least 32 bytes long".to_vec())))
+}
+
+/// The tests' master key (base64 of it for a binary's CLINFLOW_MASTER_KEY).
+pub fn master_key() -> [u8; 32] {
     let mut key = [0u8; 32];
     for (i, b) in key.iter_mut().enumerate() {
         *b = u8::try_from(i).unwrap_or(0).wrapping_mul(73).wrapping_add(11);
     }
-    Keyring::from_master_key(&SecretBox::new(Box::new(key)))
+    key
+}
+
+pub fn keyring() -> Keyring {
+    Keyring::from_master_key(&SecretBox::new(Box::new(master_key())))
 }

@@ -55,7 +55,7 @@ impl Setup {
                 id,
                 patient_ref_ct: keyring.seal_str(documents::patient_ref_field(id), "PAT-1").unwrap(),
                 text_ct: keyring.seal_str(documents::text_field(id), text).unwrap(),
-                source_ref: None,
+                source_ref_hmac: None,
                 document_date: None,
                 uploaded_by: self.uploader,
             };

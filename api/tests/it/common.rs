@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use backon::ExponentialBuilder;
 use clinflow::amqp::{Publisher, Topology};
+use clinflow::relay::{Relay, RelayHandle};
 use clinflow::testing::{self, TestDb};
-use clinflow_api::AppState;
 use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
 use clinflow_api::users::{self, Passwords, Role};
+use clinflow_api::{AppState, UploadLimits};
 use clinflow_audit_sink::Sink;
 use clinflow_audit_sink::chain::ChainKey;
 use clinflow_worker::medcat::MedcatClient;
@@ -40,10 +41,20 @@ pub struct Stack {
     pub worker: JoinHandle<anyhow::Result<()>>,
     pub sink: JoinHandle<anyhow::Result<()>>,
     pub api: JoinHandle<std::io::Result<()>>,
+    pub relay: Option<JoinHandle<()>>,
+    relay_handle: RelayHandle,
 }
 
 impl Stack {
     pub async fn start() -> Self {
+        let mut stack = Self::start_without_relay().await;
+        stack.start_relay();
+        stack
+    }
+
+    /// The stack with no outbox relay running: uploads are committed but
+    /// nothing is published until [`start_relay`](Self::start_relay).
+    pub async fn start_without_relay() -> Self {
         clinflow::telemetry::init_tracing();
         let db = TestDb::new().await;
         let (topology, amqp) = testing::topology().await;
@@ -51,14 +62,16 @@ impl Stack {
         let shutdown = CancellationToken::new();
         let passwords = Passwords::new().await.unwrap();
 
+        let relay = RelayHandle::default();
         let state = AppState {
             db: db.app.clone(),
             keyring: Arc::clone(&keyring),
-            publisher: Publisher::new(&amqp).await.unwrap(),
-            topology: topology.clone(),
+            index_key: Arc::new(testing::index_key()),
+            relay: relay.clone(),
             jwt: Arc::new(JwtKeys::new(&SecretBox::new(Box::new(b"test jwt secret that is long enough!!".to_vec())))),
             passwords: passwords.clone(),
             idle_timeout: IDLE_TIMEOUT,
+            limits: UploadLimits::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -98,7 +111,21 @@ impl Stack {
             worker,
             sink,
             api,
+            relay: None,
+            relay_handle: relay,
         }
+    }
+
+    /// Starts the outbox relay of the in-process api.
+    pub fn start_relay(&mut self) {
+        let relay = Relay {
+            db: self.db.app.clone(),
+            amqp_url: testing::amqp_url(),
+            topology: self.topology.clone(),
+            name: "clinflow-test-api".into(),
+            handle: self.relay_handle.clone(),
+        };
+        self.relay = Some(tokio::spawn(relay.run(self.shutdown.clone())));
     }
 
     pub async fn user(&self, name: &str, role: Role) -> uuid::Uuid {
@@ -166,6 +193,13 @@ impl Stack {
             ("worker", self.worker.await.map(|r| r.map_err(|e| e.to_string()))),
             ("sink", self.sink.await.map(|r| r.map_err(|e| e.to_string()))),
             ("api", self.api.await.map(|r| r.map_err(|e| e.to_string()))),
+            (
+                "relay",
+                match self.relay {
+                    Some(relay) => relay.await.map(Ok),
+                    None => Ok(Ok(())),
+                },
+            ),
         ] {
             assert!(matches!(result, Ok(Ok(()))), "{name} did not stop cleanly: {result:?}");
         }

@@ -6,5 +6,6 @@ mod audit_table;
 mod auth;
 mod common;
 mod jobs;
+mod outbox;
 mod pipeline;
 mod startup;

@@ -22,8 +22,10 @@ fn bad_secrets_stop_the_api_with_one_line() {
         ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
         ("CLINFLOW_MASTER_KEY", GOOD_KEY),
         ("JWT_SECRET", "tH1s-is-a-l0ng-and-rand0m-JWT-secret!"),
+        ("CLINFLOW_INDEX_KEY", "an0ther-l0ng-and-rand0m-INDEX-key!#"),
     ];
-    let cases: [(&str, Option<&str>, &str); 6] = [
+    let cases: [(&str, Option<&str>, &str); 7] = [
+        ("CLINFLOW_INDEX_KEY", Some("too-short-key"), "CLINFLOW_INDEX_KEY: must be at least 32 bytes, got 13"),
         ("JWT_SECRET", Some("short-secret"), "JWT_SECRET: must be at least 32 bytes, got 12"),
         ("JWT_SECRET", None, "JWT_SECRET: is not set"),
         (

@@ -1,0 +1,85 @@
+//! The transactional outbox: messages written to PostgreSQL in the same
+//! transaction as the state they announce, published later by the
+//! [`relay`](crate::relay). A committed upload always gets its job and its
+//! audit event, whatever the broker does, and no request waits on RabbitMQ.
+//!
+//! Bodies are the exact JSON that will be published: ids only, never PHI.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::audit::AuditEvent;
+use crate::jobs::DocumentJob;
+
+/// Where an outbox message goes; the relay maps it to an exchange and a
+/// routing key of the [`Topology`](crate::amqp::Topology).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    DocumentsLive,
+    Audit,
+}
+
+impl Topic {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topic::DocumentsLive => crate::amqp::DOCUMENTS_LIVE,
+            Topic::Audit => crate::amqp::AUDIT,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Topic::DocumentsLive, Topic::Audit].into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: Topic,
+    pub message_id: String,
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    pub fn job(document_id: Uuid) -> Self {
+        let body = serde_json::to_vec(&DocumentJob { document_id }).unwrap_or_default();
+        Self { topic: Topic::DocumentsLive, message_id: document_id.to_string(), body }
+    }
+
+    pub fn audit(event: &AuditEvent) -> Result<Self, serde_json::Error> {
+        Ok(Self { topic: Topic::Audit, message_id: event.event_id.to_string(), body: serde_json::to_vec(event)? })
+    }
+}
+
+/// Adds messages to the outbox, in the caller's transaction.
+pub async fn enqueue(conn: &mut PgConnection, messages: &[Message]) -> Result<(), sqlx::Error> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+    let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+    let bodies: Vec<&[u8]> = messages.iter().map(|m| m.body.as_slice()).collect();
+    sqlx::query!(
+        "INSERT INTO outbox (topic, message_id, body)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])",
+        &topics as &[&str],
+        &ids as &[&str],
+        &bodies as &[&[u8]],
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip_and_job_bodies_are_ids_only() {
+        for t in [Topic::DocumentsLive, Topic::Audit] {
+            assert_eq!(Topic::parse(t.as_str()), Some(t));
+        }
+        let m = Message::job(Uuid::nil());
+        assert_eq!(m.body, br#"{"document_id":"00000000-0000-0000-0000-000000000000"}"#);
+    }
+}
