@@ -2,8 +2,9 @@
 //!
 //! It takes audit events off `{prefix}.audit` in batches, appends them to the
 //! hash-chained `audit_events` table in one transaction per batch, and acks
-//! them only after the commit. A message that is not an audit event is
-//! dead-lettered (kept, never dropped).
+//! them (one `multiple` ack) only after the commit. A message that is not an
+//! audit event is dead-lettered (kept, never dropped); a batch the database
+//! refuses is held and retried, never dead-lettered.
 
 pub mod chain;
 
@@ -11,11 +12,13 @@ use std::time::Duration;
 
 use clinflow::amqp::Topology;
 use clinflow::audit::AuditEvent;
+use clinflow::link::{self, LinkState, SessionEnd};
 use futures_util::{FutureExt, StreamExt};
-use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -23,6 +26,8 @@ use uuid::Uuid;
 use crate::chain::ChainKey;
 
 pub const SERVICE_NAME: &str = "clinflow-audit-sink";
+/// Longest pause between two tries of a batch the database refused.
+const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 pub struct Sink {
     pub db: PgPool,
@@ -33,47 +38,82 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub async fn run(&self, channel: Channel, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Consumes until `shutdown` fires, on a broker connection rebuilt after
+    /// every broker error (see `clinflow::link`).
+    pub async fn run(
+        &self,
+        amqp_url: &SecretString,
+        link: &LinkState,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        link::supervise(amqp_url, "audit-sink", &self.topology, link, &shutdown, |connection| {
+            self.session(connection, shutdown.clone())
+        })
+        .await
+    }
+
+    async fn session(&self, connection: Connection, shutdown: CancellationToken) -> SessionEnd {
+        let ended = self.consume(&connection, &shutdown).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "bye".into())).await;
+        ended
+    }
+
+    async fn consume(&self, connection: &Connection, shutdown: &CancellationToken) -> SessionEnd {
         let prefetch = u16::try_from(self.batch_size * 2).unwrap_or(u16::MAX);
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let queue = self.topology.audit().queue;
         let tag = format!("{SERVICE_NAME}-{}", Uuid::new_v4().simple());
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let opened = async {
+            let channel = connection.create_channel().await?;
+            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            let options = BasicConsumeOptions::default();
+            let consumer = channel
+                .basic_consume(queue.as_str().into(), tag.as_str().into(), options, FieldTable::default())
+                .await?;
+            Ok::<_, lapin::Error>((channel, consumer))
+        };
+        let (channel, mut consumer) = match link::within(opened).await {
+            Ok(opened) => opened,
+            Err(end) => return end,
+        };
         tracing::info!(queue, batch_size = self.batch_size, "audit sink consuming");
         loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+            let mut next = tokio::select! {
+                () = shutdown.cancelled() => return SessionEnd::Shutdown,
+                lost = link::lost(&channel, &queue) => return SessionEnd::Broker(lost),
                 next = consumer.next() => next,
             };
-            let Some(first) = next else { anyhow::bail!("the audit queue consumer was closed by the broker") };
             let mut batch = Vec::with_capacity(self.batch_size);
-            let mut next = Some(first);
             // Take what has already arrived, without waiting for more.
-            while let Some(delivery) = next {
-                match delivery {
-                    Ok(d) => batch.push(d),
-                    Err(e) => tracing::error!(error = %e, "consumer error"),
+            loop {
+                match next {
+                    Some(Ok(d)) => batch.push(d),
+                    Some(Err(e)) => return e.into(),
+                    None => return SessionEnd::Broker(anyhow::anyhow!("the broker closed the audit consumer")),
                 }
-                next = if batch.len() < self.batch_size { consumer.next().now_or_never().flatten() } else { None };
+                if batch.len() >= self.batch_size {
+                    break;
+                }
+                match consumer.next().now_or_never() {
+                    Some(n) => next = n,
+                    None => break,
+                }
             }
-            if !self.write(batch).await {
-                // The database is down: back off instead of spinning on
-                // redeliveries.
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(end) = self.write(batch, &channel, shutdown).await {
+                return end;
             }
         }
     }
 
-    /// Stores one batch and settles every delivery in it; false if the
-    /// batch had to be requeued.
-    async fn write(&self, batch: Vec<Delivery>) -> bool {
+    /// Stores one batch and settles every delivery in it. While the
+    /// database refuses the batch it is held, unacknowledged, and retried
+    /// with growing pauses: an outage of any length loses no event and
+    /// pushes none past the queue's delivery limit.
+    async fn write(
+        &self,
+        batch: Vec<Delivery>,
+        channel: &Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
         let mut events = Vec::with_capacity(batch.len());
         let mut good = Vec::with_capacity(batch.len());
         for delivery in batch {
@@ -85,37 +125,38 @@ impl Sink {
                 Err(_) => {
                     tracing::error!(bytes = delivery.data.len(), "not an audit event; dead-lettering it");
                     metrics::counter!("clinflow_audit_sink_malformed_total").increment(1);
-                    settle(delivery.reject(BasicRejectOptions { requeue: false }).await);
+                    link::settle(delivery.reject(BasicRejectOptions { requeue: false })).await?;
                 }
             }
         }
-        if good.is_empty() {
-            return true;
-        }
-        let started = std::time::Instant::now();
-        match chain::append(&self.db, &self.key, &events).await {
-            Ok(written) => {
-                metrics::counter!("clinflow_audit_events_written_total").increment(written as u64);
-                metrics::histogram!("clinflow_audit_batch_seconds").record(started.elapsed().as_secs_f64());
-                for delivery in good {
-                    settle(delivery.ack(BasicAckOptions::default()).await);
+        let Some(last) = good.iter().map(|d| d.delivery_tag).max() else { return Ok(()) };
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let started = std::time::Instant::now();
+            match chain::append(&self.db, &self.key, &events).await {
+                Ok(written) => {
+                    metrics::counter!("clinflow_audit_events_written_total").increment(written as u64);
+                    metrics::histogram!("clinflow_audit_batch_seconds").record(started.elapsed().as_secs_f64());
+                    if let Some(d) = good.into_iter().find(|d| d.delivery_tag == last) {
+                        // Every other event of the batch has a lower tag on this channel.
+                        link::settle(d.ack(BasicAckOptions { multiple: true })).await?;
+                    }
+                    return Ok(());
                 }
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, events = good.len(), "audit batch not stored; requeueing");
-                for delivery in good {
-                    settle(delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await);
+                Err(e) if !channel.status().connected() => {
+                    return Err(SessionEnd::Broker(anyhow::Error::new(e).context("broker gone during a batch")));
                 }
-                false
+                Err(e) => {
+                    metrics::counter!("clinflow_audit_batch_retries_total").increment(1);
+                    tracing::error!(error = %e, events = good.len(), pause_ms = pause.as_millis() as u64, "audit batch not stored; holding it");
+                    tokio::select! {
+                        // Unsettled, the batch is redelivered to the next sink.
+                        () = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
             }
         }
-    }
-}
-
-fn settle(result: Result<bool, lapin::Error>) {
-    if let Err(e) = result {
-        // Unsettled deliveries come back; event ids make the retry harmless.
-        tracing::error!(error = %e, "could not settle an audit delivery");
     }
 }

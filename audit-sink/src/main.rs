@@ -2,8 +2,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use clinflow::amqp::{self, Topology};
+use clinflow::amqp::Topology;
 use clinflow::config;
+use clinflow::link::LinkState;
 use clinflow_audit_sink::chain::{self, ChainKey};
 use clinflow_audit_sink::{SERVICE_NAME, Sink};
 use secrecy::ExposeSecret;
@@ -58,14 +59,9 @@ async fn run() -> anyhow::Result<()> {
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9103")?;
     clinflow::telemetry::install_metrics(metrics_addr)?;
     let db = connect_db().await?;
-    let connection = amqp::connect(&amqp_url, SERVICE_NAME).await.context("connecting to RabbitMQ (AMQP_URL)")?;
-    let channel = connection.create_channel().await?;
-    let topology = Topology::new(prefix);
-    topology.declare(&channel).await?;
-    let sink = Sink { db, key, topology, batch_size: 256 };
-    sink.run(channel, clinflow::shutdown::on_signal()).await?;
-    connection.close(200, "shutdown".into()).await.ok();
-    Ok(())
+    let sink = Sink { db, key, topology: Topology::new(prefix), batch_size: 256 };
+    // RabbitMQ is connected (and reconnected) inside `run`.
+    sink.run(&amqp_url, &LinkState::default(), clinflow::shutdown::on_signal()).await
 }
 
 async fn verify() -> anyhow::Result<()> {

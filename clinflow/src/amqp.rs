@@ -175,16 +175,10 @@ pub fn queue_wait(properties: &BasicProperties) -> Option<Duration> {
     u64::try_from(age).ok().map(Duration::from_micros)
 }
 
-/// Connects with lapin's built-in recovery (exchanges, queues, bindings and
-/// consumers are replayed after a broker restart).
+/// Connects, without lapin's built-in recovery: services run their
+/// connections under [`link::supervise`](crate::link::supervise), which
+/// rebuilds the whole connection after any error.
 pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, AmqpError> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into()).enable_auto_recover();
-    Ok(Connection::connect(url.expose_secret(), properties).await?)
-}
-
-/// Connects without lapin's recovery, for an owner that rebuilds the whole
-/// connection after any error (see [`relay`](crate::relay)).
-pub async fn connect_fresh(url: &SecretString, name: &str) -> Result<Connection, AmqpError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Ok(Connection::connect(url.expose_secret(), properties).await?)
 }
@@ -290,5 +284,7 @@ pub struct Outgoing<'a> {
 }
 
 /// How long a publish waits for the broker's confirmation before the
-/// connection is taken for dead.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// connection is taken for dead. Confirms of a healthy broker take
+/// milliseconds; lapin was seen to leave them pending for good when the
+/// connection died under it.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);

@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod documents;
 pub mod jobs;
+pub mod link;
 pub mod outbox;
 pub mod relay;
 pub mod shutdown;

@@ -4,12 +4,9 @@
 //! between publish and commit publishes those rows again; every consumer is
 //! idempotent (the worker's claim, the audit sink's `event_id`).
 //!
-//! The relay owns its broker connection. On any broker error it drops the
-//! connection and builds a new one (connect, declare the topology, open a
-//! confirm channel) with capped backoff, instead of relying on lapin's
-//! built-in recovery, which was seen stuck for good after a broker restart
-//! (../shared/CRATES.md). Several api processes may each run one: rows are
-//! locked with `SKIP LOCKED`.
+//! The relay owns its broker connection, under [`link::supervise`]: on any
+//! broker error the connection is rebuilt. Several api processes may each run
+//! one: rows are locked with `SKIP LOCKED`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,13 +20,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, AmqpError, Outgoing, Publisher, Topology};
+use crate::link::{self, LinkState, SessionEnd};
 use crate::outbox::Topic;
 
 /// Rows published per round trip.
 const BATCH: i64 = 500;
 /// How often an idle relay looks for rows another process left behind.
 const IDLE_POLL: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often the backlog and the queue depth are measured.
 const MEASURE_EVERY: Duration = Duration::from_secs(1);
 
@@ -37,7 +34,6 @@ const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// backpressure) without locks.
 #[derive(Debug, Default)]
 struct Health {
-    connected: AtomicBool,
     stopped: AtomicBool,
     backlog: AtomicU64,
     queue_depth: AtomicU64,
@@ -48,6 +44,7 @@ struct Health {
 pub struct RelayHandle {
     wake: Arc<Notify>,
     health: Arc<Health>,
+    link: LinkState,
 }
 
 impl RelayHandle {
@@ -58,7 +55,7 @@ impl RelayHandle {
 
     /// Connected to the broker with a confirm channel.
     pub fn connected(&self) -> bool {
-        self.health.connected.load(Ordering::Relaxed)
+        self.link.connected()
     }
 
     /// False once the relay has ended: the process can no longer deliver.
@@ -98,42 +95,28 @@ impl Relay {
     /// Publishes until `shutdown` fires, then drains what is left (for at
     /// most a few seconds) while the broker is there.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            match self.connect().await {
-                Ok((connection, publisher)) => {
-                    self.handle.health.connected.store(true, Ordering::Relaxed);
-                    metrics::gauge!("clinflow_relay_connected").set(1.0);
-                    tracing::info!("outbox relay connected to RabbitMQ");
-                    backoff = Duration::from_millis(100);
-                    let pumped = self.pump(&publisher, &shutdown).await;
-                    self.handle.health.connected.store(false, Ordering::Relaxed);
-                    metrics::gauge!("clinflow_relay_connected").set(0.0);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "bye".into())).await;
-                    match pumped {
-                        Ok(()) => break,
-                        Err(e) => tracing::warn!(error = %e, "outbox relay lost RabbitMQ; reconnecting"),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "outbox relay cannot reach RabbitMQ")
+        let link = self.handle.link.clone();
+        let supervised = link::supervise(&self.amqp_url, "relay", &self.topology, &link, &shutdown, |connection| {
+            let shutdown = shutdown.clone();
+            let relay = &self;
+            async move {
+                let publisher = match link::within(Publisher::new(&connection)).await {
+                    Ok(p) => p,
+                    Err(end) => return end,
+                };
+                let pumped = relay.pump(&publisher, &shutdown).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "bye".into())).await;
+                match pumped {
+                    Ok(()) => SessionEnd::Shutdown,
+                    Err(e) => SessionEnd::from(e),
                 }
             }
-            metrics::counter!("clinflow_relay_reconnects_total").increment(1);
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+        })
+        .await;
+        if let Err(e) = supervised {
+            tracing::error!(error = format!("{e:#}"), "outbox relay stopped");
         }
         self.handle.health.stopped.store(true, Ordering::Relaxed);
-    }
-
-    async fn connect(&self) -> Result<(lapin::Connection, Publisher), AmqpError> {
-        let connection = amqp::connect_fresh(&self.amqp_url, &self.name).await?;
-        let publisher = Publisher::new(&connection).await?;
-        self.topology.declare(publisher.channel()).await?;
-        Ok((connection, publisher))
     }
 
     /// Publishes while the connection lasts; `Ok` once `shutdown` fired and
@@ -153,7 +136,8 @@ impl Relay {
                 }
             };
             if measured.elapsed() >= MEASURE_EVERY {
-                self.measure(publisher).await;
+                // Its passive declare doubles as the probe of an idle connection.
+                self.measure(publisher).await?;
                 measured = Instant::now();
             }
             if published == BATCH as usize {
@@ -228,8 +212,9 @@ impl Relay {
     }
 
     /// Backlog of the outbox and depth of the live queue, for readiness,
-    /// backpressure and the dashboards.
-    async fn measure(&self, publisher: &Publisher) {
+    /// backpressure and the dashboards. The queue depth is a broker round
+    /// trip: its failure means the connection is gone.
+    async fn measure(&self, publisher: &Publisher) -> Result<(), AmqpError> {
         let backlog = sqlx::query!(
             r#"SELECT count(*) AS "rows!", coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS "oldest!"
                FROM outbox"#
@@ -243,8 +228,9 @@ impl Relay {
         }
         let queue = self.topology.documents_live().queue;
         let options = QueueDeclareOptions { passive: true, ..Default::default() };
-        if let Ok(q) = publisher.channel().queue_declare(queue.as_str().into(), options, FieldTable::default()).await {
-            self.handle.health.queue_depth.store(u64::from(q.message_count()), Ordering::Relaxed);
-        }
+        let declare = publisher.channel().queue_declare(queue.as_str().into(), options, FieldTable::default());
+        let q = tokio::time::timeout(Duration::from_secs(5), declare).await.map_err(|_| AmqpError::Timeout)??;
+        self.handle.health.queue_depth.store(u64::from(q.message_count()), Ordering::Relaxed);
+        Ok(())
     }
 }

@@ -88,8 +88,13 @@ impl TestDb {
 
 /// A topology under a random prefix, declared on the machine's broker.
 pub async fn topology() -> (Topology, lapin::Connection) {
+    topology_on(&amqp_url()).await
+}
+
+/// A topology under a random prefix, declared on the broker at `url`.
+pub async fn topology_on(url: &SecretString) -> (Topology, lapin::Connection) {
     let topology = Topology::new(format!("clinflow-test-{}", Uuid::new_v4().simple()));
-    let conn = crate::amqp::connect(&amqp_url(), "clinflow-test").await.expect("connect to RabbitMQ");
+    let conn = crate::amqp::connect(url, "clinflow-test").await.expect("connect to RabbitMQ");
     let channel = conn.create_channel().await.expect("channel");
     topology.declare(&channel).await.expect("declare test topology");
     (topology, conn)
@@ -122,4 +127,92 @@ pub fn master_key() -> [u8; 32] {
 
 pub fn keyring() -> Keyring {
     Keyring::from_master_key(&SecretBox::new(Box::new(master_key())))
+}
+
+/// A RabbitMQ node of a test's own, on its own ports, for tests that stop
+/// and start the broker: the machine's node (which other tests and
+/// `./dev/up` use) is never touched. Started with the machine's
+/// `rabbitmq-server` (as its `rabbitmq` user) and stopped on drop.
+pub struct RabbitNode {
+    pub name: String,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl RabbitNode {
+    pub async fn start() -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let port = free_port();
+        let dist_port = free_port();
+        let name = format!("clinflow-test-{}@localhost", &id[..12]);
+        let dir = std::env::temp_dir().join(format!("clinflow-rabbit-{}", &id[..12]));
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("node directory");
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), format!("listeners.tcp.local = 127.0.0.1:{port}\n")).expect("conf");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins");
+        let chown = tokio::process::Command::new("chown").arg("-R").arg("rabbitmq:rabbitmq").arg(&dir).status().await;
+        assert!(chown.is_ok_and(|s| s.success()), "chown the node directory to the rabbitmq user");
+        let started = tokio::process::Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &name)
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .status()
+            .await;
+        assert!(started.is_ok_and(|s| s.success()), "rabbitmq-server -detached");
+        let node = Self { name, port, dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !node.ctl(&["await_startup", "--timeout", "5"]).await {
+            assert!(std::time::Instant::now() < deadline, "RabbitMQ node {} did not start", node.name);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        node
+    }
+
+    pub fn amqp_url(&self) -> SecretString {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port).into()
+    }
+
+    /// The fault: the broker stops serving (connections are closed) while
+    /// the node's Erlang VM keeps running.
+    pub async fn stop_app(&self) {
+        assert!(self.ctl(&["stop_app"]).await, "rabbitmqctl stop_app");
+    }
+
+    pub async fn start_app(&self) {
+        assert!(self.ctl(&["start_app"]).await, "rabbitmqctl start_app");
+    }
+
+    async fn ctl(&self, args: &[&str]) -> bool {
+        tokio::process::Command::new("rabbitmqctl")
+            .arg("-q")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.name, "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }

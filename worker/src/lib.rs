@@ -29,12 +29,14 @@ use clinflow::audit::{self, Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
 use clinflow::documents::{self, NewResult};
 use clinflow::jobs::DocumentJob;
+use clinflow::link::{self, LinkState, SessionEnd};
 use clinflow::telemetry::{timed, timed_sync};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -53,7 +55,6 @@ pub struct Worker {
     /// From `GET /api/info` at start-up; a response that names its model
     /// overrides it for that result.
     pub model_version: String,
-    pub publisher: Publisher,
     pub topology: Topology,
     pub batch: BatchConfig,
 }
@@ -93,15 +94,42 @@ enum BatchError {
 }
 
 impl Worker {
-    /// Consumes the live documents queue until `shutdown` fires. Returns an
-    /// error (and stops every batch loop) when one of them cannot go on: the
-    /// broker closed a consumer, or a document cannot be decrypted.
-    pub async fn run(self: Arc<Self>, connection: &Connection, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Consumes the live documents queue until `shutdown` fires, on a broker
+    /// connection rebuilt after every broker error (see `clinflow::link`).
+    /// Returns an error only for what no reconnection cures: a document
+    /// that cannot be decrypted.
+    pub async fn run(
+        self: Arc<Self>,
+        amqp_url: &SecretString,
+        link: &LinkState,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        link::supervise(amqp_url, "worker", &self.topology, link, &shutdown, |connection| {
+            Arc::clone(&self).session(connection, shutdown.clone())
+        })
+        .await
+    }
+
+    /// One connection's worth of work: a confirm channel for audit events
+    /// and `in_flight` consuming channels. The first slot that fails ends
+    /// the session (and stops the others).
+    async fn session(self: Arc<Self>, connection: Connection, shutdown: CancellationToken) -> SessionEnd {
+        let publisher = match link::within(Publisher::new(&connection)).await {
+            Ok(p) => p,
+            Err(end) => return end,
+        };
         let stop = shutdown.child_token();
-        let mut loops = tokio::task::JoinSet::new();
+        let mut slots = tokio::task::JoinSet::new();
         for slot in 0..self.batch.in_flight {
-            let channel = connection.create_channel().await?;
-            loops.spawn(Arc::clone(&self).consume(channel, slot, stop.clone()));
+            match link::within(connection.create_channel()).await {
+                Ok(channel) => {
+                    slots.spawn(Arc::clone(&self).consume(channel, publisher.clone(), slot, stop.clone()));
+                }
+                Err(end) => {
+                    stop.cancel();
+                    return end;
+                }
+            }
         }
         tracing::info!(
             queue = self.topology.documents_live().queue,
@@ -110,53 +138,72 @@ impl Worker {
             model_version = self.model_version,
             "worker consuming"
         );
-        let mut first_error = None;
-        while let Some(ended) = loops.join_next().await {
-            if let Err(e) = ended.map_err(anyhow::Error::from).and_then(|r| r) {
-                stop.cancel();
-                first_error.get_or_insert(e);
+        let mut end = SessionEnd::Shutdown;
+        while let Some(ended) = slots.join_next().await {
+            let ended = ended.unwrap_or_else(|e| SessionEnd::Fatal(anyhow::anyhow!("a batch loop panicked: {e}")));
+            match (&end, ended) {
+                (_, SessionEnd::Shutdown) => {}
+                (SessionEnd::Fatal(_), _) => {}
+                (_, other) => {
+                    stop.cancel();
+                    end = other;
+                }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "bye".into())).await;
+        end
     }
 
-    async fn consume(self: Arc<Self>, channel: Channel, slot: u16, stop: CancellationToken) -> anyhow::Result<()> {
-        channel.basic_qos(self.batch.size, BasicQosOptions::default()).await?;
+    async fn consume(
+        self: Arc<Self>,
+        channel: Channel,
+        publisher: Publisher,
+        slot: u16,
+        stop: CancellationToken,
+    ) -> SessionEnd {
         let queue = self.topology.documents_live().queue;
         let tag = format!("{SERVICE_NAME}-{}-{slot}", Uuid::new_v4().simple());
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        while let Some(batch) = self.next_batch(&mut consumer, &stop).await? {
+        let consumer = async {
+            channel.basic_qos(self.batch.size, BasicQosOptions::default()).await?;
+            let options = BasicConsumeOptions::default();
+            channel.basic_consume(queue.as_str().into(), tag.as_str().into(), options, FieldTable::default()).await
+        };
+        let mut consumer = match link::within(consumer).await {
+            Ok(c) => c,
+            Err(end) => return end,
+        };
+        loop {
+            let batch = match self.next_batch(&mut consumer, &channel, &stop).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return SessionEnd::Shutdown,
+                Err(e) => return SessionEnd::Broker(e),
+            };
             let span = tracing::info_span!("batch", slot, documents = batch.len());
-            self.settle(batch, &stop).instrument(span).await?;
+            if let Err(end) = self.settle(batch, &channel, &publisher, &stop).instrument(span).await {
+                return end;
+            }
         }
-        Ok(())
     }
 
     /// The next batch, or `None` once `stop` fires while waiting for one.
     async fn next_batch(
         &self,
         consumer: &mut Consumer,
+        channel: &Channel,
         stop: &CancellationToken,
     ) -> anyhow::Result<Option<Vec<Delivery>>> {
         let mut batch = Vec::with_capacity(usize::from(self.batch.size));
-        while batch.is_empty() {
-            let next = tokio::select! {
-                () = stop.cancelled() => return Ok(None),
-                next = consumer.next() => next,
-            };
-            batch.extend(delivery(next)?);
-        }
+        let queue = self.topology.documents_live().queue;
+        let next = tokio::select! {
+            () = stop.cancelled() => return Ok(None),
+            lost = link::lost(channel, &queue) => return Err(lost),
+            next = consumer.next() => next,
+        };
+        batch.push(delivery(next)?);
         let deadline = tokio::time::Instant::now() + self.batch.max_wait;
         while batch.len() < usize::from(self.batch.size) {
             match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(next) => batch.extend(delivery(next)?),
+                Ok(next) => batch.push(delivery(next)?),
                 Err(_) => break,
             }
         }
@@ -164,8 +211,16 @@ impl Worker {
         Ok(Some(batch))
     }
 
-    /// Processes one batch and settles every delivery in it.
-    async fn settle(&self, batch: Vec<Delivery>, stop: &CancellationToken) -> anyhow::Result<()> {
+    /// Processes one batch and settles every delivery in it. `Err` ends the
+    /// session: the broker is gone (the batch comes back by redelivery), or
+    /// the worker cannot decrypt (the batch is requeued).
+    async fn settle(
+        &self,
+        batch: Vec<Delivery>,
+        channel: &Channel,
+        publisher: &Publisher,
+        stop: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
         let mut jobs = Vec::with_capacity(batch.len());
         for delivery in batch {
             if let Some(wait) = clinflow::amqp::queue_wait(&delivery.properties) {
@@ -176,7 +231,7 @@ impl Worker {
                 Err(_) => {
                     tracing::warn!(bytes = delivery.data.len(), "malformed job message; dead-lettering it");
                     metrics::counter!("clinflow_worker_malformed_total").increment(1);
-                    log_settle_error(delivery.reject(BasicRejectOptions { requeue: false }).await);
+                    link::settle(delivery.reject(BasicRejectOptions { requeue: false })).await?;
                 }
             }
         }
@@ -186,20 +241,26 @@ impl Worker {
         let ids: Vec<Uuid> = jobs.iter().map(|(_, id)| *id).collect();
         let mut pause = Duration::from_millis(250);
         let requeue = loop {
-            match self.process(&ids).await {
+            match self.process(&ids, publisher).await {
                 Ok(requeue) => break requeue,
                 Err(e @ BatchError::Decrypt(_)) => {
-                    requeue_all(jobs).await;
-                    return Err(e.into());
+                    // Best effort: if the requeue fails, closing the channel requeues them.
+                    let _ = requeue_all(jobs).await;
+                    return Err(SessionEnd::Fatal(e.into()));
+                }
+                Err(e @ BatchError::Audit(_)) => {
+                    // The broker is in trouble: start a new session. The
+                    // batch, unsettled, is redelivered to it.
+                    return Err(SessionEnd::Broker(anyhow::Error::new(e).context("broker gone during a batch")));
+                }
+                Err(e) if !channel.status().connected() => {
+                    return Err(SessionEnd::Broker(anyhow::Error::new(e).context("broker gone during a batch")));
                 }
                 Err(e) => {
                     metrics::counter!("clinflow_worker_batch_retries_total").increment(1);
                     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "batch failed transiently; holding it");
                     tokio::select! {
-                        () = stop.cancelled() => {
-                            requeue_all(jobs).await;
-                            return Ok(());
-                        }
+                        () = stop.cancelled() => return requeue_all(jobs).await,
                         () = tokio::time::sleep(pause) => {}
                     }
                     pause = (pause * 2).min(self.batch.max_pause);
@@ -209,7 +270,7 @@ impl Worker {
         let mut last = None;
         for (delivery, id) in jobs {
             if requeue.contains(&id) {
-                log_settle_error(delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await);
+                link::settle(delivery.nack(BasicNackOptions { requeue: true, multiple: false })).await?;
             } else if last.as_ref().is_none_or(|l: &Delivery| l.delivery_tag < delivery.delivery_tag) {
                 last = Some(delivery);
             }
@@ -217,14 +278,14 @@ impl Worker {
         // Every other delivery of the batch has a lower tag on this channel,
         // and the requeued ones are settled already.
         if let Some(last) = last {
-            log_settle_error(last.ack(BasicAckOptions { multiple: true }).await);
+            link::settle(last.ack(BasicAckOptions { multiple: true })).await?;
         }
         Ok(())
     }
 
     /// Claims, annotates and stores the documents of `ids`; returns the ids
     /// whose jobs go back to the queue (a re-check that failed transiently).
-    async fn process(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, BatchError> {
+    async fn process(&self, ids: &[Uuid], publisher: &Publisher) -> Result<HashSet<Uuid>, BatchError> {
         let claimed = timed(STAGE, "claim", documents::claim_many(&self.db, ids)).await?;
         let unique: HashSet<&Uuid> = ids.iter().collect();
         if claimed.len() < unique.len() {
@@ -253,7 +314,7 @@ impl Worker {
                 AuditEvent::new(Action::DocumentProcess, Actor::service(SERVICE_NAME), Outcome::Success).document(*id)
             })
             .collect();
-        timed(STAGE, "audit", audit::publish_many(&self.publisher, &self.topology, &events)).await?;
+        timed(STAGE, "audit", audit::publish_many(publisher, &self.topology, &events)).await?;
 
         let outcomes = timed(STAGE, "nlp", self.annotate(&docs)).await?;
         timed(STAGE, "store", self.store(&docs, outcomes)).await
@@ -333,28 +394,19 @@ impl Worker {
     }
 }
 
-/// A delivery from the consumer stream; its end is an error, never a quiet
-/// exit. A delivery error (the connection is being recovered) yields none.
-fn delivery(next: Option<Result<Delivery, lapin::Error>>) -> anyhow::Result<Option<Delivery>> {
+/// A delivery from the consumer stream; an error or its end means the
+/// channel is gone (the session is rebuilt), never a quiet exit.
+fn delivery(next: Option<Result<Delivery, lapin::Error>>) -> anyhow::Result<Delivery> {
     match next {
-        Some(Ok(delivery)) => Ok(Some(delivery)),
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "consumer error");
-            Ok(None)
-        }
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(e)) => Err(anyhow::Error::new(e).context("document consumer")),
         None => anyhow::bail!("the broker closed the document consumer"),
     }
 }
 
-async fn requeue_all(jobs: Vec<(Delivery, Uuid)>) {
+async fn requeue_all(jobs: Vec<(Delivery, Uuid)>) -> Result<(), SessionEnd> {
     for (delivery, _) in jobs {
-        log_settle_error(delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await);
+        link::settle(delivery.nack(BasicNackOptions { requeue: true, multiple: false })).await?;
     }
-}
-
-fn log_settle_error(result: Result<bool, lapin::Error>) {
-    if let Err(e) = result {
-        // The broker redelivers an unsettled message; the claim makes that safe.
-        tracing::error!(error = %e, "could not settle a delivery");
-    }
+    Ok(())
 }

@@ -3,9 +3,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clinflow::amqp::{self, Publisher, Topology};
+use clinflow::amqp::Topology;
 use clinflow::config;
 use clinflow::crypto::Keyring;
+use clinflow::link::LinkState;
 use clinflow_worker::medcat::MedcatClient;
 use clinflow_worker::{BatchConfig, SERVICE_NAME, Worker};
 use secrecy::ExposeSecret;
@@ -50,21 +51,16 @@ async fn run() -> anyhow::Result<()> {
         .connect(database_url.expose_secret())
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")?;
-    let connection = amqp::connect(&amqp_url, SERVICE_NAME).await.context("connecting to RabbitMQ (AMQP_URL)")?;
-    let publisher = Publisher::new(&connection).await?;
-    let topology = Topology::new(prefix);
-    topology.declare(publisher.channel()).await?;
     let worker = Arc::new(Worker {
         db,
         keyring: Arc::new(Keyring::from_master_key(&master_key)),
         medcat,
         model_version,
-        publisher,
-        topology,
+        topology: Topology::new(prefix),
         batch,
     });
-    worker.run(&connection, clinflow::shutdown::on_signal()).await?;
-    connection.close(200, "shutdown".into()).await.ok();
+    // RabbitMQ is connected (and reconnected) inside `run`.
+    worker.run(&amqp_url, &LinkState::default(), clinflow::shutdown::on_signal()).await?;
     tracing::info!("worker stopped");
     Ok(())
 }

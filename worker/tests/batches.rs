@@ -14,6 +14,7 @@ use backon::ExponentialBuilder;
 use clinflow::amqp::{Publisher, Topology};
 use clinflow::crypto::Keyring;
 use clinflow::documents::{self, NewDocument};
+use clinflow::link::LinkState;
 use clinflow::testing::{self, TestDb};
 use clinflow_worker::medcat::MedcatClient;
 use clinflow_worker::{BatchConfig, Worker};
@@ -75,7 +76,6 @@ impl Setup {
             keyring: Arc::new(testing::keyring()),
             model_version: medcat.model_version().await.unwrap(),
             medcat,
-            publisher: Publisher::new(&self.amqp).await.unwrap(),
             topology: self.topology.clone(),
             batch: BatchConfig {
                 size: 16,
@@ -84,9 +84,8 @@ impl Setup {
                 max_pause: Duration::from_millis(200),
             },
         });
-        let connection = clinflow::amqp::connect(&testing::amqp_url(), "clinflow-test-worker").await.unwrap();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { worker.run(&connection, shutdown).await })
+        tokio::spawn(async move { worker.run(&testing::amqp_url(), &LinkState::default(), shutdown).await })
     }
 
     /// (status, failure_code, result rows) of each document once none is

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::ExponentialBuilder;
-use clinflow::amqp::{Publisher, Topology};
+use clinflow::amqp::Topology;
+use clinflow::link::LinkState;
 use clinflow::relay::{Relay, RelayHandle};
 use clinflow::testing::{self, TestDb};
 use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
@@ -19,7 +20,7 @@ use clinflow_audit_sink::Sink;
 use clinflow_audit_sink::chain::ChainKey;
 use clinflow_worker::medcat::MedcatClient;
 use clinflow_worker::{BatchConfig, Worker};
-use secrecy::SecretBox;
+use secrecy::{SecretBox, SecretString};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -43,11 +44,17 @@ pub struct Stack {
     pub api: JoinHandle<std::io::Result<()>>,
     pub relay: Option<JoinHandle<()>>,
     relay_handle: RelayHandle,
+    amqp_url: SecretString,
 }
 
 impl Stack {
     pub async fn start() -> Self {
-        let mut stack = Self::start_without_relay().await;
+        Self::start_on(testing::amqp_url()).await
+    }
+
+    /// The stack on another broker (a test's own RabbitMQ node).
+    pub async fn start_on(amqp_url: SecretString) -> Self {
+        let mut stack = Self::start_without_relay_on(amqp_url).await;
         stack.start_relay();
         stack
     }
@@ -55,9 +62,13 @@ impl Stack {
     /// The stack with no outbox relay running: uploads are committed but
     /// nothing is published until [`start_relay`](Self::start_relay).
     pub async fn start_without_relay() -> Self {
+        Self::start_without_relay_on(testing::amqp_url()).await
+    }
+
+    async fn start_without_relay_on(amqp_url: SecretString) -> Self {
         clinflow::telemetry::init_tracing();
         let db = TestDb::new().await;
-        let (topology, amqp) = testing::topology().await;
+        let (topology, amqp) = testing::topology_on(&amqp_url).await;
         let keyring = Arc::new(testing::keyring());
         let shutdown = CancellationToken::new();
         let passwords = Passwords::new().await.unwrap();
@@ -85,20 +96,19 @@ impl Stack {
             keyring,
             medcat,
             model_version,
-            publisher: Publisher::new(&amqp).await.unwrap(),
             topology: topology.clone(),
             batch: BatchConfig { size: 8, in_flight: 2, ..BatchConfig::default() },
         });
         let worker = {
-            let connection = clinflow::amqp::connect(&testing::amqp_url(), "clinflow-test-worker").await.unwrap();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { worker.run(&connection, shutdown).await })
+            let (url, shutdown) = (amqp_url.clone(), shutdown.clone());
+            tokio::spawn(async move { worker.run(&url, &LinkState::default(), shutdown).await })
         };
 
         let sink = Sink { db: db.app.clone(), key: audit_key(), topology: topology.clone(), batch_size: 64 };
-        let channel = amqp.create_channel().await.unwrap();
-        let token = shutdown.clone();
-        let sink = tokio::spawn(async move { sink.run(channel, token).await });
+        let sink = {
+            let (url, shutdown) = (amqp_url.clone(), shutdown.clone());
+            tokio::spawn(async move { sink.run(&url, &LinkState::default(), shutdown).await })
+        };
 
         Self {
             db,
@@ -113,6 +123,7 @@ impl Stack {
             api,
             relay: None,
             relay_handle: relay,
+            amqp_url,
         }
     }
 
@@ -120,7 +131,7 @@ impl Stack {
     pub fn start_relay(&mut self) {
         let relay = Relay {
             db: self.db.app.clone(),
-            amqp_url: testing::amqp_url(),
+            amqp_url: self.amqp_url.clone(),
             topology: self.topology.clone(),
             name: "clinflow-test-api".into(),
             handle: self.relay_handle.clone(),
@@ -181,8 +192,11 @@ impl Stack {
     }
 
     /// Message count of a queue (passive declare).
+    /// Message count of a queue (passive declare), on a fresh connection:
+    /// the stack's own may have died with a broker restart.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
-        let channel = self.amqp.create_channel().await.unwrap();
+        let connection = clinflow::amqp::connect(&self.amqp_url, "clinflow-test-inspect").await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
         let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
         channel.queue_declare(queue.into(), options, lapin::types::FieldTable::default()).await.unwrap().message_count()
     }
@@ -203,7 +217,9 @@ impl Stack {
         ] {
             assert!(matches!(result, Ok(Ok(()))), "{name} did not stop cleanly: {result:?}");
         }
-        testing::delete_queues(&self.topology, &self.amqp).await;
+        if let Ok(connection) = clinflow::amqp::connect(&self.amqp_url, "clinflow-test-cleanup").await {
+            testing::delete_queues(&self.topology, &connection).await;
+        }
         self.db.drop_database().await;
     }
 }
