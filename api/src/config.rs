@@ -13,6 +13,7 @@ pub struct ApiConfig {
     pub jwt_secret: SecretBox<Vec<u8>>,
     pub index_key: SecretBox<Vec<u8>>,
     pub limits: crate::UploadLimits,
+    pub batch_limits: crate::batch::BatchLimits,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
 }
@@ -29,6 +30,14 @@ impl ApiConfig {
             limits: crate::UploadLimits {
                 max_outbox: count("UPLOAD_MAX_OUTBOX", crate::UploadLimits::default().max_outbox)?,
                 max_queued: count("UPLOAD_MAX_QUEUED", crate::UploadLimits::default().max_queued)?,
+            },
+            batch_limits: {
+                let d = crate::batch::BatchLimits::default();
+                crate::batch::BatchLimits {
+                    max_lines: usize::try_from(count("BATCH_MAX_LINES", d.max_lines as u64)?).unwrap_or(d.max_lines),
+                    max_bytes: usize::try_from(count("BATCH_MAX_BYTES", d.max_bytes as u64)?).unwrap_or(d.max_bytes),
+                    ..d
+                }
             },
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,

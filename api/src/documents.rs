@@ -28,13 +28,64 @@ const READERS: &[Role] = &[Role::Clinician, Role::Admin];
 /// Per-stage timings of the request path (see BENCHMARKS.md).
 const STAGE: &str = "clinflow_api_stage_seconds";
 
+/// Status reads carry no PHI: not audited. Ingest and clinician accounts see
+/// the documents they uploaded; ops and admin see all.
+const STATUS_READERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Ops, Role::Admin];
+const MAX_STATUS_IDS: usize = 1_000;
+
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/documents", post(upload)).route("/v1/documents/{id}", get(read))
+    Router::new()
+        .route("/v1/documents", post(upload))
+        .route("/v1/documents/status", post(statuses))
+        .route("/v1/documents/{id}", get(read))
+        .route("/v1/documents/{id}/status", get(status))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UploadRequest {
+pub struct StatusRequest {
+    ids: Vec<Uuid>,
+}
+
+#[derive(Serialize)]
+pub struct StatusesResponse {
+    documents: Vec<documents::StatusRow>,
+    /// Ids that do not exist, or that the caller may not see.
+    missing: Vec<Uuid>,
+}
+
+async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Result<StatusesResponse, ApiError> {
+    user.require(state, STATUS_READERS, Action::DocumentStatus, None).await?;
+    let all = matches!(user.role, Role::Ops | Role::Admin);
+    let documents: Vec<_> =
+        documents::statuses(&state.db, ids).await?.into_iter().filter(|d| all || d.uploaded_by == user.id).collect();
+    let missing = ids.iter().filter(|id| !documents.iter().any(|d| d.id == **id)).copied().collect();
+    Ok(StatusesResponse { documents, missing })
+}
+
+async fn status(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<Uuid>,
+) -> Result<Json<documents::StatusRow>, ApiError> {
+    let found = visible_statuses(&state, &user, &[id]).await?;
+    found.documents.into_iter().next().map(Json).ok_or(ApiError::NotFound)
+}
+
+async fn statuses(
+    State(state): State<AppState>,
+    user: AuthUser,
+    JsonBody(req): JsonBody<StatusRequest>,
+) -> Result<Json<StatusesResponse>, ApiError> {
+    if req.ids.len() > MAX_STATUS_IDS {
+        return Err(ApiError::invalid("too_many_ids", format!("ask for at most {MAX_STATUS_IDS} ids at a time")));
+    }
+    Ok(Json(visible_statuses(&state, &user, &req.ids).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UploadRequest {
     patient_ref: String,
     text: String,
     source_ref: Option<String>,
@@ -48,14 +99,14 @@ pub struct UploadResponse {
     status: Status,
 }
 
-struct ValidUpload {
+pub(crate) struct ValidUpload {
     patient_ref: String,
     text: String,
     source_ref: Option<String>,
     document_date: Option<Date>,
 }
 
-fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
+pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
     let patient_ref = req.patient_ref.trim().to_owned();
     if patient_ref.is_empty() || patient_ref.chars().count() > MAX_PATIENT_REF_CHARS {
         return Err(ApiError::invalid(
@@ -107,21 +158,7 @@ async fn upload(
     tracing::Span::current().record("document_id", tracing::field::display(id));
 
     state.check_backpressure()?;
-    let doc = timed_sync(STAGE, "seal", || -> Result<NewDocument, ApiError> {
-        Ok(NewDocument {
-            id,
-            patient_ref_ct: state
-                .keyring
-                .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
-                .map_err(anyhow::Error::new)?,
-            text_ct: state.keyring.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
-            source_ref_hmac: upload
-                .source_ref
-                .map(|s| state.index_key.hash(documents::SOURCE_REF_DOMAIN, s.as_bytes())),
-            document_date: upload.document_date,
-            uploaded_by: user.id,
-        })
-    })?;
+    let doc = timed_sync(STAGE, "seal", || seal(&state, user.id, id, upload))?;
     let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
     let messages = [outbox::Message::job(id), outbox::Message::audit(&event).map_err(anyhow::Error::new)?];
 
@@ -137,6 +174,22 @@ async fn upload(
     state.relay.wake();
     metrics::counter!("clinflow_documents_uploaded_total").increment(1);
     Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })))
+}
+
+/// The row for an upload: note and patient reference encrypted, source ref
+/// as its keyed hash.
+pub(crate) fn seal(state: &AppState, uploader: Uuid, id: Uuid, upload: ValidUpload) -> Result<NewDocument, ApiError> {
+    let keyring = &state.keyring;
+    Ok(NewDocument {
+        id,
+        patient_ref_ct: keyring
+            .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
+            .map_err(anyhow::Error::new)?,
+        text_ct: keyring.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
+        source_ref_hmac: upload.source_ref.map(|s| state.index_key.hash(documents::SOURCE_REF_DOMAIN, s.as_bytes())),
+        document_date: upload.document_date,
+        uploaded_by: uploader,
+    })
 }
 
 #[derive(Serialize)]

@@ -36,6 +36,15 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The code and the client-facing message (what the JSON body carries).
+    pub fn code_and_message(&self) -> (&'static str, String) {
+        let message = match self {
+            Self::Unexpected(_) => "internal error; the request id in the x-request-id header identifies it".to_owned(),
+            other => other.to_string(),
+        };
+        (self.status_and_code().1, message)
+    }
+
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest { status: StatusCode::UNPROCESSABLE_ENTITY, code, message: message.into() }
     }
@@ -90,16 +99,32 @@ fn describe_data_error(text: &str) -> String {
     }
 }
 
+/// A JSON document that is not an upload: the code and a message that
+/// never quotes the input.
+pub fn describe_json_error(e: &serde_json::Error) -> (&'static str, String) {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ("invalid_json", "the line is not valid JSON".to_owned()),
+        Category::Data => {
+            let text = e.to_string();
+            let detail = text.split(" at line ").next().unwrap_or(&text);
+            let message = if detail.starts_with("missing field") || detail.starts_with("unknown field") {
+                format!("the line is not an upload: {detail}")
+            } else {
+                "the line is not an upload: a field has the wrong type".to_owned()
+            };
+            ("invalid_body", message)
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
+        let status = self.status_and_code().0;
         if let Self::Unexpected(e) = &self {
             tracing::error!(error = format!("{e:#}"), "request failed");
         }
-        let message = match &self {
-            Self::Unexpected(_) => "internal error; the request id in the x-request-id header identifies it".to_owned(),
-            other => other.to_string(),
-        };
+        let (code, message) = self.code_and_message();
         let mut body = json!({ "error": { "code": code, "message": message } });
         if let Self::DuplicateSourceRef(id) = self {
             body["id"] = json!(id);
@@ -128,5 +153,9 @@ mod tests {
             "Failed to deserialize the JSON body into the target type: missing field `text` at line 1 column 25",
         );
         assert_eq!(m, "the JSON body is not what this endpoint expects: missing field `text`");
+        let e = serde_json::from_str::<std::collections::HashMap<String, String>>(r#"{"a": 1234567}"#).unwrap_err();
+        let (code, m) = describe_json_error(&e);
+        assert_eq!(code, "invalid_body");
+        assert!(!m.contains("1234567"), "{m}");
     }
 }

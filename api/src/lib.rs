@@ -1,6 +1,7 @@
 //! clinflow-api: log in, upload documents, read their results.
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod documents;
 pub mod error;
@@ -47,6 +48,7 @@ pub struct AppState {
     pub passwords: Passwords,
     pub idle_timeout: Duration,
     pub limits: UploadLimits,
+    pub batch_limits: batch::BatchLimits,
 }
 
 /// Backpressure: uploads answer 429 while the outbox or the live queue holds
@@ -96,6 +98,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(auth::router())
         .merge(documents::router())
+        .merge(batch::router())
         .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::NotFound })

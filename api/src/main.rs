@@ -84,6 +84,7 @@ async fn run_server() -> anyhow::Result<()> {
         passwords: Passwords::new().await?,
         idle_timeout: IDLE_TIMEOUT,
         limits: config.limits,
+        batch_limits: config.batch_limits,
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await

@@ -76,10 +76,13 @@ pub struct Plan {
     pub rounds: usize,
     /// Documents per `/api/process_bulk` call of the direct client.
     pub bulk_batch: usize,
-    /// Concurrent uploaders in the comparison rounds.
-    pub pipeline_clients: usize,
+    /// Notes per `/v1/documents/batch` request, and requests at once, in the
+    /// comparison rounds and the ceiling run (a bulk loader's way in).
+    pub batch_lines: usize,
+    pub batch_clients: usize,
     pub ceiling_notes: usize,
-    /// Concurrent single-document uploaders in the ceiling run.
+    /// Single-document uploads, and uploaders at once, of the latency run.
+    pub latency_uploads: usize,
     pub upload_clients: usize,
     pub sink_events: usize,
     pub backlog: usize,
@@ -92,20 +95,25 @@ impl Plan {
             notes: 1_000,
             rounds: 3,
             bulk_batch: 50,
-            pipeline_clients: 16,
-            ceiling_notes: 5_000,
+            batch_lines: 500,
+            batch_clients: 2,
+            ceiling_notes: 20_000,
+            latency_uploads: 3_000,
             upload_clients: 50,
             sink_events: 50_000,
             backlog: 0,
             note_bytes: 1_000,
         };
         let plan = match mode {
-            Mode::Tiny => Plan { notes: 100, rounds: 1, ceiling_notes: 300, sink_events: 2_000, ..base },
+            Mode::Tiny => {
+                Plan { notes: 100, rounds: 1, ceiling_notes: 500, latency_uploads: 300, sink_events: 2_000, ..base }
+            }
             Mode::Quick => base,
             Mode::Full => Plan {
                 notes: 2_000,
                 rounds: 3,
-                ceiling_notes: 20_000,
+                ceiling_notes: 100_000,
+                latency_uploads: 10_000,
                 sink_events: 200_000,
                 backlog: 1_000_000,
                 ..base
@@ -181,7 +189,9 @@ async fn measure(
 
     eprintln!("== warm-up");
     phases::direct(&cli.medcat_url, &ctx.notes(0, plan.bulk_batch), plan.bulk_batch).await?;
-    phases::pipeline(ctx, stack, &client, &ctx.notes(1_000_000_000, 50), plan.pipeline_clients).await?;
+    let bulk = phases::Upload::Batch { lines: plan.batch_lines, clients: plan.batch_clients };
+    let single = phases::Upload::Single { clients: plan.upload_clients };
+    phases::pipeline(ctx, stack, &client, &ctx.notes(1_000_000_000, 50), bulk).await?;
 
     let round_notes = ctx.notes(0, plan.notes);
     let mut pipeline_busy = std::time::Duration::ZERO;
@@ -190,7 +200,7 @@ async fn measure(
     for round in 1..=plan.rounds {
         let direct = phases::direct(&cli.medcat_url, &round_notes, plan.bulk_batch).await?;
         let before = phases::Observation::take(stack).await?;
-        let pipeline = phases::pipeline(ctx, stack, &client, &round_notes, plan.pipeline_clients).await?;
+        let pipeline = phases::pipeline(ctx, stack, &client, &round_notes, bulk).await?;
         let after = phases::Observation::take(stack).await?;
         pipeline_busy += after.at - before.at;
         let cpu = cpu_before.get_or_insert_with(std::collections::BTreeMap::new);
@@ -209,17 +219,22 @@ async fn measure(
     figures.pipeline_stages = report::stages(&first, &phases::Observation::take(stack).await?);
     figures.pipeline_wall_s = pipeline_busy.as_secs_f64();
 
-    eprintln!("== ceiling: the pipeline with the NLP STAND-IN, {} uploaders", plan.upload_clients);
+    eprintln!("== ceiling: the pipeline with the NLP STAND-IN, batch uploads");
     let standin = standin::start().await?;
     stack.stop(WORKER).await?;
     stack.start(WORKER, &[("MEDCAT_URL", standin.as_str())]).await?;
-    phases::pipeline(ctx, stack, &client, &ctx.notes(2_000_000_000, 200), plan.upload_clients).await?;
+    phases::pipeline(ctx, stack, &client, &ctx.notes(2_000_000_000, 1_000), bulk).await?;
     let before = phases::Observation::take(stack).await?;
-    let ceiling =
-        phases::pipeline(ctx, stack, &client, &ctx.notes(3_000_000_000, plan.ceiling_notes), plan.upload_clients)
-            .await?;
+    let ceiling = phases::pipeline(ctx, stack, &client, &ctx.notes(3_000_000_000, plan.ceiling_notes), bulk).await?;
     let after = phases::Observation::take(stack).await?;
-    figures.ceiling = Some(report::Ceiling::new(&ceiling, &before, &after));
+    figures.ceiling = Some(report::Run::new(&ceiling, &before, &after));
+
+    eprintln!("== upload latency: {} single uploads, {} at once", plan.latency_uploads, plan.upload_clients);
+    let before = phases::Observation::take(stack).await?;
+    let latency =
+        phases::pipeline(ctx, stack, &client, &ctx.notes(3_500_000_000, plan.latency_uploads), single).await?;
+    let after = phases::Observation::take(stack).await?;
+    figures.latency = Some(report::Run::new(&latency, &before, &after));
 
     eprintln!("== audit sink: draining {} pre-filled events", plan.sink_events);
     figures.sink = Some(phases::sink(ctx, stack, amqp, topology, plan.sink_events).await?);

@@ -66,6 +66,9 @@ pub enum Action {
     /// The worker decrypted a document to send it to MedCAT.
     #[serde(rename = "document.process")]
     DocumentProcess,
+    /// A status read (no PHI); audited only when denied.
+    #[serde(rename = "document.status")]
+    DocumentStatus,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -84,6 +87,7 @@ impl Action {
             Action::DocumentUpload => "document.upload",
             Action::DocumentRead => "document.read",
             Action::DocumentProcess => "document.process",
+            Action::DocumentStatus => "document.status",
         }
     }
 }
@@ -193,8 +197,14 @@ mod tests {
 
     #[test]
     fn action_names_match_their_serde_names() {
-        for a in [Action::Login, Action::Logout, Action::DocumentUpload, Action::DocumentRead, Action::DocumentProcess]
-        {
+        for a in [
+            Action::Login,
+            Action::Logout,
+            Action::DocumentUpload,
+            Action::DocumentRead,
+            Action::DocumentProcess,
+            Action::DocumentStatus,
+        ] {
             assert_eq!(serde_json::to_value(a).unwrap(), serde_json::Value::from(a.as_str()));
         }
     }

@@ -89,6 +89,90 @@ pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Insert
     Ok(Inserted::DuplicateSourceRef(existing))
 }
 
+/// Inserts many documents in one statement; returns, in input order, each
+/// one's fate. A `source_ref` the same uploader sent before (or earlier in
+/// `docs`) is a duplicate with the existing id.
+pub async fn insert_many(conn: &mut PgConnection, docs: &[NewDocument]) -> Result<Vec<Inserted>, sqlx::Error> {
+    let ids: Vec<Uuid> = docs.iter().map(|d| d.id).collect();
+    let patients: Vec<&[u8]> = docs.iter().map(|d| d.patient_ref_ct.as_slice()).collect();
+    let texts: Vec<&[u8]> = docs.iter().map(|d| d.text_ct.as_slice()).collect();
+    let refs: Vec<Option<&[u8]>> = docs.iter().map(|d| d.source_ref_hmac.as_deref()).collect();
+    let dates: Vec<Option<Date>> = docs.iter().map(|d| d.document_date).collect();
+    let uploaders: Vec<Uuid> = docs.iter().map(|d| d.uploaded_by).collect();
+    let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar!(
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by)
+           SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[])
+           ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
+           RETURNING id"#,
+        &ids,
+        &patients as &[&[u8]],
+        &texts as &[&[u8]],
+        &refs as &[Option<&[u8]>],
+        &dates as &[Option<Date>],
+        &uploaders,
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    // The rest collided with an existing (uploader, source_ref): find those ids.
+    let (dup_uploaders, dup_refs): (Vec<Uuid>, Vec<&[u8]>) = docs
+        .iter()
+        .filter(|d| !inserted.contains(&d.id))
+        .filter_map(|d| Some((d.uploaded_by, d.source_ref_hmac.as_deref()?)))
+        .unzip();
+    let existing: std::collections::HashMap<(Uuid, Vec<u8>), Uuid> = if dup_refs.is_empty() {
+        Default::default()
+    } else {
+        sqlx::query!(
+            r#"SELECT d.id, d.uploaded_by, d.source_ref_hmac AS "source_ref_hmac!"
+               FROM documents d JOIN UNNEST($1::uuid[], $2::bytea[]) AS k(uploaded_by, source_ref_hmac)
+                 ON d.uploaded_by = k.uploaded_by AND d.source_ref_hmac = k.source_ref_hmac"#,
+            &dup_uploaders,
+            &dup_refs as &[&[u8]],
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| ((r.uploaded_by, r.source_ref_hmac), r.id))
+        .collect()
+    };
+    docs.iter()
+        .map(|d| {
+            if inserted.contains(&d.id) {
+                return Ok(Inserted::New);
+            }
+            let key = (d.uploaded_by, d.source_ref_hmac.clone().unwrap_or_default());
+            existing.get(&key).map(|id| Inserted::DuplicateSourceRef(*id)).ok_or(sqlx::Error::RowNotFound)
+        })
+        .collect()
+}
+
+/// Where a document is, without anything of its content.
+#[derive(Debug, serde::Serialize)]
+pub struct StatusRow {
+    pub id: Uuid,
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_code: Option<String>,
+    #[serde(skip)]
+    pub uploaded_by: Uuid,
+}
+
+pub async fn statuses(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<StatusRow>, sqlx::Error> {
+    sqlx::query_as!(
+        StatusRow,
+        "SELECT id, status, created_at, updated_at, failure_code, uploaded_by FROM documents WHERE id = ANY($1)",
+        ids
+    )
+    .fetch_all(db)
+    .await
+}
+
 #[derive(Debug)]
 pub struct DocumentRow {
     pub id: Uuid,

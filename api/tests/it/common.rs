@@ -14,6 +14,7 @@ use clinflow::link::LinkState;
 use clinflow::relay::{Relay, RelayHandle};
 use clinflow::testing::{self, TestDb};
 use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
+use clinflow_api::batch::BatchLimits;
 use clinflow_api::users::{self, Passwords, Role};
 use clinflow_api::{AppState, UploadLimits};
 use clinflow_audit_sink::Sink;
@@ -83,6 +84,7 @@ impl Stack {
             passwords: passwords.clone(),
             idle_timeout: IDLE_TIMEOUT,
             limits: UploadLimits::default(),
+            batch_limits: BatchLimits { max_lines: 50, max_bytes: 64 * 1024, max_line_bytes: 4 * 1024 },
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();

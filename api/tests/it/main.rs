@@ -4,6 +4,7 @@
 
 mod audit_table;
 mod auth;
+mod batch;
 mod broker;
 mod common;
 mod jobs;

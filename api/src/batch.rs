@@ -1,0 +1,275 @@
+//! `POST /v1/documents/batch`: many documents in one request, as NDJSON (one
+//! upload object per line), read as a stream rather than whole. Every line
+//! gets its own outcome — `accepted` (new id), `duplicate` (the caller's own
+//! existing id for that `source_ref`) or `rejected` (code and message, never
+//! the line's content) — and one bad line never fails the others. Valid lines
+//! are stored in chunks: one transaction, one multi-row insert of documents
+//! and one of outbox rows (job and audit event of each) per chunk.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::post;
+use axum::{Json, Router};
+use clinflow::audit::{Action, Outcome};
+use clinflow::documents::{self, Inserted, NewDocument};
+use clinflow::outbox;
+use futures_util::StreamExt;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::AuthUser;
+use crate::documents::{UploadRequest, seal, validate};
+use crate::error::{ApiError, describe_json_error};
+use crate::users::Role;
+
+const BATCH_UPLOADERS: &[Role] = &[Role::Ingest, Role::Admin];
+/// Documents per transaction.
+const CHUNK: usize = 500;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/documents/batch", post(upload_batch))
+}
+
+/// Limits of one batch request (`BATCH_MAX_LINES`, `BATCH_MAX_BYTES`).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_lines: usize,
+    pub max_bytes: usize,
+    /// Longest line kept: by default the largest single upload (text plus
+    /// JSON overhead).
+    pub max_line_bytes: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self { max_lines: 10_000, max_bytes: 64 * 1024 * 1024, max_line_bytes: 2 * crate::documents::MAX_TEXT_BYTES }
+    }
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum LineOutcome {
+    Accepted { line: usize, id: Uuid },
+    Duplicate { line: usize, id: Uuid },
+    Rejected { line: usize, code: &'static str, message: String },
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct BatchResponse {
+    pub accepted: usize,
+    pub duplicate: usize,
+    pub rejected: usize,
+    pub outcomes: Vec<LineOutcome>,
+}
+
+#[tracing::instrument(skip_all, fields(user_id = %user.id, lines))]
+async fn upload_batch(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
+    user.require(&state, BATCH_UPLOADERS, Action::DocumentUpload, None).await?;
+    let limits = state.batch_limits;
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limits.max_bytes) {
+        return Err(too_large(limits));
+    }
+    state.check_backpressure()?;
+
+    let mut response = BatchResponse::default();
+    let mut pending: Vec<(usize, NewDocument)> = Vec::with_capacity(CHUNK);
+    let mut lines = Lines::new(body, limits);
+    while let Some(line) = lines.next().await? {
+        let number = line.number;
+        let outcome = match line.content {
+            Err((code, message)) => Err(LineOutcome::Rejected { line: number, code, message }),
+            Ok(bytes) => parse_line(&state, user.id, number, &bytes).map(|doc| (number, doc)),
+        };
+        match outcome {
+            Ok(doc) => pending.push(doc),
+            Err(rejected) => response.push(rejected),
+        }
+        if pending.len() == CHUNK {
+            store(&state, &user, std::mem::take(&mut pending), &mut response).await?;
+        }
+    }
+    store(&state, &user, pending, &mut response).await?;
+    response.outcomes.sort_by_key(LineOutcome::line);
+    tracing::Span::current().record("lines", response.outcomes.len());
+    metrics::counter!("clinflow_documents_uploaded_total", "via" => "batch").increment(response.accepted as u64);
+    Ok((StatusCode::OK, Json(response)))
+}
+
+fn parse_line(state: &AppState, uploader: Uuid, number: usize, bytes: &[u8]) -> Result<NewDocument, LineOutcome> {
+    let rejected = |e: ApiError| {
+        let (code, message) = e.code_and_message();
+        LineOutcome::Rejected { line: number, code, message }
+    };
+    let request: UploadRequest = serde_json::from_slice(bytes).map_err(|e| {
+        let (code, message) = describe_json_error(&e);
+        LineOutcome::Rejected { line: number, code, message }
+    })?;
+    let upload = validate(request).map_err(rejected)?;
+    seal(state, uploader, Uuid::now_v7(), upload).map_err(rejected)
+}
+
+/// One transaction: the documents, then for each new one its job and its
+/// audit event in the outbox.
+async fn store(
+    state: &AppState,
+    user: &AuthUser,
+    docs: Vec<(usize, NewDocument)>,
+    response: &mut BatchResponse,
+) -> Result<(), ApiError> {
+    if docs.is_empty() {
+        return Ok(());
+    }
+    let (numbers, docs): (Vec<usize>, Vec<NewDocument>) = docs.into_iter().unzip();
+    let mut tx = state.db.begin().await?;
+    let inserted = documents::insert_many(&mut tx, &docs).await?;
+    let mut messages = Vec::new();
+    for ((number, doc), fate) in numbers.iter().zip(&docs).zip(&inserted) {
+        match fate {
+            Inserted::New => {
+                let event = user.event(Action::DocumentUpload, Outcome::Success).document(doc.id);
+                messages.push(outbox::Message::job(doc.id));
+                messages.push(outbox::Message::audit(&event).map_err(anyhow::Error::new)?);
+                response.push(LineOutcome::Accepted { line: *number, id: doc.id });
+            }
+            Inserted::DuplicateSourceRef(id) => response.push(LineOutcome::Duplicate { line: *number, id: *id }),
+        }
+    }
+    outbox::enqueue(&mut tx, &messages).await?;
+    tx.commit().await?;
+    state.relay.wake();
+    Ok(())
+}
+
+impl BatchResponse {
+    fn push(&mut self, outcome: LineOutcome) {
+        match outcome {
+            LineOutcome::Accepted { .. } => self.accepted += 1,
+            LineOutcome::Duplicate { .. } => self.duplicate += 1,
+            LineOutcome::Rejected { .. } => self.rejected += 1,
+        }
+        self.outcomes.push(outcome);
+    }
+}
+
+impl LineOutcome {
+    fn line(&self) -> usize {
+        match self {
+            Self::Accepted { line, .. } | Self::Duplicate { line, .. } | Self::Rejected { line, .. } => *line,
+        }
+    }
+}
+
+fn too_large(limits: BatchLimits) -> ApiError {
+    ApiError::BadRequest {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        code: "batch_too_large",
+        message: format!("a batch may hold at most {} bytes; split it", limits.max_bytes),
+    }
+}
+
+/// One line of the body: its 1-based number and its bytes, or why it was
+/// refused without being parsed.
+struct Line {
+    number: usize,
+    content: Result<Vec<u8>, (&'static str, String)>,
+}
+
+/// Splits a streamed body into lines without holding more than one line
+/// (capped at the largest valid upload) in memory.
+struct Lines {
+    stream: axum::body::BodyDataStream,
+    limits: BatchLimits,
+    buffer: Vec<u8>,
+    /// Bytes of the current line were dropped: it is over the size limit.
+    oversize: bool,
+    read: usize,
+    number: usize,
+    done: bool,
+}
+
+impl Lines {
+    fn new(body: Body, limits: BatchLimits) -> Self {
+        Self {
+            stream: body.into_data_stream(),
+            limits,
+            buffer: Vec::new(),
+            oversize: false,
+            read: 0,
+            number: 0,
+            done: false,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Line>, ApiError> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let rest = self.buffer.split_off(end + 1);
+                let mut line = std::mem::replace(&mut self.buffer, rest);
+                line.truncate(end);
+                if let Some(line) = self.finish(line) {
+                    return Ok(Some(line));
+                }
+                continue;
+            }
+            if self.done {
+                let line = std::mem::take(&mut self.buffer);
+                return Ok(if line.is_empty() && !self.oversize { None } else { self.finish(line) });
+            }
+            match self.stream.next().await {
+                Some(Ok(chunk)) => {
+                    self.read += chunk.len();
+                    if self.read > self.limits.max_bytes {
+                        // Earlier lines may be stored already: answer what
+                        // happened to them, and where reading stopped.
+                        self.done = true;
+                        self.buffer.clear();
+                        self.oversize = false;
+                        self.number += 1;
+                        let message = format!(
+                            "the batch passed {} bytes here: this line and every later one were not read; send them again",
+                            self.limits.max_bytes
+                        );
+                        return Ok(Some(Line { number: self.number, content: Err(("batch_too_large", message)) }));
+                    }
+                    self.buffer.extend_from_slice(&chunk);
+                    if self.buffer.len() > self.limits.max_line_bytes && !self.buffer.contains(&b'\n') {
+                        // Keep counting the line but not its bytes.
+                        self.oversize = true;
+                        self.buffer.clear();
+                    }
+                }
+                Some(Err(_)) => {
+                    return Err(ApiError::invalid("body_unreadable", "the request body could not be read to its end"));
+                }
+                None => self.done = true,
+            }
+        }
+    }
+
+    /// Numbers a complete line; blank lines are skipped (but counted).
+    fn finish(&mut self, line: Vec<u8>) -> Option<Line> {
+        self.number += 1;
+        let oversize = std::mem::take(&mut self.oversize);
+        let content = if oversize || line.len() > self.limits.max_line_bytes {
+            Err(("line_too_large", format!("a line may hold at most {} bytes", self.limits.max_line_bytes)))
+        } else if line.iter().all(u8::is_ascii_whitespace) {
+            return None;
+        } else if self.number > self.limits.max_lines {
+            Err((
+                "too_many_lines",
+                format!("a batch may hold at most {} lines; send this one again in another", self.limits.max_lines),
+            ))
+        } else {
+            Ok(line)
+        };
+        Some(Line { number: self.number, content })
+    }
+}
