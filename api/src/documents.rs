@@ -1,7 +1,7 @@
 //! Upload a document; read a document and its results.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clinflow::annotation::Annotation;
@@ -16,6 +16,7 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::auth::{AuthUser, JsonBody};
 use crate::error::ApiError;
+use crate::idempotency;
 use crate::users::Role;
 
 /// Largest accepted note, in bytes of UTF-8.
@@ -100,10 +101,10 @@ pub struct UploadResponse {
 }
 
 pub(crate) struct ValidUpload {
-    patient_ref: String,
-    text: String,
-    source_ref: Option<String>,
-    document_date: Option<Date>,
+    pub(crate) patient_ref: String,
+    pub(crate) text: String,
+    pub(crate) source_ref: Option<String>,
+    pub(crate) document_date: Option<Date>,
 }
 
 pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
@@ -150,10 +151,18 @@ pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
 async fn upload(
     State(state): State<AppState>,
     user: AuthUser,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<UploadRequest>,
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
     user.require(&state, UPLOADERS, Action::DocumentUpload, None).await?;
     let upload = validate(req)?;
+    let idempotency = idempotency::Key::from_request(&state, &headers, &upload)?;
+    let replay = |id| Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })));
+    if let Some(key) = &idempotency
+        && let Some(first) = key.earlier(&mut *state.db.acquire().await?, user.id).await?
+    {
+        return replay(first);
+    }
     let id = Uuid::now_v7();
     tracing::Span::current().record("document_id", tracing::field::display(id));
 
@@ -170,6 +179,14 @@ async fn upload(
         return Err(ApiError::DuplicateSourceRef(existing));
     }
     timed(STAGE, "outbox", outbox::enqueue(&mut tx, &messages)).await?;
+    if let Some(key) = &idempotency
+        && !key.record(&mut tx, user.id, id).await?
+    {
+        // A concurrent retry with this key committed first: answer as it did.
+        tx.rollback().await?;
+        let first = key.earlier(&mut *state.db.acquire().await?, user.id).await?;
+        return replay(first.ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?);
+    }
     timed(STAGE, "commit", tx.commit()).await?;
     state.relay.wake();
     metrics::counter!("clinflow_documents_uploaded_total").increment(1);

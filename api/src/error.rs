@@ -66,7 +66,14 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        Self::Unexpected(anyhow::Error::new(e).context("database"))
+        match e {
+            // The database is away (restarting, unreachable): try again soon.
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                tracing::warn!(error = %e, "database unavailable");
+                Self::Unavailable("the database")
+            }
+            e => Self::Unexpected(anyhow::Error::new(e).context("database")),
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod config;
 pub mod documents;
 pub mod error;
+mod idempotency;
 pub mod users;
 
 use std::net::SocketAddr;

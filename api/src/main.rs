@@ -65,6 +65,8 @@ async fn run_server() -> anyhow::Result<()> {
     clinflow::telemetry::install_metrics(config.metrics_addr)?;
     let db = PgPoolOptions::new()
         .max_connections(32)
+        // While the database is away requests answer 503 after this, not hang.
+        .acquire_timeout(std::time::Duration::from_secs(5))
         .connect(config.database_url.expose_secret())
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")?;

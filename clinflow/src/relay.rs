@@ -95,6 +95,36 @@ impl Relay {
     /// Publishes until `shutdown` fires, then drains what is left (for at
     /// most a few seconds) while the broker is there.
     pub async fn run(self, shutdown: CancellationToken) {
+        // The outbox grows precisely while the broker is away: measure it
+        // whether or not a session runs.
+        let monitor = self.monitor_backlog(&shutdown);
+        let publish = self.publish_loop(&shutdown);
+        tokio::join!(monitor, publish);
+        self.handle.health.stopped.store(true, Ordering::Relaxed);
+    }
+
+    async fn monitor_backlog(&self, shutdown: &CancellationToken) {
+        loop {
+            let backlog = sqlx::query!(
+                r#"SELECT count(*) AS "rows!", coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS "oldest!"
+                   FROM outbox"#
+            )
+            .fetch_one(&self.db)
+            .await;
+            if let Ok(b) = backlog {
+                self.handle.health.backlog.store(u64::try_from(b.rows).unwrap_or(0), Ordering::Relaxed);
+                metrics::gauge!("clinflow_outbox_backlog").set(b.rows as f64);
+                metrics::gauge!("clinflow_outbox_oldest_seconds").set(b.oldest);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(MEASURE_EVERY) => {}
+            }
+        }
+    }
+
+    async fn publish_loop(&self, shutdown: &CancellationToken) {
+        let shutdown = shutdown.clone();
         let link = self.handle.link.clone();
         let supervised = link::supervise(&self.amqp_url, "relay", &self.topology, &link, &shutdown, |connection| {
             let shutdown = shutdown.clone();
@@ -116,7 +146,6 @@ impl Relay {
         if let Err(e) = supervised {
             tracing::error!(error = format!("{e:#}"), "outbox relay stopped");
         }
-        self.handle.health.stopped.store(true, Ordering::Relaxed);
     }
 
     /// Publishes while the connection lasts; `Ok` once `shutdown` fired and
@@ -211,21 +240,9 @@ impl Relay {
         Ok(ids.len())
     }
 
-    /// Backlog of the outbox and depth of the live queue, for readiness,
-    /// backpressure and the dashboards. The queue depth is a broker round
-    /// trip: its failure means the connection is gone.
+    /// Depth of the live queue, for backpressure and the dashboards. It is
+    /// a broker round trip: its failure means the connection is gone.
     async fn measure(&self, publisher: &Publisher) -> Result<(), AmqpError> {
-        let backlog = sqlx::query!(
-            r#"SELECT count(*) AS "rows!", coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS "oldest!"
-               FROM outbox"#
-        )
-        .fetch_one(&self.db)
-        .await;
-        if let Ok(b) = backlog {
-            self.handle.health.backlog.store(u64::try_from(b.rows).unwrap_or(0), Ordering::Relaxed);
-            metrics::gauge!("clinflow_outbox_backlog").set(b.rows as f64);
-            metrics::gauge!("clinflow_outbox_oldest_seconds").set(b.oldest);
-        }
         let queue = self.topology.documents_live().queue;
         let options = QueueDeclareOptions { passive: true, ..Default::default() };
         let declare = publisher.channel().queue_declare(queue.as_str().into(), options, FieldTable::default());

@@ -39,12 +39,20 @@ pub struct TestDb {
     pub app: PgPool,
     /// Connected as the owner (superuser), for arranging and inspecting.
     pub owner: PgPool,
+    /// The superuser URL of the server it lives on.
+    admin: String,
 }
 
 impl TestDb {
     pub async fn new() -> Self {
+        Self::new_on(&admin_url()).await
+    }
+
+    /// A fresh, migrated database on the server of `admin_url` (a test's
+    /// own PostgreSQL).
+    pub async fn new_on(admin_url: &str) -> Self {
         let name = format!("clinflow_test_{}", Uuid::new_v4().simple());
-        let admin: PgConnectOptions = admin_url().parse().expect("CLINFLOW_TEST_ADMIN_URL");
+        let admin: PgConnectOptions = admin_url.parse().expect("admin URL");
         let mut conn = admin.connect().await.expect("connect as test admin");
         sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
@@ -56,19 +64,24 @@ impl TestDb {
         let owner = PgPoolOptions::new().max_connections(4).connect_with(owner_opts.clone()).await.expect("owner pool");
         crate::MIGRATOR.run(&owner).await.expect("migrate test database");
         let app_opts = owner_opts.username("clinflow_app");
-        let app = PgPoolOptions::new().max_connections(10).connect_with(app_opts).await.expect("app pool");
-        Self { name, app, owner }
+        let app = PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_with(app_opts)
+            .await
+            .expect("app pool");
+        Self { name, app, owner, admin: admin_url.to_owned() }
     }
 
     /// A single connection as the application role (for privilege tests).
     pub async fn app_connection(&self) -> PgConnection {
-        let admin: PgConnectOptions = admin_url().parse().expect("CLINFLOW_TEST_ADMIN_URL");
+        let admin: PgConnectOptions = self.admin.parse().expect("admin URL");
         admin.database(&self.name).username("clinflow_app").connect().await.expect("app connection")
     }
 
     /// A database URL for the application role, for tests that start a binary.
     pub fn app_url(&self) -> String {
-        let admin: PgConnectOptions = admin_url().parse().expect("CLINFLOW_TEST_ADMIN_URL");
+        let admin: PgConnectOptions = self.admin.parse().expect("admin URL");
         format!("postgres://clinflow_app@{}:{}/{}", admin.get_host(), admin.get_port(), self.name)
     }
 
@@ -77,7 +90,7 @@ impl TestDb {
     pub async fn drop_database(self) {
         self.app.close().await;
         self.owner.close().await;
-        let admin: PgConnectOptions = admin_url().parse().expect("CLINFLOW_TEST_ADMIN_URL");
+        let admin: PgConnectOptions = self.admin.parse().expect("admin URL");
         if let Ok(mut conn) = admin.connect().await {
             let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
                 .execute(&mut conn)
@@ -215,4 +228,77 @@ impl Drop for RabbitNode {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A PostgreSQL server of a test's own (initdb into a temporary directory,
+/// its own port), for tests that stop and start the database: the machine's
+/// server, which other tests and `./dev/up` use, is never touched. Runs as
+/// the `postgres` user (initdb refuses root); removed on drop.
+pub struct Postgres {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl Postgres {
+    pub async fn start() -> Self {
+        let version = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL binaries under /usr/lib/postgresql")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .expect("a PostgreSQL version");
+        let bin = std::path::PathBuf::from(format!("/usr/lib/postgresql/{version}/bin"));
+        let dir = std::env::temp_dir().join(format!("clinflow-pg-{}", &Uuid::new_v4().simple().to_string()[..12]));
+        std::fs::create_dir_all(&dir).expect("data directory");
+        let chown = tokio::process::Command::new("chown").arg("postgres:postgres").arg(&dir).status().await;
+        assert!(chown.is_ok_and(|s| s.success()), "chown the data directory to postgres");
+        let pg = Self { port: free_port(), dir, bin };
+        let initdb = format!("{}/initdb -D {}/data -A trust -U postgres", pg.bin.display(), pg.dir.display());
+        assert!(pg.as_postgres(&initdb).await, "initdb");
+        pg.start_server().await;
+        pg
+    }
+
+    /// Superuser URL of the maintenance database.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The fault: a fast shutdown (connections are cut, nothing is lost).
+    pub async fn stop(&self) {
+        let stop = format!("{}/pg_ctl -D {}/data stop -m fast -w", self.bin.display(), self.dir.display());
+        assert!(self.as_postgres(&stop).await, "pg_ctl stop");
+    }
+
+    pub async fn start_server(&self) {
+        let start = format!(
+            "{}/pg_ctl -D {d}/data -o '-p {} -k {d} -c listen_addresses=127.0.0.1' -l {d}/log start -w",
+            self.bin.display(),
+            self.port,
+            d = self.dir.display()
+        );
+        assert!(self.as_postgres(&start).await, "pg_ctl start");
+    }
+
+    async fn as_postgres(&self, command: &str) -> bool {
+        tokio::process::Command::new("su")
+            .args(["postgres", "-s", "/bin/sh", "-c", command])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let stop = format!("{}/pg_ctl -D {}/data stop -m immediate", self.bin.display(), self.dir.display());
+        let _ = std::process::Command::new("su")
+            .args(["postgres", "-s", "/bin/sh", "-c", &stop])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -155,3 +155,42 @@ async fn batch_limits_and_roles() {
     assert_eq!((body["documents"].as_array().map(Vec::len), &body["missing"]), (Some(0), &json!([first[0]])));
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn an_idempotent_retry_gets_the_first_answer_and_stores_nothing_new() {
+    let stack = Stack::start().await;
+    stack.user("ing", Role::Ingest).await;
+    let token = stack.login("ing").await;
+    let doc = json!({"patient_ref": "PAT-1", "text": "Known AF."});
+    let post = |key: &'static str, body: Value| {
+        let req = stack.http.post(format!("{}/v1/documents", stack.base)).bearer_auth(&token).json(&body);
+        async move {
+            let resp = req.header("idempotency-key", key).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, first) = post("k-1", doc.clone()).await;
+    assert_eq!(status, 202);
+    let (status, again) = post("k-1", doc.clone()).await;
+    assert_eq!((status, &again["id"]), (202, &first["id"]));
+    let (status, other) = post("k-1", json!({"patient_ref": "PAT-1", "text": "Known HTN."})).await;
+    assert_eq!((status, other["error"]["code"].as_str()), (422, Some("idempotency_key_reused")));
+
+    // Ten concurrent retries of one request: one document, one id.
+    let answers =
+        futures_util::future::join_all((0..10).map(|_| post("k-2", json!({"patient_ref": "PAT-2", "text": "x"}))))
+            .await;
+    let ids: std::collections::HashSet<String> = answers
+        .iter()
+        .map(|(s, b)| {
+            assert_eq!(*s, 202, "{b}");
+            b["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM documents").fetch_one(&stack.db.owner).await.unwrap();
+    assert_eq!(rows, 2);
+    // 1 login, 2 uploads, 2 worker reads: a replayed request is not a new upload.
+    assert_eq!(stack.wait_for_audit_rows(5).await, 5);
+    stack.stop().await;
+}

@@ -2,25 +2,16 @@
 //! node of the test's own: nothing accepted is lost, and every service comes
 //! back by itself (no process restarted).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clinflow::testing::RabbitNode;
 use clinflow_api::users::Role;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
-use crate::common::Stack;
+use crate::common::{Stack, Uploaders, wait_for_all_done, wait_until};
 
 const RESTARTS: usize = 3;
-
-async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !check().await {
-        assert!(Instant::now() < until, "{what}: not within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn status(stack: &Stack, id: &str) -> String {
     sqlx::query_scalar("SELECT status FROM documents WHERE id = $1::uuid")
@@ -37,30 +28,8 @@ async fn broker_restarts_under_upload_load_lose_nothing_and_need_no_process_rest
     stack.user("ing", Role::Ingest).await;
     let token = stack.login("ing").await;
 
-    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
-    let refused = Arc::new(Mutex::new(Vec::<u16>::new()));
-    let stop = CancellationToken::new();
-    let mut uploaders = Vec::new();
-    for client in 0..4 {
-        let (http, base, token) = (stack.http.clone(), stack.base.clone(), token.clone());
-        let (accepted, refused, stop) = (Arc::clone(&accepted), Arc::clone(&refused), stop.clone());
-        uploaders.push(tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.is_cancelled() {
-                n += 1;
-                let doc = json!({"patient_ref": format!("PAT-{client}-{n}"), "text": "Known AF, on metformin."});
-                let resp =
-                    http.post(format!("{base}/v1/documents")).bearer_auth(&token).json(&doc).send().await.unwrap();
-                let code = resp.status().as_u16();
-                let body: serde_json::Value = resp.json().await.unwrap_or_default();
-                match (code, body["id"].as_str()) {
-                    (202, Some(id)) => accepted.lock().unwrap().push(id.to_owned()),
-                    _ => refused.lock().unwrap().push(code),
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }));
-    }
+    let uploads = Uploaders::start(&stack, &token, 4);
+    let accepted = Arc::clone(&uploads.accepted);
     let count = || accepted.lock().unwrap().len();
 
     for restart in 1..=RESTARTS {
@@ -91,23 +60,9 @@ async fn broker_restarts_under_upload_load_lose_nothing_and_need_no_process_rest
         assert!(recovered < Duration::from_secs(10), "restart {restart}: recovered after {recovered:?}");
         eprintln!("restart {restart}: a fresh upload was done {recovered:?} after start_app");
     }
-    stop.cancel();
-    for u in uploaders {
-        u.await.unwrap();
-    }
-
-    let ids = accepted.lock().unwrap().clone();
-    assert!(refused.lock().unwrap().is_empty(), "the broker is not on the upload path: {:?}", refused.lock().unwrap());
-    wait_until("every accepted document done", Duration::from_secs(60), async || {
-        let done: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM documents WHERE status = 'done' AND id = ANY($1::uuid[])")
-                .bind(&ids)
-                .fetch_one(&stack.db.owner)
-                .await
-                .unwrap();
-        done == ids.len() as i64
-    })
-    .await;
+    let (ids, refused) = uploads.stop().await;
+    assert!(refused.is_empty(), "the broker is not on the upload path: {refused:?}");
+    wait_for_all_done(&stack, &ids).await;
     let (docs, results): (i64, i64) =
         sqlx::query_as("SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM document_results)")
             .fetch_one(&stack.db.owner)

@@ -55,7 +55,14 @@ impl Stack {
 
     /// The stack on another broker (a test's own RabbitMQ node).
     pub async fn start_on(amqp_url: SecretString) -> Self {
-        let mut stack = Self::start_without_relay_on(amqp_url).await;
+        let mut stack = Self::start_without_relay_on(amqp_url, TestDb::new().await).await;
+        stack.start_relay();
+        stack
+    }
+
+    /// The stack on another database server (a test's own PostgreSQL).
+    pub async fn start_on_database(admin_url: &str) -> Self {
+        let mut stack = Self::start_without_relay_on(testing::amqp_url(), TestDb::new_on(admin_url).await).await;
         stack.start_relay();
         stack
     }
@@ -63,12 +70,11 @@ impl Stack {
     /// The stack with no outbox relay running: uploads are committed but
     /// nothing is published until [`start_relay`](Self::start_relay).
     pub async fn start_without_relay() -> Self {
-        Self::start_without_relay_on(testing::amqp_url()).await
+        Self::start_without_relay_on(testing::amqp_url(), TestDb::new().await).await
     }
 
-    async fn start_without_relay_on(amqp_url: SecretString) -> Self {
+    async fn start_without_relay_on(amqp_url: SecretString, db: TestDb) -> Self {
         clinflow::telemetry::init_tracing();
-        let db = TestDb::new().await;
         let (topology, amqp) = testing::topology_on(&amqp_url).await;
         let keyring = Arc::new(testing::keyring());
         let shutdown = CancellationToken::new();
@@ -233,4 +239,83 @@ pub async fn audit_summary(db: &sqlx::PgPool) -> Vec<(String, String, String)> {
         sqlx::query_as("SELECT action, outcome, actor_name FROM audit_events").fetch_all(db).await.unwrap();
     rows.sort();
     rows.into_iter().map(|(a, o, n)| (a, o, n.unwrap_or_default())).collect()
+}
+
+/// Polls `check` every 50 ms until it holds; fails the test at `deadline`.
+pub async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = std::time::Instant::now() + deadline;
+    while !check().await {
+        assert!(std::time::Instant::now() < until, "{what}: not within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every one of `ids` is `done` (60 s at most); none may fail.
+pub async fn wait_for_all_done(stack: &Stack, ids: &[String]) {
+    wait_until("every accepted document done", Duration::from_secs(60), async || {
+        let (done, failed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'done'), count(*) FILTER (WHERE status = 'failed')
+             FROM documents WHERE id = ANY($1::uuid[])",
+        )
+        .bind(ids)
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+        assert_eq!(failed, 0, "no accepted document may fail");
+        done == ids.len() as i64
+    })
+    .await;
+}
+
+/// Clients uploading one note after another until stopped, recording the
+/// ids of accepted uploads and the status of refused ones.
+pub struct Uploaders {
+    pub accepted: Arc<std::sync::Mutex<Vec<String>>>,
+    pub refused: Arc<std::sync::Mutex<Vec<u16>>>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Uploaders {
+    pub fn start(stack: &Stack, token: &str, clients: usize) -> Self {
+        let this =
+            Self { accepted: Arc::default(), refused: Arc::default(), stop: CancellationToken::new(), tasks: vec![] };
+        let tasks = (0..clients)
+            .map(|client| {
+                let (http, base, token) = (stack.http.clone(), stack.base.clone(), token.to_owned());
+                let (accepted, refused, stop) =
+                    (Arc::clone(&this.accepted), Arc::clone(&this.refused), this.stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.is_cancelled() {
+                        n += 1;
+                        let doc =
+                            json!({"patient_ref": format!("PAT-{client}-{n}"), "text": "Known AF, on metformin."});
+                        let sent =
+                            http.post(format!("{base}/v1/documents")).bearer_auth(&token).json(&doc).send().await;
+                        let Ok(resp) = sent else { continue };
+                        let code = resp.status().as_u16();
+                        let body: Value = resp.json().await.unwrap_or_default();
+                        match (code, body["id"].as_str()) {
+                            (202, Some(id)) => accepted.lock().unwrap().push(id.to_owned()),
+                            _ => refused.lock().unwrap().push(code),
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+            })
+            .collect();
+        Self { tasks, ..this }
+    }
+
+    /// Stops the clients; returns (accepted ids, refused statuses).
+    pub async fn stop(self) -> (Vec<String>, Vec<u16>) {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let accepted = self.accepted.lock().unwrap().clone();
+        let refused = self.refused.lock().unwrap().clone();
+        (accepted, refused)
+    }
 }

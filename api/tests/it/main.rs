@@ -7,6 +7,7 @@ mod auth;
 mod batch;
 mod broker;
 mod common;
+mod database;
 mod jobs;
 mod outbox;
 mod pipeline;

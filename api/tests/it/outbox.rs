@@ -19,7 +19,7 @@ struct ApiProcess {
 }
 
 impl ApiProcess {
-    async fn spawn(stack: &Stack, amqp_url: &str) -> Self {
+    async fn spawn(stack: &Stack, amqp_url: &str, extra_env: &[(&str, &str)]) -> Self {
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
         let (api_addr, metrics_addr) = (free(), free());
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -35,6 +35,7 @@ impl ApiProcess {
             .env("API_ADDR", &api_addr)
             .env("METRICS_ADDR", &metrics_addr)
             .env("RUST_LOG", "warn")
+            .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -66,7 +67,7 @@ async fn uploads_accepted_while_the_broker_is_away_survive_a_kill_9_and_are_proc
     let mut stack = Stack::start_without_relay().await;
     stack.user("ing", Role::Ingest).await;
     // RabbitMQ unreachable (nothing listens on port 1) for this api process.
-    let mut api = ApiProcess::spawn(&stack, "amqp://guest:guest@127.0.0.1:1/%2f").await;
+    let mut api = ApiProcess::spawn(&stack, "amqp://guest:guest@127.0.0.1:1/%2f", &[]).await;
     let (status, ready) = api.call("/readyz", None, None).await;
     assert_eq!((status, ready["rabbitmq"].as_str()), (503, Some("down")));
     assert_eq!(api.call("/healthz", None, None).await.0, 200, "alive: the relay keeps trying");
@@ -119,5 +120,39 @@ async fn uploads_accepted_while_the_broker_is_away_survive_a_kill_9_and_are_proc
     assert_eq!(uploads, 5);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&stack.db.owner).await.unwrap();
     assert_eq!(left, 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_are_throttled_with_retry_after_while_the_outbox_is_over_its_limit() {
+    let stack = Stack::start_without_relay().await;
+    stack.user("ing", Role::Ingest).await;
+    // The broker is away, so the outbox only grows; its limit is 5 rows.
+    let api = ApiProcess::spawn(&stack, "amqp://guest:guest@127.0.0.1:1/%2f", &[("UPLOAD_MAX_OUTBOX", "5")]).await;
+    let (_, login) = api.call("/v1/auth/login", None, Some(&json!({"username": "ing", "password": PASSWORD}))).await;
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let doc = json!({"patient_ref": "PAT-1", "text": "Known AF."});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut accepted = 0;
+    let throttled = loop {
+        let resp =
+            api.http.post(format!("{}/v1/documents", api.base)).bearer_auth(&token).json(&doc).send().await.unwrap();
+        match resp.status().as_u16() {
+            202 => accepted += 1,
+            429 => break resp,
+            other => panic!("unexpected {other}"),
+        }
+        assert!(Instant::now() < deadline, "never throttled after {accepted} uploads");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(accepted >= 3, "uploads were accepted until the outbox passed its limit: {accepted}");
+    assert_eq!(throttled.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("2"));
+    let body: Value = throttled.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "busy");
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = 'documents.live'")
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(outbox, accepted, "a throttled upload stores nothing");
     stack.stop().await;
 }

@@ -1,0 +1,73 @@
+//! PostgreSQL restarted under upload load, on a server of the test's own:
+//! every accepted document ends done, nothing is dead-lettered, and uploads
+//! succeed again within 10 s of the database's return, with no process
+//! restarted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clinflow::testing::Postgres;
+use clinflow_api::users::Role;
+use serde_json::json;
+
+use crate::common::{Stack, Uploaders, wait_for_all_done, wait_until};
+
+#[tokio::test]
+async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restart() {
+    let pg = Postgres::start().await;
+    let stack = Stack::start_on_database(&pg.admin_url()).await;
+    stack.user("ing", Role::Ingest).await;
+    let token = stack.login("ing").await;
+    let uploads = Uploaders::start(&stack, &token, 4);
+    let (accepted, refused) = (Arc::clone(&uploads.accepted), Arc::clone(&uploads.refused));
+    let count = || accepted.lock().unwrap().len();
+
+    for restart in 1..=2 {
+        let before = count();
+        wait_until("uploads on a healthy database", Duration::from_secs(20), async || count() >= before + 20).await;
+        pg.stop().await;
+        let refused_before = refused.lock().unwrap().len();
+        wait_until("uploads refused while the database is down", Duration::from_secs(20), async || {
+            refused.lock().unwrap().len() > refused_before + 5
+        })
+        .await;
+        pg.start_server().await;
+        let back = Instant::now();
+        let accepted_at_start = count();
+        wait_until("uploads accepted again", Duration::from_secs(10), async || count() > accepted_at_start + 5).await;
+        let (code, probe) =
+            stack.post("/v1/documents", Some(&token), &json!({"patient_ref": "PROBE", "text": "Known HTN."})).await;
+        assert_eq!(code, 202);
+        let probe = probe["id"].as_str().unwrap().to_owned();
+        accepted.lock().unwrap().push(probe.clone());
+        wait_until("a new upload processed after the restart", Duration::from_secs(10), async || {
+            sqlx::query_scalar::<_, String>("SELECT status FROM documents WHERE id = $1::uuid")
+                .bind(&probe)
+                .fetch_one(&stack.db.owner)
+                .await
+                .is_ok_and(|s| s == "done")
+        })
+        .await;
+        let recovered = back.elapsed();
+        assert!(recovered < Duration::from_secs(10), "restart {restart}: recovered after {recovered:?}");
+        eprintln!("database restart {restart}: a fresh upload was done {recovered:?} after it came back");
+    }
+    let (ids, refused) = uploads.stop().await;
+    assert!(refused.iter().all(|c| *c == 500 || *c == 503), "only unavailability while it was down: {refused:?}");
+    wait_for_all_done(&stack, &ids).await;
+    let results: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM document_results").fetch_one(&stack.db.owner).await.unwrap();
+    assert_eq!(results, ids.len() as i64, "one result per accepted document");
+    wait_until("every accepted upload audited", Duration::from_secs(30), async || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_events WHERE action = 'document.upload'")
+            .fetch_one(&stack.db.owner)
+            .await
+            .is_ok_and(|n| n == ids.len() as i64)
+    })
+    .await;
+    assert_eq!(stack.queue_depth(&stack.topology.documents_live().dead_queue).await, 0);
+    assert_eq!(stack.queue_depth(&stack.topology.audit().dead_queue).await, 0);
+    eprintln!("{} uploads accepted across 2 database restarts, all done, each with one result", ids.len());
+    stack.stop().await;
+    drop(pg);
+}
