@@ -42,6 +42,9 @@ impl<'a> Context<'a> {
     }
 }
 
+/// Uploads answered 429 (backpressure) and sent again after `Retry-After`.
+pub static THROTTLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// How the pipeline runs get their notes into the API.
 #[derive(Debug, Clone, Copy)]
 pub enum Upload {
@@ -74,15 +77,26 @@ impl Client {
         Ok(Self { http, base: base.to_owned(), token })
     }
 
+    /// Sends a request, waiting out 429 answers for their `Retry-After` as
+    /// a well-behaved loader does. The latency includes those waits.
+    async fn send(&self, request: impl Fn() -> reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        loop {
+            let response = request().bearer_auth(&self.token).send().await?;
+            if response.status().as_u16() != 429 {
+                return Ok(response);
+            }
+            THROTTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let wait =
+                response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
+    }
+
     async fn upload(&self, note: &Note) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let response = self
-            .http
-            .post(format!("{}/v1/documents", self.base))
-            .bearer_auth(&self.token)
-            .json(&json!({"patient_ref": note.patient_ref, "text": note.text}))
-            .send()
-            .await?;
+        let body = json!({"patient_ref": note.patient_ref, "text": note.text});
+        let url = format!("{}/v1/documents", self.base);
+        let response = self.send(|| self.http.post(&url).json(&body)).await?;
         let status = response.status();
         // Error bodies of the API never quote the request, so they are safe to show.
         let body = response.bytes().await?;
@@ -98,13 +112,9 @@ impl Client {
             serde_json::to_writer(&mut body, &json!({"patient_ref": note.patient_ref, "text": note.text}))?;
             body.push(b'\n');
         }
+        let url = format!("{}/v1/documents/batch", self.base);
         let response = self
-            .http
-            .post(format!("{}/v1/documents/batch", self.base))
-            .bearer_auth(&self.token)
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
+            .send(|| self.http.post(&url).header("content-type", "application/x-ndjson").body(body.clone()))
             .await?;
         let status = response.status();
         let answer: serde_json::Value = response.json().await?;

@@ -204,6 +204,7 @@ pub fn print_and_save(
     let ceiling_docs = ceiling.map_or(0.0, |c| c.docs_per_s);
     let (p50, p99) = latency.map_or((0.0, 0.0), |l| (l.upload_p50_ms, l.upload_p99_ms));
     let sink_rate = sink.map_or(0.0, |s| s.events_per_s);
+    let throttled = crate::phases::THROTTLED.load(std::sync::atomic::Ordering::Relaxed);
 
     println!();
     println!(
@@ -256,6 +257,7 @@ pub fn print_and_save(
             "≥ 5000",
             Some(c.upload_docs_per_s >= 5000.0),
         );
+        row("  uploads throttled (429) and sent again", format!("{throttled}"), "", None);
     }
     if let Some(l) = latency {
         row(
@@ -325,7 +327,7 @@ pub fn print_and_save(
         "duration_s": elapsed.as_secs_f64(),
         "result": {"ratio": ratio, "direct_docs_per_s": direct, "pipeline_docs_per_s": piped,
                    "ceiling_docs_per_s": ceiling_docs, "upload_p50_ms": p50, "upload_p99_ms": p99,
-                   "sink_events_per_s": sink_rate},
+                   "sink_events_per_s": sink_rate, "uploads_throttled": throttled},
         "figures": figures,
     });
     std::fs::create_dir_all(results_dir)?;
