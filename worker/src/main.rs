@@ -42,6 +42,7 @@ async fn run() -> anyhow::Result<()> {
         in_flight: config::positive("WORKER_IN_FLIGHT", defaults.in_flight)?,
         ..defaults
     };
+    let grace = Duration::from_secs(config::positive("WORKER_SHUTDOWN_GRACE_S", 30)?.into());
     clinflow::telemetry::install_metrics(metrics_addr)?;
 
     let medcat = MedcatClient::new(medcat_url.expose_secret(), MedcatClient::default_backoff())?;
@@ -59,8 +60,14 @@ async fn run() -> anyhow::Result<()> {
         topology: Topology::new(prefix),
         batch,
     });
-    // RabbitMQ is connected (and reconnected) inside `run`.
-    worker.run(&amqp_url, &LinkState::default(), clinflow::shutdown::on_signal()).await?;
+    // RabbitMQ is connected (and reconnected) inside `run`. On SIGTERM the
+    // batches in flight are finished, for at most WORKER_SHUTDOWN_GRACE_S.
+    let shutdown = clinflow::shutdown::on_signal();
+    let link = LinkState::default();
+    let run = worker.run(&amqp_url, &link, shutdown.clone());
+    if let Some(ended) = clinflow::shutdown::with_grace(run, &shutdown, grace).await {
+        ended?;
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

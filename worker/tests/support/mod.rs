@@ -3,13 +3,24 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use clinflow::testing;
+use backon::ExponentialBuilder;
+use clinflow::amqp::{Publisher, Topology};
+use clinflow::crypto::Keyring;
+use clinflow::documents::{self, NewDocument};
+use clinflow::link::LinkState;
+use clinflow::testing::{self, TestDb};
+use clinflow_worker::medcat::MedcatClient;
+use clinflow_worker::{BatchConfig, Worker};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// FAULT-INJECTING PROXY in front of the real MedCAT: answers `status` to the
 /// first `failures` POSTs, then forwards every request to the real service.
@@ -42,4 +53,130 @@ pub async fn fault_proxy(failures: usize, status: StatusCode) -> FaultProxy {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     FaultProxy { url: format!("http://{addr}"), posts }
+}
+
+/// FAULT-INJECTING PROXY: forwards to the real MedCAT, holding every POST
+/// for `delay` first, so a test can act while a batch is in flight.
+pub async fn slow_proxy(delay: Duration) -> String {
+    let http = reqwest::Client::new();
+    async fn forward(
+        State((delay, http)): State<(Duration, reqwest::Client)>,
+        uri: Uri,
+        method: Method,
+        body: Bytes,
+    ) -> Response {
+        if method == Method::POST {
+            tokio::time::sleep(delay).await;
+        }
+        let url = format!("{}{}", testing::medcat_url(), uri.path());
+        let resp =
+            http.request(method, url).header("content-type", "application/json").body(body).send().await.unwrap();
+        (StatusCode::from_u16(resp.status().as_u16()).unwrap(), resp.bytes().await.unwrap()).into_response()
+    }
+    let app = Router::new().fallback(forward).with_state((delay, http));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// A worker's test bed: its own database and queue names, jobs queued before it starts.
+pub struct Setup {
+    pub db: TestDb,
+    pub topology: Topology,
+    pub amqp: lapin::Connection,
+    pub publisher: Publisher,
+    uploader: Uuid,
+}
+
+impl Setup {
+    pub async fn new() -> Self {
+        clinflow::telemetry::init_tracing();
+        let db = TestDb::new().await;
+        let (topology, amqp) = testing::topology().await;
+        let uploader = Uuid::now_v7();
+        sqlx::query("INSERT INTO users (id, username, password_hash, role) VALUES ($1, 'up', 'x', 'ingest')")
+            .bind(uploader)
+            .execute(&db.owner)
+            .await
+            .unwrap();
+        let publisher = Publisher::new(&amqp).await.unwrap();
+        Self { db, topology, amqp, publisher, uploader }
+    }
+
+    /// Stores each text as a document (sealed with `keyring`) and queues its job.
+    pub async fn enqueue(&self, keyring: &Keyring, texts: &[&str]) -> Vec<Uuid> {
+        let mut ids = Vec::new();
+        for text in texts {
+            let id = Uuid::now_v7();
+            let doc = NewDocument {
+                id,
+                patient_ref_ct: keyring.seal_str(documents::patient_ref_field(id), "PAT-1").unwrap(),
+                text_ct: keyring.seal_str(documents::text_field(id), text).unwrap(),
+                source_ref_hmac: None,
+                document_date: None,
+                uploaded_by: self.uploader,
+            };
+            let mut conn = self.db.app.acquire().await.unwrap();
+            documents::insert(&mut conn, &doc).await.unwrap();
+            clinflow::jobs::publish(&self.publisher, &self.topology, id).await.unwrap();
+            ids.push(id);
+        }
+        ids
+    }
+
+    pub async fn start_worker(&self, medcat_url: &str, shutdown: &CancellationToken) -> JoinHandle<anyhow::Result<()>> {
+        let backoff = ExponentialBuilder::default().with_min_delay(Duration::from_millis(20)).with_max_times(2);
+        let medcat = MedcatClient::new(medcat_url, backoff).unwrap();
+        let worker = Arc::new(Worker {
+            db: self.db.app.clone(),
+            keyring: Arc::new(testing::keyring()),
+            model_version: medcat.model_version().await.unwrap(),
+            medcat,
+            topology: self.topology.clone(),
+            batch: BatchConfig {
+                size: 16,
+                max_wait: Duration::from_millis(200),
+                in_flight: 2,
+                max_pause: Duration::from_millis(200),
+            },
+        });
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { worker.run(&testing::amqp_url(), &LinkState::default(), shutdown).await })
+    }
+
+    /// (status, failure_code, result rows) of each document once none is
+    /// queued or processing, or at the deadline.
+    pub async fn wait_final(&self, ids: &[Uuid]) -> Vec<(String, Option<String>, i64)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut rows = Vec::new();
+            for id in ids {
+                let row: (String, Option<String>, i64) = sqlx::query_as(
+                    "SELECT status, failure_code, (SELECT count(*) FROM document_results WHERE document_id = d.id)
+                     FROM documents d WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_one(&self.db.owner)
+                .await
+                .unwrap();
+                rows.push(row);
+            }
+            if rows.iter().all(|r| r.0 == "done" || r.0 == "failed") || Instant::now() > deadline {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let channel = self.amqp.create_channel().await.unwrap();
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        channel.queue_declare(queue.into(), options, lapin::types::FieldTable::default()).await.unwrap().message_count()
+    }
+
+    pub async fn finish(self) {
+        testing::delete_queues(&self.topology, &self.amqp).await;
+        self.db.drop_database().await;
+    }
 }
