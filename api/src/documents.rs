@@ -189,7 +189,7 @@ async fn upload(
     }
     timed(STAGE, "commit", tx.commit()).await?;
     state.relay.wake();
-    metrics::counter!("clinflow_documents_uploaded_total").increment(1);
+    metrics::counter!("clinflow_documents_uploaded_total", "via" => "single").increment(1);
     Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })))
 }
 

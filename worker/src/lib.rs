@@ -12,11 +12,13 @@
 //!
 //! Failures: a malformed job is dead-lettered at once. A document MedCAT
 //! refuses (4xx, 500, an unreadable answer) is marked failed with a code and
-//! its batch-mates go on. A transient failure (database, broker, MedCAT
+//! its batch-mates go on. A transient failure (the database, or MedCAT
 //! unreachable or overloaded past the in-process retries) holds the batch and
 //! retries it with growing pauses, taking no new work meanwhile, so an outage
-//! burns no delivery attempts. A document that cannot be decrypted means the
-//! worker runs with the wrong key: it stops, leaving everything queued.
+//! burns no delivery attempts. A broker failure ends the session: the
+//! connection is rebuilt (`clinflow::link`) and the unsettled batch comes back
+//! by redelivery. A document that cannot be decrypted means the worker runs
+//! with the wrong key: it stops, leaving everything queued.
 
 pub mod medcat;
 
