@@ -230,7 +230,7 @@ impl Publisher {
         let outgoing: Vec<Outgoing<'_>> = messages
             .iter()
             .zip(&bodies)
-            .map(|((message_id, _), body)| Outgoing { exchange, routing_key, message_id, body })
+            .map(|((message_id, _), body)| Outgoing { exchange, routing_key, message_id, body, reason: None })
             .collect();
         self.publish_many(&outgoing).await
     }
@@ -244,6 +244,9 @@ impl Publisher {
         for m in messages {
             let mut headers = FieldTable::default();
             headers.insert(PUBLISHED_AT_HEADER.into(), AMQPValue::LongLongInt(unix_micros(SystemTime::now())));
+            if let Some(reason) = m.reason {
+                headers.insert(REASON_HEADER.into(), long_string(reason));
+            }
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type(ShortString::from("application/json"))
@@ -281,7 +284,13 @@ pub struct Outgoing<'a> {
     pub routing_key: &'a str,
     pub message_id: &'a str,
     pub body: &'a [u8],
+    /// Why a message is parked in a dead-letter queue ([`REASON_HEADER`]).
+    pub reason: Option<&'a str>,
 }
+
+/// Header naming, as a short code, why a message was parked in a `.dead`
+/// queue by clinflow itself (the broker's own dead-lettering adds `x-death`).
+pub const REASON_HEADER: &str = "x-clinflow-reason";
 
 /// How long a publish waits for the broker's confirmation before the
 /// connection is taken for dead. Confirms of a healthy broker take

@@ -230,6 +230,12 @@ pub async fn claim_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<(Uu
     Ok(rows.into_iter().map(|r| (r.id, r.text_ct)).collect())
 }
 
+/// Which of `ids` exist at all (for jobs that claimed nothing: finished
+/// documents exist, a job naming none is poison).
+pub async fn existing(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!("SELECT id FROM documents WHERE id = ANY($1)", ids).fetch_all(db).await
+}
+
 /// The result of one document, sealed, ready to store.
 #[derive(Debug)]
 pub struct NewResult {

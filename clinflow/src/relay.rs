@@ -227,6 +227,7 @@ impl Relay {
                 routing_key: queue.key,
                 message_id: &row.message_id,
                 body: &row.body,
+                reason: None,
             });
         }
         let started = Instant::now();

@@ -10,7 +10,9 @@
 //! batch with one `multiple` ack. Several batches are in flight, each on its
 //! own channel, so MedCAT is never idle while a batch is being stored.
 //!
-//! Failures: a malformed job is dead-lettered at once. A document MedCAT
+//! Failures: a job that is not JSON of a job, or names no document, is
+//! poison: dead-lettered at once with the reason in `x-clinflow-reason`,
+//! never retried. A document MedCAT
 //! refuses (4xx, 500, an unreadable answer) is marked failed with a code and
 //! its batch-mates go on. A transient failure (the database, or MedCAT
 //! unreachable or overloaded past the in-process retries) holds the batch and
@@ -26,7 +28,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clinflow::amqp::{Publisher, Topology};
+use clinflow::amqp::{Outgoing, Publisher, Topology};
 use clinflow::audit::{self, Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
 use clinflow::documents::{self, NewResult};
@@ -35,7 +37,7 @@ use clinflow::link::{self, LinkState, SessionEnd};
 use clinflow::telemetry::{timed, timed_sync};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use secrecy::SecretString;
@@ -77,6 +79,15 @@ impl Default for BatchConfig {
     fn default() -> Self {
         Self { size: 50, max_wait: Duration::from_millis(20), in_flight: 3, max_pause: Duration::from_secs(30) }
     }
+}
+
+/// What a processed batch asks of its deliveries beyond a plain ack.
+#[derive(Debug, Default)]
+struct Settled {
+    /// Back to the queue: a re-check that failed transiently.
+    requeue: HashSet<Uuid>,
+    /// Jobs naming no document: poison, dead-lettered.
+    missing: HashSet<Uuid>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,27 +235,24 @@ impl Worker {
         stop: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         let mut jobs = Vec::with_capacity(batch.len());
+        let mut poison: Vec<(Delivery, &'static str)> = Vec::new();
         for delivery in batch {
             if let Some(wait) = clinflow::amqp::queue_wait(&delivery.properties) {
                 metrics::histogram!(STAGE, "stage" => "queue_wait").record(wait.as_secs_f64());
             }
             match serde_json::from_slice::<DocumentJob>(&delivery.data) {
                 Ok(job) => jobs.push((delivery, job.document_id)),
-                Err(_) => {
-                    tracing::warn!(bytes = delivery.data.len(), "malformed job message; dead-lettering it");
-                    metrics::counter!("clinflow_worker_malformed_total").increment(1);
-                    link::settle(delivery.reject(BasicRejectOptions { requeue: false })).await?;
-                }
+                Err(_) => poison.push((delivery, "malformed_job")),
             }
-        }
-        if jobs.is_empty() {
-            return Ok(());
         }
         let ids: Vec<Uuid> = jobs.iter().map(|(_, id)| *id).collect();
         let mut pause = Duration::from_millis(250);
-        let requeue = loop {
+        let settled = loop {
+            if ids.is_empty() {
+                break Settled::default();
+            }
             match self.process(&ids, publisher).await {
-                Ok(requeue) => break requeue,
+                Ok(settled) => break settled,
                 Err(e @ BatchError::Decrypt(_)) => {
                     // Best effort: if the requeue fails, closing the channel requeues them.
                     let _ = requeue_all(jobs).await;
@@ -269,35 +277,68 @@ impl Worker {
                 }
             }
         };
-        let mut last = None;
+        let mut acked = Vec::with_capacity(jobs.len());
         for (delivery, id) in jobs {
-            if requeue.contains(&id) {
+            if settled.requeue.contains(&id) {
                 link::settle(delivery.nack(BasicNackOptions { requeue: true, multiple: false })).await?;
-            } else if last.as_ref().is_none_or(|l: &Delivery| l.delivery_tag < delivery.delivery_tag) {
-                last = Some(delivery);
+            } else if settled.missing.contains(&id) {
+                poison.push((delivery, "no_such_document"));
+            } else {
+                acked.push(delivery);
             }
         }
+        self.park(publisher, &poison).await?;
         // Every other delivery of the batch has a lower tag on this channel,
         // and the requeued ones are settled already.
+        let last = acked.into_iter().chain(poison.into_iter().map(|(d, _)| d)).max_by_key(|d| d.delivery_tag);
         if let Some(last) = last {
             link::settle(last.ack(BasicAckOptions { multiple: true })).await?;
         }
         Ok(())
     }
 
-    /// Claims, annotates and stores the documents of `ids`; returns the ids
-    /// whose jobs go back to the queue (a re-check that failed transiently).
-    async fn process(&self, ids: &[Uuid], publisher: &Publisher) -> Result<HashSet<Uuid>, BatchError> {
+    /// Puts poison jobs in the dead-letter queue with the reason in a header
+    /// (confirmed before their deliveries are acked): never retried, kept
+    /// for inspection. Ids only, as every job.
+    async fn park(&self, publisher: &Publisher, poison: &[(Delivery, &'static str)]) -> Result<(), SessionEnd> {
+        if poison.is_empty() {
+            return Ok(());
+        }
+        let exchange = self.topology.dead_letter_exchange();
+        let parked: Vec<Outgoing<'_>> = poison
+            .iter()
+            .map(|(d, reason)| Outgoing {
+                exchange: &exchange,
+                routing_key: clinflow::amqp::DOCUMENTS_LIVE,
+                message_id: d.properties.message_id().as_ref().map_or("", |m| m.as_str()),
+                body: &d.data,
+                reason: Some(reason),
+            })
+            .collect();
+        publisher.publish_many(&parked).await.map_err(|e| SessionEnd::Broker(e.into()))?;
+        for (d, reason) in poison {
+            tracing::warn!(bytes = d.data.len(), reason, "poison job dead-lettered");
+            metrics::counter!("clinflow_worker_dead_lettered_total", "reason" => *reason).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Claims, annotates and stores the documents of `ids`; says which jobs
+    /// go back to the queue (a re-check that failed transiently) and which
+    /// name no document at all.
+    async fn process(&self, ids: &[Uuid], publisher: &Publisher) -> Result<Settled, BatchError> {
         let claimed = timed(STAGE, "claim", documents::claim_many(&self.db, ids)).await?;
-        let unique: HashSet<&Uuid> = ids.iter().collect();
-        if claimed.len() < unique.len() {
-            // Redelivered jobs of finished documents, or jobs naming none.
-            let skipped = (unique.len() - claimed.len()) as u64;
-            metrics::counter!("clinflow_worker_jobs_skipped_total").increment(skipped);
-            tracing::info!(skipped, "jobs for documents finished already or missing; acking them");
+        let mut settled = Settled::default();
+        let unclaimed: Vec<Uuid> = ids.iter().filter(|id| !claimed.iter().any(|(c, _)| c == *id)).copied().collect();
+        if !unclaimed.is_empty() {
+            let existing = documents::existing(&self.db, &unclaimed).await?;
+            // Finished documents (a redelivered or replayed job) are acked.
+            let finished = unclaimed.iter().filter(|id| existing.contains(id)).count();
+            metrics::counter!("clinflow_worker_jobs_skipped_total").increment(finished as u64);
+            settled.missing = unclaimed.into_iter().filter(|id| !existing.contains(id)).collect();
         }
         if claimed.is_empty() {
-            return Ok(HashSet::new());
+            return Ok(settled);
         }
         let docs = timed_sync(STAGE, "decrypt", || {
             claimed
@@ -319,7 +360,8 @@ impl Worker {
         timed(STAGE, "audit", audit::publish_many(publisher, &self.topology, &events)).await?;
 
         let outcomes = timed(STAGE, "nlp", self.annotate(&docs)).await?;
-        timed(STAGE, "store", self.store(&docs, outcomes)).await
+        settled.requeue = timed(STAGE, "store", self.store(&docs, outcomes)).await?;
+        Ok(settled)
     }
 
     /// One bulk call for the batch; documents it could not vouch for are

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use clinflow::amqp::Publisher;
+use clinflow::amqp::{Publisher, REASON_HEADER};
 use clinflow_api::users::Role;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
@@ -33,7 +33,7 @@ async fn malformed_jobs_are_dead_lettered_and_do_not_block_the_queue() {
     for body in [&b"not json at all"[..], br#"{"document_id": "not-a-uuid"}"#, b"{}", &[0xff, 0xfe, 0x00]] {
         publish_raw(&stack, body).await;
     }
-    // A well-formed job for a document that does not exist is acked, not parked.
+    // A well-formed job for a document that does not exist is poison too.
     publish_raw(&stack, br#"{"document_id": "018f0000-0000-7000-8000-000000000000"}"#).await;
 
     stack.user("u", Role::Clinician).await;
@@ -58,13 +58,29 @@ async fn malformed_jobs_are_dead_lettered_and_do_not_block_the_queue() {
     let mut parked = 0;
     for _ in 0..100 {
         parked = stack.queue_depth(&lane.dead_queue).await;
-        if parked == 4 {
+        if parked == 5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(parked, 4, "the four malformed messages are kept in the dead-letter queue");
+    assert_eq!(parked, 5, "the four malformed jobs and the one naming no document are kept, dead-lettered");
     assert_eq!(stack.queue_depth(&lane.queue).await, 0);
+    // Each with the reason it was parked for.
+    let channel = stack.amqp.create_channel().await.unwrap();
+    let mut reasons = Vec::new();
+    while let Some(m) = channel
+        .basic_get(lane.dead_queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let header = m.delivery.properties.headers().as_ref().and_then(|h| h.inner().get(REASON_HEADER).cloned());
+        reasons.push(match header {
+            Some(lapin::types::AMQPValue::LongString(r)) => r.to_string(),
+            other => format!("{other:?}"),
+        });
+    }
+    reasons.sort();
+    assert_eq!(reasons, ["malformed_job", "malformed_job", "malformed_job", "malformed_job", "no_such_document"]);
     assert!(!stack.worker.is_finished(), "the worker is still running");
     stack.stop().await;
 }
