@@ -113,6 +113,9 @@ pub fn app(state: AppState) -> Router {
             tracing::info_span!("request", method = %req.method(), route, request_id)
         }))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        // Outermost: a client's request id reaches spans, logs and audit
+        // events only if it is a plain token; anything else is replaced.
+        .layer(middleware::from_fn(drop_unsafe_request_id))
         .with_state(state)
 }
 
@@ -132,6 +135,23 @@ async fn ready(State(state): State<AppState>) -> Response {
     let status = if db && amqp { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = |ok: bool| if ok { "up" } else { "down" };
     (status, Json(json!({"postgres": word(db), "rabbitmq": word(amqp)}))).into_response()
+}
+
+/// Longest client-supplied request id kept.
+const MAX_REQUEST_ID: usize = 64;
+
+/// A client's `x-request-id` that is not 1–64 characters of `A-Z a-z 0-9 . _ -`
+/// is removed (and a fresh UUID set in its place), so free text — a name, a
+/// note, a forged log line — never reaches a span, a log or the audit trail.
+async fn drop_unsafe_request_id(mut req: Request, next: Next) -> Response {
+    let safe = |v: &axum::http::HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+    };
+    if req.headers().get("x-request-id").is_some_and(|v| !safe(v)) {
+        req.headers_mut().remove("x-request-id");
+    }
+    next.run(req).await
 }
 
 async fn record_metrics(req: Request, next: Next) -> Response {

@@ -119,3 +119,40 @@ async fn upload_validation_and_duplicates() {
     assert_eq!(rows, 1, "rejected uploads store nothing");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_request_id_reaches_the_audit_trail_only_if_it_is_a_plain_token() {
+    let stack = Stack::start().await;
+    stack.user("ing", Role::Ingest).await;
+    let login = |request_id: &'static str| {
+        let req = stack.http.post(format!("{}/v1/auth/login", stack.base));
+        async move {
+            let resp = req
+                .header("x-request-id", request_id)
+                .json(&json!({"username": "ing", "password": PASSWORD}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.headers()["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(login("batch-7.run_2").await, "batch-7.run_2", "a plain token is kept");
+    for bad in [
+        "Mrs Example smith_john.txt",
+        "patient=PAT-1;note=HTN",
+        "0123456789012345678901234567890123456789012345678901234567890123456789",
+    ] {
+        let echoed = login(bad).await;
+        assert_ne!(echoed, bad);
+        assert!(uuid::Uuid::parse_str(&echoed).is_ok(), "replaced by a fresh id: {echoed}");
+    }
+    assert_eq!(stack.wait_for_audit_rows(4).await, 4);
+    let ids: Vec<Option<String>> = sqlx::query_scalar("SELECT request_id FROM audit_events ORDER BY seq")
+        .fetch_all(&stack.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(ids[0].as_deref(), Some("batch-7.run_2"));
+    assert!(ids[1..].iter().all(|id| id.as_deref().is_some_and(|i| uuid::Uuid::parse_str(i).is_ok())), "{ids:?}");
+    stack.stop().await;
+}
