@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clinflow::amqp::Topology;
+use clinflow::amqp::{Outgoing, Publisher, Topology};
 use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
 use clinflow::documents;
 use clinflow::jobs::DocumentJob;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
-use lapin::{BasicProperties, Confirmation};
+use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -336,7 +335,8 @@ pub async fn sink(
     Ok(report::Sink { events, events_per_s: steady, wall_events_per_s: wall_rate, sink_cpu_s: cpu })
 }
 
-/// Publishes every body with confirms, many in flight at once.
+/// Publishes every body through the shared publisher (persistent,
+/// `mandatory`, pipelined confirms), a window at a time.
 async fn publish_all(
     amqp: &lapin::Connection,
     exchange: &str,
@@ -344,28 +344,16 @@ async fn publish_all(
     bodies: impl Iterator<Item = Result<Vec<u8>, serde_json::Error>>,
 ) -> anyhow::Result<()> {
     const WINDOW: usize = 2_000;
-    let channel = amqp.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    let properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
-    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-    let mut in_flight = Vec::with_capacity(WINDOW);
-    let settle = |confirmation: Confirmation| match confirmation {
-        Confirmation::Ack(None) => Ok(()),
-        other => Err(anyhow::anyhow!("publish not acknowledged: {other:?}")),
-    };
-    for body in bodies {
-        let confirm = channel.basic_publish(exchange.into(), key.into(), options, &body?, properties.clone()).await?;
-        in_flight.push(confirm);
-        if in_flight.len() == WINDOW {
-            for c in in_flight.drain(..) {
-                settle(c.await?)?;
-            }
-        }
+    let publisher = Publisher::new(amqp).await?;
+    let bodies = bodies.collect::<Result<Vec<_>, _>>()?;
+    for window in bodies.chunks(WINDOW) {
+        let outgoing: Vec<Outgoing<'_>> = window
+            .iter()
+            .map(|body| Outgoing { exchange, routing_key: key, message_id: "", body, reason: None })
+            .collect();
+        publisher.publish_many(&outgoing).await?;
     }
-    for c in in_flight {
-        settle(c.await?)?;
-    }
-    channel.close(200, "done".into()).await?;
+    publisher.channel().close(200, "done".into()).await?;
     Ok(())
 }
 

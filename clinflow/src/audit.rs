@@ -1,8 +1,10 @@
 //! The audit event: who did what to which resource, when, from where, and how
 //! it ended. Ids only — never document text or patient references.
 //!
-//! Producers (api, worker) publish events to `{prefix}.audit` with publisher
-//! confirms; `clinflow-audit-sink` is the only writer of the audit table.
+//! The api writes its events to its outbox (in the transaction of what they
+//! record), the worker publishes its own with publisher confirms; both reach
+//! `{prefix}.audit`, and `clinflow-audit-sink` is the only writer of the
+//! audit table.
 
 use std::net::IpAddr;
 
@@ -161,13 +163,8 @@ pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap_or(t)
 }
 
-/// Publishes one event and waits for the broker's confirmation. A caller that
-/// is about to reveal PHI must not do so when this fails.
-pub async fn publish(publisher: &Publisher, topology: &Topology, event: &AuditEvent) -> Result<(), AmqpError> {
-    publish_many(publisher, topology, std::slice::from_ref(event)).await
-}
-
-/// Publishes many events and waits for all their confirmations at once.
+/// Publishes events and waits for all their confirmations at once (the
+/// worker's path; the api's events go through its outbox).
 pub async fn publish_many(publisher: &Publisher, topology: &Topology, events: &[AuditEvent]) -> Result<(), AmqpError> {
     let started = std::time::Instant::now();
     let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
