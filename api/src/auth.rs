@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::{Json, Router, routing::post};
 use clinflow::audit::{Action, Actor, ActorKind, AuditEvent, Outcome};
+use clinflow::wire::{LOGIN_PATH, LoginRequest, LoginResponse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretBox};
 use serde::{Deserialize, Serialize};
@@ -31,7 +32,7 @@ pub const TOKEN_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/auth/login", post(login)).route("/v1/auth/logout", post(logout))
+    Router::new().route(LOGIN_PATH, post(login)).route("/v1/auth/logout", post(logout))
 }
 
 pub struct JwtKeys {
@@ -189,20 +190,6 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
-#[derive(Deserialize)]
-pub struct LoginRequest {
-    username: String,
-    password: String,
-}
-
-#[derive(Serialize)]
-pub struct LoginResponse {
-    access_token: String,
-    token_type: &'static str,
-    #[serde(with = "time::serde::rfc3339")]
-    expires_at: OffsetDateTime,
-}
-
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct JsonBody<T>(pub T);
@@ -256,7 +243,7 @@ async fn login(
         revoke(&state, session_id).await?;
         return Err(e);
     }
-    Ok(Json(LoginResponse { access_token: token, token_type: "bearer", expires_at }))
+    Ok(Json(LoginResponse { access_token: token, token_type: "bearer".into(), expires_at }))
 }
 
 async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {

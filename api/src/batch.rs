@@ -14,13 +14,13 @@ use axum::{Json, Router};
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted, NewDocument};
 use clinflow::outbox;
+use clinflow::wire::{BATCH_PATH, BatchResponse, LineOutcome, UploadRequest};
 use futures_util::StreamExt;
-use serde::Serialize;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::AuthUser;
-use crate::documents::{UploadRequest, seal, validate};
+use crate::documents::{seal, validate};
 use crate::error::{ApiError, describe_json_error};
 use crate::users::Role;
 
@@ -29,7 +29,7 @@ const BATCH_UPLOADERS: &[Role] = &[Role::Ingest, Role::Admin];
 const CHUNK: usize = 500;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/documents/batch", post(upload_batch))
+    Router::new().route(BATCH_PATH, post(upload_batch))
 }
 
 /// Limits of one batch request (`BATCH_MAX_LINES`, `BATCH_MAX_BYTES`).
@@ -46,22 +46,6 @@ impl Default for BatchLimits {
     fn default() -> Self {
         Self { max_lines: 10_000, max_bytes: 64 * 1024 * 1024, max_line_bytes: 2 * crate::documents::MAX_TEXT_BYTES }
     }
-}
-
-#[derive(Debug, Serialize, PartialEq, Eq)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum LineOutcome {
-    Accepted { line: usize, id: Uuid },
-    Duplicate { line: usize, id: Uuid },
-    Rejected { line: usize, code: &'static str, message: String },
-}
-
-#[derive(Debug, Serialize, Default)]
-pub struct BatchResponse {
-    pub accepted: usize,
-    pub duplicate: usize,
-    pub rejected: usize,
-    pub outcomes: Vec<LineOutcome>,
 }
 
 #[tracing::instrument(skip_all, fields(user_id = %user.id, lines))]
@@ -85,7 +69,7 @@ async fn upload_batch(
     while let Some(line) = lines.next().await? {
         let number = line.number;
         let outcome = match line.content {
-            Err((code, message)) => Err(LineOutcome::Rejected { line: number, code, message }),
+            Err((code, message)) => Err(LineOutcome::Rejected { line: number, code: code.into(), message }),
             Ok(bytes) => parse_line(&state, user.id, number, &bytes).map(|doc| (number, doc)),
         };
         match outcome {
@@ -106,11 +90,11 @@ async fn upload_batch(
 fn parse_line(state: &AppState, uploader: Uuid, number: usize, bytes: &[u8]) -> Result<NewDocument, LineOutcome> {
     let rejected = |e: ApiError| {
         let (code, message) = e.code_and_message();
-        LineOutcome::Rejected { line: number, code, message }
+        LineOutcome::Rejected { line: number, code: code.into(), message }
     };
     let request: UploadRequest = serde_json::from_slice(bytes).map_err(|e| {
         let (code, message) = describe_json_error(&e);
-        LineOutcome::Rejected { line: number, code, message }
+        LineOutcome::Rejected { line: number, code: code.into(), message }
     })?;
     let upload = validate(request).map_err(rejected)?;
     seal(state, uploader, Uuid::now_v7(), upload).map_err(rejected)
@@ -146,25 +130,6 @@ async fn store(
     tx.commit().await?;
     state.relay.wake();
     Ok(())
-}
-
-impl BatchResponse {
-    fn push(&mut self, outcome: LineOutcome) {
-        match outcome {
-            LineOutcome::Accepted { .. } => self.accepted += 1,
-            LineOutcome::Duplicate { .. } => self.duplicate += 1,
-            LineOutcome::Rejected { .. } => self.rejected += 1,
-        }
-        self.outcomes.push(outcome);
-    }
-}
-
-impl LineOutcome {
-    fn line(&self) -> usize {
-        match self {
-            Self::Accepted { line, .. } | Self::Duplicate { line, .. } | Self::Rejected { line, .. } => *line,
-        }
-    }
 }
 
 fn too_large(limits: BatchLimits) -> ApiError {

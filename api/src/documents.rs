@@ -6,10 +6,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
-use clinflow::documents::{self, Inserted, NewDocument, Status};
+use clinflow::documents::{self, Inserted, NewDocument, StatusRow};
 use clinflow::outbox;
 use clinflow::telemetry::{timed, timed_sync};
-use serde::{Deserialize, Serialize};
+use clinflow::wire::{
+    DOCUMENTS_PATH, DocumentStatus, MAX_STATUS_IDS, STATUSES_PATH, Status, StatusRequest, StatusesResponse,
+    UploadRequest, UploadResponse,
+};
+use serde::Serialize;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
@@ -32,34 +36,26 @@ const STAGE: &str = "clinflow_api_stage_seconds";
 /// Status reads carry no PHI: not audited. Ingest and clinician accounts see
 /// the documents they uploaded; ops and admin see all.
 const STATUS_READERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Ops, Role::Admin];
-const MAX_STATUS_IDS: usize = 1_000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/documents", post(upload))
-        .route("/v1/documents/status", post(statuses))
+        .route(DOCUMENTS_PATH, post(upload))
+        .route(STATUSES_PATH, post(statuses))
         .route("/v1/documents/{id}", get(read))
         .route("/v1/documents/{id}/status", get(status))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StatusRequest {
-    ids: Vec<Uuid>,
-}
-
-#[derive(Serialize)]
-pub struct StatusesResponse {
-    documents: Vec<documents::StatusRow>,
-    /// Ids that do not exist, or that the caller may not see.
-    missing: Vec<Uuid>,
 }
 
 async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Result<StatusesResponse, ApiError> {
     user.require(state, STATUS_READERS, Action::DocumentStatus, None).await?;
     let all = matches!(user.role, Role::Ops | Role::Admin);
-    let documents: Vec<_> =
-        documents::statuses(&state.db, ids).await?.into_iter().filter(|d| all || d.uploaded_by == user.id).collect();
+    let mut documents = Vec::with_capacity(ids.len());
+    for row in documents::statuses(&state.db, ids).await? {
+        if all || row.uploaded_by == user.id {
+            let status = Status::parse(&row.status).ok_or_else(|| anyhow::anyhow!("unknown document status"))?;
+            let StatusRow { id, created_at, updated_at, failure_code, .. } = row;
+            documents.push(DocumentStatus { id, status, created_at, updated_at, failure_code });
+        }
+    }
     let missing = ids.iter().filter(|id| !documents.iter().any(|d| d.id == **id)).copied().collect();
     Ok(StatusesResponse { documents, missing })
 }
@@ -68,7 +64,7 @@ async fn status(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<Uuid>,
-) -> Result<Json<documents::StatusRow>, ApiError> {
+) -> Result<Json<DocumentStatus>, ApiError> {
     let found = visible_statuses(&state, &user, &[id]).await?;
     found.documents.into_iter().next().map(Json).ok_or(ApiError::NotFound)
 }
@@ -82,22 +78,6 @@ async fn statuses(
         return Err(ApiError::invalid("too_many_ids", format!("ask for at most {MAX_STATUS_IDS} ids at a time")));
     }
     Ok(Json(visible_statuses(&state, &user, &req.ids).await?))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct UploadRequest {
-    patient_ref: String,
-    text: String,
-    source_ref: Option<String>,
-    /// Parsed by hand so a bad value gets a clear message without echoing it.
-    document_date: Option<String>,
-}
-
-#[derive(Serialize)]
-pub struct UploadResponse {
-    id: Uuid,
-    status: Status,
 }
 
 pub(crate) struct ValidUpload {

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use clinflow::wire::{ErrorBody, ErrorDetail};
 use uuid::Uuid;
 
 /// What a throttled or briefly unavailable client is told to wait.
@@ -132,10 +132,8 @@ impl IntoResponse for ApiError {
             tracing::error!(error = format!("{e:#}"), "request failed");
         }
         let (code, message) = self.code_and_message();
-        let mut body = json!({ "error": { "code": code, "message": message } });
-        if let Self::DuplicateSourceRef(id) = self {
-            body["id"] = json!(id);
-        }
+        let id = if let Self::DuplicateSourceRef(id) = self { Some(id) } else { None };
+        let body = ErrorBody { error: ErrorDetail { code: code.into(), message }, id };
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             response

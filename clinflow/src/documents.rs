@@ -19,26 +19,7 @@ pub fn annotations_field(id: Uuid) -> Field {
     Field { table: "document_results", column: "annotations", row: id }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Queued,
-    Processing,
-    Done,
-    Failed,
-}
-
-impl Status {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "queued" => Some(Self::Queued),
-            "processing" => Some(Self::Processing),
-            "done" => Some(Self::Done),
-            "failed" => Some(Self::Failed),
-            _ => None,
-        }
-    }
-}
+pub use crate::wire::Status;
 
 #[derive(Debug)]
 pub struct NewDocument {

@@ -25,13 +25,13 @@ pub struct Cli {
 pub enum Command {
     /// Upload notes from folders of .txt files, .jsonl/.ndjson or .csv files
     Load(LoadArgs),
-    /// Wait until the uploaded documents are processed and summarize their concepts
+    /// Wait until the uploaded documents are processed, and count how they ended
     Wait(WaitArgs),
 }
 
 const PASSWORD_HELP: &str = "The password is read from CLINFLOW_PASSWORD, or else from one line of standard\n\
 input (prompted without echo on a terminal). Logs go to stderr (filter with RUST_LOG);\n\
-they name source_refs and document ids, never note text or patient_refs.";
+they name document ids and counts, never note text or patient_refs.";
 
 #[derive(Debug, Args)]
 pub struct ApiArgs {
@@ -52,20 +52,30 @@ Each INPUT is a folder (every *.txt below it, in path order, each starting with 
 front-matter block: ---, patient_ref: ..., document_date: YYYY-MM-DD, ---), a\n\
 .jsonl/.ndjson file (one object per line: patient_ref, text, source_ref?, document_date?)\n\
 or a .csv file with a header row (patient_ref, text, source_ref?, document_date?).\n\
-Default source_ref: the path relative to the folder, <file>:<line> for JSON Lines,\n\
-<file>:<record> for CSV.\n\n\
-Exit status: 0 when every record was uploaded, skipped or rejected; 1 when the run\n\
-stopped early (rerun the same command to resume); 2 with --strict when records were\n\
-rejected; 130 when interrupted."))]
+Default source_ref: the file's absolute path, <absolute file>:<line> for JSON Lines,\n\
+<absolute file>:<record> for CSV. The API keeps source_refs per account (as a keyed\n\
+hash): sending one again answers `duplicate` with the first upload's id.\n\n\
+The summary accounts for every record read: skipped (in the state file), rejected\n\
+before sending, or sent = accepted + duplicate + rejected by the API (+ unanswered).\n\
+While the API answers 429 (its backlog is full) the loader waits as it asks.\n\n\
+Exit status: 0 when every record was accepted, duplicate, skipped or rejected; 1 when\n\
+the run stopped early (rerun the same command to resume); 2 with --strict when records\n\
+were rejected; 130 when interrupted."))]
 pub struct LoadArgs {
     /// Folders, .jsonl/.ndjson or .csv files
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
     #[command(flatten)]
     pub api: ApiArgs,
-    /// Uploads in flight at once
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Batch requests in flight at once
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
+    /// Most records per batch request
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_lines: u32,
+    /// Most MiB per batch request (a larger single note still goes, alone)
+    #[arg(long, value_name = "MIB", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub batch_mib: u32,
     /// Resume file: one line per accepted upload; source_refs in it are skipped
     #[arg(long, value_name = "FILE", default_value = "./clinflow-ingest.state.jsonl")]
     pub state: PathBuf,
@@ -85,6 +95,8 @@ impl LoadArgs {
         LoadOptions {
             inputs: self.inputs.clone(),
             concurrency: usize::from(self.concurrency),
+            batch_lines: self.batch_lines as usize,
+            batch_bytes: self.batch_mib as usize * 1024 * 1024,
             state: self.state.clone(),
             rejects: self.rejects.clone(),
         }
@@ -92,17 +104,18 @@ impl LoadArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = format!("{PASSWORD_HELP}\nThe user must have the clinician role.\n\n\
-Exit status: 0 when every document is done; 1 when any failed or is still pending\n\
-at the timeout, or on an error."))]
+#[command(after_help = format!("{PASSWORD_HELP}\nThe user must be the one that loaded the documents (or an ops account).\n\
+Only status, times and failure codes are read: no document content.\n\n\
+Exit status: 0 when every document is done; 1 when any failed, is still pending at\n\
+the timeout or is unknown to the API, or on an error."))]
 pub struct WaitArgs {
     #[command(flatten)]
     pub api: ApiArgs,
     /// State file written by `load`
     #[arg(long, value_name = "FILE", default_value = "./clinflow-ingest.state.jsonl")]
     pub state: PathBuf,
-    /// Status requests in flight at once
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Status requests (of up to 1,000 ids each) in flight at once
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
     /// Seconds to wait in all before giving up on pending documents
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
@@ -110,9 +123,6 @@ pub struct WaitArgs {
     /// Seconds between rounds of status requests
     #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
     pub poll_interval: f64,
-    /// How many concepts to list, by number of documents they occur in
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub top: usize,
     /// Print the summary as JSON
     #[arg(long)]
     pub json: bool,
@@ -128,7 +138,6 @@ impl WaitArgs {
             concurrency: usize::from(self.concurrency),
             timeout: Duration::from_secs(self.timeout),
             poll_interval: Duration::try_from_secs_f64(self.poll_interval).unwrap_or(Duration::from_secs(2)),
-            top: self.top,
         }
     }
 }
@@ -161,7 +170,8 @@ mod tests {
         let cli = Cli::try_parse_from(["clinflow-ingest", "load", "--username", "u", "notes/"]).unwrap();
         let Command::Load(args) = cli.command else { panic!("expected load") };
         let options = args.options();
-        assert_eq!(options.concurrency, 8);
+        assert_eq!(options.concurrency, 4);
+        assert_eq!((options.batch_lines, options.batch_bytes), (500, 8 * 1024 * 1024));
         assert_eq!(options.state, PathBuf::from("./clinflow-ingest.state.jsonl"));
         assert_eq!(options.rejects, PathBuf::from("./clinflow-ingest.rejects.jsonl"));
         assert_eq!(args.api.api_url.as_str(), "http://127.0.0.1:8080/");

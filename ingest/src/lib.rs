@@ -1,9 +1,10 @@
 //! clinflow-ingest: bulk upload of clinical notes to the clinflow API
-//! (`load`) and a summary of the concepts found in them (`wait`).
+//! (`load`, through the batch endpoint) and a wait for their processing
+//! (`wait`, through the status endpoint).
 //!
 //! PHI (note text, patient_ref) only ever travels in upload bodies: it is not
-//! logged, not put in errors, the rejects file or summaries, and the response
-//! types do not even parse it.
+//! logged, not put in errors, the rejects file or summaries. The request and
+//! answer types are the API's own, from `clinflow::wire`.
 
 pub mod cli;
 pub mod client;
@@ -11,10 +12,8 @@ pub mod credentials;
 pub mod load;
 pub mod progress;
 pub mod rejects;
-pub mod shutdown;
 pub mod source;
 pub mod state;
-pub mod summary;
 pub mod telemetry;
 pub mod wait;
 

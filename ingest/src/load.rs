@@ -1,64 +1,74 @@
-//! `load`: streams records from the inputs into concurrent uploads.
+//! `load`: streams records from the inputs into batch uploads.
 //!
-//! A blocking thread reads the inputs into a bounded channel (so memory stays
-//! flat however large the input), skipping source_refs already in the state
-//! file. Up to `concurrency` uploads run at once; their results come back to
-//! this one task, which alone writes the state and rejects files. When an
-//! upload still fails after its retries, no new record is started, the
-//! uploads in flight finish and are recorded, and the run ends: a rerun
-//! resumes from the state file.
+//! A blocking thread reads the inputs (skipping source_refs already in the
+//! state file) and packs the valid records into NDJSON batches on a bounded
+//! channel, so memory stays flat however large the input. Up to
+//! `concurrency` batches are in flight; their answers come back to this one
+//! task, which alone writes the state and rejects files and counts. Each
+//! line's outcome comes from the API: `accepted` and `duplicate` (the caller's
+//! own earlier upload of that source_ref) go to the state file with the id,
+//! `rejected` to the rejects file with the API's reason. Lines the API did not
+//! read (the batch was over its limits) are sent again in a smaller batch.
+//!
+//! When a batch still fails after its retries, no new batch is started, the
+//! ones in flight finish and are recorded, and the run ends: a rerun resumes
+//! from the state file, and whatever the lost answer had accepted comes back
+//! as `duplicate` with its id, so nothing is stored twice.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use futures_util::{Stream, StreamExt};
+use bytes::Bytes;
+use clinflow::wire::{LineOutcome, RESEND_CODES};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use crate::client::{ApiClient, ApiError, Uploaded};
+use crate::client::{ApiClient, ClientError};
 use crate::progress::Progress;
-use crate::rejects::{RejectsError, RejectsFile};
-use crate::source::{self, Record, Records, Rejection, SourceError};
-use crate::state::{self, StateEntry, StateError, StateWriter};
-use crate::summary::{LoadCounts, LoadSummary};
+use crate::rejects::RejectsFile;
+use crate::source::{self, Document, Record, Rejection};
+use crate::state::{self, StateEntry, StateWriter};
 
 pub struct LoadOptions {
     pub inputs: Vec<PathBuf>,
-    pub concurrency: usize,
     pub state: PathBuf,
     pub rejects: PathBuf,
+    /// Batches in flight at once.
+    pub concurrency: usize,
+    /// Most records per batch request.
+    pub batch_lines: usize,
+    /// Most bytes of NDJSON per batch request (a single larger note still
+    /// goes alone).
+    pub batch_bytes: usize,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error(transparent)]
-    Rejects(#[from] RejectsError),
+/// Every record read ends in exactly one of these.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LoadCounts {
+    pub read: u64,
+    /// In the state file from an earlier run: not sent again.
+    pub skipped: u64,
+    /// Rejected here, before sending (reason in the rejects file).
+    pub rejected_here: u64,
+    pub accepted: u64,
+    pub duplicate: u64,
+    pub rejected_by_api: u64,
+    /// Sent, but no answer came (the run stopped): a rerun sends them again.
+    pub unanswered: u64,
 }
 
-/// Why a run ended before the end of its input.
-#[derive(Debug)]
-pub enum StopReason {
-    Upload { source_ref: String, error: ApiError },
-    Source(SourceError),
-    Interrupted,
-}
+impl LoadCounts {
+    pub fn sent(&self) -> u64 {
+        self.accepted + self.duplicate + self.rejected_by_api + self.unanswered
+    }
 
-impl fmt::Display for StopReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StopReason::Upload { source_ref, error } => {
-                write!(f, "uploading {source_ref} failed: {error}")
-            }
-            StopReason::Source(error) => write!(f, "{error}"),
-            StopReason::Interrupted => f.write_str("interrupted"),
-        }
+    /// Every record read is accounted for exactly once.
+    pub fn reconciles(&self) -> bool {
+        self.read == self.skipped + self.rejected_here + self.sent()
     }
 }
 
@@ -66,42 +76,58 @@ impl fmt::Display for StopReason {
 pub struct LoadReport {
     pub counts: LoadCounts,
     pub elapsed: Duration,
-    pub stop: Option<StopReason>,
-    /// Set when at least one record was rejected.
-    pub rejects_file: Option<PathBuf>,
+    /// Why the run ended before the end of its input.
+    pub stop: Option<String>,
+    pub interrupted: bool,
 }
 
 impl LoadReport {
-    pub fn summary(&self) -> LoadSummary {
-        LoadSummary { counts: self.counts, elapsed: self.elapsed }
-    }
-
-    /// 0: all done (rejects allowed); 1: stopped early; 2: rejects with
-    /// `--strict`; 130: interrupted.
+    /// 0: every record read ended accepted, duplicate or rejected; 1: the run
+    /// stopped early; 2: records were rejected and `strict` is set; 130:
+    /// interrupted.
     pub fn exit_code(&self, strict: bool) -> u8 {
-        match &self.stop {
-            Some(StopReason::Interrupted) => 130,
-            Some(_) => 1,
-            None if self.counts.failed > 0 => 1,
-            None if strict && self.counts.rejected > 0 => 2,
-            None => 0,
+        let rejected = self.counts.rejected_here + self.counts.rejected_by_api;
+        if self.interrupted {
+            130
+        } else if self.stop.is_some() || !self.counts.reconciles() {
+            1
+        } else if strict && rejected > 0 {
+            2
+        } else {
+            0
         }
     }
 }
 
-enum Work {
-    Skip,
-    Record(Record),
-    SourceFailed(SourceError),
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.counts;
+        writeln!(f, "read {} record(s) in {:.1}s", c.read, self.elapsed.as_secs_f64())?;
+        writeln!(f, "  skipped (in the state file from an earlier run): {}", c.skipped)?;
+        writeln!(f, "  rejected before sending: {}", c.rejected_here)?;
+        write!(
+            f,
+            "  sent {} = accepted {} + duplicate {} + rejected by the API {}",
+            c.sent(),
+            c.accepted,
+            c.duplicate,
+            c.rejected_by_api
+        )?;
+        if c.unanswered > 0 {
+            write!(f, " + unanswered {} (a rerun sends them again)", c.unanswered)?;
+        }
+        if !c.reconciles() {
+            write!(f, "\n  COUNTS DO NOT RECONCILE: please report this")?;
+        }
+        Ok(())
+    }
 }
 
-enum Outcome {
-    Uploaded { source_ref: String, id: Uuid },
-    AlreadyDone { source_ref: String, id: Option<Uuid> },
+/// What the reader thread hands to the uploading task.
+enum Item {
+    Batch(Vec<Document>),
     Skipped,
     Rejected(Rejection),
-    Failed { source_ref: String, error: ApiError },
-    SourceFailed(SourceError),
 }
 
 pub async fn run(
@@ -109,199 +135,228 @@ pub async fn run(
     client: &ApiClient,
     progress: &Progress,
     shutdown: &CancellationToken,
-) -> Result<LoadReport, LoadError> {
+) -> anyhow::Result<LoadReport> {
     let started = Instant::now();
     let state = state::read(&options.state)?;
-    if state.torn_tail {
-        tracing::warn!(state = %options.state.display(), "state file ended in a partial line (a crash?); ignoring it");
-    }
     let done = state.done_source_refs();
-    if !done.is_empty() {
-        tracing::info!(already_done = done.len(), "resuming: skipping documents in the state file");
-    }
-    let mut state_writer = StateWriter::open(&options.state, &state)?;
+    let mut state_file = StateWriter::open(&options.state, &state)?;
     drop(state);
     let mut rejects = RejectsFile::start(&options.rejects)?;
+    // Opened before anything is sent, so that a typo in the last input fails fast.
     let records = source::open_all(&options.inputs)?;
+    let inputs = options.inputs.clone();
     if progress.is_visible() {
-        count_in_background(options.inputs.clone(), progress.clone());
+        let total = tokio::task::spawn_blocking(move || source::count_records(&inputs)).await??;
+        progress.set_total(total);
     }
 
-    let stop = shutdown.child_token();
-    let (tx, rx) = mpsc::channel(options.concurrency.max(1) * 4);
-    let reader = tokio::task::spawn_blocking(move || read_inputs(records, &done, &tx));
-    // Boxed (not `pin!`) so that `drop` below really drops it, receiver included.
-    let mut outcomes = Box::pin(
-        work_stream(rx, stop.clone()).map(|work| process(client, work)).buffer_unordered(options.concurrency.max(1)),
-    );
+    let stop_reading = CancellationToken::new();
+    let (tx, mut rx) = mpsc::channel(options.concurrency.max(1));
+    let limits = (options.batch_lines.max(1), options.batch_bytes);
+    let reader = {
+        let stop = stop_reading.clone();
+        tokio::task::spawn_blocking(move || read_batches(records, &done, limits, &tx, &stop))
+    };
 
     let mut counts = LoadCounts::default();
-    let mut stop_reason = None;
-    while let Some(outcome) = outcomes.next().await {
-        let failure = record_outcome(outcome, &mut counts, &mut state_writer, &mut rejects)?;
-        if let Some(reason) = failure {
-            stop.cancel();
-            stop_reason.get_or_insert(reason);
-        }
-        progress.record(&counts);
-    }
-    drop(outcomes);
-    // The reader ends at its next send now that the receiver is gone.
-    let _ = reader.await;
-    state_writer.sync()?;
-
-    if stop_reason.is_none() && shutdown.is_cancelled() {
-        stop_reason = Some(StopReason::Interrupted);
-    }
-    Ok(LoadReport {
-        counts,
-        elapsed: started.elapsed(),
-        stop: stop_reason,
-        rejects_file: (rejects.written() > 0).then(|| rejects.path().to_path_buf()),
-    })
-}
-
-/// Applies one outcome to the counts and files; returns why to stop, if so.
-fn record_outcome(
-    outcome: Outcome,
-    counts: &mut LoadCounts,
-    state: &mut StateWriter,
-    rejects: &mut RejectsFile,
-) -> Result<Option<StopReason>, LoadError> {
-    match outcome {
-        Outcome::Uploaded { source_ref, id } => {
-            tracing::debug!(%source_ref, %id, "uploaded");
-            state.append(&StateEntry { source_ref, id: Some(id) })?;
-            counts.uploaded += 1;
-        }
-        Outcome::AlreadyDone { source_ref, id } => {
-            tracing::debug!(%source_ref, "already uploaded before (409); recorded as done");
-            state.append(&StateEntry { source_ref, id })?;
-            counts.skipped += 1;
-        }
-        Outcome::Skipped => counts.skipped += 1,
-        Outcome::Rejected(rejection) => {
-            // Debug only: the rejects file has them all, and there may be many.
-            tracing::debug!(source_ref = %rejection.source_ref, reason = %rejection.reason, "rejected");
-            rejects.write(&rejection)?;
-            counts.rejected += 1;
-        }
-        Outcome::Failed { source_ref, error } => {
-            tracing::error!(%source_ref, %error, "upload failed; stopping");
-            counts.failed += 1;
-            return Ok(Some(StopReason::Upload { source_ref, error }));
-        }
-        Outcome::SourceFailed(error) => {
-            tracing::error!(%error, "cannot read the input; stopping");
-            return Ok(Some(StopReason::Source(error)));
-        }
-    }
-    Ok(None)
-}
-
-fn read_inputs(records: Records, done: &HashSet<String>, tx: &mpsc::Sender<Work>) {
-    for item in records {
-        let work = match item {
-            Ok(record) if done.contains(record.source_ref()) => Work::Skip,
-            Ok(record) => Work::Record(record),
-            Err(error) => Work::SourceFailed(error),
-        };
-        let last = matches!(work, Work::SourceFailed(_));
-        if tx.blocking_send(work).is_err() || last {
-            return;
-        }
-    }
-}
-
-/// The channel as a stream that ends as soon as `stop` is cancelled.
-fn work_stream(rx: mpsc::Receiver<Work>, stop: CancellationToken) -> impl Stream<Item = Work> {
-    futures_util::stream::unfold((rx, stop), |(mut rx, stop)| async move {
-        let work = tokio::select! {
+    let mut stop: Option<String> = None;
+    let mut in_flight = FuturesUnordered::new();
+    let mut reading = true;
+    loop {
+        tokio::select! {
             biased;
-            () = stop.cancelled() => None,
-            work = rx.recv() => work,
-        }?;
-        Some((work, (rx, stop)))
-    })
-}
-
-async fn process(client: &ApiClient, work: Work) -> Outcome {
-    let doc = match work {
-        Work::Skip => return Outcome::Skipped,
-        Work::SourceFailed(error) => return Outcome::SourceFailed(error),
-        Work::Record(Record::Rejected(rejection)) => return Outcome::Rejected(rejection),
-        Work::Record(Record::Document(doc)) => doc,
-    };
-    let source_ref = doc.source_ref.clone();
-    match client.upload(&doc).await {
-        Ok(Uploaded::Accepted(id)) => Outcome::Uploaded { source_ref, id },
-        Ok(Uploaded::AlreadyDone(id)) => Outcome::AlreadyDone { source_ref, id },
-        Err(error @ ApiError::Rejected { .. }) => {
-            Outcome::Rejected(Rejection { source_ref, reason: error.to_string() })
-        }
-        Err(error) => Outcome::Failed { source_ref, error },
-    }
-}
-
-/// Counts the records on a detached thread (not `spawn_blocking`: the
-/// runtime would wait for it at exit) and gives the bar its length.
-fn count_in_background(inputs: Vec<PathBuf>, progress: Progress) {
-    let spawned =
-        std::thread::Builder::new().name("count-records".into()).spawn(move || match source::count_records(&inputs) {
-            Ok(total) => progress.set_total(total),
-            Err(error) => tracing::debug!(%error, "cannot count the records; no ETA"),
-        });
-    if let Err(error) = spawned {
-        tracing::debug!(%error, "cannot start the counting thread; no ETA");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn report(stop: Option<StopReason>, rejected: u64, failed: u64) -> LoadReport {
-        LoadReport {
-            counts: LoadCounts { uploaded: 1, skipped: 0, rejected, failed },
-            elapsed: Duration::from_secs(1),
-            stop,
-            rejects_file: None,
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (docs, answer): (Vec<Document>, Answer) = done;
+                if let Err(error) = record(&docs, answer, &mut counts, &mut state_file, &mut rejects, progress) {
+                    stop.get_or_insert(error);
+                    reading = false;
+                }
+            }
+            () = shutdown.cancelled(), if reading => {
+                stop.get_or_insert_with(|| "interrupted".to_owned());
+                reading = false;
+            }
+            item = rx.recv(), if reading && in_flight.len() < options.concurrency.max(1) => match item {
+                Some(Item::Batch(docs)) => {
+                    counts.read += docs.len() as u64;
+                    in_flight.push(upload(client, docs, shutdown));
+                }
+                Some(Item::Skipped) => {
+                    counts.read += 1;
+                    counts.skipped += 1;
+                    progress.record(&counts);
+                }
+                Some(Item::Rejected(rejection)) => {
+                    counts.read += 1;
+                    counts.rejected_here += 1;
+                    rejects.write(&rejection)?;
+                    progress.record(&counts);
+                }
+                None => reading = false,
+            },
+            else => break,
         }
     }
-
-    #[test]
-    fn exit_codes() {
-        assert_eq!(report(None, 0, 0).exit_code(true), 0);
-        assert_eq!(report(None, 3, 0).exit_code(false), 0);
-        assert_eq!(report(None, 3, 0).exit_code(true), 2);
-        assert_eq!(report(None, 0, 1).exit_code(false), 1);
-        assert_eq!(report(Some(StopReason::Interrupted), 0, 0).exit_code(false), 130);
-        let upload = StopReason::Upload { source_ref: "a.txt".into(), error: ApiError::Unauthorized };
-        assert_eq!(report(Some(upload), 3, 1).exit_code(true), 1);
+    stop_reading.cancel();
+    drop(rx);
+    if let Err(error) = reader.await? {
+        stop.get_or_insert(error.to_string());
     }
+    state_file.sync()?;
+    let interrupted = shutdown.is_cancelled();
+    Ok(LoadReport { counts, elapsed: started.elapsed(), stop, interrupted })
+}
 
-    #[tokio::test]
-    async fn the_reader_skips_done_records_and_stops_after_a_source_error() {
-        let records: Records = Box::new(
-            vec![
-                Ok(Record::rejected("a".into(), "x")),
-                Ok(Record::rejected("b".into(), "x")),
-                Err(SourceError::Unsupported { path: "z".into() }),
-                Ok(Record::rejected("c".into(), "x")),
-            ]
-            .into_iter(),
-        );
-        let done: HashSet<String> = ["a".to_owned()].into();
-        let (tx, mut rx) = mpsc::channel(8);
-        tokio::task::spawn_blocking(move || read_inputs(records, &done, &tx)).await.unwrap();
-        let mut kinds = Vec::new();
-        while let Some(work) = rx.recv().await {
-            kinds.push(match work {
-                Work::Skip => "skip".to_owned(),
-                Work::Record(r) => r.source_ref().to_owned(),
-                Work::SourceFailed(_) => "error".to_owned(),
-            });
+/// The reader thread: skips what the state file has, sends rejections one
+/// by one and documents in batches of at most `max_lines` / `max_bytes`.
+fn read_batches(
+    records: source::Records,
+    done: &HashSet<String>,
+    (max_lines, max_bytes): (usize, usize),
+    tx: &mpsc::Sender<Item>,
+    stop: &CancellationToken,
+) -> Result<(), source::SourceError> {
+    let send = |item| tx.blocking_send(item).is_ok() && !stop.is_cancelled();
+    let (mut batch, mut bytes) = (Vec::new(), 0);
+    for record in records {
+        let item = match record? {
+            Record::Rejected(rejection) => Item::Rejected(rejection),
+            Record::Document(doc) if done.contains(&doc.source_ref) => Item::Skipped,
+            Record::Document(doc) => {
+                let size = doc.text.len() + doc.patient_ref.len() + doc.source_ref.len() + 100;
+                if !batch.is_empty() && (batch.len() == max_lines || bytes + size > max_bytes) {
+                    if !send(Item::Batch(std::mem::take(&mut batch))) {
+                        return Ok(());
+                    }
+                    bytes = 0;
+                }
+                batch.push(doc);
+                bytes += size;
+                continue;
+            }
+        };
+        if !send(item) {
+            return Ok(());
         }
-        assert_eq!(kinds, ["skip", "b", "error"]);
     }
+    if !batch.is_empty() {
+        send(Item::Batch(batch));
+    }
+    Ok(())
+}
+
+/// The outcomes the API gave, and the error that ended the batch early, if
+/// any (lines without an outcome then count as unanswered).
+type Answer = (Vec<LineOutcome>, Option<ClientError>);
+
+/// Sends one batch. A batch the API finds too large (413) is split in two;
+/// lines it did not read (over its line or byte limit) go again in a batch of
+/// their own. The outcomes are numbered by position in `docs` (from 1),
+/// whatever request answered them.
+async fn upload<'a>(
+    client: &'a ApiClient,
+    docs: Vec<Document>,
+    cancel: &'a CancellationToken,
+) -> (Vec<Document>, Answer) {
+    let mut outcomes = Vec::with_capacity(docs.len());
+    // Chunks of positions (0-based) still to send.
+    let mut chunks: Vec<Vec<usize>> = vec![(0..docs.len()).collect()];
+    while let Some(chunk) = chunks.pop() {
+        let mut body = Vec::with_capacity(chunk.len() * 1200);
+        for &i in &chunk {
+            if let Err(e) = serde_json::to_writer(&mut body, &docs[i].upload()) {
+                let e = ClientError::Refused { status: 0, code: "encode".into(), message: e.to_string() };
+                return (docs, (outcomes, Some(e)));
+            }
+            body.push(b'\n');
+        }
+        let response = match client.upload_batch(Bytes::from(body), cancel).await {
+            Ok(response) => response,
+            Err(ClientError::Refused { status: 413, .. }) if chunk.len() > 1 => {
+                let (first, second) = chunk.split_at(chunk.len() / 2);
+                chunks.push(second.to_vec());
+                chunks.push(first.to_vec());
+                continue;
+            }
+            Err(e) => return (docs, (outcomes, Some(e))),
+        };
+        let mut resend = Vec::new();
+        for outcome in response.outcomes {
+            let Some(&position) = outcome.line().checked_sub(1).and_then(|i| chunk.get(i)) else { continue };
+            match &outcome {
+                LineOutcome::Rejected { code, .. } if RESEND_CODES.contains(&code.as_ref()) => resend.push(position),
+                _ => outcomes.push(renumber(outcome, position + 1)),
+            }
+        }
+        if resend.len() == chunk.len() {
+            let e = ClientError::Refused {
+                status: 200,
+                code: "batch_limits".into(),
+                message: "the API read none of the batch; lower --batch-lines or --batch-mib".into(),
+            };
+            return (docs, (outcomes, Some(e)));
+        }
+        if !resend.is_empty() {
+            chunks.push(resend);
+        }
+    }
+    (docs, (outcomes, None))
+}
+
+fn renumber(outcome: LineOutcome, line: usize) -> LineOutcome {
+    match outcome {
+        LineOutcome::Accepted { id, .. } => LineOutcome::Accepted { line, id },
+        LineOutcome::Duplicate { id, .. } => LineOutcome::Duplicate { line, id },
+        LineOutcome::Rejected { code, message, .. } => LineOutcome::Rejected { line, code, message },
+    }
+}
+
+/// Writes a batch's outcomes to the state and rejects files. Returns the
+/// reason to stop when the batch (or part of it) got no answer.
+fn record(
+    docs: &[Document],
+    (outcomes, error): Answer,
+    counts: &mut LoadCounts,
+    state_file: &mut StateWriter,
+    rejects: &mut RejectsFile,
+    progress: &Progress,
+) -> Result<(), String> {
+    let mut answered = vec![false; docs.len()];
+    let mut failure = None;
+    for outcome in outcomes {
+        let Some(doc) = outcome.line().checked_sub(1).and_then(|i| docs.get(i)) else { continue };
+        if std::mem::replace(&mut answered[outcome.line() - 1], true) {
+            continue;
+        }
+        let written = match outcome {
+            LineOutcome::Accepted { id, .. } | LineOutcome::Duplicate { id, .. } => {
+                let duplicate = matches!(outcome, LineOutcome::Duplicate { .. });
+                if duplicate {
+                    counts.duplicate += 1;
+                } else {
+                    counts.accepted += 1;
+                }
+                state_file
+                    .append(&StateEntry { source_ref: doc.source_ref.clone(), id, duplicate })
+                    .map_err(|e| e.to_string())
+            }
+            LineOutcome::Rejected { code, message, .. } => {
+                counts.rejected_by_api += 1;
+                let reason = format!("{code}: {message}");
+                rejects.write(&Rejection { source_ref: doc.source_ref.clone(), reason }).map_err(|e| e.to_string())
+            }
+        };
+        if let Err(e) = written {
+            failure.get_or_insert(e);
+        }
+    }
+    let unanswered = answered.iter().filter(|a| !**a).count() as u64;
+    counts.unanswered += unanswered;
+    progress.inc(docs.len() as u64, counts);
+    if let Some(error) = error {
+        failure.get_or_insert(format!("{unanswered} record(s) of a batch got no answer: {error}"));
+    } else if unanswered > 0 {
+        failure.get_or_insert(format!("the API gave no outcome for {unanswered} record(s) of a batch"));
+    }
+    failure.map_or(Ok(()), Err)
 }

@@ -10,14 +10,14 @@ use clinflow_ingest::cli::{ApiArgs, Cli, Command, LoadArgs, WaitArgs};
 use clinflow_ingest::client::{ApiClient, ClientConfig, RetryPolicy};
 use clinflow_ingest::progress::Progress;
 use clinflow_ingest::telemetry::{self, LogSink};
-use clinflow_ingest::{credentials, load, shutdown, wait};
+use clinflow_ingest::{credentials, load, wait};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = LogSink::default();
     telemetry::init(logs.clone());
-    let shutdown = shutdown::on_signal();
+    let shutdown = clinflow::shutdown::on_signal();
     let result = match cli.command {
         Command::Load(args) => run_load(args, &logs, &shutdown).await,
         Command::Wait(args) => run_wait(args, &logs, &shutdown).await,
@@ -31,7 +31,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(api: &ApiArgs) -> anyhow::Result<ApiClient> {
+async fn connect(api: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<ApiClient> {
     let password = credentials::read_password()?;
     let client = ApiClient::new(ClientConfig {
         base_url: api.api_url.clone(),
@@ -40,7 +40,7 @@ async fn connect(api: &ApiArgs) -> anyhow::Result<ApiClient> {
         retry: RetryPolicy::default(),
         timeout: Duration::from_secs(api.request_timeout),
     })?;
-    client.login().await.with_context(|| format!("cannot log in to {} as {}", api.api_url, api.username))?;
+    client.login(shutdown).await.with_context(|| format!("cannot log in to {} as {}", api.api_url, api.username))?;
     Ok(client)
 }
 
@@ -51,29 +51,26 @@ fn progress(quiet: bool, logs: &LogSink) -> Progress {
 }
 
 async fn run_load(args: LoadArgs, logs: &LogSink, shutdown: &CancellationToken) -> anyhow::Result<u8> {
-    let client = connect(&args.api).await?;
+    let client = connect(&args.api, shutdown).await?;
     let progress = progress(args.quiet, logs);
     let report = load::run(&args.options(), &client, &progress, shutdown).await;
     progress.finish();
     logs.detach();
     let report = report?;
 
-    println!("{}", report.summary());
-    if let Some(path) = &report.rejects_file {
-        eprintln!("{} record(s) rejected; reasons in {}", report.counts.rejected, path.display());
+    println!("{report}");
+    let rejected = report.counts.rejected_here + report.counts.rejected_by_api;
+    if rejected > 0 {
+        eprintln!("{rejected} record(s) rejected; reasons in {}", args.rejects.display());
     }
     if let Some(stop) = &report.stop {
-        eprintln!(
-            "clinflow-ingest: stopped early ({stop}); {} document(s) were uploaded in this run. \
-             Run the same command again to resume.",
-            report.counts.uploaded
-        );
+        eprintln!("clinflow-ingest: stopped early ({stop}). Run the same command again to resume.");
     }
     Ok(report.exit_code(args.strict))
 }
 
 async fn run_wait(args: WaitArgs, logs: &LogSink, shutdown: &CancellationToken) -> anyhow::Result<u8> {
-    let client = connect(&args.api).await?;
+    let client = connect(&args.api, shutdown).await?;
     let progress = progress(args.quiet || args.json, logs);
     let summary = wait::run(&args.options(), &client, &progress, shutdown).await;
     progress.finish();

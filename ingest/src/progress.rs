@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::summary::LoadCounts;
+use crate::load::LoadCounts;
 
 #[derive(Clone)]
 pub struct Progress {
@@ -43,22 +43,29 @@ impl Progress {
         self.bar.set_style(style(true));
     }
 
+    /// One record handled (skipped or rejected here).
     pub fn record(&self, counts: &LoadCounts) {
-        self.bar.inc(1);
-        let mut message = format!("ok {} · skipped {} · rejected {}", counts.uploaded, counts.skipped, counts.rejected);
-        if counts.failed > 0 {
-            message.push_str(&format!(" · failed {}", counts.failed));
+        self.inc(1, counts);
+    }
+
+    pub fn inc(&self, n: u64, counts: &LoadCounts) {
+        self.bar.inc(n);
+        let mut message = format!(
+            "accepted {} · duplicate {} · skipped {} · rejected {}",
+            counts.accepted,
+            counts.duplicate,
+            counts.skipped,
+            counts.rejected_here + counts.rejected_by_api
+        );
+        if counts.unanswered > 0 {
+            message.push_str(&format!(" · unanswered {}", counts.unanswered));
         }
         self.bar.set_message(message);
     }
 
-    /// For `wait`: position is the number of documents in a final state.
-    pub fn set_finished(&self, finished: u64) {
-        self.bar.set_position(finished);
-    }
-
-    pub fn set_message(&self, message: String) {
-        self.bar.set_message(message);
+    pub fn set_position(&self, position: u64, message: &str) {
+        self.bar.set_position(position);
+        self.bar.set_message(message.to_owned());
     }
 
     pub fn finish(&self) {

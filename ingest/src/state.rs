@@ -1,7 +1,9 @@
 //! The resume file: append-only JSON Lines of `{"source_ref","id"}`, one line
-//! per document the API has accepted, written and flushed as soon as the API
-//! answers. A run skips every source_ref already in it, so rerunning after a
-//! crash or a stop resumes where the last run left off.
+//! per document the API accepted (or answered `duplicate` for, with the id of
+//! the earlier upload), written and flushed as soon as the API answers. A run
+//! skips every source_ref already in it, so rerunning after a crash or a stop
+//! resumes where the last run left off; a line lost in a crash only means
+//! that record is sent again and answered `duplicate`. `wait` reads the ids.
 //!
 //! A crash can leave a torn last line. Reading ignores it and [`StateWriter`]
 //! cuts it off before appending, so the next entry starts on a clean line.
@@ -17,8 +19,11 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateEntry {
     pub source_ref: String,
-    /// `None` when the API answered 409 (already uploaded) without an id.
-    pub id: Option<Uuid>,
+    pub id: Uuid,
+    /// The API answered `duplicate`: this account uploaded this source_ref
+    /// before (in a run whose answer was lost, or with another tool).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +58,7 @@ impl State {
     /// Distinct ids in file order.
     pub fn ids(&self) -> Vec<Uuid> {
         let mut seen = HashSet::new();
-        self.entries.iter().filter_map(|e| e.id).filter(|id| seen.insert(*id)).collect()
+        self.entries.iter().map(|e| e.id).filter(|id| seen.insert(*id)).collect()
     }
 }
 
@@ -139,7 +144,7 @@ mod tests {
     use crate::test_support::TempDir;
 
     fn entry(source_ref: &str, id: Option<Uuid>) -> StateEntry {
-        StateEntry { source_ref: source_ref.into(), id }
+        StateEntry { source_ref: source_ref.into(), id: id.unwrap_or(Uuid::nil()), duplicate: false }
     }
 
     #[test]
@@ -156,21 +161,25 @@ mod tests {
         let id = Uuid::new_v4();
         let mut writer = StateWriter::open(&path, &read(&path).unwrap()).unwrap();
         writer.append(&entry("a.txt", Some(id))).unwrap();
-        writer.append(&entry("b.txt", None)).unwrap();
-        writer.append(&entry("c.txt", Some(id))).unwrap();
+        writer.append(&StateEntry { duplicate: true, ..entry("b.txt", Some(id)) }).unwrap();
+        writer.append(&entry("c.txt", None)).unwrap();
         drop(writer);
 
         let state = read(&path).unwrap();
         let done = state.done_source_refs();
         assert!(done.contains("a.txt") && done.contains("b.txt") && done.contains("c.txt"));
         assert!(!done.contains("d.txt"));
-        assert_eq!(state.ids(), [id]);
+        assert_eq!(state.ids(), [id, Uuid::nil()]);
+        assert!(state.entries[1].duplicate && !state.entries[0].duplicate);
     }
 
     #[test]
     fn a_torn_last_line_is_ignored_and_cut_before_appending() {
         let dir = TempDir::new("state-torn");
-        let path = dir.write("state.jsonl", "{\"source_ref\":\"a.txt\",\"id\":null}\n{\"source_ref\":\"b.t");
+        let path = dir.write(
+            "state.jsonl",
+            "{\"source_ref\":\"a.txt\",\"id\":\"00000000-0000-0000-0000-000000000000\"}\n{\"source_ref\":\"b.t",
+        );
         let state = read(&path).unwrap();
         assert!(state.torn_tail);
         assert_eq!(state.entries, [entry("a.txt", None)]);
@@ -186,7 +195,8 @@ mod tests {
     #[test]
     fn a_complete_last_line_without_newline_is_kept() {
         let dir = TempDir::new("state-nonl");
-        let path = dir.write("state.jsonl", "{\"source_ref\":\"a.txt\",\"id\":null}");
+        let path =
+            dir.write("state.jsonl", "{\"source_ref\":\"a.txt\",\"id\":\"00000000-0000-0000-0000-000000000000\"}");
         let state = read(&path).unwrap();
         assert_eq!(state.entries.len(), 1);
         let mut writer = StateWriter::open(&path, &state).unwrap();
@@ -199,7 +209,7 @@ mod tests {
     fn a_corrupt_middle_line_is_an_error() {
         let dir = TempDir::new("state-corrupt");
         let path = dir
-            .write("state.jsonl", "{\"source_ref\":\"a\",\"id\":null}\ngarbage\n{\"source_ref\":\"b\",\"id\":null}\n");
+            .write("state.jsonl", "{\"source_ref\":\"a\",\"id\":\"00000000-0000-0000-0000-000000000000\"}\ngarbage\n{\"source_ref\":\"b\",\"id\":\"00000000-0000-0000-0000-000000000000\"}\n");
         let err = read(&path).unwrap_err().to_string();
         assert!(err.contains("corrupt at line 2"), "{err}");
     }

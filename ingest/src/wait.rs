@@ -1,81 +1,62 @@
-//! `wait`: polls every id in the state file until each document is `done` or
-//! `failed`, or the timeout passes, and tallies the concepts found. Each
-//! round asks about the documents still pending, `concurrency` at a time.
+//! `wait`: asks the API's status endpoint (not a PHI read) about every id in
+//! the state file until each document is `done` or `failed`, or the timeout
+//! passes. Accepted and duplicate uploads alike are counted as done only when
+//! the API says so.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clinflow::wire::{MAX_STATUS_IDS, Status};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::client::{ApiClient, ApiError, DocumentStatus, DocumentView};
+use crate::client::ApiClient;
 use crate::progress::Progress;
-use crate::state::{self, StateError};
-use crate::summary::{ConceptTally, WaitSummary};
+use crate::state;
 
 pub struct WaitOptions {
     pub state: PathBuf,
+    /// Status requests (of up to 1,000 ids each) in flight at once.
     pub concurrency: usize,
     pub timeout: Duration,
     pub poll_interval: Duration,
-    pub top: usize,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum WaitError {
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error("state file {} not found: nothing to wait for (run `load` first, or pass --state)", .0.display())]
-    NoState(PathBuf),
-    #[error("this user may not read documents (a clinician account is needed): {0}")]
-    Forbidden(#[source] ApiError),
-    #[error("asking for document {id} failed: {error}")]
-    Api {
-        id: Uuid,
-        #[source]
-        error: ApiError,
-    },
+#[derive(Debug, Default, serde::Serialize)]
+pub struct WaitSummary {
+    pub documents: u64,
+    pub done: u64,
+    pub failed: u64,
+    /// Failure code → documents.
+    pub failure_codes: BTreeMap<String, u64>,
+    /// Still queued or processing at the timeout.
+    pub pending: u64,
+    /// Ids the API does not know, or will not show this account.
+    pub unknown: u64,
+    pub elapsed_seconds: f64,
 }
 
-#[derive(Default)]
-struct Tally {
-    done: u64,
-    failed: u64,
-    concepts: ConceptTally,
+impl WaitSummary {
+    pub fn all_done(&self) -> bool {
+        self.done == self.documents
+    }
 }
 
-impl Tally {
-    /// Applies one answer; returns whether the document reached a final state.
-    fn apply(&mut self, id: Uuid, answer: Result<DocumentView, ApiError>) -> Result<bool, WaitError> {
-        match answer {
-            Ok(view) => match view.status {
-                DocumentStatus::Done => {
-                    self.done += 1;
-                    self.concepts.add_document(view.annotations.as_deref().unwrap_or_default());
-                    Ok(true)
-                }
-                DocumentStatus::Failed => {
-                    tracing::warn!(%id, "document processing failed");
-                    self.failed += 1;
-                    Ok(true)
-                }
-                DocumentStatus::Queued | DocumentStatus::Processing | DocumentStatus::Unknown => Ok(false),
-            },
-            Err(error @ (ApiError::NotFound { .. } | ApiError::Rejected { .. })) => {
-                tracing::warn!(%id, %error, "document cannot be read; counted as failed");
-                self.failed += 1;
-                Ok(true)
-            }
-            Err(error) if error.is_transient() => {
-                tracing::warn!(%id, %error, "no answer; will ask again");
-                Ok(false)
-            }
-            Err(error @ ApiError::Forbidden { .. }) => Err(WaitError::Forbidden(error)),
-            Err(error) => Err(WaitError::Api { id, error }),
+impl fmt::Display for WaitSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} document(s) after {:.1}s: done {}, failed {}, pending {}, unknown to the API {}",
+            self.documents, self.elapsed_seconds, self.done, self.failed, self.pending, self.unknown
+        )?;
+        for (code, n) in &self.failure_codes {
+            writeln!(f, "  failed with {code}: {n}")?;
         }
+        Ok(())
     }
 }
 
@@ -84,25 +65,21 @@ pub async fn run(
     client: &ApiClient,
     progress: &Progress,
     shutdown: &CancellationToken,
-) -> Result<WaitSummary, WaitError> {
+) -> anyhow::Result<WaitSummary> {
     let started = Instant::now();
     let deadline = started + options.timeout;
-    if !options.state.exists() {
-        return Err(WaitError::NoState(options.state.clone()));
-    }
-    let state = state::read(&options.state)?;
-    let without_id = state.entries.iter().filter(|e| e.id.is_none()).count() as u64;
-    let mut pending = state.ids();
-    drop(state);
-    progress.set_total(pending.len() as u64);
-    tracing::info!(documents = pending.len(), "waiting for the documents in the state file");
-
-    let mut tally = Tally::default();
+    anyhow::ensure!(
+        options.state.exists(),
+        "state file {} not found: nothing to wait for (run `load` first, or pass --state)",
+        options.state.display()
+    );
+    let mut pending = state::read(&options.state)?.ids();
+    let mut summary = WaitSummary { documents: pending.len() as u64, ..WaitSummary::default() };
+    progress.set_total(summary.documents);
     loop {
-        let finished =
-            poll_round(client, &pending, options.concurrency, deadline, shutdown, &mut tally, progress).await?;
+        let finished = poll_round(client, &pending, options.concurrency, shutdown, &mut summary).await?;
         pending.retain(|id| !finished.contains(id));
-        progress.set_message(format!("pending {}", pending.len()));
+        progress.set_position(summary.documents - pending.len() as u64, &format!("pending {}", pending.len()));
         if pending.is_empty() || Instant::now() >= deadline || shutdown.is_cancelled() {
             break;
         }
@@ -111,45 +88,37 @@ pub async fn run(
             () = shutdown.cancelled() => {}
         }
     }
-    Ok(WaitSummary {
-        done: tally.done,
-        failed: tally.failed,
-        pending: pending.len() as u64,
-        without_id,
-        elapsed_seconds: started.elapsed().as_secs_f64(),
-        top_concepts: tally.concepts.top(options.top),
-    })
+    summary.pending = pending.len() as u64;
+    summary.elapsed_seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
 }
 
-/// Asks once about each pending document (until the deadline); returns the
-/// ids that reached a final state.
+/// Asks once about each pending document; returns the ids that reached a
+/// final state or that the API does not know.
 async fn poll_round(
     client: &ApiClient,
     pending: &[Uuid],
     concurrency: usize,
-    deadline: Instant,
     shutdown: &CancellationToken,
-    tally: &mut Tally,
-    progress: &Progress,
-) -> Result<HashSet<Uuid>, WaitError> {
-    let stop = async {
-        tokio::select! {
-            () = tokio::time::sleep_until(deadline) => {}
-            () = shutdown.cancelled() => {}
-        }
-    };
-    let mut answers = std::pin::pin!(
-        futures_util::stream::iter(pending.iter().copied())
-            .map(|id| async move { (id, client.document(id).await) })
-            .buffer_unordered(concurrency.max(1))
-            .take_until(stop)
-    );
+    summary: &mut WaitSummary,
+) -> anyhow::Result<HashSet<Uuid>> {
+    let mut answers = futures_util::stream::iter(pending.chunks(MAX_STATUS_IDS))
+        .map(|ids| client.statuses(ids, shutdown))
+        .buffer_unordered(concurrency.max(1));
     let mut finished = HashSet::new();
-    while let Some((id, answer)) = answers.next().await {
-        if tally.apply(id, answer)? {
-            finished.insert(id);
-            progress.set_finished(tally.done + tally.failed);
+    while let Some(answer) = answers.next().await {
+        let answer = answer?;
+        for doc in answer.documents.into_iter().filter(|d| d.status.is_final()) {
+            if doc.status == Status::Done {
+                summary.done += 1;
+            } else {
+                summary.failed += 1;
+                *summary.failure_codes.entry(doc.failure_code.unwrap_or_else(|| "unknown".into())).or_default() += 1;
+            }
+            finished.insert(doc.id);
         }
+        summary.unknown += answer.missing.len() as u64;
+        finished.extend(answer.missing);
     }
     Ok(finished)
 }

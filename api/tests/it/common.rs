@@ -73,7 +73,16 @@ impl Stack {
         Self::start_without_relay_on(testing::amqp_url(), TestDb::new().await).await
     }
 
+    /// The stack without a relay, with these upload limits (backpressure).
+    pub async fn start_limited(limits: UploadLimits) -> Self {
+        Self::start_with(testing::amqp_url(), TestDb::new().await, limits).await
+    }
+
     async fn start_without_relay_on(amqp_url: SecretString, db: TestDb) -> Self {
+        Self::start_with(amqp_url, db, UploadLimits::default()).await
+    }
+
+    async fn start_with(amqp_url: SecretString, db: TestDb, limits: UploadLimits) -> Self {
         clinflow::telemetry::init_tracing();
         let (topology, amqp) = testing::topology_on(&amqp_url).await;
         let keyring = Arc::new(testing::keyring());
@@ -89,7 +98,7 @@ impl Stack {
             jwt: Arc::new(JwtKeys::new(&SecretBox::new(Box::new(b"test jwt secret that is long enough!!".to_vec())))),
             passwords: passwords.clone(),
             idle_timeout: IDLE_TIMEOUT,
-            limits: UploadLimits::default(),
+            limits,
             batch_limits: BatchLimits { max_lines: 50, max_bytes: 64 * 1024, max_line_bytes: 4 * 1024 },
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -137,14 +146,20 @@ impl Stack {
 
     /// Starts the outbox relay of the in-process api.
     pub fn start_relay(&mut self) {
+        self.relay = Some(self.spawn_relay(self.amqp_url.clone()));
+    }
+
+    /// A relay of the in-process api publishing to `amqp_url` (which may be
+    /// a broker that is not there: its backlog is still measured).
+    pub fn spawn_relay(&self, amqp_url: SecretString) -> JoinHandle<()> {
         let relay = Relay {
             db: self.db.app.clone(),
-            amqp_url: self.amqp_url.clone(),
+            amqp_url,
             topology: self.topology.clone(),
             name: "clinflow-test-api".into(),
             handle: self.relay_handle.clone(),
         };
-        self.relay = Some(tokio::spawn(relay.run(self.shutdown.clone())));
+        tokio::spawn(relay.run(self.shutdown.clone()))
     }
 
     pub async fn user(&self, name: &str, role: Role) -> uuid::Uuid {

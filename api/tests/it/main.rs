@@ -8,6 +8,7 @@ mod batch;
 mod broker;
 mod common;
 mod database;
+mod ingest;
 mod jobs;
 mod outbox;
 mod pipeline;

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use clinflow::documents;
 use clinflow_api::users::Role;
-use clinflow_ingest::client::{ApiClient, ClientConfig, RetryPolicy};
-use clinflow_ingest::load::{self, LoadOptions};
+use clinflow_ingest::load;
 use clinflow_ingest::progress::Progress;
 use clinflow_ingest::source::{self, Record};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::common::{PASSWORD, Stack, audit_key};
+use crate::common::{Stack, audit_key};
+use crate::ingest::{ingest_client, load_options};
 
 const METFORMIN: &str = "372567009";
 const ATRIAL_FIBRILLATION: &str = "49436004";
@@ -80,26 +80,13 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
 
     // Act 1: upload them all with clinflow-ingest's loader.
     let work = tempfile::tempdir().unwrap();
-    let client = ApiClient::new(ClientConfig {
-        base_url: stack.base.parse().unwrap(),
-        username: "loader".into(),
-        password: PASSWORD.to_owned().into(),
-        retry: RetryPolicy::default(),
-        timeout: Duration::from_secs(30),
-    })
-    .unwrap();
-    client.login().await.unwrap();
-    let options = LoadOptions {
-        inputs: vec![notes_dir.clone()],
-        concurrency: 8,
-        state: work.path().join("state.jsonl"),
-        rejects: work.path().join("rejects.jsonl"),
-    };
+    let client = ingest_client(&stack, "loader");
+    let options = load_options(work.path(), vec![notes_dir.clone()]);
     let report = load::run(&options, &client, &Progress::hidden(), &CancellationToken::new()).await.unwrap();
     assert!(report.stop.is_none(), "load stopped: {:?}", report.stop);
+    assert_eq!(report.counts.accepted, notes.len() as u64, "{report}");
     let state = clinflow_ingest::state::read(&options.state).unwrap();
-    let ids: HashMap<Uuid, String> =
-        state.entries.iter().map(|e| (e.id.expect("id recorded"), e.source_ref.clone())).collect();
+    let ids: HashMap<Uuid, String> = state.entries.iter().map(|e| (e.id, e.source_ref.clone())).collect();
     assert_eq!(ids.len(), notes.len());
 
     // Act 2: a clinician polls every document until it is done.

@@ -134,14 +134,19 @@ mod tests {
     use super::*;
     use crate::test_support::TempDir;
 
+    /// (file name part of the source_ref, reason or "ok").
     fn summarize(records: &[Record]) -> Vec<(&str, &str)> {
         records
             .iter()
             .map(|r| match r {
-                Record::Rejected(r) => (r.source_ref.as_str(), r.reason.as_str()),
-                Record::Document(d) => (d.source_ref.as_str(), "ok"),
+                Record::Rejected(r) => (file_name(&r.source_ref), r.reason.as_str()),
+                Record::Document(d) => (file_name(&d.source_ref), "ok"),
             })
             .collect()
+    }
+
+    fn file_name(source_ref: &str) -> &str {
+        source_ref.rsplit('/').next().unwrap_or(source_ref)
     }
 
     fn read_all(content: &str) -> Vec<Record> {

@@ -6,19 +6,18 @@
 //! of the directories on the current branch in memory.
 
 use std::fs;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::front_matter;
 use super::{RawFields, Record, RecordResult, SourceError, validate};
 
 pub struct FolderSource {
-    root: PathBuf,
     walk: TxtWalk,
 }
 
 impl FolderSource {
     pub fn open(root: &Path) -> Result<Self, SourceError> {
-        Ok(Self { root: root.to_path_buf(), walk: TxtWalk::new(root)? })
+        Ok(Self { walk: TxtWalk::new(root)? })
     }
 }
 
@@ -30,7 +29,7 @@ impl Iterator for FolderSource {
             Ok(path) => path,
             Err(e) => return Some(Err(e)),
         };
-        Some(Ok(read_note(&self.root, &path)))
+        Some(Ok(read_note(&path)))
     }
 }
 
@@ -43,21 +42,9 @@ pub(super) fn count(root: &Path) -> Result<u64, SourceError> {
     Ok(n)
 }
 
-/// Source_ref of a file: its path relative to the folder given, with `/`.
-pub(crate) fn relative_ref(root: &Path, path: &Path) -> String {
-    let relative = path.strip_prefix(root).unwrap_or(path);
-    relative
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(part) => Some(part.to_string_lossy()),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
-fn read_note(root: &Path, path: &Path) -> Record {
-    let default_ref = relative_ref(root, path);
+fn read_note(path: &Path) -> Record {
+    // The walk starts at the canonical folder, so this is an absolute path.
+    let default_ref = path.to_string_lossy().into_owned();
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) => return Record::rejected(default_ref, format!("cannot read file: {}", e.kind())),
@@ -140,12 +127,15 @@ mod tests {
         format!("---\npatient_ref: {patient}\ndocument_type: x\n---\n{body}")
     }
 
+    /// Source refs relative to the folder (they are absolute paths).
     fn refs_and_reasons(dir: &TempDir) -> Vec<(String, Option<String>)> {
+        let root = format!("{}/", dir.path().display());
+        let relative = |r: String| r.strip_prefix(&root).map(str::to_owned).unwrap_or(r);
         FolderSource::open(dir.path())
             .unwrap()
             .map(|r| match r.unwrap() {
-                Record::Document(d) => (d.source_ref, None),
-                Record::Rejected(r) => (r.source_ref, Some(r.reason)),
+                Record::Document(d) => (relative(d.source_ref), None),
+                Record::Rejected(r) => (relative(r.source_ref), Some(r.reason)),
             })
             .collect()
     }
@@ -171,7 +161,7 @@ mod tests {
         let Some(Ok(Record::Document(doc))) = FolderSource::open(dir.path()).unwrap().next() else {
             panic!("expected a document");
         };
-        assert_eq!(doc.source_ref, "n.txt");
+        assert_eq!(doc.source_ref, dir.path().join("n.txt").to_string_lossy());
         assert_eq!(doc.patient_ref, "PAT-9");
         assert_eq!(doc.text, "Body\r\n");
         assert!(doc.document_date.is_some());
@@ -208,8 +198,16 @@ mod tests {
     }
 
     #[test]
-    fn relative_ref_uses_forward_slashes() {
-        let root = Path::new("/data/notes");
-        assert_eq!(relative_ref(root, &root.join("2026").join("a.txt")), "2026/a.txt");
+    fn the_same_file_names_in_two_folders_have_different_source_refs() {
+        let (a, b) = (TempDir::new("folder-a"), TempDir::new("folder-b"));
+        a.write("n.txt", &note("P1", "a"));
+        b.write("n.txt", &note("P2", "b"));
+        let refs: Vec<String> = crate::source::open_all(&[a.path().to_path_buf(), b.path().to_path_buf()])
+            .unwrap()
+            .map(|r| r.unwrap().source_ref().to_owned())
+            .collect();
+        assert_eq!(refs.len(), 2);
+        assert_ne!(refs[0], refs[1]);
+        assert!(refs.iter().all(|r| Path::new(r).is_absolute() && r.ends_with("/n.txt")), "{refs:?}");
     }
 }

@@ -132,7 +132,7 @@ mod tests {
             "\r\n",
             r#"{"patient_ref":"P3","text":"three","source_ref":""}"#,
         ));
-        let refs: Vec<_> = records.iter().map(Record::source_ref).collect();
+        let refs: Vec<_> = records.iter().map(|r| r.source_ref().rsplit('/').next().unwrap()).collect();
         assert_eq!(refs, ["batch.jsonl:1", "ehr-2", "batch.jsonl:4"]);
         let Record::Document(first) = &records[0] else { panic!("expected a document") };
         assert_eq!((first.patient_ref.as_str(), first.text.as_str()), ("P1", "one"));
@@ -152,8 +152,8 @@ mod tests {
         let got: Vec<_> = records
             .iter()
             .map(|r| match r {
-                Record::Rejected(r) => (r.source_ref.as_str(), r.reason.as_str()),
-                Record::Document(d) => (d.source_ref.as_str(), "ok"),
+                Record::Rejected(r) => (r.source_ref.rsplit('/').next().unwrap(), r.reason.as_str()),
+                Record::Document(d) => (d.source_ref.rsplit('/').next().unwrap(), "ok"),
             })
             .collect();
         assert_eq!(

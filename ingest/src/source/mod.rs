@@ -31,6 +31,18 @@ pub struct Document {
     pub document_date: Option<Date>,
 }
 
+impl Document {
+    /// The API's upload body for this note.
+    pub fn upload(&self) -> clinflow::wire::UploadRequest {
+        clinflow::wire::UploadRequest {
+            patient_ref: self.patient_ref.clone(),
+            text: self.text.clone(),
+            source_ref: Some(self.source_ref.clone()),
+            document_date: self.document_date.map(|d| d.to_string()),
+        }
+    }
+}
+
 // Hand-written so that `{:?}` can never put PHI in a log line.
 impl fmt::Debug for Document {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -126,11 +138,17 @@ fn input_kind(path: &Path) -> Result<InputKind, SourceError> {
 /// Opens one input. Errors that make the whole input unusable (missing file,
 /// unknown type, CSV header without a required column) show up here, before
 /// anything is uploaded.
+///
+/// Default source_refs are built from the absolute path, so that two folders
+/// holding the same file names give different source_refs, and a rerun from
+/// another working directory gives the same ones.
 pub fn open(path: &Path) -> Result<Records, SourceError> {
-    Ok(match input_kind(path)? {
-        InputKind::Folder => Box::new(FolderSource::open(path)?),
-        InputKind::Jsonl => Box::new(JsonlSource::open(path)?),
-        InputKind::Csv => Box::new(CsvSource::open(path)?),
+    let kind = input_kind(path)?;
+    let path = std::fs::canonicalize(path).map_err(|e| SourceError::io(path, e))?;
+    Ok(match kind {
+        InputKind::Folder => Box::new(FolderSource::open(&path)?),
+        InputKind::Jsonl => Box::new(JsonlSource::open(&path)?),
+        InputKind::Csv => Box::new(CsvSource::open(&path)?),
     })
 }
 
@@ -192,9 +210,9 @@ fn parse_date(s: &str) -> Option<Date> {
     Date::parse(s, format_description!("[year]-[month]-[day]")).ok()
 }
 
-/// The file name used in default source_refs (`notes.jsonl:12`).
+/// The file name used in default source_refs (`/data/notes.jsonl:12`).
 pub(crate) fn file_label(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.to_string_lossy().into_owned())
+    path.to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
