@@ -14,6 +14,8 @@ pub struct ApiConfig {
     pub index_key: SecretBox<Vec<u8>>,
     pub limits: crate::UploadLimits,
     pub batch_limits: crate::batch::BatchLimits,
+    /// How long an Idempotency-Key is remembered.
+    pub idempotency_retention: std::time::Duration,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
 }
@@ -39,6 +41,7 @@ impl ApiConfig {
                     ..d
                 }
             },
+            idempotency_retention: std::time::Duration::from_secs(3600 * count("IDEMPOTENCY_KEY_HOURS", 24)?.max(1)),
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,
         })

@@ -1,7 +1,9 @@
 //! `Idempotency-Key` on single uploads: a retry with the same key and the
 //! same body gets the first answer (the same document id) and stores
 //! nothing new; the same key with another body is refused. Keys and request
-//! fingerprints are stored as keyed hashes, never in clear.
+//! fingerprints are stored as keyed hashes, never in clear. Keys are kept
+//! for a retention period (`IDEMPOTENCY_KEY_HOURS`, default 24) and then
+//! purged: a retry later than that is a new request.
 
 use axum::http::HeaderMap;
 use sqlx::PgConnection;
@@ -90,5 +92,35 @@ impl Key {
         .execute(conn)
         .await?;
         Ok(stored.rows_affected() == 1)
+    }
+}
+
+/// Deletes the keys older than `retention`; returns how many.
+pub async fn purge(db: &sqlx::PgPool, retention: std::time::Duration) -> Result<u64, sqlx::Error> {
+    let seconds = retention.as_secs_f64();
+    let purged =
+        sqlx::query!("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)", seconds)
+            .execute(db)
+            .await?;
+    Ok(purged.rows_affected())
+}
+
+/// Purges expired keys now and then every `every`, until `shutdown`.
+pub async fn purge_periodically(
+    db: sqlx::PgPool,
+    retention: std::time::Duration,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match purge(&db, retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired idempotency keys purged"),
+            Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed; trying again later"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
     }
 }

@@ -77,6 +77,7 @@ async fn run_server() -> anyhow::Result<()> {
         name: "clinflow-api".into(),
         handle: RelayHandle::default(),
     };
+    let db_for_purge = db.clone();
     let state = AppState {
         db,
         keyring: Arc::new(Keyring::from_master_key(&config.master_key)),
@@ -97,6 +98,12 @@ async fn run_server() -> anyhow::Result<()> {
     let shutdown = clinflow::shutdown::on_signal();
     let stop_relay = CancellationToken::new();
     let relay = tokio::spawn(relay.run(stop_relay.clone()));
+    tokio::spawn(clinflow_api::idempotency::purge_periodically(
+        db_for_purge,
+        config.idempotency_retention,
+        std::time::Duration::from_secs(600),
+        shutdown.clone(),
+    ));
     let served = serve(listener, state, shutdown).await;
     // Requests are finished: publish what they committed, then stop.
     stop_relay.cancel();

@@ -236,7 +236,11 @@ impl ApiClient {
         let url = match self.base.join(path) {
             Ok(url) => url,
             Err(e) => {
-                return Attempt::Refused(ClientError::Refused { status: 0, code: "url".into(), message: e.to_string() });
+                return Attempt::Refused(ClientError::Refused {
+                    status: 0,
+                    code: "url".into(),
+                    message: e.to_string(),
+                });
             }
         };
         let mut request = self.http.post(url).header(CONTENT_TYPE, content_type).body(body);

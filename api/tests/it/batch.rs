@@ -192,5 +192,20 @@ async fn an_idempotent_retry_gets_the_first_answer_and_stores_nothing_new() {
     assert_eq!(rows, 2);
     // 1 login, 2 uploads, 2 worker reads: a replayed request is not a new upload.
     assert_eq!(stack.wait_for_audit_rows(5).await, 5);
+
+    // Past the retention period the key is purged (as the app role, which
+    // runs the purge), and a retry with it is a new request.
+    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE document_id = $1::uuid")
+        .bind(first["id"].as_str().unwrap())
+        .execute(&stack.db.owner)
+        .await
+        .unwrap();
+    let purged = clinflow_api::idempotency::purge(&stack.db.app, Duration::from_secs(24 * 3600)).await.unwrap();
+    assert_eq!(purged, 1, "only the expired key");
+    let (status, later) = post("k-1", doc.clone()).await;
+    assert_eq!(status, 202);
+    assert_ne!(later["id"], first["id"]);
+    let (_, again) = post("k-2", json!({"patient_ref": "PAT-2", "text": "x"})).await;
+    assert!(ids.contains(again["id"].as_str().unwrap()), "a key within its retention still answers");
     stack.stop().await;
 }

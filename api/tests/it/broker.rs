@@ -38,13 +38,18 @@ async fn broker_restarts_under_upload_load_lose_nothing_and_need_no_process_rest
         node.stop_app().await;
         let down = count();
         wait_until("uploads while the broker is down", Duration::from_secs(20), async || count() >= down + 20).await;
+        // Still ready (it serves everything from PostgreSQL), and says the broker is down.
+        wait_until("readiness showing the broker down", Duration::from_secs(10), async || {
+            readiness(&stack).await == (200, "down".to_owned())
+        })
+        .await;
         node.start_app().await;
         let back = Instant::now();
 
         // Within 10 s of start_app the api is ready again and a document
         // uploaded now has gone all the way through.
         wait_until("readiness after start_app", Duration::from_secs(10), async || {
-            stack.http.get(format!("{}/readyz", stack.base)).send().await.is_ok_and(|r| r.status() == 200)
+            readiness(&stack).await == (200, "up".to_owned())
         })
         .await;
         let (code, probe) =
@@ -94,4 +99,14 @@ async fn broker_restarts_under_upload_load_lose_nothing_and_need_no_process_rest
     eprintln!("{} uploads accepted across {RESTARTS} broker restarts, all done, each with one result", ids.len());
     stack.stop().await;
     drop(node);
+}
+
+/// `/readyz`: status code and what it says of RabbitMQ.
+async fn readiness(stack: &Stack) -> (u16, String) {
+    let Ok(response) = stack.http.get(format!("{}/readyz", stack.base)).send().await else {
+        return (0, String::new());
+    };
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (status, body["rabbitmq"].as_str().unwrap_or_default().to_owned())
 }
