@@ -81,9 +81,11 @@ pub struct Plan {
     pub batch_lines: usize,
     pub batch_clients: usize,
     pub ceiling_notes: usize,
-    /// Single-document uploads, and uploaders at once, of the latency run.
+    /// Single-document uploads, and uploaders at once, of the latency runs.
     pub latency_uploads: usize,
     pub upload_clients: usize,
+    /// Uploads per second each client sends in the paced latency run.
+    pub upload_rate_per_client: f64,
     pub sink_events: usize,
     pub backlog: usize,
     pub note_bytes: usize,
@@ -100,6 +102,7 @@ impl Plan {
             ceiling_notes: 20_000,
             latency_uploads: 3_000,
             upload_clients: 50,
+            upload_rate_per_client: 10.0,
             sink_events: 50_000,
             backlog: 0,
             note_bytes: 1_000,
@@ -229,12 +232,28 @@ async fn measure(
     let after = phases::Observation::take(stack).await?;
     figures.ceiling = Some(report::Run::new(&ceiling, &before, &after));
 
-    eprintln!("== upload latency: {} single uploads, {} at once", plan.latency_uploads, plan.upload_clients);
+    let paced = phases::Upload::Paced {
+        clients: plan.upload_clients,
+        interval: std::time::Duration::from_secs_f64(1.0 / plan.upload_rate_per_client),
+    };
+    eprintln!(
+        "== upload latency: {} single uploads, {} clients each sending {}/s",
+        plan.latency_uploads, plan.upload_clients, plan.upload_rate_per_client
+    );
     let before = phases::Observation::take(stack).await?;
-    let latency =
-        phases::pipeline(ctx, stack, &client, &ctx.notes(3_500_000_000, plan.latency_uploads), single).await?;
+    let latency = phases::pipeline(ctx, stack, &client, &ctx.notes(3_500_000_000, plan.latency_uploads), paced).await?;
     let after = phases::Observation::take(stack).await?;
     figures.latency = Some(report::Run::new(&latency, &before, &after));
+
+    eprintln!(
+        "== upload saturation: {} single uploads, {} clients back to back",
+        plan.latency_uploads, plan.upload_clients
+    );
+    let before = phases::Observation::take(stack).await?;
+    let saturated =
+        phases::pipeline(ctx, stack, &client, &ctx.notes(3_700_000_000, plan.latency_uploads), single).await?;
+    let after = phases::Observation::take(stack).await?;
+    figures.saturation = Some(report::Run::new(&saturated, &before, &after));
 
     eprintln!("== audit sink: draining {} pre-filled events", plan.sink_events);
     figures.sink = Some(phases::sink(ctx, stack, amqp, topology, plan.sink_events).await?);

@@ -47,8 +47,14 @@ pub static THROTTLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 /// How the pipeline runs get their notes into the API.
 #[derive(Debug, Clone, Copy)]
 pub enum Upload {
-    /// `POST /v1/documents`, one note per request, `clients` at once.
+    /// `POST /v1/documents`, one note per request, `clients` at once, each
+    /// sending its next as soon as the last is answered (saturation).
     Single { clients: usize },
+    /// `POST /v1/documents`, `clients` each sending one note every
+    /// `interval` (spread evenly), whatever the answers take: a steady
+    /// offered load. Latency is counted from the scheduled send time, so a
+    /// slow answer that delays the next send is not hidden.
+    Paced { clients: usize, interval: Duration },
     /// `POST /v1/documents/batch`, `lines` notes per request, `clients` at once.
     Batch { lines: usize, clients: usize },
 }
@@ -91,8 +97,9 @@ impl Client {
         }
     }
 
-    async fn upload(&self, note: &Note) -> anyhow::Result<Duration> {
-        let started = Instant::now();
+    /// One upload; its latency counted from `started` (the scheduled send
+    /// time of a paced client).
+    async fn upload(&self, note: &Note, started: Instant) -> anyhow::Result<Duration> {
         let body = json!({"patient_ref": note.patient_ref, "text": note.text});
         let url = format!("{}/v1/documents", self.base);
         let response = self.send(|| self.http.post(&url).json(&body)).await?;
@@ -208,6 +215,7 @@ async fn upload_all(client: &Client, notes: &[Note], upload: Upload) -> anyhow::
     let (per_request, clients) = match upload {
         Upload::Single { clients } => (1, clients),
         Upload::Batch { lines, clients } => (lines, clients),
+        Upload::Paced { clients, interval } => return upload_paced(client, notes, clients, interval).await,
     };
     let requests: Arc<Vec<Vec<Note>>> = Arc::new(notes.chunks(per_request).map(<[Note]>::to_vec).collect());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -220,13 +228,43 @@ async fn upload_all(client: &Client, notes: &[Note], upload: Upload) -> anyhow::
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(notes) = requests.get(i) else { return anyhow::Ok(latencies) };
                 latencies.push(match upload {
-                    Upload::Single { .. } => client.upload(&notes[0]).await?,
                     Upload::Batch { .. } => client.upload_batch(notes).await?,
+                    _ => client.upload(&notes[0], Instant::now()).await?,
                 });
             }
         });
     }
     let mut all = Vec::with_capacity(requests.len());
+    while let Some(result) = tasks.join_next().await {
+        all.extend(result??);
+    }
+    Ok(all)
+}
+
+/// Client `c` sends notes c, c + clients, … at start + offset_c + k·interval.
+async fn upload_paced(
+    client: &Client,
+    notes: &[Note],
+    clients: usize,
+    interval: Duration,
+) -> anyhow::Result<Vec<Duration>> {
+    let notes = Arc::new(notes.to_vec());
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let (client, notes) = (client.clone(), Arc::clone(&notes));
+        let offset = interval.mul_f64(c as f64 / clients as f64);
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            for (k, note) in notes.iter().skip(c).step_by(clients).enumerate() {
+                let at = start + offset + interval * k as u32;
+                tokio::time::sleep_until(at).await;
+                latencies.push(client.upload(note, at.into_std()).await?);
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let mut all = Vec::with_capacity(notes.len());
     while let Some(result) = tasks.join_next().await {
         all.extend(result??);
     }
