@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use axum::{Json, Router};
+use clinflow::amqp::Lane;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted, NewDocument};
 use clinflow::outbox;
@@ -113,13 +114,15 @@ async fn store(
     }
     let (numbers, docs): (Vec<usize>, Vec<NewDocument>) = docs.into_iter().unzip();
     let mut tx = state.db.begin().await?;
-    let inserted = documents::insert_many(&mut tx, &docs).await?;
+    // Batch uploads travel on the backfill lane, so that a bulk load never
+    // holds up documents uploaded one at a time.
+    let inserted = documents::insert_many(&mut tx, &docs, Lane::Backfill).await?;
     let mut messages = Vec::new();
     for ((number, doc), fate) in numbers.iter().zip(&docs).zip(&inserted) {
         match fate {
             Inserted::New => {
                 let event = user.event(Action::DocumentUpload, Outcome::Success).document(doc.id);
-                messages.push(outbox::Message::job(doc.id));
+                messages.push(outbox::Message::job(doc.id, Lane::Backfill));
                 messages.push(outbox::Message::audit(&event).map_err(anyhow::Error::new)?);
                 response.push(LineOutcome::Accepted { line: *number, id: doc.id });
             }

@@ -4,6 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use clinflow::amqp::Lane;
 use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted, NewDocument, StatusRow};
@@ -149,7 +150,7 @@ async fn upload(
     state.check_backpressure()?;
     let doc = timed_sync(STAGE, "seal", || seal(&state, user.id, id, upload))?;
     let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
-    let messages = [outbox::Message::job(id), outbox::Message::audit(&event).map_err(anyhow::Error::new)?];
+    let messages = [outbox::Message::job(id, Lane::Live), outbox::Message::audit(&event).map_err(anyhow::Error::new)?];
 
     // The document, its job and its audit event commit together: a 2xx
     // document always has a job (the relay publishes it, now or after an

@@ -385,10 +385,7 @@ async fn publish_all(
     let publisher = Publisher::new(amqp).await?;
     let bodies = bodies.collect::<Result<Vec<_>, _>>()?;
     for window in bodies.chunks(WINDOW) {
-        let outgoing: Vec<Outgoing<'_>> = window
-            .iter()
-            .map(|body| Outgoing { exchange, routing_key: key, message_id: "", body, reason: None })
-            .collect();
+        let outgoing: Vec<Outgoing<'_>> = window.iter().map(|body| Outgoing::new(exchange, key, "", body)).collect();
         publisher.publish_many(&outgoing).await?;
     }
     publisher.channel().close(200, "done".into()).await?;

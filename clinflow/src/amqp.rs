@@ -1,19 +1,26 @@
 //! The RabbitMQ topology, declared in one place, and a confirming publisher.
 //!
 //! ```text
-//! {p}.jobs  (direct) --documents.live--> {p}.documents.live  (quorum)
-//! {p}.audit (direct) --audit----------->  {p}.audit          (quorum)
-//! {p}.dead  (direct) --documents.live--> {p}.documents.live.dead
-//!                    --audit----------->  {p}.audit.dead
+//! {p}.jobs  (direct) --documents.live------> {p}.documents.live      (quorum)
+//!                    --documents.backfill--> {p}.documents.backfill  (quorum)
+//! {p}.audit (direct) --audit---------------> {p}.audit               (quorum)
+//! {p}.retry (direct) --documents.live------> {p}.documents.live.retry      ─┐ per-message TTL, then
+//!                    --documents.backfill--> {p}.documents.backfill.retry  ─┘ dead-lettered to {p}.jobs
+//! {p}.dead  (direct) --documents.live------> {p}.documents.live.dead
+//!                    --documents.backfill--> {p}.documents.backfill.dead
+//!                    --audit---------------> {p}.audit.dead
 //! ```
 //!
 //! Every work queue is a durable quorum queue with a delivery limit, and
 //! dead-letters (at-least-once) into its own `.dead` queue: a message that is
 //! rejected as malformed, or that keeps failing, is parked for inspection
-//! instead of being dropped or blocking the queue. The prefix lets tests run
-//! beside a live stack on the same broker without touching its queues.
-//! A backfill lane (`documents.backfill`) and a delayed-retry queue slot in as
-//! further entries of [`Topology::work_queues`].
+//! instead of being dropped or blocking the queue. Document jobs travel on
+//! two lanes: `live` (single uploads, served first) and `backfill` (batch
+//! uploads). A job whose document could not be processed for a transient
+//! reason waits in its lane's `.retry` queue (no consumer) for its
+//! per-message TTL, then the broker dead-letters it back onto its lane. The
+//! prefix lets tests run beside a live stack on the same broker without
+//! touching its queues.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +37,40 @@ use serde::Serialize;
 pub const DELIVERY_LIMIT: i64 = 5;
 
 pub const DOCUMENTS_LIVE: &str = "documents.live";
+pub const DOCUMENTS_BACKFILL: &str = "documents.backfill";
 pub const AUDIT: &str = "audit";
+
+/// The lane of a document job: single uploads are `Live` and served first;
+/// batch uploads are `Backfill`, given what the live lane leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Live,
+    Backfill,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Live, Lane::Backfill];
+
+    /// The routing key, and the `documents.lane` column's value without
+    /// the `documents.` prefix.
+    pub fn key(self) -> &'static str {
+        match self {
+            Lane::Live => DOCUMENTS_LIVE,
+            Lane::Backfill => DOCUMENTS_BACKFILL,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Live => "live",
+            Lane::Backfill => "backfill",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|l| l.key() == key)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
@@ -61,6 +101,9 @@ pub struct WorkQueue {
     pub key: &'static str,
     pub queue: String,
     pub dead_queue: String,
+    /// Document lanes only: where a job waits before its next attempt
+    /// (bound to the retry exchange with `key`).
+    pub retry_queue: Option<String>,
 }
 
 impl Topology {
@@ -84,8 +127,22 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+
+    pub fn lane(&self, lane: Lane) -> WorkQueue {
+        let mut wq = self.work_queue(self.jobs_exchange(), lane.key());
+        wq.retry_queue = Some(format!("{}.retry", wq.queue));
+        wq
+    }
+
     pub fn documents_live(&self) -> WorkQueue {
-        self.work_queue(self.jobs_exchange(), DOCUMENTS_LIVE)
+        self.lane(Lane::Live)
+    }
+
+    pub fn documents_backfill(&self) -> WorkQueue {
+        self.lane(Lane::Backfill)
     }
 
     pub fn audit(&self) -> WorkQueue {
@@ -95,24 +152,26 @@ impl Topology {
     /// The work queue an outbox topic is published to.
     pub fn route(&self, topic: crate::outbox::Topic) -> WorkQueue {
         match topic {
-            crate::outbox::Topic::DocumentsLive => self.documents_live(),
+            crate::outbox::Topic::Documents(lane) => self.lane(lane),
             crate::outbox::Topic::Audit => self.audit(),
         }
     }
 
     pub fn work_queues(&self) -> Vec<WorkQueue> {
-        vec![self.documents_live(), self.audit()]
+        vec![self.documents_live(), self.documents_backfill(), self.audit()]
     }
 
     fn work_queue(&self, exchange: String, key: &'static str) -> WorkQueue {
         let queue = format!("{}.{key}", self.prefix);
-        WorkQueue { exchange, key, dead_queue: format!("{queue}.dead"), queue }
+        WorkQueue { exchange, key, dead_queue: format!("{queue}.dead"), queue, retry_queue: None }
     }
 
     /// Declares everything; idempotent, so every process calls it at start-up.
     pub async fn declare(&self, channel: &Channel) -> Result<(), AmqpError> {
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        for exchange in [self.jobs_exchange(), self.audit_exchange(), self.dead_letter_exchange()] {
+        for exchange in
+            [self.jobs_exchange(), self.audit_exchange(), self.dead_letter_exchange(), self.retry_exchange()]
+        {
             channel
                 .exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
                 .await?;
@@ -129,6 +188,17 @@ impl Topology {
             args.insert("x-overflow".into(), long_string("reject-publish"));
             self.declare_quorum(channel, &wq.queue, args).await?;
             self.bind(channel, &wq.queue, &wq.exchange, wq.key).await?;
+
+            if let Some(retry) = &wq.retry_queue {
+                // No consumer: messages wait out their per-message TTL, then
+                // go back to their lane (the routing key is kept).
+                let mut args = quorum_args();
+                args.insert("x-dead-letter-exchange".into(), long_string(&wq.exchange));
+                args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+                args.insert("x-overflow".into(), long_string("reject-publish"));
+                self.declare_quorum(channel, retry, args).await?;
+                self.bind(channel, retry, &self.retry_exchange(), wq.key).await?;
+            }
         }
         Ok(())
     }
@@ -230,7 +300,7 @@ impl Publisher {
         let outgoing: Vec<Outgoing<'_>> = messages
             .iter()
             .zip(&bodies)
-            .map(|((message_id, _), body)| Outgoing { exchange, routing_key, message_id, body, reason: None })
+            .map(|((message_id, _), body)| Outgoing::new(exchange, routing_key, message_id, body))
             .collect();
         self.publish_many(&outgoing).await
     }
@@ -247,11 +317,17 @@ impl Publisher {
             if let Some(reason) = m.reason {
                 headers.insert(REASON_HEADER.into(), long_string(reason));
             }
-            let properties = BasicProperties::default()
+            if m.attempts > 0 {
+                headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(i64::from(m.attempts)));
+            }
+            let mut properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type(ShortString::from("application/json"))
                 .with_message_id(m.message_id.into())
                 .with_headers(headers);
+            if let Some(ttl) = m.expiration {
+                properties = properties.with_expiration(ttl.as_millis().to_string().as_str().into());
+            }
             let options = BasicPublishOptions { mandatory: true, ..Default::default() };
             confirms.push(
                 self.channel
@@ -286,6 +362,40 @@ pub struct Outgoing<'a> {
     pub body: &'a [u8],
     /// Why a message is parked in a dead-letter queue ([`REASON_HEADER`]).
     pub reason: Option<&'a str>,
+    /// Attempts already made at the job ([`ATTEMPTS_HEADER`]; 0: none sent).
+    pub attempts: u32,
+    /// Per-message TTL (for the retry queues).
+    pub expiration: Option<Duration>,
+}
+
+impl<'a> Outgoing<'a> {
+    pub fn new(exchange: &'a str, routing_key: &'a str, message_id: &'a str, body: &'a [u8]) -> Self {
+        Self { exchange, routing_key, message_id, body, reason: None, attempts: 0, expiration: None }
+    }
+}
+
+/// Header counting the attempts made at a document job that went through
+/// a retry queue (absent on a first delivery).
+pub const ATTEMPTS_HEADER: &str = "x-clinflow-attempts";
+
+/// The value of an integer header, if present.
+pub fn header_int(properties: &BasicProperties, name: &str) -> Option<i64> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        _ => None,
+    }
+}
+
+/// The value of a string header, if present.
+pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(v) => Some(v.to_string()),
+        AMQPValue::ShortString(v) => Some(v.to_string()),
+        _ => None,
+    }
 }
 
 /// Header naming, as a short code, why a message was parked in a `.dead`

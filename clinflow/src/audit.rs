@@ -71,6 +71,16 @@ pub enum Action {
     /// A status read (no PHI); audited only when denied.
     #[serde(rename = "document.status")]
     DocumentStatus,
+    /// An operator listed the dead-lettered jobs.
+    #[serde(rename = "ops.dead_letters.list")]
+    DeadLettersList,
+    /// An operator replayed a dead-lettered job (one event per document).
+    #[serde(rename = "ops.dead_letters.replay")]
+    DeadLettersReplay,
+    /// An operator started a reprocess (one event per run, the count in
+    /// `reason`-free form: the resource names the selection).
+    #[serde(rename = "ops.reprocess")]
+    Reprocess,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -90,6 +100,9 @@ impl Action {
             Action::DocumentRead => "document.read",
             Action::DocumentProcess => "document.process",
             Action::DocumentStatus => "document.status",
+            Action::DeadLettersList => "ops.dead_letters.list",
+            Action::DeadLettersReplay => "ops.dead_letters.replay",
+            Action::Reprocess => "ops.reprocess",
         }
     }
 }
@@ -117,6 +130,11 @@ impl AuditEvent {
             outcome,
             reason: None,
         }
+    }
+
+    pub fn resource(mut self, kind: &str, id: &str) -> Self {
+        self.resource = Some(Resource { kind: kind.into(), id: id.into() });
+        self
     }
 
     pub fn document(mut self, id: Uuid) -> Self {
@@ -201,6 +219,9 @@ mod tests {
             Action::DocumentRead,
             Action::DocumentProcess,
             Action::DocumentStatus,
+            Action::DeadLettersList,
+            Action::DeadLettersReplay,
+            Action::Reprocess,
         ] {
             assert_eq!(serde_json::to_value(a).unwrap(), serde_json::Value::from(a.as_str()));
         }

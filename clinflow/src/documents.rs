@@ -1,7 +1,7 @@
 //! The documents and document_results tables: plain functions over sqlx.
 //! Callers own the transaction; PHI goes in and out only as ciphertext here.
 
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
@@ -70,10 +70,14 @@ pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Insert
     Ok(Inserted::DuplicateSourceRef(existing))
 }
 
-/// Inserts many documents in one statement; returns, in input order, each
-/// one's fate. A `source_ref` the same uploader sent before (or earlier in
-/// `docs`) is a duplicate with the existing id.
-pub async fn insert_many(conn: &mut PgConnection, docs: &[NewDocument]) -> Result<Vec<Inserted>, sqlx::Error> {
+/// Inserts many documents in one statement, on `lane`; returns, in input
+/// order, each one's fate. A `source_ref` the same uploader sent before (or
+/// earlier in `docs`) is a duplicate with the existing id.
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    docs: &[NewDocument],
+    lane: crate::amqp::Lane,
+) -> Result<Vec<Inserted>, sqlx::Error> {
     let ids: Vec<Uuid> = docs.iter().map(|d| d.id).collect();
     let patients: Vec<&[u8]> = docs.iter().map(|d| d.patient_ref_ct.as_slice()).collect();
     let texts: Vec<&[u8]> = docs.iter().map(|d| d.text_ct.as_slice()).collect();
@@ -81,8 +85,8 @@ pub async fn insert_many(conn: &mut PgConnection, docs: &[NewDocument]) -> Resul
     let dates: Vec<Option<Date>> = docs.iter().map(|d| d.document_date).collect();
     let uploaders: Vec<Uuid> = docs.iter().map(|d| d.uploaded_by).collect();
     let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by)
-           SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[])
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, lane)
+           SELECT *, $7 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[])
            ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
            RETURNING id"#,
         &ids,
@@ -91,6 +95,7 @@ pub async fn insert_many(conn: &mut PgConnection, docs: &[NewDocument]) -> Resul
         &refs as &[Option<&[u8]>],
         &dates as &[Option<Date>],
         &uploaders,
+        lane.as_str(),
     )
     .fetch_all(&mut *conn)
     .await?
@@ -277,4 +282,75 @@ pub async fn mark_failed(db: impl PgExecutor<'_>, failures: &[(Uuid, &str)]) -> 
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// Replay: a dead-lettered document goes back to `queued` unless it is done.
+/// Returns the ids moved (or already `queued`).
+pub async fn requeue(db: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!(
+        "UPDATE documents SET status = 'queued', failure_code = NULL, updated_at = now()
+         WHERE id = ANY($1) AND status IN ('queued', 'processing', 'failed')
+         RETURNING id",
+        ids
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// The ids among `ids` whose documents are done.
+pub async fn done_among(db: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!("SELECT id FROM documents WHERE id = ANY($1) AND status = 'done'", ids).fetch_all(db).await
+}
+
+/// Reprocess: every selected document back to `queued`, done ones
+/// included (their earlier results stay; the new model's is added).
+pub async fn requeue_any(db: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!(
+        "UPDATE documents SET status = 'queued', failure_code = NULL, updated_at = now()
+         WHERE id = ANY($1) RETURNING id",
+        ids
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// The next `limit` ids after `after` (in id order) that `which` selects.
+pub async fn select_for_reprocess(
+    db: &PgPool,
+    which: &crate::deadletters::Reprocess,
+    after: Uuid,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    use crate::deadletters::Reprocess;
+    match which {
+        Reprocess::All => {
+            sqlx::query_scalar!("SELECT id FROM documents WHERE id > $1 ORDER BY id LIMIT $2", after, limit)
+                .fetch_all(db)
+                .await
+        }
+        Reprocess::UploadedBetween(from, to) => {
+            sqlx::query_scalar!(
+                "SELECT id FROM documents WHERE id > $1 AND created_at >= $2 AND created_at < $3 ORDER BY id LIMIT $4",
+                after,
+                from,
+                to,
+                limit
+            )
+            .fetch_all(db)
+            .await
+        }
+        Reprocess::WithoutResultFrom(model) => {
+            sqlx::query_scalar!(
+                "SELECT d.id FROM documents d
+                 WHERE d.id > $1 AND NOT EXISTS
+                   (SELECT 1 FROM document_results r WHERE r.document_id = d.id AND r.model_version = $2)
+                 ORDER BY d.id LIMIT $3",
+                after,
+                model,
+                limit
+            )
+            .fetch_all(db)
+            .await
+        }
+    }
 }

@@ -4,17 +4,22 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::amqp::{AmqpError, Publisher, Topology};
+use crate::amqp::{AmqpError, Lane, Publisher, Topology};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocumentJob {
     pub document_id: Uuid,
 }
 
-/// Publishes the job for `document_id` on the live lane and waits for the
-/// broker's confirmation.
-pub async fn publish(publisher: &Publisher, topology: &Topology, document_id: Uuid) -> Result<(), AmqpError> {
-    let lane = topology.documents_live();
+/// Publishes the job for `document_id` on `lane` and waits for the broker's
+/// confirmation.
+pub async fn publish(
+    publisher: &Publisher,
+    topology: &Topology,
+    lane: Lane,
+    document_id: Uuid,
+) -> Result<(), AmqpError> {
+    let lane = topology.lane(lane);
     let job = DocumentJob { document_id };
     publisher.publish_json(&lane.exchange, lane.key, &document_id.to_string(), &job).await
 }

@@ -23,6 +23,8 @@ pub mod config;
 #[cfg(feature = "server")]
 pub mod crypto;
 #[cfg(feature = "server")]
+pub mod deadletters;
+#[cfg(feature = "server")]
 pub mod documents;
 #[cfg(feature = "server")]
 pub mod jobs;

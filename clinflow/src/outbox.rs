@@ -8,6 +8,7 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::amqp::Lane;
 use crate::audit::AuditEvent;
 use crate::jobs::DocumentJob;
 
@@ -15,20 +16,22 @@ use crate::jobs::DocumentJob;
 /// routing key of the [`Topology`](crate::amqp::Topology).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
-    DocumentsLive,
+    Documents(Lane),
     Audit,
 }
 
 impl Topic {
+    pub const ALL: [Topic; 3] = [Topic::Documents(Lane::Live), Topic::Documents(Lane::Backfill), Topic::Audit];
+
     pub fn as_str(self) -> &'static str {
         match self {
-            Topic::DocumentsLive => crate::amqp::DOCUMENTS_LIVE,
+            Topic::Documents(lane) => lane.key(),
             Topic::Audit => crate::amqp::AUDIT,
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Topic::DocumentsLive, Topic::Audit].into_iter().find(|t| t.as_str() == s)
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
 }
 
@@ -40,9 +43,9 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn job(document_id: Uuid) -> Self {
+    pub fn job(document_id: Uuid, lane: Lane) -> Self {
         let body = serde_json::to_vec(&DocumentJob { document_id }).unwrap_or_default();
-        Self { topic: Topic::DocumentsLive, message_id: document_id.to_string(), body }
+        Self { topic: Topic::Documents(lane), message_id: document_id.to_string(), body }
     }
 
     pub fn audit(event: &AuditEvent) -> Result<Self, serde_json::Error> {
@@ -76,10 +79,11 @@ mod tests {
 
     #[test]
     fn topics_round_trip_and_job_bodies_are_ids_only() {
-        for t in [Topic::DocumentsLive, Topic::Audit] {
+        for t in Topic::ALL {
             assert_eq!(Topic::parse(t.as_str()), Some(t));
         }
-        let m = Message::job(Uuid::nil());
+        let m = Message::job(Uuid::nil(), Lane::Backfill);
+        assert_eq!(m.topic.as_str(), "documents.backfill");
         assert_eq!(m.body, br#"{"document_id":"00000000-0000-0000-0000-000000000000"}"#);
     }
 }

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, AmqpError, Outgoing, Publisher, Topology};
+use crate::amqp::{self, AmqpError, Lane, Outgoing, Publisher, Topology};
 use crate::link::{self, LinkState, SessionEnd};
 use crate::outbox::Topic;
 
@@ -222,13 +222,7 @@ impl Relay {
                 continue;
             };
             audits += usize::from(queue.key == amqp::AUDIT);
-            outgoing.push(Outgoing {
-                exchange: &queue.exchange,
-                routing_key: queue.key,
-                message_id: &row.message_id,
-                body: &row.body,
-                reason: None,
-            });
+            outgoing.push(Outgoing::new(&queue.exchange, queue.key, &row.message_id, &row.body));
         }
         let started = Instant::now();
         publisher.publish_many(&outgoing).await?;
@@ -241,14 +235,18 @@ impl Relay {
         Ok(ids.len())
     }
 
-    /// Depth of the live queue, for backpressure and the dashboards. It is
-    /// a broker round trip: its failure means the connection is gone.
+    /// Depth of both document lanes, for backpressure and the dashboards.
+    /// Broker round trips: their failure means the connection is gone.
     async fn measure(&self, publisher: &Publisher) -> Result<(), AmqpError> {
-        let queue = self.topology.documents_live().queue;
-        let options = QueueDeclareOptions { passive: true, ..Default::default() };
-        let declare = publisher.channel().queue_declare(queue.as_str().into(), options, FieldTable::default());
-        let q = tokio::time::timeout(Duration::from_secs(5), declare).await.map_err(|_| AmqpError::Timeout)??;
-        self.handle.health.queue_depth.store(u64::from(q.message_count()), Ordering::Relaxed);
+        let mut depth = 0;
+        for lane in Lane::ALL {
+            let queue = self.topology.lane(lane).queue;
+            let options = QueueDeclareOptions { passive: true, ..Default::default() };
+            let declare = publisher.channel().queue_declare(queue.as_str().into(), options, FieldTable::default());
+            let q = tokio::time::timeout(Duration::from_secs(5), declare).await.map_err(|_| AmqpError::Timeout)??;
+            depth += u64::from(q.message_count());
+        }
+        self.handle.health.queue_depth.store(depth, Ordering::Relaxed);
         Ok(())
     }
 }

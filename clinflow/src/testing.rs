@@ -118,9 +118,18 @@ pub async fn topology_on(url: &SecretString) -> (Topology, lapin::Connection) {
 pub async fn delete_queues(topology: &Topology, conn: &lapin::Connection) {
     if let Ok(channel) = conn.create_channel().await {
         for wq in topology.work_queues() {
-            for q in [wq.queue, wq.dead_queue] {
+            for q in [Some(wq.queue), Some(wq.dead_queue), wq.retry_queue].into_iter().flatten() {
                 let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
             }
+        }
+        for exchange in [
+            topology.jobs_exchange(),
+            topology.audit_exchange(),
+            topology.dead_letter_exchange(),
+            topology.retry_exchange(),
+        ] {
+            let options = lapin::options::ExchangeDeleteOptions::default();
+            let _ = channel.exchange_delete(exchange.as_str().into(), options).await;
         }
     }
 }

@@ -28,7 +28,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clinflow::amqp::{Outgoing, Publisher, Topology};
+use clinflow::amqp::{ATTEMPTS_HEADER, DELIVERY_LIMIT, Lane, Outgoing, Publisher, Topology};
 use clinflow::audit::{self, Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
 use clinflow::documents::{self, NewResult};
@@ -61,6 +61,53 @@ pub struct Worker {
     pub model_version: String,
     pub topology: Topology,
     pub batch: BatchConfig,
+    pub retry: RetryConfig,
+}
+
+/// Attempts beyond the in-process retries: a job whose batch still fails
+/// transiently while MedCAT says it is ready waits in its lane's retry queue
+/// and comes back; after `max_attempts` it is dead-lettered and its document
+/// marked failed.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled for each later one.
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { max_attempts: 5, first_delay: Duration::from_secs(30), max_delay: Duration::from_secs(600) }
+    }
+}
+
+impl RetryConfig {
+    /// How long a job waits after its `attempts`-th failed attempt.
+    pub fn delay(&self, attempts: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
+        self.first_delay.saturating_mul(factor).min(self.max_delay)
+    }
+}
+
+/// A job taken off one of the lanes.
+struct Job {
+    lane: Lane,
+    delivery: Delivery,
+}
+
+impl Job {
+    /// Attempts made before this delivery (from the retry queue's header).
+    fn attempts(&self) -> u32 {
+        clinflow::amqp::header_int(&self.delivery.properties, ATTEMPTS_HEADER)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0)
+    }
+
+    /// Deliveries of this message so far (the quorum queue's count).
+    fn redeliveries(&self) -> i64 {
+        clinflow::amqp::header_int(&self.delivery.properties, "x-delivery-count").unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -134,9 +181,12 @@ impl Worker {
         let stop = shutdown.child_token();
         let mut slots = tokio::task::JoinSet::new();
         for slot in 0..self.batch.in_flight {
-            match link::within(connection.create_channel()).await {
-                Ok(channel) => {
-                    slots.spawn(Arc::clone(&self).consume(channel, publisher.clone(), slot, stop.clone()));
+            let channels = async {
+                Ok::<_, lapin::Error>((connection.create_channel().await?, connection.create_channel().await?))
+            };
+            match link::within(channels).await {
+                Ok(channels) => {
+                    slots.spawn(Arc::clone(&self).consume(channels, publisher.clone(), slot, stop.clone()));
                 }
                 Err(end) => {
                     stop.cancel();
@@ -145,7 +195,8 @@ impl Worker {
             }
         }
         tracing::info!(
-            queue = self.topology.documents_live().queue,
+            live = self.topology.documents_live().queue,
+            backfill = self.topology.documents_backfill().queue,
             batch_size = self.batch.size,
             in_flight = self.batch.in_flight,
             model_version = self.model_version,
@@ -167,58 +218,83 @@ impl Worker {
         end
     }
 
+    /// One slot: a channel (and consumer) per lane, batches taken live
+    /// first. Each lane has its own channel so that a `multiple` ack on it
+    /// covers only deliveries of that lane, all of them in this slot's
+    /// batches, settled in order.
     async fn consume(
         self: Arc<Self>,
-        channel: Channel,
+        (live, backfill): (Channel, Channel),
         publisher: Publisher,
         slot: u16,
         stop: CancellationToken,
     ) -> SessionEnd {
-        let queue = self.topology.documents_live().queue;
-        let tag = format!("{SERVICE_NAME}-{}-{slot}", Uuid::new_v4().simple());
-        let consumer = async {
+        let tag = Uuid::new_v4().simple().to_string();
+        let subscribe = async |channel: &Channel, lane: Lane| {
             channel.basic_qos(self.batch.size, BasicQosOptions::default()).await?;
-            let options = BasicConsumeOptions::default();
-            channel.basic_consume(queue.as_str().into(), tag.as_str().into(), options, FieldTable::default()).await
+            let queue = self.topology.lane(lane).queue;
+            let tag = format!("{SERVICE_NAME}-{tag}-{slot}-{}", lane.as_str());
+            channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
         };
-        let mut consumer = match link::within(consumer).await {
+        let consumers = async {
+            Ok::<_, lapin::Error>((subscribe(&live, Lane::Live).await?, subscribe(&backfill, Lane::Backfill).await?))
+        };
+        let (mut live_consumer, mut backfill_consumer) = match link::within(consumers).await {
             Ok(c) => c,
             Err(end) => return end,
         };
+        let channels = Channels { live: &live, backfill: &backfill };
         loop {
-            let batch = match self.next_batch(&mut consumer, &channel, &stop).await {
+            let batch = match self.next_batch(&mut live_consumer, &mut backfill_consumer, &channels, &stop).await {
                 Ok(Some(batch)) => batch,
                 Ok(None) => return SessionEnd::Shutdown,
                 Err(e) => return SessionEnd::Broker(e),
             };
-            let span = tracing::info_span!("batch", slot, documents = batch.len());
-            if let Err(end) = self.settle(batch, &channel, &publisher, &stop).instrument(span).await {
+            let lives = batch.iter().filter(|j| j.lane == Lane::Live).count();
+            let span = tracing::info_span!("batch", slot, documents = batch.len(), live = lives);
+            if let Err(end) = self.settle(batch, &channels, &publisher, &stop).instrument(span).await {
                 return end;
             }
         }
     }
 
-    /// The next batch, or `None` once `stop` fires while waiting for one.
+    /// The next batch, live jobs first, or `None` once `stop` fires while
+    /// waiting for one.
     async fn next_batch(
         &self,
-        consumer: &mut Consumer,
-        channel: &Channel,
+        live: &mut Consumer,
+        backfill: &mut Consumer,
+        channels: &Channels<'_>,
         stop: &CancellationToken,
-    ) -> anyhow::Result<Option<Vec<Delivery>>> {
+    ) -> anyhow::Result<Option<Vec<Job>>> {
         let mut batch = Vec::with_capacity(usize::from(self.batch.size));
-        let queue = self.topology.documents_live().queue;
-        let next = tokio::select! {
+        let (live_queue, backfill_queue) =
+            (self.topology.documents_live().queue, self.topology.documents_backfill().queue);
+        let first = tokio::select! {
+            biased;
             () = stop.cancelled() => return Ok(None),
-            lost = link::lost(channel, &queue) => return Err(lost),
-            next = consumer.next() => next,
+            lost = link::lost(channels.live, &live_queue) => return Err(lost),
+            lost = link::lost(channels.backfill, &backfill_queue) => return Err(lost),
+            next = live.next() => Job { lane: Lane::Live, delivery: delivery(next)? },
+            next = backfill.next() => Job { lane: Lane::Backfill, delivery: delivery(next)? },
         };
-        batch.push(delivery(next)?);
+        batch.push(first);
         let deadline = tokio::time::Instant::now() + self.batch.max_wait;
         while batch.len() < usize::from(self.batch.size) {
-            match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(next) => batch.push(delivery(next)?),
-                Err(_) => break,
-            }
+            let job = tokio::select! {
+                biased;
+                next = live.next() => Job { lane: Lane::Live, delivery: delivery(next)? },
+                next = backfill.next() => Job { lane: Lane::Backfill, delivery: delivery(next)? },
+                () = tokio::time::sleep_until(deadline) => break,
+            };
+            batch.push(job);
         }
         metrics::histogram!("clinflow_worker_batch_size").record(batch.len() as f64);
         Ok(Some(batch))
@@ -229,24 +305,33 @@ impl Worker {
     /// the worker cannot decrypt (the batch is requeued).
     async fn settle(
         &self,
-        batch: Vec<Delivery>,
-        channel: &Channel,
+        batch: Vec<Job>,
+        channels: &Channels<'_>,
         publisher: &Publisher,
         stop: &CancellationToken,
     ) -> Result<(), SessionEnd> {
-        let mut jobs = Vec::with_capacity(batch.len());
-        let mut poison: Vec<(Delivery, &'static str)> = Vec::new();
-        for delivery in batch {
-            if let Some(wait) = clinflow::amqp::queue_wait(&delivery.properties) {
-                metrics::histogram!(STAGE, "stage" => "queue_wait").record(wait.as_secs_f64());
+        let mut jobs: Vec<(Job, Uuid)> = Vec::with_capacity(batch.len());
+        let mut parked: Vec<(Job, &'static str)> = Vec::new();
+        for job in batch {
+            if let Some(wait) = clinflow::amqp::queue_wait(&job.delivery.properties) {
+                metrics::histogram!(STAGE, "stage" => "queue_wait", "lane" => job.lane.as_str())
+                    .record(wait.as_secs_f64());
             }
-            match serde_json::from_slice::<DocumentJob>(&delivery.data) {
-                Ok(job) => jobs.push((delivery, job.document_id)),
-                Err(_) => poison.push((delivery, "malformed_job")),
+            match serde_json::from_slice::<DocumentJob>(&job.delivery.data) {
+                // Delivered as often as the queue allows (a worker died on it
+                // each time): stop here, with its document failed, rather than
+                // let the broker park it with the document left `processing`.
+                Ok(j) if job.redeliveries() >= DELIVERY_LIMIT - 1 => {
+                    self.fail_until_stored(&[(j.document_id, "redelivered_too_often")], stop).await?;
+                    parked.push((job, "redelivered_too_often"));
+                }
+                Ok(j) => jobs.push((job, j.document_id)),
+                Err(_) => parked.push((job, "malformed_job")),
             }
         }
         let ids: Vec<Uuid> = jobs.iter().map(|(_, id)| *id).collect();
         let mut pause = Duration::from_millis(250);
+        let mut retry_later = false;
         let settled = loop {
             if ids.is_empty() {
                 break Settled::default();
@@ -263,61 +348,159 @@ impl Worker {
                     // batch, unsettled, is redelivered to it.
                     return Err(SessionEnd::Broker(anyhow::Error::new(e).context("broker gone during a batch")));
                 }
-                Err(e) if !channel.status().connected() => {
+                Err(e) if !channels.connected() => {
                     return Err(SessionEnd::Broker(anyhow::Error::new(e).context("broker gone during a batch")));
                 }
+                Err(e @ BatchError::Medcat(_)) if self.medcat.ready().await => {
+                    // MedCAT says it is ready, yet the batch failed past the
+                    // in-process retries: this costs each job an attempt.
+                    tracing::warn!(error = %e, "batch failed while MedCAT is ready; its jobs go to the retry queue");
+                    retry_later = true;
+                    break Settled::default();
+                }
                 Err(e) => {
+                    // The database, or MedCAT not ready: hold the batch and
+                    // take nothing new until it passes (no attempt is spent).
                     metrics::counter!("clinflow_worker_batch_retries_total").increment(1);
+                    metrics::gauge!("clinflow_worker_paused").set(1.0);
                     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "batch failed transiently; holding it");
-                    tokio::select! {
-                        () = stop.cancelled() => return requeue_all(jobs).await,
-                        () = tokio::time::sleep(pause) => {}
+                    let held = tokio::select! {
+                        () = stop.cancelled() => None,
+                        () = self.until_ready(&e, pause) => Some(()),
+                    };
+                    metrics::gauge!("clinflow_worker_paused").set(0.0);
+                    if held.is_none() {
+                        return requeue_all(jobs).await;
                     }
                     pause = (pause * 2).min(self.batch.max_pause);
                 }
             }
         };
         let mut acked = Vec::with_capacity(jobs.len());
-        for (delivery, id) in jobs {
-            if settled.requeue.contains(&id) {
-                link::settle(delivery.nack(BasicNackOptions { requeue: true, multiple: false })).await?;
+        let mut again = Vec::new();
+        for (job, id) in jobs {
+            if retry_later {
+                again.push((job, id));
+            } else if settled.requeue.contains(&id) {
+                link::settle(job.delivery.nack(BasicNackOptions { requeue: true, multiple: false })).await?;
             } else if settled.missing.contains(&id) {
-                poison.push((delivery, "no_such_document"));
+                parked.push((job, "no_such_document"));
             } else {
-                acked.push(delivery);
+                acked.push(job);
             }
         }
-        self.park(publisher, &poison).await?;
-        // Every other delivery of the batch has a lower tag on this channel,
-        // and the requeued ones are settled already.
-        let last = acked.into_iter().chain(poison.into_iter().map(|(d, _)| d)).max_by_key(|d| d.delivery_tag);
-        if let Some(last) = last {
-            link::settle(last.ack(BasicAckOptions { multiple: true })).await?;
+        let (waiting, exhausted) = self.retry_later(publisher, again, stop).await?;
+        acked.extend(waiting);
+        parked.extend(exhausted);
+        self.park(publisher, &parked).await?;
+        acked.extend(parked.into_iter().map(|(job, _)| job));
+        // Every other delivery of the batch has a lower tag on its lane's
+        // channel, and the requeued ones are settled already.
+        for lane in Lane::ALL {
+            let last = acked.iter().filter(|j| j.lane == lane).max_by_key(|j| j.delivery.delivery_tag);
+            if let Some(last) = last {
+                let ack = channels.get(lane).basic_ack(last.delivery.delivery_tag, BasicAckOptions { multiple: true });
+                link::within(ack).await?;
+            }
         }
         Ok(())
     }
 
-    /// Puts poison jobs in the dead-letter queue with the reason in a header
-    /// (confirmed before their deliveries are acked): never retried, kept
-    /// for inspection. Ids only, as every job.
-    async fn park(&self, publisher: &Publisher, poison: &[(Delivery, &'static str)]) -> Result<(), SessionEnd> {
-        if poison.is_empty() {
+    /// While the batch is held: MedCAT not ready → until it is (polled every
+    /// second); anything else (the database) → `pause`.
+    async fn until_ready(&self, error: &BatchError, pause: Duration) {
+        if !matches!(error, BatchError::Medcat(_)) {
+            return tokio::time::sleep(pause).await;
+        }
+        while !self.medcat.ready().await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Sends each job to its lane's retry queue with one more attempt
+    /// counted, or, past `max_attempts`, marks its document failed and
+    /// returns it to be parked. Returns (jobs now waiting, jobs exhausted).
+    #[allow(clippy::type_complexity)]
+    async fn retry_later(
+        &self,
+        publisher: &Publisher,
+        jobs: Vec<(Job, Uuid)>,
+        stop: &CancellationToken,
+    ) -> Result<(Vec<Job>, Vec<(Job, &'static str)>), SessionEnd> {
+        let (waiting, exhausted): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|(job, _)| job.attempts() + 1 < self.retry.max_attempts);
+        let failed: Vec<(Uuid, &str)> = exhausted.iter().map(|(_, id)| (*id, "retries_exhausted")).collect();
+        self.fail_until_stored(&failed, stop).await?;
+        let exchange = self.topology.retry_exchange();
+        let outgoing: Vec<Outgoing<'_>> = waiting
+            .iter()
+            .map(|(job, _)| {
+                let attempts = job.attempts() + 1;
+                Outgoing {
+                    attempts,
+                    expiration: Some(self.retry.delay(attempts)),
+                    ..Outgoing::new(&exchange, job.lane.key(), message_id(&job.delivery), &job.delivery.data)
+                }
+            })
+            .collect();
+        if !outgoing.is_empty() {
+            publisher.publish_many(&outgoing).await.map_err(|e| SessionEnd::Broker(e.into()))?;
+            metrics::counter!("clinflow_worker_delayed_retries_total").increment(outgoing.len() as u64);
+            tracing::warn!(jobs = outgoing.len(), "jobs sent to the retry queue");
+        }
+        Ok((
+            waiting.into_iter().map(|(job, _)| job).collect(),
+            exhausted.into_iter().map(|(job, _)| (job, "retries_exhausted")).collect(),
+        ))
+    }
+
+    /// Marks documents failed, retrying while the database is away (the
+    /// batch is held meanwhile); `Err` only when `stop` fires first.
+    async fn fail_until_stored(
+        &self,
+        failed: &[(Uuid, &'static str)],
+        stop: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        let mut pause = Duration::from_millis(250);
+        while !failed.is_empty() {
+            match documents::mark_failed(&self.db, failed).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot mark documents failed; holding the batch");
+                    tokio::select! {
+                        () = stop.cancelled() => return Err(SessionEnd::Shutdown),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(self.batch.max_pause);
+                }
+            }
+        }
+        for (_, code) in failed {
+            metrics::counter!("clinflow_worker_documents_total", "outcome" => *code).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Puts jobs in their lane's dead-letter queue with the reason in a
+    /// header (confirmed before their deliveries are acked): never retried
+    /// by the worker, kept for inspection and `dead-letters replay`. Ids
+    /// only, as every job.
+    async fn park(&self, publisher: &Publisher, parked: &[(Job, &'static str)]) -> Result<(), SessionEnd> {
+        if parked.is_empty() {
             return Ok(());
         }
         let exchange = self.topology.dead_letter_exchange();
-        let parked: Vec<Outgoing<'_>> = poison
+        let outgoing: Vec<Outgoing<'_>> = parked
             .iter()
-            .map(|(d, reason)| Outgoing {
-                exchange: &exchange,
-                routing_key: clinflow::amqp::DOCUMENTS_LIVE,
-                message_id: d.properties.message_id().as_ref().map_or("", |m| m.as_str()),
-                body: &d.data,
+            .map(|(job, reason)| Outgoing {
                 reason: Some(reason),
+                attempts: job.attempts() + 1,
+                ..Outgoing::new(&exchange, job.lane.key(), message_id(&job.delivery), &job.delivery.data)
             })
             .collect();
-        publisher.publish_many(&parked).await.map_err(|e| SessionEnd::Broker(e.into()))?;
-        for (d, reason) in poison {
-            tracing::warn!(bytes = d.data.len(), reason, "poison job dead-lettered");
+        publisher.publish_many(&outgoing).await.map_err(|e| SessionEnd::Broker(e.into()))?;
+        for (job, reason) in parked {
+            tracing::warn!(bytes = job.delivery.data.len(), reason, lane = job.lane.as_str(), "job dead-lettered");
             metrics::counter!("clinflow_worker_dead_lettered_total", "reason" => *reason).increment(1);
         }
         Ok(())
@@ -438,6 +621,29 @@ impl Worker {
     }
 }
 
+/// The consuming channel of each lane, for one slot.
+struct Channels<'a> {
+    live: &'a Channel,
+    backfill: &'a Channel,
+}
+
+impl Channels<'_> {
+    fn get(&self, lane: Lane) -> &Channel {
+        match lane {
+            Lane::Live => self.live,
+            Lane::Backfill => self.backfill,
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.live.status().connected() && self.backfill.status().connected()
+    }
+}
+
+fn message_id(delivery: &Delivery) -> &str {
+    delivery.properties.message_id().as_ref().map_or("", |m| m.as_str())
+}
+
 /// A delivery from the consumer stream; an error or its end means the
 /// channel is gone (the session is rebuilt), never a quiet exit.
 fn delivery(next: Option<Result<Delivery, lapin::Error>>) -> anyhow::Result<Delivery> {
@@ -448,9 +654,9 @@ fn delivery(next: Option<Result<Delivery, lapin::Error>>) -> anyhow::Result<Deli
     }
 }
 
-async fn requeue_all(jobs: Vec<(Delivery, Uuid)>) -> Result<(), SessionEnd> {
-    for (delivery, _) in jobs {
-        link::settle(delivery.nack(BasicNackOptions { requeue: true, multiple: false })).await?;
+async fn requeue_all(jobs: Vec<(Job, Uuid)>) -> Result<(), SessionEnd> {
+    for (job, _) in jobs {
+        link::settle(job.delivery.nack(BasicNackOptions { requeue: true, multiple: false })).await?;
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ use clinflow_api::{AppState, UploadLimits};
 use clinflow_audit_sink::Sink;
 use clinflow_audit_sink::chain::ChainKey;
 use clinflow_worker::medcat::MedcatClient;
-use clinflow_worker::{BatchConfig, Worker};
+use clinflow_worker::{BatchConfig, RetryConfig, Worker};
 use secrecy::{SecretBox, SecretString};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -115,6 +115,7 @@ impl Stack {
             model_version,
             topology: topology.clone(),
             batch: BatchConfig { size: 8, in_flight: 2, ..BatchConfig::default() },
+            retry: RetryConfig::default(),
         });
         let worker = {
             let (url, shutdown) = (amqp_url.clone(), shutdown.clone());

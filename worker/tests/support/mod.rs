@@ -11,13 +11,13 @@ use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use backon::ExponentialBuilder;
-use clinflow::amqp::{Publisher, Topology};
+use clinflow::amqp::{Lane, Publisher, Topology};
 use clinflow::crypto::Keyring;
 use clinflow::documents::{self, NewDocument};
 use clinflow::link::LinkState;
 use clinflow::testing::{self, TestDb};
 use clinflow_worker::medcat::MedcatClient;
-use clinflow_worker::{BatchConfig, Worker};
+use clinflow_worker::{BatchConfig, RetryConfig, Worker};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -26,21 +26,61 @@ use uuid::Uuid;
 /// first `failures` POSTs, then forwards every request to the real service.
 /// It exists for what the real service cannot be made to do on demand:
 /// answer 503 (or 429 with Retry-After) a given number of times.
+/// `set_failures` changes how many POSTs (counted from the start) fail, so
+/// a test can end an outage; `set_down(true)` makes every request, health
+/// checks included, answer 503 (MedCAT down).
 pub struct FaultProxy {
     pub url: String,
     pub posts: Arc<AtomicUsize>,
+    /// Requests refused while down.
+    pub refused: Arc<AtomicUsize>,
+    failures: Arc<AtomicUsize>,
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
+
+impl FaultProxy {
+    pub fn set_failures(&self, failures: usize) {
+        self.failures.store(failures, Ordering::SeqCst);
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+}
+
+type ProxyState = (
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<AtomicUsize>,
+    StatusCode,
+    reqwest::Client,
+);
 
 pub async fn fault_proxy(failures: usize, status: StatusCode) -> FaultProxy {
     let posts = Arc::new(AtomicUsize::new(0));
-    let state = (Arc::clone(&posts), failures, status, reqwest::Client::new());
+    let failures = Arc::new(AtomicUsize::new(failures));
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let state = (
+        Arc::clone(&posts),
+        Arc::clone(&failures),
+        Arc::clone(&down),
+        Arc::clone(&refused),
+        status,
+        reqwest::Client::new(),
+    );
     async fn forward(
-        State((posts, failures, status, http)): State<(Arc<AtomicUsize>, usize, StatusCode, reqwest::Client)>,
+        State((posts, failures, down, refused, status, http)): State<ProxyState>,
         uri: Uri,
         method: Method,
         body: Bytes,
     ) -> Response {
-        if method == Method::POST && posts.fetch_add(1, Ordering::SeqCst) < failures {
+        if down.load(Ordering::SeqCst) {
+            refused.fetch_add(1, Ordering::SeqCst);
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        if method == Method::POST && posts.fetch_add(1, Ordering::SeqCst) < failures.load(Ordering::SeqCst) {
             return status.into_response();
         }
         let url = format!("{}{}", testing::medcat_url(), uri.path());
@@ -52,7 +92,7 @@ pub async fn fault_proxy(failures: usize, status: StatusCode) -> FaultProxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    FaultProxy { url: format!("http://{addr}"), posts }
+    FaultProxy { url: format!("http://{addr}"), posts, refused, failures, down }
 }
 
 /// FAULT-INJECTING PROXY: forwards to the real MedCAT, holding every POST
@@ -104,8 +144,13 @@ impl Setup {
         Self { db, topology, amqp, publisher, uploader }
     }
 
-    /// Stores each text as a document (sealed with `keyring`) and queues its job.
+    /// Stores each text as a document (sealed with `keyring`) and queues its
+    /// job on the live lane.
     pub async fn enqueue(&self, keyring: &Keyring, texts: &[&str]) -> Vec<Uuid> {
+        self.enqueue_on(keyring, texts, Lane::Live).await
+    }
+
+    pub async fn enqueue_on(&self, keyring: &Keyring, texts: &[&str], lane: Lane) -> Vec<Uuid> {
         let mut ids = Vec::new();
         for text in texts {
             let id = Uuid::now_v7();
@@ -119,13 +164,28 @@ impl Setup {
             };
             let mut conn = self.db.app.acquire().await.unwrap();
             documents::insert(&mut conn, &doc).await.unwrap();
-            clinflow::jobs::publish(&self.publisher, &self.topology, id).await.unwrap();
+            clinflow::jobs::publish(&self.publisher, &self.topology, lane, id).await.unwrap();
             ids.push(id);
         }
         ids
     }
 
+    /// A worker whose jobs get 10 attempts, 100 ms apart at first.
     pub async fn start_worker(&self, medcat_url: &str, shutdown: &CancellationToken) -> JoinHandle<anyhow::Result<()>> {
+        let retry = RetryConfig {
+            max_attempts: 10,
+            first_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        self.start_worker_with(medcat_url, shutdown, retry).await
+    }
+
+    pub async fn start_worker_with(
+        &self,
+        medcat_url: &str,
+        shutdown: &CancellationToken,
+        retry: RetryConfig,
+    ) -> JoinHandle<anyhow::Result<()>> {
         let backoff = ExponentialBuilder::default().with_min_delay(Duration::from_millis(20)).with_max_times(2);
         let medcat = MedcatClient::new(medcat_url, backoff).unwrap();
         let worker = Arc::new(Worker {
@@ -140,6 +200,7 @@ impl Setup {
                 in_flight: 2,
                 max_pause: Duration::from_millis(200),
             },
+            retry,
         });
         let shutdown = shutdown.clone();
         tokio::spawn(async move { worker.run(&testing::amqp_url(), &LinkState::default(), shutdown).await })
