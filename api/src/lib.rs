@@ -6,6 +6,7 @@ pub mod config;
 pub mod documents;
 pub mod error;
 pub mod idempotency;
+mod ops;
 pub mod users;
 
 use std::net::SocketAddr;
@@ -50,6 +51,9 @@ pub struct AppState {
     pub idle_timeout: Duration,
     pub limits: UploadLimits,
     pub batch_limits: batch::BatchLimits,
+    /// For the ops endpoints, which open their own broker connection.
+    pub amqp_url: secrecy::SecretString,
+    pub topology: clinflow::amqp::Topology,
 }
 
 /// Backpressure: uploads answer 429 while the outbox or the live queue holds
@@ -105,6 +109,7 @@ pub fn app(state: AppState) -> Router {
         .merge(auth::router())
         .merge(documents::router())
         .merge(batch::router())
+        .merge(ops::router())
         .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::NotFound })

@@ -70,10 +70,11 @@ async fn run_server() -> anyhow::Result<()> {
         .connect(config.database_url.expose_secret())
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")?;
+    let topology = Topology::new(config.queue_prefix);
     let relay = Relay {
         db: db.clone(),
-        amqp_url: config.amqp_url,
-        topology: Topology::new(config.queue_prefix),
+        amqp_url: config.amqp_url.clone(),
+        topology: topology.clone(),
         name: "clinflow-api".into(),
         handle: RelayHandle::default(),
     };
@@ -88,6 +89,8 @@ async fn run_server() -> anyhow::Result<()> {
         idle_timeout: IDLE_TIMEOUT,
         limits: config.limits,
         batch_limits: config.batch_limits,
+        amqp_url: config.amqp_url,
+        topology,
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await

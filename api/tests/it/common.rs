@@ -100,6 +100,8 @@ impl Stack {
             idle_timeout: IDLE_TIMEOUT,
             limits,
             batch_limits: BatchLimits { max_lines: 50, max_bytes: 64 * 1024, max_line_bytes: 4 * 1024 },
+            amqp_url: amqp_url.clone(),
+            topology: topology.clone(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();

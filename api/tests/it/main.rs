@@ -10,6 +10,7 @@ mod common;
 mod database;
 mod ingest;
 mod jobs;
+mod ops;
 mod outbox;
 mod pipeline;
 mod startup;
