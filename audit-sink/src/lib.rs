@@ -13,7 +13,7 @@ use std::time::Duration;
 use clinflow::amqp::Topology;
 use clinflow::audit::AuditEvent;
 use clinflow::link::{self, LinkState, SessionEnd};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
@@ -35,6 +35,9 @@ pub struct Sink {
     pub topology: Topology,
     /// Most events written in one transaction.
     pub batch_size: usize,
+    /// How long a batch waits for more events after its first: fewer, larger
+    /// transactions at moderate rates, for this much more audit lag.
+    pub max_wait: Duration,
 }
 
 impl Sink {
@@ -83,7 +86,8 @@ impl Sink {
                 next = consumer.next() => next,
             };
             let mut batch = Vec::with_capacity(self.batch_size);
-            // Take what has already arrived, without waiting for more.
+            // Take what arrives within `max_wait` of the first event.
+            let deadline = tokio::time::Instant::now() + self.max_wait;
             loop {
                 match next {
                     Some(Ok(d)) => batch.push(d),
@@ -93,9 +97,9 @@ impl Sink {
                 if batch.len() >= self.batch_size {
                     break;
                 }
-                match consumer.next().now_or_never() {
-                    Some(n) => next = n,
-                    None => break,
+                match tokio::time::timeout_at(deadline, consumer.next()).await {
+                    Ok(n) => next = n,
+                    Err(_) => break,
                 }
             }
             if let Err(end) = self.write(batch, &channel, shutdown).await {

@@ -59,7 +59,9 @@ async fn run() -> anyhow::Result<()> {
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9103")?;
     clinflow::telemetry::install_metrics(metrics_addr)?;
     let db = connect_db().await?;
-    let sink = Sink { db, key, topology: Topology::new(prefix), batch_size: 256 };
+    let batch_size = usize::from(config::positive("AUDIT_BATCH_SIZE", 256)?);
+    let max_wait = std::time::Duration::from_millis(config::positive("AUDIT_BATCH_WAIT_MS", 50)?.into());
+    let sink = Sink { db, key, topology: Topology::new(prefix), batch_size, max_wait };
     // RabbitMQ is connected (and reconnected) inside `run`.
     sink.run(&amqp_url, &LinkState::default(), clinflow::shutdown::on_signal()).await
 }

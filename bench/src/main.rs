@@ -86,6 +86,10 @@ pub struct Plan {
     pub upload_clients: usize,
     /// Uploads per second each client sends in the paced latency run.
     pub upload_rate_per_client: f64,
+    /// Backfill documents drained during the live-lane run, and the rate of
+    /// live uploads meanwhile.
+    pub lanes_backfill: usize,
+    pub live_rate: f64,
     pub sink_events: usize,
     pub backlog: usize,
     pub note_bytes: usize,
@@ -94,7 +98,7 @@ pub struct Plan {
 impl Plan {
     fn for_mode(mode: Mode, backlog: Option<usize>) -> Self {
         let base = Plan {
-            notes: 1_000,
+            notes: 3_000,
             rounds: 3,
             bulk_batch: 50,
             batch_lines: 500,
@@ -103,21 +107,30 @@ impl Plan {
             latency_uploads: 3_000,
             upload_clients: 50,
             upload_rate_per_client: 10.0,
+            lanes_backfill: 20_000,
+            live_rate: 20.0,
             sink_events: 50_000,
             backlog: 0,
             note_bytes: 1_000,
         };
         let plan = match mode {
-            Mode::Tiny => {
-                Plan { notes: 100, rounds: 1, ceiling_notes: 500, latency_uploads: 300, sink_events: 2_000, ..base }
-            }
+            Mode::Tiny => Plan {
+                notes: 100,
+                rounds: 1,
+                ceiling_notes: 500,
+                latency_uploads: 300,
+                sink_events: 2_000,
+                lanes_backfill: 2_000,
+                ..base
+            },
             Mode::Quick => base,
             Mode::Full => Plan {
-                notes: 2_000,
+                notes: 10_000,
                 rounds: 3,
                 ceiling_notes: 100_000,
                 latency_uploads: 10_000,
                 sink_events: 200_000,
+                lanes_backfill: 100_000,
                 backlog: 1_000_000,
                 ..base
             },
@@ -254,6 +267,15 @@ async fn measure(
         phases::pipeline(ctx, stack, &client, &ctx.notes(3_700_000_000, plan.latency_uploads), single).await?;
     let after = phases::Observation::take(stack).await?;
     figures.saturation = Some(report::Run::new(&saturated, &before, &after));
+
+    eprintln!(
+        "== lanes: live uploads at {}/s while {} backfill documents drain with the STAND-IN",
+        plan.live_rate, plan.lanes_backfill
+    );
+    figures.lanes = Some(
+        phases::lanes(ctx, stack, &client, amqp, topology, master_key, &standin, plan.lanes_backfill, plan.live_rate)
+            .await?,
+    );
 
     eprintln!("== audit sink: draining {} pre-filled events", plan.sink_events);
     figures.sink = Some(phases::sink(ctx, stack, amqp, topology, plan.sink_events).await?);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clinflow::amqp::{Outgoing, Publisher, Topology};
+use clinflow::amqp::{Lane, Outgoing, Publisher, Topology};
 use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
 use clinflow::documents;
@@ -109,6 +109,17 @@ impl Client {
         let elapsed = started.elapsed();
         anyhow::ensure!(status.as_u16() == 202, "upload answered {status}: {}", String::from_utf8_lossy(&body));
         Ok(elapsed)
+    }
+
+    /// One live upload; its document id.
+    async fn upload_for_id(&self, note: &Note) -> anyhow::Result<Uuid> {
+        let body = json!({"patient_ref": note.patient_ref, "text": note.text});
+        let url = format!("{}/v1/documents", self.base);
+        let response = self.send(|| self.http.post(&url).json(&body)).await?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await?;
+        anyhow::ensure!(status.as_u16() == 202, "upload answered {status}: {answer}");
+        Ok(answer["id"].as_str().context("no id in the upload answer")?.parse()?)
     }
 
     async fn upload_batch(&self, notes: &[Note]) -> anyhow::Result<Duration> {
@@ -392,6 +403,112 @@ async fn publish_all(
     Ok(())
 }
 
+/// `n` documents written straight into the database and queued on `lane`
+/// (the benchmark's bulk-load path; `seed` picks the notes).
+async fn prefill(
+    ctx: &Context<'_>,
+    amqp: &lapin::Connection,
+    topology: &Topology,
+    master_key: &[u8; 32],
+    lane: Lane,
+    seed: u64,
+    n: usize,
+) -> anyhow::Result<()> {
+    const CHUNK: usize = 5_000;
+    let keyring = Keyring::from_master_key(&secrecy::SecretBox::new(Box::new(*master_key)));
+    let uploader: Uuid =
+        sqlx::query_scalar("SELECT id FROM users WHERE username = 'bench-ingest'").fetch_one(ctx.db).await?;
+    let queue = topology.lane(lane);
+    let load_started = Instant::now();
+    for first in (0..n).step_by(CHUNK) {
+        let notes = ctx.notes(seed + first as u64, CHUNK.min(n - first));
+        let ids: Vec<Uuid> = notes.iter().map(|_| Uuid::now_v7()).collect();
+        let mut texts = Vec::with_capacity(notes.len());
+        let mut patients = Vec::with_capacity(notes.len());
+        for (id, note) in ids.iter().zip(&notes) {
+            texts.push(keyring.seal_str(documents::text_field(*id), &note.text)?);
+            patients.push(keyring.seal_str(documents::patient_ref_field(*id), &note.patient_ref)?);
+        }
+        sqlx::query(
+            "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, lane)
+             SELECT id, p, t, $4, $5 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[]) AS u(id, p, t)",
+        )
+        .bind(&ids)
+        .bind(&patients)
+        .bind(&texts)
+        .bind(uploader)
+        .bind(lane.as_str())
+        .execute(ctx.db)
+        .await?;
+        let jobs = ids.iter().map(|id| serde_json::to_vec(&DocumentJob { document_id: *id }));
+        publish_all(amqp, &queue.exchange, queue.key, jobs).await?;
+        if (first + CHUNK).is_multiple_of(100_000) {
+            eprintln!("   loaded {} documents ({:.0} s)", first + CHUNK, load_started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+/// Live uploads (single, through the API, `rate` per second) while a
+/// backfill of `n` queued documents drains with the STAND-IN: upload → done
+/// latency of the live documents (from their rows' times).
+#[allow(clippy::too_many_arguments)]
+pub async fn lanes(
+    ctx: &Context<'_>,
+    stack: &mut Stack,
+    client: &Client,
+    amqp: &lapin::Connection,
+    topology: &Topology,
+    master_key: &[u8; 32],
+    standin_url: &str,
+    n: usize,
+    rate: f64,
+) -> anyhow::Result<report::Lanes> {
+    stack.stop(WORKER).await?;
+    prefill(ctx, amqp, topology, master_key, Lane::Backfill, 5_000_000_000, n).await?;
+    let started = Instant::now();
+    stack.start(WORKER, &[("MEDCAT_URL", standin_url)]).await?;
+    let remaining = async || -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM documents WHERE status <> 'done' AND lane = 'backfill'")
+            .fetch_one(ctx.db)
+            .await?)
+    };
+    // Live uploads while at least a tenth of the backfill is still waiting.
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut live = Vec::new();
+    let mut next = tokio::time::Instant::now();
+    let mut k = 0u64;
+    while remaining().await? > (n / 10) as i64 {
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        live.push(client.upload_for_id(&ctx.notes(6_000_000_000 + k, 1)[0]).await?);
+        k += 1;
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(3600), "backfill not drained after an hour");
+    }
+    let during = started.elapsed();
+    let drained =
+        wait_for(Duration::from_secs(600), POLL, || async { Ok((remaining().await? == 0).then_some(())) }).await?;
+    anyhow::ensure!(drained.is_some(), "backfill still pending after 10 minutes");
+    let latencies: Vec<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM (updated_at - created_at))::float8 * 1000 FROM documents
+         WHERE id = ANY($1) AND status = 'done' ORDER BY 1",
+    )
+    .bind(&live)
+    .fetch_all(ctx.db)
+    .await?;
+    anyhow::ensure!(latencies.len() == live.len(), "{} of {} live documents done", latencies.len(), live.len());
+    Ok(report::Lanes {
+        backfill_docs: n,
+        backfill_docs_per_s: n as f64 / started.elapsed().as_secs_f64(),
+        live_uploads: live.len(),
+        live_rate_per_s: rate,
+        live_seconds: during.as_secs_f64(),
+        live_p50_ms: report::percentile(&latencies, 0.50),
+        live_p99_ms: report::percentile(&latencies, 0.99),
+        live_max_ms: latencies.last().copied().unwrap_or(0.0),
+    })
+}
+
 /// `n` documents written straight into the database and queued (the
 /// benchmark's bulk-load path), then drained by a fresh worker with the
 /// STAND-IN: throughput of the first and the last 100,000.
@@ -404,38 +521,9 @@ pub async fn backlog(
     standin_url: &str,
     n: usize,
 ) -> anyhow::Result<report::Backlog> {
-    const CHUNK: usize = 5_000;
     stack.stop(WORKER).await?;
-    let keyring = Keyring::from_master_key(&secrecy::SecretBox::new(Box::new(*master_key)));
-    let uploader: Uuid =
-        sqlx::query_scalar("SELECT id FROM users WHERE username = 'bench-ingest'").fetch_one(ctx.db).await?;
-    let lane = topology.documents_live();
     let load_started = Instant::now();
-    for first in (0..n).step_by(CHUNK) {
-        let notes = ctx.notes(4_000_000_000 + first as u64, CHUNK.min(n - first));
-        let ids: Vec<Uuid> = notes.iter().map(|_| Uuid::now_v7()).collect();
-        let mut texts = Vec::with_capacity(notes.len());
-        let mut patients = Vec::with_capacity(notes.len());
-        for (id, note) in ids.iter().zip(&notes) {
-            texts.push(keyring.seal_str(documents::text_field(*id), &note.text)?);
-            patients.push(keyring.seal_str(documents::patient_ref_field(*id), &note.patient_ref)?);
-        }
-        sqlx::query(
-            "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by)
-             SELECT id, p, t, $4 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[]) AS u(id, p, t)",
-        )
-        .bind(&ids)
-        .bind(&patients)
-        .bind(&texts)
-        .bind(uploader)
-        .execute(ctx.db)
-        .await?;
-        let jobs = ids.iter().map(|id| serde_json::to_vec(&DocumentJob { document_id: *id }));
-        publish_all(amqp, &lane.exchange, lane.key, jobs).await?;
-        if (first + CHUNK).is_multiple_of(100_000) {
-            eprintln!("   loaded {} documents ({:.0} s)", first + CHUNK, load_started.elapsed().as_secs_f64());
-        }
-    }
+    prefill(ctx, amqp, topology, master_key, Lane::Live, 4_000_000_000, n).await?;
     let load_s = load_started.elapsed().as_secs_f64();
 
     let window = 100_000.min(n / 2).max(1) as i64;
@@ -484,7 +572,7 @@ pub async fn backlog(
 pub async fn delete_queues(amqp: &lapin::Connection, topology: &Topology) {
     if let Ok(channel) = amqp.create_channel().await {
         for wq in topology.work_queues() {
-            for q in [wq.queue, wq.dead_queue] {
+            for q in [Some(wq.queue), Some(wq.dead_queue), wq.retry_queue].into_iter().flatten() {
                 let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
             }
         }

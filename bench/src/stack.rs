@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 pub struct Stack {
     pub bin_dir: PathBuf,
     pub log_dir: PathBuf,
-    pub env: BTreeMap<&'static str, String>,
+    pub env: BTreeMap<String, String>,
     pub api_url: String,
     services: BTreeMap<&'static str, Service>,
 }
@@ -43,7 +43,7 @@ impl Stack {
     ) -> anyhow::Result<Self> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let api_addr = free_addr()?;
-        let env = BTreeMap::from([
+        let mut env: BTreeMap<String, String> = [
             ("DATABASE_URL", database_url),
             ("AMQP_URL", amqp_url),
             ("CLINFLOW_QUEUE_PREFIX", prefix.to_owned()),
@@ -53,7 +53,17 @@ impl Stack {
             ("CLINFLOW_INDEX_KEY", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
             ("API_ADDR", api_addr.clone()),
             ("RUST_LOG", "warn".to_owned()),
-        ]);
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        // Tuning knobs given to ./bench/run reach the services (and are
+        // recorded with the figures).
+        for (k, v) in std::env::vars() {
+            if ["WORKER_", "AUDIT_BATCH_", "UPLOAD_MAX_", "BATCH_MAX_"].iter().any(|p| k.starts_with(p)) {
+                env.insert(k, v);
+            }
+        }
         std::fs::create_dir_all(&log_dir)?;
         Ok(Self { bin_dir, log_dir, env, api_url: format!("http://{api_addr}"), services: BTreeMap::new() })
     }

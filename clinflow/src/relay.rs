@@ -27,6 +27,10 @@ use crate::outbox::Topic;
 const BATCH: i64 = 500;
 /// How often an idle relay looks for rows another process left behind.
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// After a wake-up, how long the relay lets other commits join the round:
+/// fewer, larger publish rounds (and outbox transactions) under load, for
+/// this much more time before a job reaches its queue.
+const COALESCE: Duration = Duration::from_millis(20);
 /// How often the backlog and the queue depth are measured.
 const MEASURE_EVERY: Duration = Duration::from_secs(1);
 
@@ -177,7 +181,7 @@ impl Relay {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return self.drain(publisher).await,
-                () = self.handle.wake.notified() => {}
+                () = self.handle.wake.notified() => tokio::time::sleep(COALESCE).await,
                 () = tokio::time::sleep(IDLE_POLL) => {}
             }
         }

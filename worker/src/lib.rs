@@ -124,7 +124,7 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { size: 50, max_wait: Duration::from_millis(20), in_flight: 3, max_pause: Duration::from_secs(30) }
+        Self { size: 50, max_wait: Duration::from_millis(50), in_flight: 3, max_pause: Duration::from_secs(30) }
     }
 }
 

@@ -182,7 +182,9 @@ async fn run() -> anyhow::Result<()> {
     let defaults = BatchConfig::default();
     let batch = BatchConfig {
         size: config::positive("WORKER_BATCH_SIZE", defaults.size)?,
-        max_wait: Duration::from_millis(config::positive("WORKER_BATCH_WAIT_MS", 20)?.into()),
+        max_wait: Duration::from_millis(
+            config::positive("WORKER_BATCH_WAIT_MS", defaults.max_wait.as_millis() as u16)?.into(),
+        ),
         in_flight: config::positive("WORKER_IN_FLIGHT", defaults.in_flight)?,
         ..defaults
     };

@@ -124,7 +124,13 @@ impl Stack {
             tokio::spawn(async move { worker.run(&url, &LinkState::default(), shutdown).await })
         };
 
-        let sink = Sink { db: db.app.clone(), key: audit_key(), topology: topology.clone(), batch_size: 64 };
+        let sink = Sink {
+            db: db.app.clone(),
+            key: audit_key(),
+            topology: topology.clone(),
+            batch_size: 64,
+            max_wait: Duration::from_millis(20),
+        };
         let sink = {
             let (url, shutdown) = (amqp_url.clone(), shutdown.clone());
             tokio::spawn(async move { sink.run(&url, &LinkState::default(), shutdown).await })
