@@ -74,9 +74,7 @@ impl From<sqlx::Error> for ApiError {
             }
             // Shutting down or restarting (57P01-57P03), or the connection
             // broke (08xxx): the same, seen from inside a query.
-            sqlx::Error::Database(ref db)
-                if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) =>
-            {
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) => {
                 tracing::warn!(error = %e, "database unavailable");
                 Self::Unavailable("the database")
             }
