@@ -29,6 +29,13 @@ pub enum ChainError {
     Encode(Uuid, serde_json::Error),
     #[error("audit chain broken at seq {seq}: {problem}")]
     Broken { seq: i64, problem: &'static str },
+    #[error("audit checkpoints: {0}")]
+    Checkpoint(String),
+}
+
+/// Now, to the microsecond (what the checkpoint file and the table keep).
+pub fn now() -> time::OffsetDateTime {
+    clinflow::audit::now_micros()
 }
 
 pub struct ChainKey(SecretBox<Vec<u8>>);
@@ -36,6 +43,16 @@ pub struct ChainKey(SecretBox<Vec<u8>>);
 impl ChainKey {
     pub fn new(key: SecretBox<Vec<u8>>) -> Self {
         Self(key)
+    }
+
+    /// The MAC of a checkpoint line (domain-separated from row hashes).
+    pub fn checkpoint_mac(&self, seq: i64, row_hash_hex: &str, at: time::OffsetDateTime) -> Vec<u8> {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.0.expose_secret()) else { return Vec::new() };
+        mac.update(b"checkpoint");
+        mac.update(&seq.to_be_bytes());
+        mac.update(row_hash_hex.as_bytes());
+        mac.update(&at.unix_timestamp_nanos().to_be_bytes());
+        mac.finalize().into_bytes().to_vec()
     }
 
     fn row_hash(&self, seq: i64, prev: &[u8], event: &AuditEvent) -> Result<Vec<u8>, ChainError> {
@@ -179,7 +196,7 @@ pub async fn verify(db: &PgPool, key: &ChainKey) -> Result<i64, ChainError> {
     while let Some(r) = rows.try_next().await? {
         let broken = |problem| ChainError::Broken { seq: r.seq, problem };
         if r.seq != expected_seq {
-            return Err(broken("a row is missing before this one"));
+            return Err(ChainError::Broken { seq: expected_seq, problem: "missing (a later row follows it)" });
         }
         if r.prev_hash != prev {
             return Err(broken("prev_hash does not match the previous row"));

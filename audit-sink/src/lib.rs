@@ -7,6 +7,7 @@
 //! refuses is held and retried, never dead-lettered.
 
 pub mod chain;
+pub mod checkpoint;
 
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ pub struct Sink {
     /// How long a batch waits for more events after its first: fewer, larger
     /// transactions at moderate rates, for this much more audit lag.
     pub max_wait: Duration,
+    /// The external anchor (see [`checkpoint`]); `None`: no checkpoints.
+    pub checkpoints: Option<tokio::sync::Mutex<checkpoint::Checkpointer>>,
 }
 
 impl Sink {
@@ -141,6 +144,14 @@ impl Sink {
                 Ok(written) => {
                     metrics::counter!("clinflow_audit_events_written_total").increment(written as u64);
                     metrics::histogram!("clinflow_audit_batch_seconds").record(started.elapsed().as_secs_f64());
+                    if let Some(checkpoints) = &self.checkpoints {
+                        // The batch is committed: a failed checkpoint is
+                        // retried with the next batch, and said loudly.
+                        if let Err(e) = checkpoints.lock().await.after_batch(&self.db, &self.key, written).await {
+                            tracing::error!(error = %e, "audit checkpoint not written");
+                            metrics::counter!("clinflow_audit_checkpoint_failures_total").increment(1);
+                        }
+                    }
                     if let Some(d) = good.into_iter().find(|d| d.delivery_tag == last) {
                         // Every other event of the batch has a lower tag on this channel.
                         link::settle(d.ack(BasicAckOptions { multiple: true })).await?;

@@ -6,6 +6,7 @@ use clinflow::amqp::Topology;
 use clinflow::config;
 use clinflow::link::LinkState;
 use clinflow_audit_sink::chain::{self, ChainKey};
+use clinflow_audit_sink::checkpoint::{self, CheckpointConfig, Checkpointer};
 use clinflow_audit_sink::{SERVICE_NAME, Sink};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -23,8 +24,13 @@ struct Cli {
 enum Command {
     /// Consume audit events (the default).
     Run,
-    /// Walk the hash chain and report the first broken row, if any.
-    Verify,
+    /// Walk the hash chain and report the first broken row, if any; with
+    /// checkpoints (default: AUDIT_CHECKPOINT_FILE), also that the table
+    /// still holds every checkpointed row.
+    Verify {
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<std::path::PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -32,7 +38,7 @@ async fn main() -> ExitCode {
     clinflow::telemetry::init_tracing();
     let result = match Cli::parse().command.unwrap_or(Command::Run) {
         Command::Run => run().await,
-        Command::Verify => verify().await,
+        Command::Verify { checkpoints } => verify(checkpoints).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,15 +67,41 @@ async fn run() -> anyhow::Result<()> {
     let db = connect_db().await?;
     let batch_size = usize::from(config::positive("AUDIT_BATCH_SIZE", 256)?);
     let max_wait = std::time::Duration::from_millis(config::positive("AUDIT_BATCH_WAIT_MS", 50)?.into());
-    let sink = Sink { db, key, topology: Topology::new(prefix), batch_size, max_wait };
+    let checkpoints = match config::optional("AUDIT_CHECKPOINT_FILE")? {
+        Some(path) => Some(tokio::sync::Mutex::new(Checkpointer::new(CheckpointConfig {
+            path: path.into(),
+            every_events: config::positive("AUDIT_CHECKPOINT_EVERY", 1000)?.into(),
+            every: std::time::Duration::from_secs(config::positive("AUDIT_CHECKPOINT_SECONDS", 60)?.into()),
+        }))),
+        None => {
+            tracing::warn!(
+                "AUDIT_CHECKPOINT_FILE is not set: no external checkpoints, so deleting the newest audit rows \
+                 would go unnoticed by verify"
+            );
+            None
+        }
+    };
+    let sink = Sink { db, key, topology: Topology::new(prefix), batch_size, max_wait, checkpoints };
     // RabbitMQ is connected (and reconnected) inside `run`.
     sink.run(&amqp_url, &LinkState::default(), clinflow::shutdown::on_signal()).await
 }
 
-async fn verify() -> anyhow::Result<()> {
+async fn verify(checkpoints: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
+    let checkpoints = match checkpoints {
+        Some(path) => Some(path),
+        None => config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
+    };
     let db = connect_db().await?;
     let rows = chain::verify(&db, &key).await?;
-    println!("audit chain intact: {rows} events");
+    match checkpoints {
+        Some(path) => {
+            let read = checkpoint::read(&path, &key)?;
+            checkpoint::check(&db, rows, &read).await?;
+            let newest = read.iter().map(|c| c.seq).max().unwrap_or(0);
+            println!("audit chain intact: {rows} events; {} checkpoints hold (newest at seq {newest})", read.len());
+        }
+        None => println!("audit chain intact: {rows} events (no checkpoints given: the newest rows are not anchored)"),
+    }
     Ok(())
 }

@@ -19,6 +19,7 @@ use clinflow_api::users::{self, Passwords, Role};
 use clinflow_api::{AppState, UploadLimits};
 use clinflow_audit_sink::Sink;
 use clinflow_audit_sink::chain::ChainKey;
+use clinflow_audit_sink::checkpoint::{CheckpointConfig, Checkpointer};
 use clinflow_worker::medcat::MedcatClient;
 use clinflow_worker::{BatchConfig, RetryConfig, Worker};
 use secrecy::{SecretBox, SecretString};
@@ -46,6 +47,9 @@ pub struct Stack {
     pub relay: Option<JoinHandle<()>>,
     relay_handle: RelayHandle,
     amqp_url: SecretString,
+    /// The sink's checkpoint file (one every 10 events or second).
+    pub checkpoints: std::path::PathBuf,
+    _checkpoint_dir: tempfile::TempDir,
 }
 
 impl Stack {
@@ -124,12 +128,19 @@ impl Stack {
             tokio::spawn(async move { worker.run(&url, &LinkState::default(), shutdown).await })
         };
 
+        let checkpoint_dir = tempfile::tempdir().unwrap();
+        let checkpoints = checkpoint_dir.path().join("audit-checkpoints.jsonl");
         let sink = Sink {
             db: db.app.clone(),
             key: audit_key(),
             topology: topology.clone(),
             batch_size: 64,
             max_wait: Duration::from_millis(20),
+            checkpoints: Some(tokio::sync::Mutex::new(Checkpointer::new(CheckpointConfig {
+                path: checkpoints.clone(),
+                every_events: 10,
+                every: Duration::from_secs(1),
+            }))),
         };
         let sink = {
             let (url, shutdown) = (amqp_url.clone(), shutdown.clone());
@@ -149,6 +160,8 @@ impl Stack {
             api,
             relay: None,
             relay_handle: relay,
+            checkpoints,
+            _checkpoint_dir: checkpoint_dir,
             amqp_url,
         }
     }

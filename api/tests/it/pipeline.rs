@@ -217,7 +217,12 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
     .await
     .unwrap();
     assert_eq!(no_phi, 0);
-    assert_eq!(clinflow_audit_sink::chain::verify(&stack.db.app, &audit_key()).await.unwrap(), expected_total as i64);
+    let rows = clinflow_audit_sink::chain::verify(&stack.db.app, &audit_key()).await.unwrap();
+    assert_eq!(rows, expected_total as i64);
+    // The sink anchored the chain outside the database as it went.
+    let checkpoints = clinflow_audit_sink::checkpoint::read(&stack.checkpoints, &audit_key()).unwrap();
+    assert!(!checkpoints.is_empty(), "the sink wrote checkpoints");
+    clinflow_audit_sink::checkpoint::check(&stack.db.app, rows, &checkpoints).await.unwrap();
 
     stack.stop().await;
 }

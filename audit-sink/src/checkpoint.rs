@@ -1,0 +1,151 @@
+//! The chain's external anchor. Every `every_events` events, or after
+//! `every` when something was appended, the sink appends a checkpoint line
+//! `{"seq","row_hash","at","mac"}` (mac = HMAC-SHA256 under the chain key
+//! of the three) to an append-only file outside the database, and syncs it.
+//! `verify --checkpoints FILE` checks that the table still holds every
+//! checkpointed row with its hash: deleting or rewriting the newest rows,
+//! which the chain alone cannot reveal, is then reported at the first
+//! missing or changed `seq`. Several sinks may write to the same file; each
+//! line stands on its own.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+use crate::chain::{ChainError, ChainKey};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: i64,
+    /// Hex of the row's `row_hash`.
+    pub row_hash: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Hex of HMAC-SHA256(key, "checkpoint" ‖ seq ‖ row_hash ‖ at).
+    pub mac: String,
+}
+
+impl Checkpoint {
+    pub fn new(key: &ChainKey, seq: i64, row_hash: &[u8], at: OffsetDateTime) -> Self {
+        let row_hash = hex(row_hash);
+        let mac = hex(&key.checkpoint_mac(seq, &row_hash, at));
+        Self { seq, row_hash, at, mac }
+    }
+
+    fn genuine(&self, key: &ChainKey) -> bool {
+        hex(&key.checkpoint_mac(self.seq, &self.row_hash, self.at)) == self.mac
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// When the sink writes checkpoints, and where.
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    pub path: PathBuf,
+    pub every_events: u64,
+    pub every: Duration,
+}
+
+/// The sink's side: counts what it appended and writes a checkpoint when
+/// one is due.
+#[derive(Debug)]
+pub struct Checkpointer {
+    config: CheckpointConfig,
+    since_events: u64,
+    last: Instant,
+}
+
+impl Checkpointer {
+    pub fn new(config: CheckpointConfig) -> Self {
+        Self { config, since_events: 0, last: Instant::now() }
+    }
+
+    /// After a committed batch of `written` new rows: writes a checkpoint of
+    /// the chain's head if one is due. Returns the seq checkpointed.
+    pub async fn after_batch(
+        &mut self,
+        db: &PgPool,
+        key: &ChainKey,
+        written: usize,
+    ) -> Result<Option<i64>, ChainError> {
+        self.since_events += written as u64;
+        let due = self.since_events >= self.config.every_events
+            || (self.since_events > 0 && self.last.elapsed() >= self.config.every);
+        if !due {
+            return Ok(None);
+        }
+        let Some(head) =
+            sqlx::query!("SELECT seq, row_hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetch_optional(db).await?
+        else {
+            return Ok(None);
+        };
+        let checkpoint = Checkpoint::new(key, head.seq, &head.row_hash, crate::chain::now());
+        append_line(&self.config.path, &checkpoint).map_err(|e| ChainError::Checkpoint(e.to_string()))?;
+        self.since_events = 0;
+        self.last = Instant::now();
+        metrics::gauge!("clinflow_audit_checkpoint_seq").set(head.seq as f64);
+        Ok(Some(head.seq))
+    }
+}
+
+fn append_line(path: &Path, checkpoint: &Checkpoint) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(checkpoint).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+    file.write_all(&line)?;
+    file.sync_data()
+}
+
+/// Every checkpoint in the file; a line that is not one (or whose MAC does
+/// not hold) is reported with its line number.
+pub fn read(path: &Path, key: &ChainKey) -> Result<Vec<Checkpoint>, ChainError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| ChainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| ChainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |what: &str| ChainError::Checkpoint(format!("{} line {}: {what}", path.display(), n + 1));
+        let checkpoint: Checkpoint = serde_json::from_str(&line).map_err(|_| bad("not a checkpoint"))?;
+        if !checkpoint.genuine(key) {
+            return Err(bad("its MAC does not hold (forged, or another key)"));
+        }
+        out.push(checkpoint);
+    }
+    Ok(out)
+}
+
+/// Checks that the table holds every checkpointed row with the same hash.
+/// Run after [`crate::chain::verify`] succeeded for `rows` rows.
+pub async fn check(db: &PgPool, rows: i64, checkpoints: &[Checkpoint]) -> Result<(), ChainError> {
+    let Some(newest) = checkpoints.iter().max_by_key(|c| c.seq) else { return Ok(()) };
+    if newest.seq > rows {
+        return Err(ChainError::Broken {
+            seq: rows + 1,
+            problem: "missing: a checkpoint vouches for rows up to a later seq (the newest rows were deleted)",
+        });
+    }
+    let seqs: Vec<i64> = checkpoints.iter().map(|c| c.seq).collect();
+    let stored =
+        sqlx::query!("SELECT seq, row_hash FROM audit_events WHERE seq = ANY($1)", &seqs).fetch_all(db).await?;
+    let mut mismatched: Vec<i64> = checkpoints
+        .iter()
+        .filter(|c| !stored.iter().any(|r| r.seq == c.seq && hex(&r.row_hash) == c.row_hash))
+        .map(|c| c.seq)
+        .collect();
+    mismatched.sort_unstable();
+    match mismatched.first() {
+        Some(&seq) => Err(ChainError::Broken { seq, problem: "row_hash differs from the checkpoint (rows rewritten)" }),
+        None => Ok(()),
+    }
+}
