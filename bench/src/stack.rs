@@ -57,6 +57,8 @@ impl Stack {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        // The audit sink anchors its chain as in production.
+        env.insert("AUDIT_CHECKPOINT_FILE".into(), log_dir.join("audit-checkpoints.jsonl").display().to_string());
         // Tuning knobs given to ./bench/run reach the services (and are
         // recorded with the figures).
         for (k, v) in std::env::vars() {
