@@ -1,5 +1,5 @@
 //! PostgreSQL restarted under upload load, on a server of the test's own
-//! (the second time it stays down 20 s): every accepted document ends done,
+//! (the second time it stays down 30 s): every accepted document ends done,
 //! nothing is dead-lettered or sent to a retry queue, and uploads succeed
 //! again within 10 s of the database's return, with no process restarted.
 
@@ -35,7 +35,7 @@ async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restar
         if restart == 2 {
             // The outage itself: the worker's and the sink's batches in
             // flight are held through it, spending no attempt.
-            tokio::time::sleep_until(stopped + Duration::from_secs(20)).await;
+            tokio::time::sleep_until(stopped + Duration::from_secs(30)).await;
         }
         pg.start_server().await;
         let back = Instant::now();
