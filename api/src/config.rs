@@ -16,6 +16,8 @@ pub struct ApiConfig {
     pub batch_limits: crate::batch::BatchLimits,
     /// How long an Idempotency-Key is remembered.
     pub idempotency_retention: std::time::Duration,
+    pub audit_key: Option<SecretBox<Vec<u8>>>,
+    pub audit_checkpoints: Option<std::path::PathBuf>,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
 }
@@ -41,6 +43,11 @@ impl ApiConfig {
                     ..d
                 }
             },
+            audit_key: match config::optional("AUDIT_HMAC_KEY")? {
+                Some(_) => Some(config::secret_bytes("AUDIT_HMAC_KEY")?),
+                None => None,
+            },
+            audit_checkpoints: config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
             idempotency_retention: std::time::Duration::from_secs(3600 * count("IDEMPOTENCY_KEY_HOURS", 24)?.max(1)),
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,

@@ -1,5 +1,6 @@
 //! clinflow-api: log in, upload documents, read their results.
 
+mod audit_api;
 pub mod auth;
 pub mod batch;
 pub mod config;
@@ -54,6 +55,10 @@ pub struct AppState {
     /// For the ops endpoints, which open their own broker connection.
     pub amqp_url: secrecy::SecretString,
     pub topology: clinflow::amqp::Topology,
+    /// For `POST /v1/audit/verify` (`AUDIT_HMAC_KEY`, optional for the api).
+    pub audit_key: Option<Arc<clinflow::chain::ChainKey>>,
+    /// The sink's checkpoint file, if this api can read it.
+    pub audit_checkpoints: Option<std::path::PathBuf>,
 }
 
 /// Backpressure: uploads answer 429 while the outbox or the live queue holds
@@ -110,6 +115,7 @@ pub fn app(state: AppState) -> Router {
         .merge(documents::router())
         .merge(batch::router())
         .merge(ops::router())
+        .merge(audit_api::router())
         .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::NotFound })

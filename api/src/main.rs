@@ -91,6 +91,8 @@ async fn run_server() -> anyhow::Result<()> {
         batch_limits: config.batch_limits,
         amqp_url: config.amqp_url,
         topology,
+        audit_key: config.audit_key.map(|k| Arc::new(clinflow::chain::ChainKey::new(k))),
+        audit_checkpoints: config.audit_checkpoints,
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await

@@ -6,8 +6,9 @@
 //! audit event is dead-lettered (kept, never dropped); a batch the database
 //! refuses is held and retried, never dead-lettered.
 
-pub mod chain;
-pub mod checkpoint;
+/// The chain and its checkpoints live in the shared crate (the api's
+/// auditor endpoints verify too).
+pub use clinflow::{chain, checkpoint};
 
 use std::time::Duration;
 

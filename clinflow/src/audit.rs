@@ -81,6 +81,12 @@ pub enum Action {
     /// `reason`-free form: the resource names the selection).
     #[serde(rename = "ops.reprocess")]
     Reprocess,
+    /// An auditor read the audit trail.
+    #[serde(rename = "audit.read")]
+    AuditRead,
+    /// An auditor had the chain verified.
+    #[serde(rename = "audit.verify")]
+    AuditVerify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -103,6 +109,8 @@ impl Action {
             Action::DeadLettersList => "ops.dead_letters.list",
             Action::DeadLettersReplay => "ops.dead_letters.replay",
             Action::Reprocess => "ops.reprocess",
+            Action::AuditRead => "audit.read",
+            Action::AuditVerify => "audit.verify",
         }
     }
 }
@@ -222,6 +230,8 @@ mod tests {
             Action::DeadLettersList,
             Action::DeadLettersReplay,
             Action::Reprocess,
+            Action::AuditRead,
+            Action::AuditVerify,
         ] {
             assert_eq!(serde_json::to_value(a).unwrap(), serde_json::Value::from(a.as_str()));
         }

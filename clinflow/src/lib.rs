@@ -19,6 +19,10 @@ pub mod annotation;
 #[cfg(feature = "server")]
 pub mod audit;
 #[cfg(feature = "server")]
+pub mod chain;
+#[cfg(feature = "server")]
+pub mod checkpoint;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod crypto;

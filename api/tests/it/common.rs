@@ -94,6 +94,8 @@ impl Stack {
         let passwords = Passwords::new().await.unwrap();
 
         let relay = RelayHandle::default();
+        let checkpoint_dir = tempfile::tempdir().unwrap();
+        let checkpoints = checkpoint_dir.path().join("audit-checkpoints.jsonl");
         let state = AppState {
             db: db.app.clone(),
             keyring: Arc::clone(&keyring),
@@ -106,6 +108,8 @@ impl Stack {
             batch_limits: BatchLimits { max_lines: 50, max_bytes: 64 * 1024, max_line_bytes: 4 * 1024 },
             amqp_url: amqp_url.clone(),
             topology: topology.clone(),
+            audit_key: Some(Arc::new(audit_key())),
+            audit_checkpoints: Some(checkpoints.clone()),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -128,8 +132,6 @@ impl Stack {
             tokio::spawn(async move { worker.run(&url, &LinkState::default(), shutdown).await })
         };
 
-        let checkpoint_dir = tempfile::tempdir().unwrap();
-        let checkpoints = checkpoint_dir.path().join("audit-checkpoints.jsonl");
         let sink = Sink {
             db: db.app.clone(),
             key: audit_key(),

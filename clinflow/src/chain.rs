@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 
-use clinflow::audit::{Action, Actor, ActorKind, AuditEvent, Outcome, Resource};
+use crate::audit::{Action, Actor, ActorKind, AuditEvent, Outcome, Resource};
 use futures_util::TryStreamExt;
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretBox};
@@ -35,7 +35,7 @@ pub enum ChainError {
 
 /// Now, to the microsecond (what the checkpoint file and the table keep).
 pub fn now() -> time::OffsetDateTime {
-    clinflow::audit::now_micros()
+    crate::audit::now_micros()
 }
 
 pub struct ChainKey(SecretBox<Vec<u8>>);
@@ -123,7 +123,7 @@ impl Rows {
     fn push(&mut self, seq: i64, e: &AuditEvent, prev: Vec<u8>, hash: Vec<u8>) {
         self.seq.push(seq);
         self.event_id.push(e.event_id);
-        self.occurred_at.push(clinflow::audit::truncate_to_micros(e.occurred_at));
+        self.occurred_at.push(crate::audit::truncate_to_micros(e.occurred_at));
         self.actor_kind.push(actor_kind_str(e.actor.kind).to_owned());
         self.actor_id.push(e.actor.id);
         self.actor_name.push(e.actor.name.clone());

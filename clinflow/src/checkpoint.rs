@@ -60,12 +60,14 @@ pub struct CheckpointConfig {
 pub struct Checkpointer {
     config: CheckpointConfig,
     since_events: u64,
-    last: Instant,
+    /// `None` until the first checkpoint: the first batch after a start is
+    /// anchored at once.
+    last: Option<Instant>,
 }
 
 impl Checkpointer {
     pub fn new(config: CheckpointConfig) -> Self {
-        Self { config, since_events: 0, last: Instant::now() }
+        Self { config, since_events: 0, last: None }
     }
 
     /// After a committed batch of `written` new rows: writes a checkpoint of
@@ -78,7 +80,7 @@ impl Checkpointer {
     ) -> Result<Option<i64>, ChainError> {
         self.since_events += written as u64;
         let due = self.since_events >= self.config.every_events
-            || (self.since_events > 0 && self.last.elapsed() >= self.config.every);
+            || (self.since_events > 0 && self.last.is_none_or(|t| t.elapsed() >= self.config.every));
         if !due {
             return Ok(None);
         }
@@ -90,7 +92,7 @@ impl Checkpointer {
         let checkpoint = Checkpoint::new(key, head.seq, &head.row_hash, crate::chain::now());
         append_line(&self.config.path, &checkpoint).map_err(|e| ChainError::Checkpoint(e.to_string()))?;
         self.since_events = 0;
-        self.last = Instant::now();
+        self.last = Some(Instant::now());
         metrics::gauge!("clinflow_audit_checkpoint_seq").set(head.seq as f64);
         Ok(Some(head.seq))
     }

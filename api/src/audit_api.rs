@@ -1,0 +1,196 @@
+//! The auditor's endpoints: the audit trail read with filters and keyset
+//! pagination (by `seq`), and the chain verified on demand (with the
+//! external checkpoints when this api knows their file). Audit rows hold
+//! ids and codes only, never document content. Each call is itself audited
+//! before it is answered.
+
+use axum::extract::{Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clinflow::audit::{Action, Outcome};
+use clinflow::chain::{self, ChainError};
+use clinflow::checkpoint;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::users::Role;
+
+const AUDITORS: &[Role] = &[Role::Auditor];
+const MAX_PAGE: i64 = 1_000;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/audit/events", get(events)).route("/v1/audit/verify", post(verify))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventQuery {
+    /// Actor's name (username or service) or id.
+    actor: Option<String>,
+    actor_id: Option<Uuid>,
+    action: Option<String>,
+    resource_kind: Option<String>,
+    resource_id: Option<String>,
+    outcome: Option<String>,
+    /// `occurred_at >= from` (RFC 3339).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    from: Option<OffsetDateTime>,
+    /// `occurred_at < until` (RFC 3339).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    until: Option<OffsetDateTime>,
+    /// The `next_cursor` of the previous page.
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct EventPage {
+    events: Vec<StoredEvent>,
+    /// Pass as `after` for the next page; absent on the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct StoredEvent {
+    seq: i64,
+    event_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    occurred_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    recorded_at: OffsetDateTime,
+    actor_kind: String,
+    actor_id: Option<Uuid>,
+    actor_name: Option<String>,
+    actor_role: Option<String>,
+    source_ip: Option<String>,
+    request_id: Option<String>,
+    action: String,
+    resource_kind: Option<String>,
+    resource_id: Option<String>,
+    outcome: String,
+    reason: Option<String>,
+}
+
+async fn events(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(q): Query<EventQuery>,
+) -> Result<Json<EventPage>, ApiError> {
+    user.require(&state, AUDITORS, Action::AuditRead, None).await?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid("invalid_limit", format!("limit must be 1-{MAX_PAGE}")));
+    }
+    let rows = sqlx::query!(
+        r#"SELECT seq, event_id, occurred_at, recorded_at, actor_kind, actor_id, actor_name, actor_role,
+                  host(source_ip) AS source_ip, request_id, action, resource_kind, resource_id, outcome, reason
+           FROM audit_events
+           WHERE seq > $1
+             AND ($2::text IS NULL OR actor_name = $2)
+             AND ($3::uuid IS NULL OR actor_id = $3)
+             AND ($4::text IS NULL OR action = $4)
+             AND ($5::text IS NULL OR resource_kind = $5)
+             AND ($6::text IS NULL OR resource_id = $6)
+             AND ($7::text IS NULL OR outcome = $7)
+             AND ($8::timestamptz IS NULL OR occurred_at >= $8)
+             AND ($9::timestamptz IS NULL OR occurred_at < $9)
+           ORDER BY seq
+           LIMIT $10"#,
+        q.after.unwrap_or(0),
+        q.actor,
+        q.actor_id,
+        q.action,
+        q.resource_kind,
+        q.resource_id,
+        q.outcome,
+        q.from,
+        q.until,
+        limit,
+    )
+    .fetch_all(&state.db)
+    .await?;
+    let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.seq)).flatten();
+    let events = rows
+        .into_iter()
+        .map(|r| StoredEvent {
+            seq: r.seq,
+            event_id: r.event_id,
+            occurred_at: r.occurred_at,
+            recorded_at: r.recorded_at,
+            actor_kind: r.actor_kind,
+            actor_id: r.actor_id,
+            actor_name: r.actor_name,
+            actor_role: r.actor_role,
+            source_ip: r.source_ip,
+            request_id: r.request_id,
+            action: r.action,
+            resource_kind: r.resource_kind,
+            resource_id: r.resource_id,
+            outcome: r.outcome,
+            reason: r.reason,
+        })
+        .collect();
+    state.audit(&user.event(Action::AuditRead, Outcome::Success)).await?;
+    Ok(Json(EventPage { events, next_cursor }))
+}
+
+#[derive(Serialize)]
+pub struct Verified {
+    intact: bool,
+    /// Rows verified (up to the first broken one).
+    rows: i64,
+    checkpoints: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    newest_checkpoint: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broken_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
+}
+
+async fn verify(State(state): State<AppState>, user: AuthUser) -> Result<Json<Verified>, ApiError> {
+    user.require(&state, AUDITORS, Action::AuditVerify, None).await?;
+    let Some(key) = &state.audit_key else {
+        return Err(ApiError::Unavailable("audit verification (AUDIT_HMAC_KEY is not set for the api)"));
+    };
+    let mut answer =
+        Verified { intact: true, rows: 0, checkpoints: 0, newest_checkpoint: None, broken_at: None, problem: None };
+    let outcome = async {
+        answer.rows = chain::verify(&state.db, key).await?;
+        if let Some(path) = &state.audit_checkpoints {
+            let read = checkpoint::read(path, key)?;
+            answer.checkpoints = read.len();
+            answer.newest_checkpoint = read.iter().map(|c| c.seq).max();
+            checkpoint::check(&state.db, answer.rows, &read).await?;
+        }
+        Ok::<_, ChainError>(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => {}
+        Err(ChainError::Broken { seq, problem }) => {
+            answer.intact = false;
+            answer.broken_at = Some(seq);
+            answer.rows = seq - 1;
+            answer.problem = Some(problem.to_owned());
+        }
+        Err(ChainError::Checkpoint(problem)) => {
+            answer.intact = false;
+            answer.problem = Some(problem);
+        }
+        Err(ChainError::Db(e)) => return Err(e.into()),
+        Err(e) => return Err(anyhow::Error::new(e).into()),
+    }
+    let outcome = if answer.intact { Outcome::Success } else { Outcome::Failure };
+    let mut event = user.event(Action::AuditVerify, outcome);
+    if !answer.intact {
+        event = event.reason("chain_broken");
+    }
+    state.audit(&event).await?;
+    Ok(Json(answer))
+}
