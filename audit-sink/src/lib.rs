@@ -12,12 +12,12 @@ pub use clinflow::{chain, checkpoint};
 
 use std::time::Duration;
 
-use clinflow::amqp::Topology;
+use clinflow::amqp::{Outgoing, Publisher, Topology};
 use clinflow::audit::AuditEvent;
 use clinflow::link::{self, LinkState, SessionEnd};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use secrecy::SecretString;
@@ -69,6 +69,11 @@ impl Sink {
         let prefetch = u16::try_from(self.batch_size * 2).unwrap_or(u16::MAX);
         let queue = self.topology.audit().queue;
         let tag = format!("{SERVICE_NAME}-{}", Uuid::new_v4().simple());
+        // Parks what can never be stored in the dead-letter queue, with why.
+        let publisher = match link::within(Publisher::new(connection)).await {
+            Ok(p) => p,
+            Err(end) => return end,
+        };
         let opened = async {
             let channel = connection.create_channel().await?;
             channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
@@ -106,38 +111,45 @@ impl Sink {
                     Err(_) => break,
                 }
             }
-            if let Err(end) = self.write(batch, &channel, shutdown).await {
+            if let Err(end) = self.write(batch, &channel, &publisher, shutdown).await {
                 return end;
             }
         }
     }
 
-    /// Stores one batch and settles every delivery in it. While the
-    /// database refuses the batch it is held, unacknowledged, and retried
-    /// with growing pauses: an outage of any length loses no event and
-    /// pushes none past the queue's delivery limit.
+    /// Stores one batch and settles every delivery in it. A message that
+    /// can never be stored (not JSON: `undecodable`; JSON but not an audit
+    /// event this sink knows: `schema_invalid`) is published to the audit
+    /// dead-letter queue with that reason (confirmed) — `dead-letters
+    /// replay` brings it back, e.g. after an upgrade that knows its action.
+    /// While the database refuses the batch it is held, unacknowledged, and
+    /// retried with growing pauses: an outage of any length loses no event
+    /// and pushes none past the queue's delivery limit.
     async fn write(
         &self,
         batch: Vec<Delivery>,
         channel: &Channel,
+        publisher: &Publisher,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
+        let last = batch.iter().map(|d| d.delivery_tag).max();
         let mut events = Vec::with_capacity(batch.len());
-        let mut good = Vec::with_capacity(batch.len());
+        let mut parked: Vec<(Delivery, &'static str)> = Vec::new();
         for delivery in batch {
             match serde_json::from_slice::<AuditEvent>(&delivery.data) {
-                Ok(event) => {
-                    events.push(event);
-                    good.push(delivery);
+                Ok(event) => events.push(event),
+                Err(_) if serde_json::from_slice::<serde_json::Value>(&delivery.data).is_ok() => {
+                    parked.push((delivery, "schema_invalid"));
                 }
-                Err(_) => {
-                    tracing::error!(bytes = delivery.data.len(), "not an audit event; dead-lettering it");
-                    metrics::counter!("clinflow_audit_sink_malformed_total").increment(1);
-                    link::settle(delivery.reject(BasicRejectOptions { requeue: false })).await?;
-                }
+                Err(_) => parked.push((delivery, "undecodable")),
             }
         }
-        let Some(last) = good.iter().map(|d| d.delivery_tag).max() else { return Ok(()) };
+        self.park(publisher, &parked).await?;
+        let Some(last) = last else { return Ok(()) };
+        let ack = || channel.basic_ack(last, BasicAckOptions { multiple: true });
+        if events.is_empty() {
+            return link::within(ack()).await;
+        }
         let mut pause = Duration::from_millis(100);
         loop {
             let started = std::time::Instant::now();
@@ -153,18 +165,15 @@ impl Sink {
                             metrics::counter!("clinflow_audit_checkpoint_failures_total").increment(1);
                         }
                     }
-                    if let Some(d) = good.into_iter().find(|d| d.delivery_tag == last) {
-                        // Every other event of the batch has a lower tag on this channel.
-                        link::settle(d.ack(BasicAckOptions { multiple: true })).await?;
-                    }
-                    return Ok(());
+                    // Every other delivery of the batch has a lower tag on this channel.
+                    return link::within(ack()).await;
                 }
                 Err(e) if !channel.status().connected() => {
                     return Err(SessionEnd::Broker(anyhow::Error::new(e).context("broker gone during a batch")));
                 }
                 Err(e) => {
                     metrics::counter!("clinflow_audit_batch_retries_total").increment(1);
-                    tracing::error!(error = %e, events = good.len(), pause_ms = pause.as_millis() as u64, "audit batch not stored; holding it");
+                    tracing::error!(error = %e, events = events.len(), pause_ms = pause.as_millis() as u64, "audit batch not stored; holding it");
                     tokio::select! {
                         // Unsettled, the batch is redelivered to the next sink.
                         () = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
@@ -174,5 +183,30 @@ impl Sink {
                 }
             }
         }
+    }
+
+    async fn park(&self, publisher: &Publisher, parked: &[(Delivery, &'static str)]) -> Result<(), SessionEnd> {
+        if parked.is_empty() {
+            return Ok(());
+        }
+        let exchange = self.topology.dead_letter_exchange();
+        let outgoing: Vec<Outgoing<'_>> = parked
+            .iter()
+            .map(|(d, reason)| Outgoing {
+                reason: Some(reason),
+                ..Outgoing::new(
+                    &exchange,
+                    clinflow::amqp::AUDIT,
+                    d.properties.message_id().as_ref().map_or("", |m| m.as_str()),
+                    &d.data,
+                )
+            })
+            .collect();
+        publisher.publish_many(&outgoing).await.map_err(|e| SessionEnd::Broker(e.into()))?;
+        for (d, reason) in parked {
+            tracing::error!(bytes = d.data.len(), reason, "not an audit event this sink can store; dead-lettered");
+            metrics::counter!("clinflow_audit_sink_dead_lettered_total", "reason" => *reason).increment(1);
+        }
+        Ok(())
     }
 }

@@ -3,7 +3,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clinflow::amqp::Topology;
+use clinflow::audit::Actor;
 use clinflow::config;
+use clinflow::deadletters;
 use clinflow::link::LinkState;
 use clinflow_audit_sink::chain::{self, ChainKey};
 use clinflow_audit_sink::checkpoint::{self, CheckpointConfig, Checkpointer};
@@ -31,6 +33,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         checkpoints: Option<std::path::PathBuf>,
     },
+    /// Audit messages the sink could not store (ids, reasons and sizes only)
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// Count the parked messages by reason and list their ids
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put parked messages back on the audit queue (each event is stored once)
+    Replay {
+        /// Message (event) ids to replay
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every parked message
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[tokio::main]
@@ -39,6 +63,7 @@ async fn main() -> ExitCode {
     let result = match Cli::parse().command.unwrap_or(Command::Run) {
         Command::Run => run().await,
         Command::Verify { checkpoints } => verify(checkpoints).await,
+        Command::DeadLetters(command) => dead_letters(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,5 +128,43 @@ async fn verify(checkpoints: Option<std::path::PathBuf>) -> anyhow::Result<()> {
         }
         None => println!("audit chain intact: {rows} events (no checkpoints given: the newest rows are not anchored)"),
     }
+    Ok(())
+}
+
+async fn dead_letters(command: DeadLetters) -> anyhow::Result<()> {
+    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
+    let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
+    let topology = Topology::new(prefix);
+    let connection = clinflow::amqp::connect(&amqp_url, "clinflow-audit-sink-cli").await?;
+    topology.declare(&connection.create_channel().await?).await?;
+    let operator = Actor::operator(SERVICE_NAME);
+    match command {
+        DeadLetters::List { json } => {
+            let listing = deadletters::list_audit(&connection, &topology, &operator).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                println!("{} parked audit message(s)", listing.total);
+                for (reason, n) in &listing.by_reason {
+                    println!("  {reason}: {n}");
+                }
+                for m in &listing.messages {
+                    println!(
+                        "{}  {}  {} bytes",
+                        if m.message_id.is_empty() { "(no id)" } else { &m.message_id },
+                        m.reason,
+                        m.bytes
+                    );
+                }
+            }
+        }
+        DeadLetters::Replay { ids, all } => {
+            let ids: std::collections::HashSet<String> = ids.into_iter().collect();
+            let selection = if all { None } else { Some(&ids) };
+            let n = deadletters::replay_audit(&connection, &topology, selection, &operator).await?;
+            println!("replayed {n} audit message(s)");
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
     Ok(())
 }

@@ -176,6 +176,18 @@ impl Actor {
         Self { kind: ActorKind::Service, id: None, name: Some(name.to_owned()), role: None }
     }
 
+    /// An operator running one of the services' commands (`tool`), as the
+    /// OS user running it: letters, digits and `._-` only.
+    pub fn operator(tool: &str) -> Self {
+        let user: String = std::env::var("USER")
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+            .take(64)
+            .collect();
+        Self::service(&format!("{tool}-cli:{}", if user.is_empty() { "unknown" } else { &user }))
+    }
+
     pub fn anonymous(attempted_name: Option<&str>) -> Self {
         Self { kind: ActorKind::Anonymous, id: None, name: attempted_name.map(str::to_owned), role: None }
     }

@@ -240,3 +240,81 @@ fn broker_reason(properties: &BasicProperties) -> Option<String> {
         _ => None,
     }
 }
+
+/// One message parked in the audit dead-letter queue: its id (the event
+/// id, when the publisher set it), why, and its size. Not its content.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParkedEvent {
+    pub message_id: String,
+    pub reason: String,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct AuditListing {
+    pub total: usize,
+    pub by_reason: BTreeMap<String, usize>,
+    pub messages: Vec<ParkedEvent>,
+}
+
+/// The audit dead-letter queue, counted by reason. Nothing is consumed.
+pub async fn list_audit(connection: &Connection, topology: &Topology, actor: &Actor) -> Result<AuditListing, OpsError> {
+    let channel = connection.create_channel().await?;
+    let mut listing = AuditListing::default();
+    for (properties, data) in take_all(&channel, &topology.audit().dead_queue).await? {
+        let reason = amqp::header_str(&properties, amqp::REASON_HEADER)
+            .or_else(|| broker_reason(&properties))
+            .unwrap_or_else(|| "unknown".into());
+        *listing.by_reason.entry(reason.clone()).or_default() += 1;
+        let message_id = properties.message_id().as_ref().map_or_else(String::new, |m| m.to_string());
+        listing.messages.push(ParkedEvent { message_id, reason, bytes: data.len() });
+    }
+    channel.close(200, "listed".into()).await?;
+    listing.total = listing.messages.len();
+    let event =
+        AuditEvent::new(Action::DeadLettersList, actor.clone(), Outcome::Success).resource("queue", "audit.dead");
+    audit::publish_many(&Publisher::new(connection).await?, topology, &[event]).await?;
+    Ok(listing)
+}
+
+/// Puts the selected audit dead letters (all, or by message id) back on the
+/// audit queue, confirmed, then acks them. The sink stores each event once
+/// (by `event_id`), so a replay never duplicates one; what it still cannot
+/// store comes back to the dead-letter queue. Returns how many.
+pub async fn replay_audit(
+    connection: &Connection,
+    topology: &Topology,
+    ids: Option<&HashSet<String>>,
+    actor: &Actor,
+) -> Result<usize, OpsError> {
+    let publisher = Publisher::new(connection).await?;
+    let channel = connection.create_channel().await?;
+    let queue = topology.audit();
+    let mut chosen = Vec::new();
+    while let Some(message) =
+        channel.basic_get(queue.dead_queue.as_str().into(), BasicGetOptions { no_ack: false }).await?
+    {
+        let delivery = message.delivery;
+        let id = delivery.properties.message_id().as_ref().map_or_else(String::new, |m| m.to_string());
+        if ids.is_none_or(|ids| ids.contains(&id)) {
+            chosen.push((id, delivery.delivery_tag, delivery.data));
+        }
+    }
+    let outgoing: Vec<amqp::Outgoing<'_>> =
+        chosen.iter().map(|(id, _, data)| amqp::Outgoing::new(&queue.exchange, queue.key, id, data)).collect();
+    for chunk in outgoing.chunks(500) {
+        publisher.publish_many(chunk).await?;
+    }
+    for (_, tag, _) in &chosen {
+        channel.basic_ack(*tag, BasicAckOptions::default()).await?;
+    }
+    channel.close(200, "replayed".into()).await?;
+    let events: Vec<AuditEvent> = chosen
+        .iter()
+        .map(|(id, _, _)| {
+            AuditEvent::new(Action::DeadLettersReplay, actor.clone(), Outcome::Success).resource("audit_message", id)
+        })
+        .collect();
+    audit::publish_many(&publisher, topology, &events).await?;
+    Ok(chosen.len())
+}

@@ -94,16 +94,8 @@ fn topology() -> anyhow::Result<Topology> {
     Ok(Topology::new(config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into())))
 }
 
-/// The operator, as the audit trail records them: the OS user running the
-/// command (letters, digits, `._-` only).
 fn operator() -> Actor {
-    let user: String = std::env::var("USER")
-        .unwrap_or_default()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
-        .take(64)
-        .collect();
-    Actor::service(&format!("{SERVICE_NAME}-cli:{}", if user.is_empty() { "unknown" } else { &user }))
+    Actor::operator(SERVICE_NAME)
 }
 
 async fn operate(command: Command) -> anyhow::Result<()> {

@@ -1,6 +1,8 @@
 use std::time::Duration;
 
-use clinflow::amqp::{Publisher, REASON_HEADER};
+use clinflow::amqp::{Outgoing, Publisher, REASON_HEADER};
+use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
+use clinflow::deadletters;
 use clinflow_api::users::Role;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
@@ -86,23 +88,51 @@ async fn malformed_jobs_are_dead_lettered_and_do_not_block_the_queue() {
 }
 
 #[tokio::test]
-async fn malformed_audit_messages_are_dead_lettered_and_the_sink_goes_on() {
+async fn malformed_audit_messages_are_dead_lettered_with_a_reason_and_the_sink_goes_on() {
     let stack = Stack::start().await;
     let publisher = Publisher::new(&stack.amqp).await.unwrap();
     let audit = stack.topology.audit();
     publisher.publish_json(&audit.exchange, audit.key, "bogus", &json!({"hello": "world"})).await.unwrap();
+    let garbage = Outgoing::new(&audit.exchange, audit.key, "garbage", b"\xff not json");
+    publisher.publish_many(&[garbage]).await.unwrap();
     stack.user("u", Role::Clinician).await;
     stack.login("u").await;
     assert_eq!(stack.wait_for_audit_rows(1).await, 1);
-    let mut parked = 0;
-    for _ in 0..100 {
-        parked = stack.queue_depth(&audit.dead_queue).await;
-        if parked == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(parked, 1);
+    crate::common::wait_until("both parked", Duration::from_secs(10), async || {
+        stack.queue_depth(&audit.dead_queue).await == 2
+    })
+    .await;
     assert!(!stack.sink.is_finished());
+
+    // An event the broker parked (as its delivery limit would): valid, and
+    // stored once replayed, as often as it is replayed.
+    let event = AuditEvent::new(Action::DocumentRead, Actor::service("test"), Outcome::Success).reason("parked");
+    let body = serde_json::to_vec(&event).unwrap();
+    let (dead, id) = (stack.topology.dead_letter_exchange(), event.event_id.to_string());
+    publisher.publish_many(&[Outgoing::new(&dead, audit.key, &id, &body)]).await.unwrap();
+    let operator = Actor::service("test-operator");
+    let listing = deadletters::list_audit(&stack.amqp, &stack.topology, &operator).await.unwrap();
+    assert_eq!(listing.total, 3);
+    assert_eq!(listing.by_reason.get("schema_invalid"), Some(&1), "{listing:?}");
+    assert_eq!(listing.by_reason.get("undecodable"), Some(&1), "{listing:?}");
+    assert_eq!(stack.queue_depth(&audit.dead_queue).await, 3, "listing consumed nothing");
+
+    let only = [id.clone()].into_iter().collect();
+    assert_eq!(deadletters::replay_audit(&stack.amqp, &stack.topology, Some(&only), &operator).await.unwrap(), 1);
+    let stored = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE event_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&stack.db.owner)
+            .await
+            .unwrap()
+    };
+    crate::common::wait_until("the replayed event stored", Duration::from_secs(10), async || stored().await == 1).await;
+    // Replaying everything: the two that can never be stored come back.
+    assert_eq!(deadletters::replay_audit(&stack.amqp, &stack.topology, None, &operator).await.unwrap(), 2);
+    crate::common::wait_until("parked again", Duration::from_secs(10), async || {
+        stack.queue_depth(&audit.dead_queue).await == 2
+    })
+    .await;
+    assert_eq!(stored().await, 1);
     stack.stop().await;
 }
