@@ -486,9 +486,17 @@ pub async fn lanes(
         anyhow::ensure!(started.elapsed() < Duration::from_secs(3600), "backfill not drained after an hour");
     }
     let during = started.elapsed();
-    let drained =
-        wait_for(Duration::from_secs(600), POLL, || async { Ok((remaining().await? == 0).then_some(())) }).await?;
-    anyhow::ensure!(drained.is_some(), "backfill still pending after 10 minutes");
+    let live_pending = async || -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM documents WHERE id = ANY($1) AND status <> 'done'")
+            .bind(&live)
+            .fetch_one(ctx.db)
+            .await?)
+    };
+    let drained = wait_for(Duration::from_secs(600), POLL, || async {
+        Ok((remaining().await? == 0 && live_pending().await? == 0).then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(drained.is_some(), "backfill or live documents still pending after 10 minutes");
     let latencies: Vec<f64> = sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM (updated_at - created_at))::float8 * 1000 FROM documents
          WHERE id = ANY($1) AND status = 'done' ORDER BY 1",
