@@ -132,7 +132,7 @@ impl AuthUser {
         if let Some(id) = resource {
             event = event.document(id);
         }
-        state.audit(&event).await?;
+        state.audit_denial(event).await;
         Err(ApiError::Forbidden)
     }
 }
@@ -143,18 +143,24 @@ impl FromRequestParts<AppState> for AuthUser {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let started = std::time::Instant::now();
         let Ok(meta) = RequestMeta::from_request_parts(parts, state).await;
+        let refuse = async |actor: Actor, reason: &'static str| {
+            metrics::counter!("clinflow_api_auth_rejected_total", "reason" => reason).increment(1);
+            state.audit_denial(meta.event(Action::Access, actor, Outcome::Denied).reason(reason)).await;
+            ApiError::Unauthenticated
+        };
         let token = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .ok_or(ApiError::Unauthenticated)?;
-        let claims = jsonwebtoken::decode::<Claims>(token, &state.jwt.decoding, &state.jwt.validation)
-            .map_err(|_| {
-                metrics::counter!("clinflow_api_auth_rejected_total", "reason" => "bad_token").increment(1);
-                ApiError::Unauthenticated
-            })?
-            .claims;
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        let Some(token) = token else { return Err(refuse(Actor::anonymous(None), "missing_token").await) };
+        let claims = match jsonwebtoken::decode::<Claims>(token, &state.jwt.decoding, &state.jwt.validation) {
+            Ok(decoded) => decoded.claims,
+            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+                return Err(refuse(Actor::anonymous(None), "expired_token").await);
+            }
+            Err(_) => return Err(refuse(Actor::anonymous(None), "invalid_token").await),
+        };
         let idle = state.idle_timeout.as_secs_f64();
         // Touching the session on every request made concurrent requests of
         // one session queue on its row lock; a touch at most every few
@@ -181,8 +187,8 @@ impl FromRequestParts<AppState> for AuthUser {
         .fetch_optional(&state.db)
         .await?;
         let Some(row) = row else {
-            metrics::counter!("clinflow_api_auth_rejected_total", "reason" => "session").increment(1);
-            return Err(ApiError::Unauthenticated);
+            let actor = Actor { kind: ActorKind::User, id: Some(claims.sub), name: None, role: None };
+            return Err(refuse(actor, "session_ended").await);
         };
         let role = Role::parse(&row.role).ok_or(ApiError::Unauthenticated)?;
         metrics::histogram!("clinflow_api_stage_seconds", "stage" => "auth").record(started.elapsed().as_secs_f64());

@@ -17,6 +17,8 @@ pub struct ApiConfig {
     /// How long an Idempotency-Key is remembered.
     pub idempotency_retention: std::time::Duration,
     pub audit_key: Option<SecretBox<Vec<u8>>>,
+    /// Refusals audited one by one per source address and minute.
+    pub denials_per_minute: u32,
     pub audit_checkpoints: Option<std::path::PathBuf>,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -48,6 +50,7 @@ impl ApiConfig {
                 None => None,
             },
             audit_checkpoints: config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
+            denials_per_minute: u32::try_from(count("AUTH_DENIALS_AUDITED_PER_MINUTE", 60)?.max(1)).unwrap_or(60),
             idempotency_retention: std::time::Duration::from_secs(3600 * count("IDEMPOTENCY_KEY_HOURS", 24)?.max(1)),
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,

@@ -4,6 +4,7 @@ mod audit_api;
 pub mod auth;
 pub mod batch;
 pub mod config;
+pub mod denials;
 pub mod documents;
 pub mod error;
 pub mod idempotency;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub audit_key: Option<Arc<clinflow::chain::ChainKey>>,
     /// The sink's checkpoint file, if this api can read it.
     pub audit_checkpoints: Option<std::path::PathBuf>,
+    /// How many refusals per source address are audited one by one.
+    pub denials: Arc<denials::DenialLimiter>,
 }
 
 /// Backpressure: uploads answer 429 while the outbox or the live queue holds
@@ -86,6 +89,32 @@ impl AppState {
         outbox::enqueue(&mut conn, &[message]).await.map_err(|e| audit_unavailable(event, &e))?;
         self.relay.wake();
         Ok(())
+    }
+
+    /// Audits a refusal (401 or 403), rate-limited per source address; best
+    /// effort: the refusal is answered whatever happens to its event.
+    pub async fn audit_denial(&self, event: AuditEvent) {
+        let denials::Verdict::Audit { suppressed } = self.denials.verdict(event.source_ip) else { return };
+        let mut messages = Vec::with_capacity(2);
+        if suppressed > 0 {
+            let summary = AuditEvent::new(
+                clinflow::audit::Action::DenialsSuppressed,
+                event.actor.clone(),
+                clinflow::audit::Outcome::Denied,
+            )
+            .from_request(event.source_ip, None)
+            .resource("count", &suppressed.to_string());
+            messages.extend(outbox::Message::audit(&summary));
+        }
+        messages.extend(outbox::Message::audit(&event));
+        let stored = async {
+            let mut conn = self.db.acquire().await?;
+            outbox::enqueue(&mut conn, &messages).await
+        };
+        match stored.await {
+            Ok(()) => self.relay.wake(),
+            Err(e) => tracing::warn!(error = %e, action = event.action.as_str(), "refusal not audited"),
+        }
     }
 
     /// 429 while the pipeline is this far behind.

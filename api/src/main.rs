@@ -93,6 +93,9 @@ async fn run_server() -> anyhow::Result<()> {
         topology,
         audit_key: config.audit_key.map(|k| Arc::new(clinflow::chain::ChainKey::new(k))),
         audit_checkpoints: config.audit_checkpoints,
+        denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(
+            std::num::NonZeroU32::new(config.denials_per_minute).unwrap_or(std::num::NonZeroU32::MIN),
+        )),
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await

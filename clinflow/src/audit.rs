@@ -81,6 +81,14 @@ pub enum Action {
     /// `reason`-free form: the resource names the selection).
     #[serde(rename = "ops.reprocess")]
     Reprocess,
+    /// A request refused for its credentials (no, bad or expired token, or
+    /// an ended session); `reason` says which.
+    #[serde(rename = "auth.access")]
+    Access,
+    /// Refusals from one address that were counted but not audited one by
+    /// one (rate limit); the resource is `count`/N.
+    #[serde(rename = "auth.denials_suppressed")]
+    DenialsSuppressed,
     /// An auditor read the audit trail.
     #[serde(rename = "audit.read")]
     AuditRead,
@@ -109,6 +117,8 @@ impl Action {
             Action::DeadLettersList => "ops.dead_letters.list",
             Action::DeadLettersReplay => "ops.dead_letters.replay",
             Action::Reprocess => "ops.reprocess",
+            Action::Access => "auth.access",
+            Action::DenialsSuppressed => "auth.denials_suppressed",
             Action::AuditRead => "audit.read",
             Action::AuditVerify => "audit.verify",
         }
@@ -242,6 +252,8 @@ mod tests {
             Action::DeadLettersList,
             Action::DeadLettersReplay,
             Action::Reprocess,
+            Action::Access,
+            Action::DenialsSuppressed,
             Action::AuditRead,
             Action::AuditVerify,
         ] {

@@ -58,7 +58,7 @@ async fn login_logout_idle_timeout_and_roles() {
     assert_eq!(stack.get(&format!("/v1/documents/{id}"), Some(&clin)).await.0, 401);
 
     // Every one of those decisions is on the audit trail, and nothing else is.
-    let n = stack.wait_for_audit_rows(11).await;
+    let n = stack.wait_for_audit_rows(15).await;
     let s = |a: &str, o: &str, n: &str| (a.to_owned(), o.to_owned(), n.to_owned());
     let mut expected = vec![
         s("auth.login", "failure", "clin1"),
@@ -72,10 +72,20 @@ async fn login_logout_idle_timeout_and_roles() {
         s("auth.login", "success", "clin1"),
         s("document.read", "success", "clin1"),
         s("document.process", "success", "clinflow-worker"),
+        s("auth.access", "denied", ""),
+        s("auth.access", "denied", ""),
+        s("auth.access", "denied", ""),
+        s("auth.access", "denied", ""),
     ];
     expected.sort();
-    assert_eq!(n, 11);
+    assert_eq!(n, 15);
     assert_eq!(audit_summary(&stack.db.owner).await, expected);
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM audit_events WHERE action = 'auth.access' ORDER BY reason")
+            .fetch_all(&stack.db.owner)
+            .await
+            .unwrap();
+    assert_eq!(reasons, ["invalid_token", "missing_token", "session_ended", "session_ended"]);
     let _ = PASSWORD;
     stack.stop().await;
 }
@@ -154,5 +164,47 @@ async fn a_client_request_id_reaches_the_audit_trail_only_if_it_is_a_plain_token
         .unwrap();
     assert_eq!(ids[0].as_deref(), Some("batch-7.run_2"));
     assert!(ids[1..].iter().all(|id| id.as_deref().is_some_and(|i| uuid::Uuid::parse_str(i).is_ok())), "{ids:?}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_refused_requests_is_audited_up_to_a_rate_and_the_rest_counted() {
+    let stack = Stack::start().await;
+    // The test api audits 60 refusals per address and minute (one more each second).
+    let refused = async || stack.get("/v1/documents/018f0000-0000-7000-8000-000000000000", Some("e30.e30.sig")).await.0;
+    for _ in 0..80 {
+        assert_eq!(refused().await, 401);
+    }
+    let access_events = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE action = 'auth.access'")
+            .fetch_one(&stack.db.owner)
+            .await
+            .unwrap()
+    };
+    crate::common::wait_until("the first 60 audited", std::time::Duration::from_secs(20), async || {
+        access_events().await >= 60
+    })
+    .await;
+    // Once the rate allows again, the next refusal is audited after a
+    // summary of those that were only counted.
+    crate::common::wait_until("the suppressed ones reported", std::time::Duration::from_secs(20), async || {
+        assert_eq!(refused().await, 401);
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_events WHERE action = 'auth.denials_suppressed'")
+            .fetch_one(&stack.db.owner)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    let (kind, count): (String, String) =
+        sqlx::query_as("SELECT resource_kind, resource_id FROM audit_events WHERE action = 'auth.denials_suppressed'")
+            .fetch_one(&stack.db.owner)
+            .await
+            .unwrap();
+    assert_eq!(kind, "count");
+    let count: i64 = count.parse().unwrap();
+    assert!(count >= 20, "at least the 20 past the burst were counted: {count}");
+    let audited = access_events().await;
+    assert!((61..=70).contains(&audited), "60 in the burst, then about one a second: {audited}");
     stack.stop().await;
 }

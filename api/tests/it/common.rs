@@ -110,6 +110,7 @@ impl Stack {
             topology: topology.clone(),
             audit_key: Some(Arc::new(audit_key())),
             audit_checkpoints: Some(checkpoints.clone()),
+            denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(std::num::NonZeroU32::new(60).unwrap())),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
