@@ -82,6 +82,7 @@ async fn events(
     Query(q): Query<EventQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
     user.require(&state, AUDITORS, Action::AuditRead, None).await?;
+    let db = audit_db(&state)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::invalid("invalid_limit", format!("limit must be 1-{MAX_PAGE}")));
@@ -112,7 +113,7 @@ async fn events(
         q.until,
         limit,
     )
-    .fetch_all(&state.db)
+    .fetch_all(db)
     .await?;
     let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.seq)).flatten();
     let events = rows
@@ -139,6 +140,10 @@ async fn events(
     Ok(Json(EventPage { events, next_cursor }))
 }
 
+fn audit_db(state: &AppState) -> Result<&sqlx::PgPool, ApiError> {
+    state.audit_db.as_ref().ok_or(ApiError::Unavailable("the audit trail (AUDIT_READER_DATABASE_URL is not set)"))
+}
+
 #[derive(Serialize)]
 pub struct Verified {
     intact: bool,
@@ -155,18 +160,19 @@ pub struct Verified {
 
 async fn verify(State(state): State<AppState>, user: AuthUser) -> Result<Json<Verified>, ApiError> {
     user.require(&state, AUDITORS, Action::AuditVerify, None).await?;
+    let db = audit_db(&state)?;
     let Some(key) = &state.audit_key else {
         return Err(ApiError::Unavailable("audit verification (AUDIT_HMAC_KEY is not set for the api)"));
     };
     let mut answer =
         Verified { intact: true, rows: 0, checkpoints: 0, newest_checkpoint: None, broken_at: None, problem: None };
     let outcome = async {
-        answer.rows = chain::verify(&state.db, key).await?;
+        answer.rows = chain::verify(db, key).await?;
         if let Some(path) = &state.audit_checkpoints {
             let read = checkpoint::read(path, key)?;
             answer.checkpoints = read.len();
             answer.newest_checkpoint = read.iter().map(|c| c.seq).max();
-            checkpoint::check(&state.db, answer.rows, &read).await?;
+            checkpoint::check(db, answer.rows, &read).await?;
         }
         Ok::<_, ChainError>(())
     }

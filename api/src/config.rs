@@ -17,6 +17,7 @@ pub struct ApiConfig {
     /// How long an Idempotency-Key is remembered.
     pub idempotency_retention: std::time::Duration,
     pub audit_key: Option<SecretBox<Vec<u8>>>,
+    pub audit_reader_url: Option<SecretString>,
     /// Refusals audited one by one per source address and minute.
     pub denials_per_minute: u32,
     pub audit_checkpoints: Option<std::path::PathBuf>,
@@ -50,6 +51,10 @@ impl ApiConfig {
                 None => None,
             },
             audit_checkpoints: config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
+            audit_reader_url: match config::optional("AUDIT_READER_DATABASE_URL")? {
+                Some(_) => Some(config::url("AUDIT_READER_DATABASE_URL", &["postgres", "postgresql"])?),
+                None => None,
+            },
             denials_per_minute: u32::try_from(count("AUTH_DENIALS_AUDITED_PER_MINUTE", 60)?.max(1)).unwrap_or(60),
             idempotency_retention: std::time::Duration::from_secs(3600 * count("IDEMPOTENCY_KEY_HOURS", 24)?.max(1)),
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,

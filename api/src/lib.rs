@@ -56,6 +56,10 @@ pub struct AppState {
     /// For the ops endpoints, which open their own broker connection.
     pub amqp_url: secrecy::SecretString,
     pub topology: clinflow::amqp::Topology,
+    /// The auditor endpoints' own connection, as the read-only
+    /// `clinflow_audit_reader` role (`AUDIT_READER_DATABASE_URL`): the
+    /// api's own role cannot touch `audit_events`.
+    pub audit_db: Option<PgPool>,
     /// For `POST /v1/audit/verify` (`AUDIT_HMAC_KEY`, optional for the api).
     pub audit_key: Option<Arc<clinflow::chain::ChainKey>>,
     /// The sink's checkpoint file, if this api can read it.

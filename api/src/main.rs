@@ -91,6 +91,16 @@ async fn run_server() -> anyhow::Result<()> {
         batch_limits: config.batch_limits,
         amqp_url: config.amqp_url,
         topology,
+        audit_db: match &config.audit_reader_url {
+            Some(url) => Some(
+                PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(std::time::Duration::from_secs(5))
+                    .connect_lazy(url.expose_secret())
+                    .context("AUDIT_READER_DATABASE_URL")?,
+            ),
+            None => None,
+        },
         audit_key: config.audit_key.map(|k| Arc::new(clinflow::chain::ChainKey::new(k))),
         audit_checkpoints: config.audit_checkpoints,
         denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(

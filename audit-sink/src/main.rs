@@ -75,12 +75,16 @@ async fn main() -> ExitCode {
 }
 
 async fn connect_db() -> anyhow::Result<PgPool> {
-    let url = config::url("DATABASE_URL", &["postgres", "postgresql"])?;
+    connect_as("DATABASE_URL").await
+}
+
+async fn connect_as(variable: &'static str) -> anyhow::Result<PgPool> {
+    let url = config::url(variable, &["postgres", "postgresql"])?;
     PgPoolOptions::new()
         .max_connections(4)
         .connect(url.expose_secret())
         .await
-        .context("connecting to PostgreSQL (DATABASE_URL)")
+        .with_context(|| format!("connecting to PostgreSQL ({variable})"))
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -117,7 +121,11 @@ async fn verify(checkpoints: Option<std::path::PathBuf>) -> anyhow::Result<()> {
         Some(path) => Some(path),
         None => config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
     };
-    let db = connect_db().await?;
+    // Verifying only reads: as the read-only audit role when one is given.
+    let db = match config::optional("AUDIT_READER_DATABASE_URL")? {
+        Some(_) => connect_as("AUDIT_READER_DATABASE_URL").await?,
+        None => connect_db().await?,
+    };
     let rows = chain::verify(&db, &key).await?;
     match checkpoints {
         Some(path) => {

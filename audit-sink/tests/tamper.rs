@@ -37,8 +37,8 @@ async fn chain_of_ten() -> (TestDb, tempfile::TempDir, std::path::PathBuf) {
     let mut checkpointer =
         Checkpointer::new(CheckpointConfig { path: path.clone(), every_events: 5, every: Duration::from_secs(3600) });
     for batch in events(10).chunks(5) {
-        let written = chain::append(&db.app, &key(), batch).await.unwrap();
-        assert!(checkpointer.after_batch(&db.app, &key(), written).await.unwrap().is_some());
+        let written = chain::append(&db.sink, &key(), batch).await.unwrap();
+        assert!(checkpointer.after_batch(&db.sink, &key(), written).await.unwrap().is_some());
     }
     (db, dir, path)
 }
@@ -58,9 +58,9 @@ async fn tamper(db: &TestDb, sql: &'static str) {
 
 /// verify, then the checkpoints: the seq reported, or the rows if intact.
 async fn verify_all(db: &TestDb, path: &std::path::Path) -> Result<i64, ChainError> {
-    let rows = chain::verify(&db.app, &key()).await?;
+    let rows = chain::verify(&db.sink, &key()).await?;
     let checkpoints = checkpoint::read(path, &key())?;
-    checkpoint::check(&db.app, rows, &checkpoints).await?;
+    checkpoint::check(&db.sink, rows, &checkpoints).await?;
     Ok(rows)
 }
 
@@ -122,8 +122,8 @@ async fn a_chain_recomputed_without_the_key_fails_at_its_first_row() {
     };
     tamper(&db, "DELETE FROM audit_events").await;
     let forger = ChainKey::new(SecretBox::new(Box::new(b"not the key, but long enough anyway".to_vec())));
-    chain::append(&db.app, &forger, &stored).await.unwrap();
-    assert_eq!(chain::verify(&db.app, &forger).await.unwrap(), 10, "consistent under the forger's key");
+    chain::append(&db.sink, &forger, &stored).await.unwrap();
+    assert_eq!(chain::verify(&db.sink, &forger).await.unwrap(), 10, "consistent under the forger's key");
     let (seq, problem) = broken_at(verify_all(&db, &path).await);
     assert_eq!(seq, 1, "{problem}");
     db.drop_database().await;
@@ -134,7 +134,7 @@ async fn deleting_the_newest_rows_is_caught_by_the_checkpoints() {
     let (db, _dir, path) = chain_of_ten().await;
     tamper(&db, "DELETE FROM audit_events WHERE seq > 8").await;
     // The chain alone cannot tell: what is left is consistent.
-    assert_eq!(chain::verify(&db.app, &key()).await.unwrap(), 8);
+    assert_eq!(chain::verify(&db.sink, &key()).await.unwrap(), 8);
     let (seq, problem) = broken_at(verify_all(&db, &path).await);
     assert_eq!(seq, 9, "{problem}");
     assert!(problem.contains("newest rows were deleted"), "{problem}");

@@ -160,7 +160,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let vocabulary = notes::Vocabulary::load(&cli.concepts)?;
     let owner = fresh_database(&cli.admin_url).await?;
     let admin: PgConnectOptions = cli.admin_url.parse().context("--admin-url")?;
-    let app_url = format!("postgres://clinflow_app@{}:{}/{DB_NAME}", admin.get_host(), admin.get_port());
+    let (host, port) = (admin.get_host().to_owned(), admin.get_port());
+    let database_url = move |role: &str| format!("postgres://{role}@{host}:{port}/{DB_NAME}");
     let topology = clinflow::amqp::Topology::new(PREFIX);
     let amqp = clinflow::amqp::connect(&cli.amqp_url.clone().into(), "clinflow-bench").await?;
     phases::delete_queues(&amqp, &topology).await;
@@ -169,7 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     master_key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     master_key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     let mut stack =
-        Stack::new(cli.bin_dir.clone(), cli.log_dir.clone(), app_url, cli.amqp_url.clone(), PREFIX, &master_key)?;
+        Stack::new(cli.bin_dir.clone(), cli.log_dir.clone(), database_url, cli.amqp_url.clone(), PREFIX, &master_key)?;
     let password = uuid::Uuid::new_v4().to_string();
     stack.create_user("bench-ingest", "ingest", &password).await?;
 

@@ -36,7 +36,7 @@ impl Stack {
     pub fn new(
         bin_dir: PathBuf,
         log_dir: PathBuf,
-        database_url: String,
+        database_url: impl Fn(&str) -> String,
         amqp_url: String,
         prefix: &str,
         master_key: &[u8; 32],
@@ -44,7 +44,10 @@ impl Stack {
         let b64 = base64::engine::general_purpose::STANDARD;
         let api_addr = free_addr()?;
         let mut env: BTreeMap<String, String> = [
-            ("DATABASE_URL", database_url),
+            // Each service as its own role (the api's is the default, for
+            // its commands); see `start`.
+            ("DATABASE_URL", database_url("clinflow_api")),
+            ("AUDIT_READER_DATABASE_URL", database_url("clinflow_audit_reader")),
             ("AMQP_URL", amqp_url),
             ("CLINFLOW_QUEUE_PREFIX", prefix.to_owned()),
             ("CLINFLOW_MASTER_KEY", b64.encode(master_key)),
@@ -77,8 +80,15 @@ impl Stack {
         let metrics_addr = free_addr()?;
         let log = File::options().create(true).append(true).open(self.log_dir.join(format!("{name}.log")))?;
         let mut command = Command::new(self.bin_dir.join(format!("clinflow-{name}")));
+        let role = match name {
+            WORKER => "clinflow_worker",
+            SINK => "clinflow_sink",
+            _ => "clinflow_api",
+        };
+        let database_url = self.env.get("DATABASE_URL").map(|u| u.replacen("clinflow_api@", &format!("{role}@"), 1));
         command
             .envs(&self.env)
+            .envs(database_url.map(|u| ("DATABASE_URL".to_owned(), u)))
             .env("METRICS_ADDR", &metrics_addr)
             .envs(extra.iter().copied())
             .stdin(Stdio::null())

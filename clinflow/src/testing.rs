@@ -32,11 +32,20 @@ pub fn medcat_url() -> String {
     std::env::var("MEDCAT_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".to_owned())
 }
 
+/// The services' login roles (migrations/20261126000003_service_roles.sql).
+pub const API_ROLE: &str = "clinflow_api";
+pub const WORKER_ROLE: &str = "clinflow_worker";
+pub const SINK_ROLE: &str = "clinflow_sink";
+pub const AUDIT_READER_ROLE: &str = "clinflow_audit_reader";
+
 /// A fresh, migrated database named `clinflow_test_<uuid>`.
 pub struct TestDb {
     pub name: String,
-    /// Connected as `clinflow_app`, like the services.
-    pub app: PgPool,
+    /// Connected as each service's own role, like the services.
+    pub api: PgPool,
+    pub worker: PgPool,
+    pub sink: PgPool,
+    pub audit_reader: PgPool,
     /// Connected as the owner (superuser), for arranging and inspecting.
     pub owner: PgPool,
     /// The superuser URL of the server it lives on.
@@ -63,32 +72,42 @@ impl TestDb {
         let owner_opts = admin.clone().database(&name);
         let owner = PgPoolOptions::new().max_connections(4).connect_with(owner_opts.clone()).await.expect("owner pool");
         crate::MIGRATOR.run(&owner).await.expect("migrate test database");
-        let app_opts = owner_opts.username("clinflow_app");
-        let app = PgPoolOptions::new()
-            .max_connections(10)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect_with(app_opts)
-            .await
-            .expect("app pool");
-        Self { name, app, owner, admin: admin_url.to_owned() }
+        // Lazy: a test opens only the connections it uses.
+        let pool = |role: &str, max: u32| {
+            PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect_lazy_with(owner_opts.clone().username(role))
+        };
+        Self {
+            api: pool(API_ROLE, 10),
+            worker: pool(WORKER_ROLE, 6),
+            sink: pool(SINK_ROLE, 4),
+            audit_reader: pool(AUDIT_READER_ROLE, 2),
+            name,
+            owner,
+            admin: admin_url.to_owned(),
+        }
     }
 
-    /// A single connection as the application role (for privilege tests).
-    pub async fn app_connection(&self) -> PgConnection {
+    /// A single connection as `role` (for privilege tests).
+    pub async fn connection_as(&self, role: &str) -> PgConnection {
         let admin: PgConnectOptions = self.admin.parse().expect("admin URL");
-        admin.database(&self.name).username("clinflow_app").connect().await.expect("app connection")
+        admin.database(&self.name).username(role).connect().await.expect("role connection")
     }
 
-    /// A database URL for the application role, for tests that start a binary.
-    pub fn app_url(&self) -> String {
+    /// A database URL for `role`, for tests that start a binary.
+    pub fn url_as(&self, role: &str) -> String {
         let admin: PgConnectOptions = self.admin.parse().expect("admin URL");
-        format!("postgres://clinflow_app@{}:{}/{}", admin.get_host(), admin.get_port(), self.name)
+        format!("postgres://{role}@{}:{}/{}", admin.get_host(), admin.get_port(), self.name)
     }
 
     /// Drops the database. Tests that fail before this leave theirs behind;
     /// `./dev/test` drops leftovers before each run.
     pub async fn drop_database(self) {
-        self.app.close().await;
+        for pool in [&self.api, &self.worker, &self.sink, &self.audit_reader] {
+            pool.close().await;
+        }
         self.owner.close().await;
         let admin: PgConnectOptions = self.admin.parse().expect("admin URL");
         if let Ok(mut conn) = admin.connect().await {

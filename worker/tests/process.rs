@@ -18,7 +18,7 @@ fn spawn_worker(setup: &Setup, medcat_url: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-worker"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", setup.db.app_url())
+        .env("DATABASE_URL", setup.db.url_as(testing::WORKER_ROLE))
         .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
         .env("MEDCAT_URL", medcat_url)
         .env("CLINFLOW_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(testing::master_key()))

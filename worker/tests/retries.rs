@@ -66,7 +66,7 @@ async fn past_its_budget_a_job_is_dead_lettered_with_its_document_failed_and_rep
     proxy.set_failures(0);
     let one = deadletters::replay(
         &setup.amqp,
-        &setup.db.app,
+        &setup.db.worker,
         &setup.topology,
         &Selection::Documents([ids[0]].into()),
         &operator,
@@ -76,7 +76,7 @@ async fn past_its_budget_a_job_is_dead_lettered_with_its_document_failed_and_rep
     assert_eq!(one.replayed, [ids[0]]);
     assert_eq!(setup.queue_depth(&lane.dead_queue).await, 1);
     let rest =
-        deadletters::replay(&setup.amqp, &setup.db.app, &setup.topology, &Selection::All, &operator).await.unwrap();
+        deadletters::replay(&setup.amqp, &setup.db.worker, &setup.topology, &Selection::All, &operator).await.unwrap();
     assert_eq!(rest.replayed, [ids[1]]);
     let rows = setup.wait_final(&ids).await;
     assert!(rows.iter().all(|r| r.0 == "done" && r.2 == 1), "{rows:?}");

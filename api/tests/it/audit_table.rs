@@ -3,7 +3,7 @@ use std::time::Duration;
 use clinflow::amqp::Publisher;
 use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
 use clinflow::link::LinkState;
-use clinflow::testing::TestDb;
+use clinflow::testing::{API_ROLE, AUDIT_READER_ROLE, SINK_ROLE, TestDb, WORKER_ROLE};
 use clinflow_api::users::Role;
 use clinflow_audit_sink::Sink;
 use clinflow_audit_sink::chain::{self, ChainError};
@@ -19,23 +19,86 @@ fn event(n: u32) -> AuditEvent {
         .reason(&format!("r{n}"))
 }
 
+/// The error code of a statement that must fail for lack of privilege.
+async fn refused(conn: &mut sqlx::PgConnection, sql: &'static str) -> String {
+    let err = sqlx::query(sql).execute(&mut *conn).await.expect_err(sql);
+    err.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned()).unwrap_or_default()
+}
+
 #[tokio::test]
-async fn the_application_role_cannot_change_the_audit_table() {
+async fn each_service_role_has_only_its_own_privileges() {
     let db = TestDb::new().await;
     let key = audit_key();
-    assert_eq!(chain::append(&db.app, &key, &[event(1), event(2), event(3)]).await.unwrap(), 3);
+    assert_eq!(chain::append(&db.sink, &key, &[event(1), event(2), event(3)]).await.unwrap(), 3);
 
-    let mut app = db.app_connection().await;
-    for sql in [
-        "UPDATE audit_events SET outcome = 'denied' WHERE seq = 2",
-        "UPDATE audit_events SET outcome = 'denied' WHERE false",
-        "DELETE FROM audit_events WHERE seq = 2",
-        "TRUNCATE audit_events",
-    ] {
-        let err = sqlx::query(sql).execute(&mut app).await.expect_err(sql);
-        let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
-        assert_eq!(code.as_deref(), Some("42501"), "{sql}: {err}"); // insufficient_privilege
+    // No service role may change or unprotect the audit table.
+    for role in [API_ROLE, WORKER_ROLE, SINK_ROLE, AUDIT_READER_ROLE] {
+        let mut conn = db.connection_as(role).await;
+        for sql in [
+            "UPDATE audit_events SET outcome = 'denied' WHERE seq = 2",
+            "UPDATE audit_events SET outcome = 'denied' WHERE false",
+            "DELETE FROM audit_events WHERE seq = 2",
+            "TRUNCATE audit_events",
+            "ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only",
+            "DROP TRIGGER audit_events_append_only ON audit_events",
+            "SET session_replication_role = replica",
+        ] {
+            assert_eq!(refused(&mut conn, sql).await, "42501", "{role}: {sql}"); // insufficient_privilege
+        }
+        // Even after that attempt, deleting stays refused.
+        assert_eq!(refused(&mut conn, "DELETE FROM audit_events").await, "42501", "{role}");
+        conn.close().await.unwrap();
     }
+    // The api and the worker cannot touch it at all: they publish events.
+    for role in [API_ROLE, WORKER_ROLE] {
+        let mut conn = db.connection_as(role).await;
+        assert_eq!(refused(&mut conn, "SELECT count(*) FROM audit_events").await, "42501", "{role}");
+        assert_eq!(
+            refused(&mut conn, "INSERT INTO audit_events (seq) VALUES (99)").await,
+            "42501",
+            "{role} may not append"
+        );
+        conn.close().await.unwrap();
+    }
+    // The reader only reads.
+    let mut reader = db.connection_as(AUDIT_READER_ROLE).await;
+    assert_eq!(refused(&mut reader, "INSERT INTO audit_events (seq) VALUES (99)").await, "42501");
+    assert_eq!(refused(&mut reader, "SELECT count(*) FROM documents").await, "42501");
+    // The worker writes neither users nor sessions, nor anything of the api's.
+    let mut worker = db.connection_as(WORKER_ROLE).await;
+    for sql in [
+        "UPDATE users SET role = 'admin'",
+        "INSERT INTO users (id, username, password_hash, role) VALUES (gen_random_uuid(), 'x', 'x', 'admin')",
+        "UPDATE sessions SET revoked_at = NULL",
+        "SELECT count(*) FROM sessions",
+        "INSERT INTO outbox (topic, message_id, body) VALUES ('audit', 'x', '')",
+        "DELETE FROM documents",
+    ] {
+        assert_eq!(refused(&mut worker, sql).await, "42501", "worker: {sql}");
+    }
+    // The sink touches nothing but the audit table.
+    let mut sink = db.connection_as(SINK_ROLE).await;
+    for sql in ["SELECT count(*) FROM documents", "SELECT count(*) FROM users", "SELECT count(*) FROM outbox"] {
+        assert_eq!(refused(&mut sink, sql).await, "42501", "sink: {sql}");
+    }
+    // The api cannot delete documents or results.
+    let mut api = db.connection_as(API_ROLE).await;
+    for sql in [
+        "DELETE FROM documents",
+        "DELETE FROM document_results",
+        "INSERT INTO document_results (document_id) VALUES (gen_random_uuid())",
+    ] {
+        assert_eq!(refused(&mut api, sql).await, "42501", "api: {sql}");
+    }
+    // No service role owns a table.
+    let owned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner LIKE 'clinflow%'",
+    )
+    .fetch_one(&db.owner)
+    .await
+    .unwrap();
+    assert_eq!(owned, 0);
+
     // Even the owner (a superuser here) is stopped by the triggers, loudly.
     for sql in [
         "UPDATE audit_events SET outcome = 'denied' WHERE seq = 2",
@@ -48,8 +111,10 @@ async fn the_application_role_cannot_change_the_audit_table() {
     }
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&db.owner).await.unwrap();
     assert_eq!(rows, 3);
-    assert_eq!(chain::verify(&db.app, &key).await.unwrap(), 3);
-    app.close().await.unwrap();
+    assert_eq!(chain::verify(&db.audit_reader, &key).await.unwrap(), 3);
+    for conn in [reader, worker, sink, api] {
+        conn.close().await.unwrap();
+    }
     db.drop_database().await;
 }
 
@@ -58,10 +123,10 @@ async fn the_hash_chain_detects_tampering_and_ignores_redelivery() {
     let db = TestDb::new().await;
     let key = audit_key();
     let first = [event(1), event(2), event(3)];
-    chain::append(&db.app, &key, &first).await.unwrap();
+    chain::append(&db.sink, &key, &first).await.unwrap();
     // A redelivered batch adds nothing; a new event continues the chain.
-    assert_eq!(chain::append(&db.app, &key, &[first[1].clone(), event(4), event(4)]).await.unwrap(), 2);
-    assert_eq!(chain::verify(&db.app, &key).await.unwrap(), 5);
+    assert_eq!(chain::append(&db.sink, &key, &[first[1].clone(), event(4), event(4)]).await.unwrap(), 2);
+    assert_eq!(chain::verify(&db.sink, &key).await.unwrap(), 5);
 
     // Someone with the owner's rights switches the trigger off and edits a row.
     let mut owner = db.owner.acquire().await.unwrap();
@@ -73,7 +138,7 @@ async fn the_hash_chain_detects_tampering_and_ignores_redelivery() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    match chain::verify(&db.app, &key).await {
+    match chain::verify(&db.sink, &key).await {
         Err(ChainError::Broken { seq: 3, .. }) => {}
         other => panic!("tampering not detected at seq 3: {other:?}"),
     }
@@ -86,7 +151,7 @@ async fn two_sinks_at_once_write_one_unbroken_chain_with_every_event_once() {
     let stack = Stack::start().await;
     // A second sink on the same queue and table, beside the stack's own.
     let second = Sink {
-        db: stack.db.app.clone(),
+        db: stack.db.sink.clone(),
         key: audit_key(),
         topology: stack.topology.clone(),
         batch_size: 16,
@@ -113,7 +178,7 @@ async fn two_sinks_at_once_write_one_unbroken_chain_with_every_event_once() {
         .await
         .unwrap();
     assert_eq!(distinct, 2_000);
-    assert_eq!(chain::verify(&stack.db.app, &audit_key()).await.unwrap(), 2_000);
+    assert_eq!(chain::verify(&stack.db.sink, &audit_key()).await.unwrap(), 2_000);
     stack.stop().await;
     second.await.unwrap().unwrap();
 }

@@ -200,7 +200,7 @@ async fn an_idempotent_retry_gets_the_first_answer_and_stores_nothing_new() {
         .execute(&stack.db.owner)
         .await
         .unwrap();
-    let purged = clinflow_api::idempotency::purge(&stack.db.app, Duration::from_secs(24 * 3600)).await.unwrap();
+    let purged = clinflow_api::idempotency::purge(&stack.db.api, Duration::from_secs(24 * 3600)).await.unwrap();
     assert_eq!(purged, 1, "only the expired key");
     let (status, later) = post("k-1", doc.clone()).await;
     assert_eq!(status, 202);

@@ -97,7 +97,8 @@ impl Stack {
         let checkpoint_dir = tempfile::tempdir().unwrap();
         let checkpoints = checkpoint_dir.path().join("audit-checkpoints.jsonl");
         let state = AppState {
-            db: db.app.clone(),
+            db: db.api.clone(),
+            audit_db: Some(db.audit_reader.clone()),
             keyring: Arc::clone(&keyring),
             index_key: Arc::new(testing::index_key()),
             relay: relay.clone(),
@@ -120,7 +121,7 @@ impl Stack {
         let medcat = MedcatClient::new(&testing::medcat_url(), backoff).unwrap();
         let model_version = medcat.model_version().await.expect("MedCAT at MEDCAT_URL (./dev/test starts one)");
         let worker = Arc::new(Worker {
-            db: db.app.clone(),
+            db: db.worker.clone(),
             keyring,
             medcat,
             model_version,
@@ -134,7 +135,7 @@ impl Stack {
         };
 
         let sink = Sink {
-            db: db.app.clone(),
+            db: db.sink.clone(),
             key: audit_key(),
             topology: topology.clone(),
             batch_size: 64,
@@ -178,7 +179,7 @@ impl Stack {
     /// a broker that is not there: its backlog is still measured).
     pub fn spawn_relay(&self, amqp_url: SecretString) -> JoinHandle<()> {
         let relay = Relay {
-            db: self.db.app.clone(),
+            db: self.db.api.clone(),
             amqp_url,
             topology: self.topology.clone(),
             name: "clinflow-test-api".into(),
@@ -188,7 +189,7 @@ impl Stack {
     }
 
     pub async fn user(&self, name: &str, role: Role) -> uuid::Uuid {
-        users::create(&self.db.app, &self.passwords, name, PASSWORD, role).await.unwrap()
+        users::create(&self.db.api, &self.passwords, name, PASSWORD, role).await.unwrap()
     }
 
     pub async fn login(&self, name: &str) -> String {

@@ -71,6 +71,13 @@ async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restar
             .is_ok_and(|n| n == ids.len() as i64)
     })
     .await;
+    // Every event stored once, in one unbroken chain, across both outages.
+    let rows = clinflow::chain::verify(&stack.db.audit_reader, &crate::common::audit_key()).await.unwrap();
+    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM audit_events")
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(rows, distinct);
     for wq in stack.topology.work_queues() {
         assert_eq!(stack.queue_depth(&wq.dead_queue).await, 0, "{} dead-lettered nothing", wq.queue);
         if let Some(retry) = &wq.retry_queue {

@@ -26,7 +26,7 @@ impl ApiProcess {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-api"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", stack.db.app_url())
+            .env("DATABASE_URL", stack.db.url_as(testing::API_ROLE))
             .env("AMQP_URL", amqp_url)
             .env("CLINFLOW_QUEUE_PREFIX", stack.topology.prefix())
             .env("CLINFLOW_MASTER_KEY", b64.encode(testing::master_key()))

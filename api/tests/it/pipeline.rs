@@ -224,12 +224,12 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
             assert!(!row.contains(file_name), "a source_ref in the audit trail: {row}");
         }
     }
-    let rows = clinflow_audit_sink::chain::verify(&stack.db.app, &audit_key()).await.unwrap();
+    let rows = clinflow_audit_sink::chain::verify(&stack.db.audit_reader, &audit_key()).await.unwrap();
     assert_eq!(rows, expected_total as i64);
     // The sink anchored the chain outside the database as it went.
     let checkpoints = clinflow_audit_sink::checkpoint::read(&stack.checkpoints, &audit_key()).unwrap();
     assert!(!checkpoints.is_empty(), "the sink wrote checkpoints");
-    clinflow_audit_sink::checkpoint::check(&stack.db.app, rows, &checkpoints).await.unwrap();
+    clinflow_audit_sink::checkpoint::check(&stack.db.audit_reader, rows, &checkpoints).await.unwrap();
 
     stack.stop().await;
 }

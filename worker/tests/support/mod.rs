@@ -162,7 +162,7 @@ impl Setup {
                 document_date: None,
                 uploaded_by: self.uploader,
             };
-            let mut conn = self.db.app.acquire().await.unwrap();
+            let mut conn = self.db.api.acquire().await.unwrap();
             documents::insert(&mut conn, &doc).await.unwrap();
             clinflow::jobs::publish(&self.publisher, &self.topology, lane, id).await.unwrap();
             ids.push(id);
@@ -189,7 +189,7 @@ impl Setup {
         let backoff = ExponentialBuilder::default().with_min_delay(Duration::from_millis(20)).with_max_times(2);
         let medcat = MedcatClient::new(medcat_url, backoff).unwrap();
         let worker = Arc::new(Worker {
-            db: self.db.app.clone(),
+            db: self.db.worker.clone(),
             keyring: Arc::new(testing::keyring()),
             model_version: medcat.model_version().await.unwrap(),
             medcat,
