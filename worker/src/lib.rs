@@ -1,5 +1,6 @@
-//! clinflow-worker: takes document jobs off the queue in batches, annotates
-//! them through MedCAT's bulk endpoint and stores the results encrypted.
+//! clinflow-worker: takes document jobs off its two lanes in batches (live
+//! jobs first, backfill jobs in what is left), annotates them through
+//! MedCAT's bulk endpoint and stores the results encrypted.
 //!
 //! Per batch (up to `size` deliveries, or what came within `max_wait` of the
 //! first): claim the documents in one statement, decrypt them, audit the
@@ -7,20 +8,23 @@
 //! once, re-check alone through `/api/process` every non-blank document bulk
 //! found nothing in (bulk fails silently, see ../shared/MEDCAT.md), store all
 //! results and failures in one transaction, and only after the commit ack the
-//! batch with one `multiple` ack. Several batches are in flight, each on its
-//! own channel, so MedCAT is never idle while a batch is being stored.
+//! batch with one `multiple` ack per lane. Several batches are in flight,
+//! each slot with a channel per lane, so MedCAT is never idle while a batch
+//! is being stored.
 //!
 //! Failures: a job that is not JSON of a job, or names no document, is
 //! poison: dead-lettered at once with the reason in `x-clinflow-reason`,
-//! never retried. A document MedCAT
-//! refuses (4xx, 500, an unreadable answer) is marked failed with a code and
-//! its batch-mates go on. A transient failure (the database, or MedCAT
-//! unreachable or overloaded past the in-process retries) holds the batch and
-//! retries it with growing pauses, taking no new work meanwhile, so an outage
-//! burns no delivery attempts. A broker failure ends the session: the
-//! connection is rebuilt (`clinflow::link`) and the unsettled batch comes back
-//! by redelivery. A document that cannot be decrypted means the worker runs
-//! with the wrong key: it stops, leaving everything queued.
+//! never retried. A document MedCAT refuses (4xx, 500, an unreadable answer)
+//! is marked failed with a code and its batch-mates go on. While the
+//! database is away, or MedCAT's readiness fails, the batch is held (no new
+//! work, no attempt spent). A batch that still fails transiently while
+//! MedCAT says it is ready — or a re-check that does — sends its jobs to
+//! their lane's retry queue with one more attempt counted; past the budget
+//! the document is marked failed and the job parked in `.dead`. A broker
+//! failure ends the session: the connection is rebuilt (`clinflow::link`)
+//! and the unsettled batch comes back by redelivery. A document that cannot
+//! be decrypted means the worker runs with the wrong key: it stops, leaving
+//! everything queued.
 
 pub mod medcat;
 
@@ -131,7 +135,7 @@ impl Default for BatchConfig {
 /// What a processed batch asks of its deliveries beyond a plain ack.
 #[derive(Debug, Default)]
 struct Settled {
-    /// Back to the queue: a re-check that failed transiently.
+    /// To the retry queue: a re-check that failed transiently.
     requeue: HashSet<Uuid>,
     /// Jobs naming no document: poison, dead-lettered.
     missing: HashSet<Uuid>,
@@ -379,10 +383,11 @@ impl Worker {
         let mut acked = Vec::with_capacity(jobs.len());
         let mut again = Vec::new();
         for (job, id) in jobs {
-            if retry_later {
+            if retry_later || settled.requeue.contains(&id) {
+                // A re-check that failed transiently also waits in the retry
+                // queue (an attempt counted, a pause), rather than coming
+                // straight back and spending the queue's delivery limit.
                 again.push((job, id));
-            } else if settled.requeue.contains(&id) {
-                link::settle(job.delivery.nack(BasicNackOptions { requeue: true, multiple: false })).await?;
             } else if settled.missing.contains(&id) {
                 parked.push((job, "no_such_document"));
             } else {
@@ -584,7 +589,7 @@ impl Worker {
             let processed = match outcome {
                 Ok(p) => p,
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(document_id = %id, error = %e, "MedCAT unavailable for a re-check; requeueing the job");
+                    tracing::warn!(document_id = %id, error = %e, "MedCAT unavailable for a re-check; the job goes to the retry queue");
                     requeue.insert(id);
                     continue;
                 }
