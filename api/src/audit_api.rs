@@ -29,7 +29,7 @@ pub fn router() -> Router<AppState> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
-    /// Actor's name (username or service) or id.
+    /// Actor's name (username or service name).
     actor: Option<String>,
     actor_id: Option<Uuid>,
     action: Option<String>,
