@@ -144,7 +144,9 @@ async fn dead_letters(command: DeadLetters) -> anyhow::Result<()> {
     let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
     let topology = Topology::new(prefix);
     let connection = clinflow::amqp::connect(&amqp_url, "clinflow-audit-sink-cli").await?;
-    topology.declare(&connection.create_channel().await?).await?;
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    channel.close(200, "declared".into()).await?;
     let operator = Actor::operator(SERVICE_NAME);
     match command {
         DeadLetters::List { json } => {

@@ -87,7 +87,7 @@ pub async fn list(connection: &Connection, topology: &Topology, actor: &Actor) -
     }
     listing.total = listing.jobs.len();
     let event = AuditEvent::new(Action::DeadLettersList, actor.clone(), Outcome::Success).resource("queue", "dead");
-    audit::publish_many(&Publisher::new(connection).await?, topology, &[event]).await?;
+    audit_and_close(connection, topology, &[event]).await?;
     Ok(listing)
 }
 
@@ -144,6 +144,7 @@ pub async fn replay(
         // What was not acked goes back to the dead queue.
         channel.close(200, "replayed".into()).await?;
     }
+    publisher.channel().close(200, "done".into()).await?;
     Ok(outcome)
 }
 
@@ -188,6 +189,7 @@ pub async fn reprocess(
         total += requeued.len();
         progress(total);
     }
+    publisher.channel().close(200, "done".into()).await?;
     Ok(total)
 }
 
@@ -316,5 +318,14 @@ pub async fn replay_audit(
         })
         .collect();
     audit::publish_many(&publisher, topology, &events).await?;
+    publisher.channel().close(200, "done".into()).await?;
     Ok(chosen.len())
+}
+
+/// Publishes `events` (confirmed) on a channel of their own, then closes it.
+async fn audit_and_close(connection: &Connection, topology: &Topology, events: &[AuditEvent]) -> Result<(), OpsError> {
+    let publisher = Publisher::new(connection).await?;
+    audit::publish_many(&publisher, topology, events).await?;
+    publisher.channel().close(200, "done".into()).await?;
+    Ok(())
 }

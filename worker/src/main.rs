@@ -105,6 +105,7 @@ async fn operate(command: Command) -> anyhow::Result<()> {
         clinflow::amqp::connect(&amqp_url, "clinflow-worker-cli").await.context("connecting to RabbitMQ")?;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
+    channel.close(200, "declared".into()).await?;
     let database = || async {
         let url = config::url("DATABASE_URL", &["postgres", "postgresql"])?;
         PgPoolOptions::new().max_connections(2).connect(url.expose_secret()).await.context("connecting to PostgreSQL")
