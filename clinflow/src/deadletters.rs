@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
@@ -77,8 +78,8 @@ pub async fn list(connection: &Connection, topology: &Topology, actor: &Actor) -
     let mut listing = Listing::default();
     for lane in Lane::ALL {
         let channel = connection.create_channel().await?;
-        for (delivery_properties, data) in take_all(&channel, &topology.lane(lane).dead_queue).await? {
-            let parked = describe(lane, &delivery_properties, &data);
+        for delivery in take_all(&channel, &topology.lane(lane).dead_queue).await? {
+            let parked = describe(lane, &delivery.properties, &delivery.data);
             *listing.by_reason.entry(parked.reason.clone()).or_default() += 1;
             listing.jobs.push(parked);
         }
@@ -105,14 +106,8 @@ pub async fn replay(
     let mut outcome = Replayed::default();
     for lane in Lane::ALL {
         let channel = connection.create_channel().await?;
-        let queue = topology.lane(lane).dead_queue;
         let mut chosen = Vec::new();
-        loop {
-            let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await?
-            else {
-                break;
-            };
-            let delivery = message.delivery;
+        for delivery in take_all(&channel, &topology.lane(lane).dead_queue).await? {
             let id = serde_json::from_slice::<DocumentJob>(&delivery.data).ok().map(|j| j.document_id);
             match (id, selection) {
                 (Some(id), Selection::All) => chosen.push((id, delivery.delivery_tag)),
@@ -206,12 +201,12 @@ async fn publish_jobs(publisher: &Publisher, topology: &Topology, lane: Lane, id
 
 /// Every message of `queue`, taken without ack (the caller closes the
 /// channel to put them back, or acks some).
-async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<(BasicProperties, Vec<u8>)>, OpsError> {
+async fn take_all(channel: &Channel, queue: &str) -> Result<Vec<Delivery>, OpsError> {
     let mut out = Vec::new();
     loop {
         let get = channel.basic_get(queue.into(), BasicGetOptions { no_ack: false });
         match tokio::time::timeout(Duration::from_secs(10), get).await {
-            Ok(Ok(Some(message))) => out.push((message.delivery.properties.clone(), message.delivery.data.clone())),
+            Ok(Ok(Some(message))) => out.push(message.delivery),
             Ok(Ok(None)) => return Ok(out),
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(AmqpError::Timeout.into()),
@@ -263,13 +258,14 @@ pub struct AuditListing {
 pub async fn list_audit(connection: &Connection, topology: &Topology, actor: &Actor) -> Result<AuditListing, OpsError> {
     let channel = connection.create_channel().await?;
     let mut listing = AuditListing::default();
-    for (properties, data) in take_all(&channel, &topology.audit().dead_queue).await? {
-        let reason = amqp::header_str(&properties, amqp::REASON_HEADER)
-            .or_else(|| broker_reason(&properties))
+    for delivery in take_all(&channel, &topology.audit().dead_queue).await? {
+        let properties = &delivery.properties;
+        let reason = amqp::header_str(properties, amqp::REASON_HEADER)
+            .or_else(|| broker_reason(properties))
             .unwrap_or_else(|| "unknown".into());
         *listing.by_reason.entry(reason.clone()).or_default() += 1;
         let message_id = properties.message_id().as_ref().map_or_else(String::new, |m| m.to_string());
-        listing.messages.push(ParkedEvent { message_id, reason, bytes: data.len() });
+        listing.messages.push(ParkedEvent { message_id, reason, bytes: delivery.data.len() });
     }
     channel.close(200, "listed".into()).await?;
     listing.total = listing.messages.len();
@@ -293,10 +289,7 @@ pub async fn replay_audit(
     let channel = connection.create_channel().await?;
     let queue = topology.audit();
     let mut chosen = Vec::new();
-    while let Some(message) =
-        channel.basic_get(queue.dead_queue.as_str().into(), BasicGetOptions { no_ack: false }).await?
-    {
-        let delivery = message.delivery;
+    for delivery in take_all(&channel, &queue.dead_queue).await? {
         let id = delivery.properties.message_id().as_ref().map_or_else(String::new, |m| m.to_string());
         if ids.is_none_or(|ids| ids.contains(&id)) {
             chosen.push((id, delivery.delivery_tag, delivery.data));

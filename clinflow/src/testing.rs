@@ -330,3 +330,12 @@ impl Drop for Postgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Polls `check` every 50 ms until it holds; fails the test at `deadline`.
+pub async fn wait_until(what: &str, deadline: std::time::Duration, mut check: impl AsyncFnMut() -> bool) {
+    let until = std::time::Instant::now() + deadline;
+    while !check().await {
+        assert!(std::time::Instant::now() < until, "{what}: not within {deadline:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -9,13 +9,13 @@
 mod support;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use clinflow::amqp::Lane;
 use clinflow::audit::Actor;
 use clinflow::deadletters::{self, Selection};
-use clinflow::testing;
+use clinflow::testing::{self, wait_until};
 use clinflow_worker::RetryConfig;
 use support::{Setup, fault_proxy};
 use tokio_util::sync::CancellationToken;
@@ -24,14 +24,6 @@ use uuid::Uuid;
 /// Three attempts, 100 ms then 200 ms apart: a short budget for tests.
 fn short_budget() -> RetryConfig {
     RetryConfig { max_attempts: 3, first_delay: Duration::from_millis(100), max_delay: Duration::from_secs(1) }
-}
-
-async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !check().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

@@ -282,14 +282,7 @@ pub async fn audit_summary(db: &sqlx::PgPool) -> Vec<(String, String, String)> {
     rows.into_iter().map(|(a, o, n)| (a, o, n.unwrap_or_default())).collect()
 }
 
-/// Polls `check` every 50 ms until it holds; fails the test at `deadline`.
-pub async fn wait_until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let until = std::time::Instant::now() + deadline;
-    while !check().await {
-        assert!(std::time::Instant::now() < until, "{what}: not within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use clinflow::testing::wait_until;
 
 /// Waits until every one of `ids` is `done` (60 s at most); none may fail.
 pub async fn wait_for_all_done(stack: &Stack, ids: &[String]) {
