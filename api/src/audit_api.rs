@@ -4,9 +4,9 @@
 //! ids and codes only, never document content. Each call is itself audited
 //! before it is answered.
 
+use axum::Json;
 use axum::extract::{Query, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::http::Method;
 use clinflow::audit::{Action, Outcome};
 use clinflow::chain::{self, ChainError};
 use clinflow::checkpoint;
@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::access::{Access, Endpoint};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::users::Role;
@@ -22,8 +23,11 @@ use crate::users::Role;
 const AUDITORS: &[Role] = &[Role::Auditor];
 const MAX_PAGE: i64 = 1_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/audit/events", get(events)).route("/v1/audit/verify", post(verify))
+pub fn endpoints() -> Vec<Endpoint> {
+    vec![
+        Endpoint::new(Method::GET, "/v1/audit/events", Access::roles(AUDITORS, Action::AuditRead), events),
+        Endpoint::new(Method::POST, "/v1/audit/verify", Access::roles(AUDITORS, Action::AuditVerify), verify),
+    ]
 }
 
 #[derive(Deserialize)]
@@ -81,7 +85,6 @@ async fn events(
     user: AuthUser,
     Query(q): Query<EventQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
-    user.require(&state, AUDITORS, Action::AuditRead, None).await?;
     let db = audit_db(&state)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -159,7 +162,6 @@ pub struct Verified {
 }
 
 async fn verify(State(state): State<AppState>, user: AuthUser) -> Result<Json<Verified>, ApiError> {
-    user.require(&state, AUDITORS, Action::AuditVerify, None).await?;
     let db = audit_db(&state)?;
     let Some(key) = &state.audit_key else {
         return Err(ApiError::Unavailable("audit verification (AUDIT_HMAC_KEY is not set for the api)"));

@@ -6,11 +6,10 @@
 //! are stored in chunks: one transaction, one multi-row insert of documents
 //! and one of outbox rows (job and audit event of each) per chunk.
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use clinflow::amqp::Lane;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted, NewDocument};
@@ -20,17 +19,26 @@ use futures_util::StreamExt;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::access::{Access, Endpoint};
 use crate::auth::AuthUser;
-use crate::documents::{seal, validate};
+use crate::care;
+use crate::documents::{check_care_team, seal, validate};
 use crate::error::{ApiError, describe_json_error};
 use crate::users::Role;
 
-const BATCH_UPLOADERS: &[Role] = &[Role::Ingest, Role::Admin];
+const BATCH_UPLOADERS: &[Role] = &[Role::Ingest];
 /// Documents per transaction.
 const CHUNK: usize = 500;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route(BATCH_PATH, post(upload_batch))
+pub fn endpoints() -> Vec<Endpoint> {
+    vec![Endpoint::new(Method::POST, BATCH_PATH, Access::roles(BATCH_UPLOADERS, Action::DocumentUpload), upload_batch)]
+}
+
+/// A valid line, sealed, with the care team it names.
+struct Pending {
+    line: usize,
+    doc: NewDocument,
+    care_team: Option<String>,
 }
 
 /// Limits of one batch request (`BATCH_MAX_LINES`, `BATCH_MAX_BYTES`).
@@ -56,7 +64,6 @@ async fn upload_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
-    user.require(&state, BATCH_UPLOADERS, Action::DocumentUpload, None).await?;
     let limits = state.batch_limits;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limits.max_bytes) {
@@ -65,13 +72,13 @@ async fn upload_batch(
     state.check_backpressure()?;
 
     let mut response = BatchResponse::default();
-    let mut pending: Vec<(usize, NewDocument)> = Vec::with_capacity(CHUNK);
+    let mut pending: Vec<Pending> = Vec::with_capacity(CHUNK);
     let mut lines = Lines::new(body, limits);
     while let Some(line) = lines.next().await? {
         let number = line.number;
         let outcome = match line.content {
             Err((code, message)) => Err(LineOutcome::Rejected { line: number, code: code.into(), message }),
-            Ok(bytes) => parse_line(&state, user.id, number, &bytes).map(|doc| (number, doc)),
+            Ok(bytes) => parse_line(&state, &user, number, &bytes),
         };
         match outcome {
             Ok(doc) => pending.push(doc),
@@ -88,7 +95,7 @@ async fn upload_batch(
     Ok((StatusCode::OK, Json(response)))
 }
 
-fn parse_line(state: &AppState, uploader: Uuid, number: usize, bytes: &[u8]) -> Result<NewDocument, LineOutcome> {
+fn parse_line(state: &AppState, user: &AuthUser, number: usize, bytes: &[u8]) -> Result<Pending, LineOutcome> {
     let rejected = |e: ApiError| {
         let (code, message) = e.code_and_message();
         LineOutcome::Rejected { line: number, code: code.into(), message }
@@ -98,7 +105,10 @@ fn parse_line(state: &AppState, uploader: Uuid, number: usize, bytes: &[u8]) -> 
         LineOutcome::Rejected { line: number, code: code.into(), message }
     })?;
     let upload = validate(request).map_err(rejected)?;
-    seal(state, uploader, Uuid::now_v7(), upload).map_err(rejected)
+    check_care_team(user, &upload).map_err(rejected)?;
+    let care_team = upload.care_team.clone();
+    let doc = seal(state, user.id, Uuid::now_v7(), upload).map_err(rejected)?;
+    Ok(Pending { line: number, doc, care_team })
 }
 
 /// One transaction: the documents, then for each new one its job and its
@@ -106,14 +116,37 @@ fn parse_line(state: &AppState, uploader: Uuid, number: usize, bytes: &[u8]) -> 
 async fn store(
     state: &AppState,
     user: &AuthUser,
-    docs: Vec<(usize, NewDocument)>,
+    pending: Vec<Pending>,
     response: &mut BatchResponse,
 ) -> Result<(), ApiError> {
-    if docs.is_empty() {
+    if pending.is_empty() {
         return Ok(());
     }
-    let (numbers, docs): (Vec<usize>, Vec<NewDocument>) = docs.into_iter().unzip();
     let mut tx = state.db.begin().await?;
+    // Lines naming a care team that does not exist are rejected.
+    let mut names: Vec<String> = pending.iter().filter_map(|p| p.care_team.clone()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let teams = care::team_ids(&mut *tx, &names).await?;
+    let mut numbers = Vec::with_capacity(pending.len());
+    let mut docs = Vec::with_capacity(pending.len());
+    let mut memberships = Vec::new();
+    for p in pending {
+        match p.care_team.as_ref().map(|name| teams.get(name)) {
+            Some(None) => response.push(LineOutcome::Rejected {
+                line: p.line,
+                code: "unknown_care_team".into(),
+                message: "no care team has this name".into(),
+            }),
+            team => {
+                if let Some(Some(team)) = team {
+                    memberships.push((*team, p.doc.patient_index.clone()));
+                }
+                numbers.push(p.line);
+                docs.push(p.doc);
+            }
+        }
+    }
     // Batch uploads travel on the backfill lane, so that a bulk load never
     // holds up documents uploaded one at a time.
     let inserted = documents::insert_many(&mut tx, &docs, Lane::Backfill).await?;
@@ -130,6 +163,7 @@ async fn store(
         }
     }
     outbox::enqueue(&mut tx, &messages).await?;
+    care::add_patients(&mut tx, &memberships).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(())

@@ -21,6 +21,12 @@ pub struct ApiConfig {
     /// Refusals audited one by one per source address and minute.
     pub denials_per_minute: u32,
     pub audit_checkpoints: Option<std::path::PathBuf>,
+    pub lockout: crate::auth::LockoutPolicy,
+    /// Login attempts per source address and minute.
+    pub logins_per_minute: u32,
+    /// Password checks that may wait for a core before logins are shed.
+    pub password_queue: usize,
+    pub break_glass_for: std::time::Duration,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
 }
@@ -57,6 +63,23 @@ impl ApiConfig {
             },
             denials_per_minute: u32::try_from(count("AUTH_DENIALS_AUDITED_PER_MINUTE", 60)?.max(1)).unwrap_or(60),
             idempotency_retention: std::time::Duration::from_secs(3600 * count("IDEMPOTENCY_KEY_HOURS", 24)?.max(1)),
+            lockout: {
+                let d = crate::auth::LockoutPolicy::default();
+                let secs = |name, default: std::time::Duration| {
+                    count(name, default.as_secs()).map(|s| std::time::Duration::from_secs(s.max(1)))
+                };
+                crate::auth::LockoutPolicy {
+                    threshold: u32::try_from(count("LOGIN_LOCKOUT_THRESHOLD", u64::from(d.threshold))?.max(1))
+                        .unwrap_or(d.threshold),
+                    window: secs("LOGIN_LOCKOUT_WINDOW_SECONDS", d.window)?,
+                    base: secs("LOGIN_LOCKOUT_SECONDS", d.base)?,
+                    max: secs("LOGIN_LOCKOUT_MAX_SECONDS", d.max)?,
+                }
+            },
+            logins_per_minute: u32::try_from(count("LOGINS_PER_SOURCE_PER_MINUTE", 30)?.max(1)).unwrap_or(30),
+            password_queue: usize::try_from(count("PASSWORD_CHECK_QUEUE", crate::users::DEFAULT_QUEUE as u64)?)
+                .unwrap_or(crate::users::DEFAULT_QUEUE),
+            break_glass_for: std::time::Duration::from_secs(60 * count("BREAK_GLASS_MINUTES", 60)?.max(1)),
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,
         })

@@ -1,9 +1,8 @@
 //! Upload a document; read a document and its results.
 
+use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::http::{HeaderMap, Method, StatusCode};
 use clinflow::amqp::Lane;
 use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
@@ -19,7 +18,9 @@ use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::access::{Access, Endpoint};
 use crate::auth::{AuthUser, JsonBody};
+use crate::care;
 use crate::error::ApiError;
 use crate::idempotency;
 use crate::users::Role;
@@ -29,8 +30,10 @@ pub const MAX_TEXT_BYTES: usize = 1_000_000;
 const MAX_PATIENT_REF_CHARS: usize = 128;
 const MAX_SOURCE_REF_CHARS: usize = 256;
 
-const UPLOADERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Admin];
-const READERS: &[Role] = &[Role::Clinician, Role::Admin];
+/// Admin manages accounts and sees no PHI; ops and auditors see none either.
+const UPLOADERS: &[Role] = &[Role::Ingest, Role::Clinician];
+/// Clinicians, within their care teams or under break-glass.
+const READERS: &[Role] = &[Role::Clinician];
 /// Per-stage timings of the request path (see BENCHMARKS.md).
 const STAGE: &str = "clinflow_api_stage_seconds";
 
@@ -38,16 +41,21 @@ const STAGE: &str = "clinflow_api_stage_seconds";
 /// the documents they uploaded; ops and admin see all.
 const STATUS_READERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Ops, Role::Admin];
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(DOCUMENTS_PATH, post(upload))
-        .route(STATUSES_PATH, post(statuses))
-        .route("/v1/documents/{id}", get(read))
-        .route("/v1/documents/{id}/status", get(status))
+pub fn endpoints() -> Vec<Endpoint> {
+    vec![
+        Endpoint::new(Method::POST, DOCUMENTS_PATH, Access::roles(UPLOADERS, Action::DocumentUpload), upload),
+        Endpoint::new(Method::POST, STATUSES_PATH, Access::roles(STATUS_READERS, Action::DocumentStatus), statuses),
+        Endpoint::new(Method::GET, "/v1/documents/{id}", Access::on(READERS, Action::DocumentRead, "document"), read),
+        Endpoint::new(
+            Method::GET,
+            "/v1/documents/{id}/status",
+            Access::on(STATUS_READERS, Action::DocumentStatus, "document"),
+            status,
+        ),
+    ]
 }
 
 async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Result<StatusesResponse, ApiError> {
-    user.require(state, STATUS_READERS, Action::DocumentStatus, None).await?;
     let all = matches!(user.role, Role::Ops | Role::Admin);
     let mut documents = Vec::with_capacity(ids.len());
     for row in documents::statuses(&state.db, ids).await? {
@@ -86,10 +94,12 @@ pub(crate) struct ValidUpload {
     pub(crate) text: String,
     pub(crate) source_ref: Option<String>,
     pub(crate) document_date: Option<Date>,
+    pub(crate) care_team: Option<String>,
 }
 
-pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
-    let patient_ref = req.patient_ref.trim().to_owned();
+/// A patient reference, trimmed, or a message that does not echo it.
+pub(crate) fn valid_patient_ref(patient_ref: &str) -> Result<String, ApiError> {
+    let patient_ref = patient_ref.trim().to_owned();
     if patient_ref.is_empty() || patient_ref.chars().count() > MAX_PATIENT_REF_CHARS {
         return Err(ApiError::invalid(
             "invalid_patient_ref",
@@ -99,6 +109,24 @@ pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
     if patient_ref.chars().any(char::is_control) {
         return Err(ApiError::invalid("invalid_patient_ref", "patient_ref must not contain control characters"));
     }
+    Ok(patient_ref)
+}
+
+/// Only ingest accounts may put a patient in a care team with an upload: a
+/// clinician who could would widen their own scope.
+pub(crate) fn check_care_team(user: &AuthUser, upload: &ValidUpload) -> Result<(), ApiError> {
+    if upload.care_team.is_some() && user.role != Role::Ingest {
+        return Err(ApiError::BadRequest {
+            status: StatusCode::FORBIDDEN,
+            code: "care_team_forbidden",
+            message: "only ingest accounts may name a care team; an admin adds patients to teams".into(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
+    let patient_ref = valid_patient_ref(&req.patient_ref)?;
     if req.text.trim().is_empty() {
         return Err(ApiError::invalid("empty_text", "text must not be empty"));
     }
@@ -125,7 +153,8 @@ pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
                 ApiError::invalid("invalid_document_date", "document_date must be a date as YYYY-MM-DD")
             })?),
         };
-    Ok(ValidUpload { patient_ref, text: req.text, source_ref, document_date })
+    let care_team = req.care_team.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+    Ok(ValidUpload { patient_ref, text: req.text, source_ref, document_date, care_team })
 }
 
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id))]
@@ -135,8 +164,8 @@ async fn upload(
     headers: HeaderMap,
     JsonBody(req): JsonBody<UploadRequest>,
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
-    user.require(&state, UPLOADERS, Action::DocumentUpload, None).await?;
     let upload = validate(req)?;
+    check_care_team(&user, &upload)?;
     let idempotency = idempotency::Key::from_request(&state, &headers, &upload)?;
     let replay = |id| Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })));
     if let Some(key) = &idempotency
@@ -148,6 +177,15 @@ async fn upload(
     tracing::Span::current().record("document_id", tracing::field::display(id));
 
     state.check_backpressure()?;
+    let team = match &upload.care_team {
+        None => None,
+        Some(name) => Some(
+            *care::team_ids(&state.db, std::slice::from_ref(name))
+                .await?
+                .get(name)
+                .ok_or_else(|| ApiError::invalid("unknown_care_team", "no care team has this name"))?,
+        ),
+    };
     let doc = timed_sync(STAGE, "seal", || seal(&state, user.id, id, upload))?;
     let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
     let messages = [outbox::Message::job(id, Lane::Live), outbox::Message::audit(&event).map_err(anyhow::Error::new)?];
@@ -160,6 +198,9 @@ async fn upload(
         return Err(ApiError::DuplicateSourceRef(existing));
     }
     timed(STAGE, "outbox", outbox::enqueue(&mut tx, &messages)).await?;
+    if let Some(team) = team {
+        care::add_patients(&mut tx, &[(team, doc.patient_index.clone())]).await?;
+    }
     if let Some(key) = &idempotency
         && !key.record(&mut tx, user.id, id).await?
     {
@@ -183,6 +224,7 @@ pub(crate) fn seal(state: &AppState, uploader: Uuid, id: Uuid, upload: ValidUplo
         patient_ref_ct: keyring
             .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
             .map_err(anyhow::Error::new)?,
+        patient_index: documents::patient_index(&state.index_key, &upload.patient_ref),
         text_ct: keyring.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
         source_ref_hmac: upload.source_ref.map(|s| state.index_key.hash(documents::SOURCE_REF_DOMAIN, s.as_bytes())),
         document_date: upload.document_date,
@@ -213,10 +255,19 @@ async fn read(
     user: AuthUser,
     Path(id): Path<Uuid>,
 ) -> Result<Json<DocumentResponse>, ApiError> {
-    user.require(&state, READERS, Action::DocumentRead, Some(id)).await?;
     let Some(row) = documents::get(&state.db, id).await? else {
         state.audit(&user.event(Action::DocumentRead, Outcome::Failure).document(id).reason("not_found")).await?;
         return Err(ApiError::NotFound);
+    };
+    // Care-team scope (or break-glass): checked before anything is decrypted.
+    let grant = match &row.patient_index {
+        Some(patient) => care::patient_grant(&state.db, user.id, patient).await?,
+        None => None,
+    };
+    let Some(grant) = grant else {
+        metrics::counter!("clinflow_api_forbidden_total", "reason" => "out_of_scope").increment(1);
+        state.audit(&user.event(Action::DocumentRead, Outcome::Denied).document(id).reason("out_of_scope")).await?;
+        return Err(ApiError::Forbidden);
     };
     let status = Status::parse(&row.status).ok_or_else(|| anyhow::anyhow!("unknown document status"))?;
     let patient_ref =
@@ -236,7 +287,11 @@ async fn read(
         _ => (None, None),
     };
     // No PHI leaves unless its read is on the audit trail.
-    state.audit(&user.event(Action::DocumentRead, Outcome::Success).document(id)).await?;
+    let mut event = user.event(Action::DocumentRead, Outcome::Success).document(id);
+    if let Some(reason) = grant.audit_reason() {
+        event = event.reason(&reason);
+    }
+    state.audit(&event).await?;
     Ok(Json(DocumentResponse {
         id,
         status,
@@ -259,6 +314,7 @@ mod tests {
             text: text.into(),
             source_ref: None,
             document_date: date.map(Into::into),
+            care_team: None,
         }
     }
 

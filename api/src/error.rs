@@ -31,6 +31,15 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("the pipeline is busy; retry after the time in Retry-After")]
     Busy,
+    /// Too many login attempts from this address: retry after this many seconds.
+    #[error("too many login attempts from this address; retry after the time in Retry-After")]
+    LoginThrottled(u64),
+    /// Password checks are queued past their bound: shed, not queued.
+    #[error("logins are busy; retry after the time in Retry-After")]
+    LoginBusy,
+    /// A break-glass request or admin change that needs the caller's password.
+    #[error("the password given is not yours")]
+    WrongPassword,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -59,6 +68,9 @@ impl ApiError {
             Self::DuplicateSourceRef(_) => (StatusCode::CONFLICT, "duplicate_source_ref"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Busy => (StatusCode::TOO_MANY_REQUESTS, "busy"),
+            Self::LoginThrottled(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_logins"),
+            Self::LoginBusy => (StatusCode::SERVICE_UNAVAILABLE, "login_busy"),
+            Self::WrongPassword => (StatusCode::FORBIDDEN, "wrong_password"),
             Self::Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -138,13 +150,18 @@ impl IntoResponse for ApiError {
             tracing::error!(error = format!("{e:#}"), "request failed");
         }
         let (code, message) = self.code_and_message();
+        let retry_after = match &self {
+            Self::LoginThrottled(seconds) => Some(axum::http::HeaderValue::from(*seconds)),
+            _ if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE => {
+                Some(axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS))
+            }
+            _ => None,
+        };
         let id = if let Self::DuplicateSourceRef(id) = self { Some(id) } else { None };
         let body = ErrorBody { error: ErrorDetail { code: code.into(), message }, id };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds);
         }
         response
     }

@@ -1,8 +1,11 @@
 //! clinflow-api: log in, upload documents, read their results.
 
+pub mod access;
+mod admin;
 mod audit_api;
 pub mod auth;
 pub mod batch;
+pub mod care;
 pub mod config;
 pub mod denials;
 pub mod documents;
@@ -19,7 +22,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use clinflow::audit::AuditEvent;
 use clinflow::crypto::{IndexKey, Keyring};
@@ -66,6 +68,10 @@ pub struct AppState {
     pub audit_checkpoints: Option<std::path::PathBuf>,
     /// How many refusals per source address are audited one by one.
     pub denials: Arc<denials::DenialLimiter>,
+    /// Lockout policy and per-address login rate.
+    pub login: Arc<auth::LoginGuard>,
+    /// How long a break-glass grant lasts (`BREAK_GLASS_MINUTES`).
+    pub break_glass_for: Duration,
 }
 
 /// Backpressure: uploads answer 429 while the outbox or the live queue holds
@@ -141,16 +147,35 @@ fn audit_unavailable(event: &AuditEvent, e: &sqlx::Error) -> ApiError {
     ApiError::Unavailable("the audit trail")
 }
 
+/// Registers the security counters at zero, so that dashboards and alerts
+/// see them (as 0) before the first login, lockout or break-glass.
+pub fn register_metrics() {
+    for outcome in ["success", "failure", "locked", "throttled", "shed"] {
+        metrics::counter!("clinflow_logins_total", "outcome" => outcome).absolute(0);
+    }
+    metrics::counter!("clinflow_account_lockouts_total").absolute(0);
+    metrics::counter!("clinflow_break_glass_grants_total").absolute(0);
+    for reason in ["role_forbidden", "out_of_scope"] {
+        metrics::counter!("clinflow_api_forbidden_total", "reason" => reason).absolute(0);
+    }
+    for reason in ["missing_token", "invalid_token", "expired_token", "session_ended", "invalid_api_key"] {
+        metrics::counter!("clinflow_api_auth_rejected_total", "reason" => reason).absolute(0);
+    }
+}
+
+/// Liveness and readiness: public (they say nothing of any patient).
+pub(crate) fn health_endpoints() -> Vec<access::Endpoint> {
+    use access::{Access, Endpoint};
+    use axum::http::Method;
+    vec![
+        Endpoint::new(Method::GET, "/healthz", Access::Public, live),
+        Endpoint::new(Method::GET, "/readyz", Access::Public, ready),
+    ]
+}
+
 pub fn app(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
-    Router::new()
-        .merge(auth::router())
-        .merge(documents::router())
-        .merge(batch::router())
-        .merge(ops::router())
-        .merge(audit_api::router())
-        .route("/healthz", get(live))
-        .route("/readyz", get(ready))
+    access::router(&state)
         .fallback(|| async { ApiError::NotFound })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(record_metrics))

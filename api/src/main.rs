@@ -40,6 +40,9 @@ enum Command {
         #[arg(long)]
         if_not_exists: bool,
     },
+    /// Fill the patient blind index of documents stored before it existed
+    /// (decrypts each patient reference once; resumable, idempotent).
+    ReindexPatients,
 }
 
 #[tokio::main]
@@ -50,6 +53,7 @@ async fn main() -> ExitCode {
         Command::Serve => run_server().await,
         Command::Migrate => migrate().await,
         Command::CreateUser { username, role, if_not_exists } => create_user(&username, role, if_not_exists).await,
+        Command::ReindexPatients => reindex_patients().await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,6 +67,7 @@ async fn main() -> ExitCode {
 async fn run_server() -> anyhow::Result<()> {
     let config = ApiConfig::from_env()?;
     clinflow::telemetry::install_metrics(config.metrics_addr)?;
+    clinflow_api::register_metrics();
     let db = PgPoolOptions::new()
         .max_connections(32)
         // While the database is away requests answer 503 after this, not hang.
@@ -85,7 +90,7 @@ async fn run_server() -> anyhow::Result<()> {
         index_key: Arc::new(IndexKey::new(config.index_key)),
         relay: relay.handle.clone(),
         jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
-        passwords: Passwords::new().await?,
+        passwords: Passwords::with_queue(config.password_queue).await?,
         idle_timeout: IDLE_TIMEOUT,
         limits: config.limits,
         batch_limits: config.batch_limits,
@@ -106,6 +111,11 @@ async fn run_server() -> anyhow::Result<()> {
         denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(
             std::num::NonZeroU32::new(config.denials_per_minute).unwrap_or(std::num::NonZeroU32::MIN),
         )),
+        login: Arc::new(clinflow_api::auth::LoginGuard::new(
+            config.lockout,
+            std::num::NonZeroU32::new(config.logins_per_minute).unwrap_or(std::num::NonZeroU32::MIN),
+        )),
+        break_glass_for: config.break_glass_for,
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
@@ -161,5 +171,47 @@ async fn create_user(username: &str, role: Role, if_not_exists: bool) -> anyhow:
         Err(UserError::Exists(_)) if if_not_exists => println!("user {username} exists; unchanged"),
         Err(e) => return Err(e.into()),
     }
+    Ok(())
+}
+
+async fn reindex_patients() -> anyhow::Result<()> {
+    let config = ApiConfig::from_env()?;
+    let db = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(config.database_url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL")?;
+    let keyring = Keyring::from_master_key(&config.master_key);
+    let index_key = IndexKey::new(config.index_key);
+    let mut done = 0_u64;
+    loop {
+        let rows =
+            sqlx::query!("SELECT id, patient_ref_ct FROM documents WHERE patient_index IS NULL ORDER BY id LIMIT 1000")
+                .fetch_all(&db)
+                .await?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut indexes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let patient_ref = keyring
+                .open_string(clinflow::documents::patient_ref_field(row.id), &row.patient_ref_ct)
+                .with_context(|| format!("document {}: cannot decrypt its patient reference", row.id))?;
+            ids.push(row.id);
+            indexes.push(clinflow::documents::patient_index(&index_key, &patient_ref));
+        }
+        sqlx::query!(
+            "UPDATE documents d SET patient_index = u.idx
+             FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, idx) WHERE d.id = u.id",
+            &ids,
+            &indexes,
+        )
+        .execute(&db)
+        .await?;
+        done += ids.len() as u64;
+        eprintln!("reindexed {done} documents");
+    }
+    println!("patient index complete ({done} documents filled)");
     Ok(())
 }

@@ -3,9 +3,9 @@
 //! never document content; every call is audited (by the shared functions,
 //! as the calling user).
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::http::Method;
 use clinflow::audit::Action;
 use clinflow::deadletters::{self, Listing, OpsError, Replayed, Reprocess, Selection};
 use serde::{Deserialize, Serialize};
@@ -13,17 +13,24 @@ use time::Date;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::access::{Access, Endpoint};
 use crate::auth::{AuthUser, JsonBody};
 use crate::error::ApiError;
 use crate::users::Role;
 
-const OPERATORS: &[Role] = &[Role::Ops, Role::Admin];
+const OPERATORS: &[Role] = &[Role::Ops];
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/ops/dead-letters", get(list))
-        .route("/v1/ops/dead-letters/replay", post(replay))
-        .route("/v1/ops/reprocess", post(reprocess))
+pub fn endpoints() -> Vec<Endpoint> {
+    vec![
+        Endpoint::new(Method::GET, "/v1/ops/dead-letters", Access::roles(OPERATORS, Action::DeadLettersList), list),
+        Endpoint::new(
+            Method::POST,
+            "/v1/ops/dead-letters/replay",
+            Access::roles(OPERATORS, Action::DeadLettersReplay),
+            replay,
+        ),
+        Endpoint::new(Method::POST, "/v1/ops/reprocess", Access::roles(OPERATORS, Action::Reprocess), reprocess),
+    ]
 }
 
 #[derive(Deserialize)]
@@ -70,7 +77,6 @@ fn ops_error(e: OpsError) -> ApiError {
 }
 
 async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Listing>, ApiError> {
-    user.require(&state, OPERATORS, Action::DeadLettersList, None).await?;
     let connection = connection(&state).await?;
     let listing = deadletters::list(&connection, &state.topology, &user.actor()).await.map_err(ops_error);
     let _ = connection.close(200, "done".into()).await;
@@ -82,7 +88,6 @@ async fn replay(
     user: AuthUser,
     JsonBody(req): JsonBody<ReplayRequest>,
 ) -> Result<Json<Replayed>, ApiError> {
-    user.require(&state, OPERATORS, Action::DeadLettersReplay, None).await?;
     let selection = match (req.all, req.ids.is_empty()) {
         (true, true) => Selection::All,
         (false, false) => Selection::Documents(req.ids.into_iter().collect()),
@@ -101,7 +106,6 @@ async fn reprocess(
     user: AuthUser,
     JsonBody(req): JsonBody<ReprocessRequest>,
 ) -> Result<Json<ReprocessResponse>, ApiError> {
-    user.require(&state, OPERATORS, Action::Reprocess, None).await?;
     let which = match (req.all, req.uploaded_from.zip(req.uploaded_until), req.without_result_from) {
         (true, None, None) => Reprocess::All,
         (false, Some((from, until)), None) if from < until => {

@@ -67,9 +67,7 @@ pub async fn create(
     if !valid_username(username) {
         return Err(UserError::BadUsername);
     }
-    if password.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(UserError::WeakPassword);
-    }
+    valid_password(password)?;
     let hash = passwords.hash(password.to_owned()).await?;
     let id = Uuid::now_v7();
     let inserted = sqlx::query_scalar!(
@@ -92,11 +90,12 @@ pub struct Credentials {
     pub role: String,
 }
 
-pub async fn credentials(db: impl PgExecutor<'_>, username: &str) -> Result<Option<Credentials>, sqlx::Error> {
+/// A person's credentials by id (break-glass asks for the password again).
+pub async fn credentials(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Credentials>, sqlx::Error> {
     sqlx::query_as!(
         Credentials,
-        "SELECT id, password_hash, role FROM users WHERE username = $1 AND disabled_at IS NULL",
-        username
+        "SELECT id, password_hash, role FROM users WHERE id = $1 AND disabled_at IS NULL AND kind = 'person'",
+        id
     )
     .fetch_optional(db)
     .await
@@ -104,19 +103,37 @@ pub async fn credentials(db: impl PgExecutor<'_>, username: &str) -> Result<Opti
 
 /// argon2id (the crate's defaults: 19 MiB, t=2, p=1) on the blocking pool,
 /// at most one hash per core at a time so a burst of logins cannot exhaust
-/// memory or starve the runtime.
+/// memory or starve the runtime; checks that would wait behind more than
+/// `queue` others are shed ([`Busy`]) instead of queued without bound.
 #[derive(Clone)]
 pub struct Passwords {
     permits: Arc<Semaphore>,
+    /// Running plus waiting password checks.
+    admitted: Arc<Semaphore>,
     /// Verified against when the username is unknown, so both answers take
     /// the same time.
     dummy_hash: Arc<str>,
 }
 
+/// Too many password checks are waiting already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+/// How many password checks may wait for a core by default.
+pub const DEFAULT_QUEUE: usize = 64;
+
 impl Passwords {
     pub async fn new() -> Result<Self, UserError> {
+        Self::with_queue(DEFAULT_QUEUE).await
+    }
+
+    pub async fn with_queue(queue: usize) -> Result<Self, UserError> {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        let mut this = Self { permits: Arc::new(Semaphore::new(cores)), dummy_hash: Arc::from("") };
+        let mut this = Self {
+            permits: Arc::new(Semaphore::new(cores)),
+            admitted: Arc::new(Semaphore::new(cores + queue)),
+            dummy_hash: Arc::from(""),
+        };
         this.dummy_hash = this.hash(Uuid::new_v4().to_string()).await?.into();
         Ok(this)
     }
@@ -130,9 +147,18 @@ impl Passwords {
         .map_err(|_| UserError::Hash)?
     }
 
+    /// A place among the running and waiting password checks; `Busy` when
+    /// the queue is full (the caller answers 503 at once).
+    pub fn admit(&self) -> Result<Admitted<'_>, Busy> {
+        self.admitted.try_acquire().map(Admitted).map_err(|_| {
+            metrics::counter!("clinflow_password_checks_shed_total").increment(1);
+            Busy
+        })
+    }
+
     /// Checks `password` against `hash`, or against a dummy hash when there is
-    /// no user, and answers false in that case.
-    pub async fn verify(&self, password: String, hash: Option<String>) -> bool {
+    /// no user (and answers false then), so both take the same time.
+    pub async fn verify(&self, _: &Admitted<'_>, password: String, hash: Option<String>) -> bool {
         let Ok(_permit) = self.permits.acquire().await else { return false };
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.to_string());
@@ -145,6 +171,124 @@ impl Passwords {
     }
 }
 
+/// See [`Passwords::admit`].
+pub struct Admitted<'a>(#[allow(dead_code)] tokio::sync::SemaphorePermit<'a>);
+
+/// Whether a stored hash was made with other parameters than today's
+/// (another algorithm, version or cost): it is replaced at the next
+/// successful login.
+pub fn needs_rehash(stored: &str) -> bool {
+    let Ok(hash) = PasswordHash::new(stored) else { return true };
+    let current = argon2::Params::default();
+    let same = hash.algorithm.as_str() == argon2::Algorithm::Argon2id.as_str()
+        && hash.version == Some(argon2::Version::V0x13.into())
+        && argon2::Params::try_from(&hash).is_ok_and(|p| {
+            p.m_cost() == current.m_cost() && p.t_cost() == current.t_cost() && p.p_cost() == current.p_cost()
+        });
+    !same
+}
+
+pub fn valid_password(password: &str) -> Result<(), UserError> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(UserError::WeakPassword);
+    }
+    Ok(())
+}
+
+/// A login attempt counted against an account that may try now.
+#[derive(Debug)]
+pub struct Attempt {
+    pub id: Uuid,
+    pub password_hash: String,
+    pub role: String,
+    /// Failed attempts in the current window, this one included.
+    pub failures: i64,
+}
+
+/// Counts an attempt against `username` before its password is checked.
+/// None for an unknown, disabled, locked or service account.
+///
+/// Committed without waiting for the WAL flush (`synchronous_commit = off`):
+/// a counted attempt would otherwise take one fsync longer than an unknown
+/// user's, which counts nothing, and the difference would tell an attacker
+/// which accounts exist. A crash may forget the last few counts; it cannot
+/// let a guess through uncounted.
+pub async fn begin_attempt(
+    db: &sqlx::PgPool,
+    username: &str,
+    policy: &crate::auth::LockoutPolicy,
+) -> Result<Option<Attempt>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query!("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+    let attempt = sqlx::query_as!(
+        Attempt,
+        r#"UPDATE users SET
+               failed_logins = CASE WHEN failed_since IS NULL OR failed_since < now() - make_interval(secs => $2)
+                                    THEN 1 ELSE failed_logins + 1 END,
+               failed_since = CASE WHEN failed_since IS NULL OR failed_since < now() - make_interval(secs => $2)
+                                   THEN now() ELSE failed_since END
+           WHERE username = $1 AND disabled_at IS NULL AND kind = 'person'
+             AND (locked_until IS NULL OR locked_until <= now())
+           RETURNING id, password_hash, role, failed_logins::int8 AS "failures!""#,
+        username,
+        policy.window.as_secs_f64(),
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(attempt)
+}
+
+/// Locks the account for the policy's period, doubled for each lockout
+/// since its last successful login; false if it was locked already.
+pub async fn lock(db: impl PgExecutor<'_>, id: Uuid, policy: &crate::auth::LockoutPolicy) -> Result<bool, sqlx::Error> {
+    let locked = sqlx::query!(
+        "UPDATE users SET
+             locked_until = now() + make_interval(secs => LEAST($2 * power(2, LEAST(lockouts, 30)), $3)),
+             lockouts = lockouts + 1, failed_logins = 0, failed_since = NULL
+         WHERE id = $1 AND (locked_until IS NULL OR locked_until <= now())",
+        id,
+        policy.base.as_secs_f64(),
+        policy.max.as_secs_f64(),
+    )
+    .execute(db)
+    .await?;
+    Ok(locked.rows_affected() == 1)
+}
+
+/// For the audit trail only (the client always gets the same 401): why a
+/// login with this name got no attempt.
+pub async fn refusal_reason(db: impl PgExecutor<'_>, username: &str) -> Result<&'static str, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT disabled_at IS NOT NULL AS "disabled!", coalesce(locked_until > now(), false) AS "locked!",
+                  kind FROM users WHERE username = $1"#,
+        username
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(match row {
+        None => "bad_credentials",
+        Some(r) if r.disabled => "disabled",
+        Some(r) if r.locked => "locked",
+        Some(r) if r.kind == "service" => "service_account",
+        Some(_) => "bad_credentials",
+    })
+}
+
+/// Clears the failure count and lockouts; stores `rehashed` if given.
+pub async fn login_succeeded(db: impl PgExecutor<'_>, id: Uuid, rehashed: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE users SET failed_logins = 0, failed_since = NULL, lockouts = 0,
+                          password_hash = coalesce($2, password_hash)
+         WHERE id = $1",
+        id,
+        rehashed,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,9 +298,34 @@ mod tests {
         let p = Passwords::new().await.unwrap();
         let h = p.hash("correct horse battery".into()).await.unwrap();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
-        assert!(p.verify("correct horse battery".into(), Some(h.clone())).await);
-        assert!(!p.verify("wrong".into(), Some(h)).await);
-        assert!(!p.verify("anything".into(), None).await);
+        let a = p.admit().unwrap();
+        assert!(p.verify(&a, "correct horse battery".into(), Some(h.clone())).await);
+        assert!(!p.verify(&a, "wrong".into(), Some(h.clone())).await);
+        assert!(!p.verify(&a, "anything".into(), None).await);
+        assert!(!needs_rehash(&h));
+        let weaker = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon2::Params::new(8192, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"correct horse battery")
+        .unwrap()
+        .to_string();
+        assert!(needs_rehash(&weaker));
+        assert!(needs_rehash("not a hash"));
+    }
+
+    #[tokio::test]
+    async fn checks_past_the_queue_are_shed() {
+        let p = Passwords::with_queue(0).await.unwrap();
+        let h = p.hash("correct horse battery".into()).await.unwrap();
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        // Hold every admission: the next check is refused at once.
+        let held: Vec<_> = (0..cores).map(|_| p.admit().unwrap()).collect();
+        assert!(p.admit().is_err());
+        drop(held);
+        let a = p.admit().unwrap();
+        assert!(p.verify(&a, "correct horse battery".into(), Some(h)).await);
     }
 
     #[test]

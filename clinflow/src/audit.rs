@@ -95,6 +95,30 @@ pub enum Action {
     /// An auditor had the chain verified.
     #[serde(rename = "audit.verify")]
     AuditVerify,
+    /// An account was locked after too many failed logins (resource: user).
+    #[serde(rename = "auth.lockout")]
+    Lockout,
+    /// A clinician broke the glass: access to a patient outside their care
+    /// teams, for a time (resource: the grant; the patient is never named).
+    #[serde(rename = "auth.break_glass")]
+    BreakGlass,
+    /// An admin read users, sessions, keys, teams or break-glass grants.
+    #[serde(rename = "admin.read")]
+    AdminRead,
+    /// An admin created a user or service account, or changed one (role,
+    /// disabled, password); `reason` says which.
+    #[serde(rename = "admin.user")]
+    AdminUser,
+    /// An admin revoked sessions (force logout).
+    #[serde(rename = "admin.sessions.revoke")]
+    AdminSessionsRevoke,
+    /// An admin created or revoked an API key; `reason` says which.
+    #[serde(rename = "admin.api_key")]
+    AdminApiKey,
+    /// An admin created a care team or changed its members or patients;
+    /// `reason` says which.
+    #[serde(rename = "admin.team")]
+    AdminTeam,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -121,6 +145,13 @@ impl Action {
             Action::DenialsSuppressed => "auth.denials_suppressed",
             Action::AuditRead => "audit.read",
             Action::AuditVerify => "audit.verify",
+            Action::Lockout => "auth.lockout",
+            Action::BreakGlass => "auth.break_glass",
+            Action::AdminRead => "admin.read",
+            Action::AdminUser => "admin.user",
+            Action::AdminSessionsRevoke => "admin.sessions.revoke",
+            Action::AdminApiKey => "admin.api_key",
+            Action::AdminTeam => "admin.team",
         }
     }
 }

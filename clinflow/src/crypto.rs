@@ -130,13 +130,25 @@ impl IndexKey {
     /// HMAC over `domain`, a zero byte and `value`: the domain keeps hashes
     /// of different kinds of value apart.
     pub fn hash(&self, domain: &str, value: &[u8]) -> Vec<u8> {
+        use hmac::Mac;
+        self.mac(domain, value).finalize().into_bytes().to_vec()
+    }
+
+    /// Whether `tag` is [`hash`](Self::hash) of `value`, compared in
+    /// constant time (for secrets such as API keys).
+    pub fn verify(&self, domain: &str, value: &[u8], tag: &[u8]) -> bool {
+        use hmac::Mac;
+        self.mac(domain, value).verify_slice(tag).is_ok()
+    }
+
+    fn mac(&self, domain: &str, value: &[u8]) -> hmac::Hmac<sha2::Sha256> {
         use hmac::{Hmac, Mac};
         let mut mac = <Hmac<sha2::Sha256> as hmac::KeyInit>::new_from_slice(self.0.expose_secret())
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(domain.as_bytes());
         mac.update(&[0]);
         mac.update(value);
-        mac.finalize().into_bytes().to_vec()
+        mac
     }
 }
 

@@ -25,6 +25,8 @@ pub use crate::wire::Status;
 pub struct NewDocument {
     pub id: Uuid,
     pub patient_ref_ct: Vec<u8>,
+    /// [`patient_index`] of the patient reference.
+    pub patient_index: Vec<u8>,
     pub text_ct: Vec<u8>,
     /// HMAC of the uploader's `source_ref` (see `crypto::IndexKey`).
     pub source_ref_hmac: Option<Vec<u8>>,
@@ -35,6 +37,15 @@ pub struct NewDocument {
 /// Domain of `source_ref` hashes under the index key.
 pub const SOURCE_REF_DOMAIN: &str = "documents.source_ref";
 
+/// Domain of the patient blind index under the index key.
+pub const PATIENT_DOMAIN: &str = "patients.ref";
+
+/// The blind index of a patient reference: what `documents.patient_index`,
+/// care teams and break-glass grants hold instead of the reference.
+pub fn patient_index(key: &crate::crypto::IndexKey, patient_ref: &str) -> Vec<u8> {
+    key.hash(PATIENT_DOMAIN, patient_ref.as_bytes())
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inserted {
     New,
@@ -44,8 +55,8 @@ pub enum Inserted {
 
 pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Inserted, sqlx::Error> {
     let inserted = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by)
-           VALUES ($1, $2, $3, $4, $5, $6)
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)
            ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
            RETURNING id"#,
         doc.id,
@@ -54,6 +65,7 @@ pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Insert
         doc.source_ref_hmac,
         doc.document_date,
         doc.uploaded_by,
+        doc.patient_index,
     )
     .fetch_optional(&mut *conn)
     .await?;
@@ -84,9 +96,10 @@ pub async fn insert_many(
     let refs: Vec<Option<&[u8]>> = docs.iter().map(|d| d.source_ref_hmac.as_deref()).collect();
     let dates: Vec<Option<Date>> = docs.iter().map(|d| d.document_date).collect();
     let uploaders: Vec<Uuid> = docs.iter().map(|d| d.uploaded_by).collect();
+    let patient_indexes: Vec<&[u8]> = docs.iter().map(|d| d.patient_index.as_slice()).collect();
     let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, lane)
-           SELECT *, $7 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[])
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, lane)
+           SELECT *, $8 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[], $7::bytea[])
            ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
            RETURNING id"#,
         &ids,
@@ -95,6 +108,7 @@ pub async fn insert_many(
         &refs as &[Option<&[u8]>],
         &dates as &[Option<Date>],
         &uploaders,
+        &patient_indexes as &[&[u8]],
         lane.as_str(),
     )
     .fetch_all(&mut *conn)
@@ -164,6 +178,8 @@ pub struct DocumentRow {
     pub id: Uuid,
     pub status: String,
     pub patient_ref_ct: Vec<u8>,
+    /// None only for rows from before the index (`clinflow-api reindex-patients`).
+    pub patient_index: Option<Vec<u8>>,
     pub document_date: Option<Date>,
     pub created_at: OffsetDateTime,
     pub failure_code: Option<String>,
@@ -172,7 +188,7 @@ pub struct DocumentRow {
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<DocumentRow>, sqlx::Error> {
     sqlx::query_as!(
         DocumentRow,
-        "SELECT id, status, patient_ref_ct, document_date, created_at, failure_code
+        "SELECT id, status, patient_ref_ct, patient_index, document_date, created_at, failure_code
          FROM documents WHERE id = $1",
         id
     )

@@ -60,6 +60,10 @@ pub struct UploadRequest {
     /// api without its value being echoed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub document_date: Option<String>,
+    /// The care team (by name) whose clinicians may read this patient; the
+    /// patient is added to it. Only ingest accounts may name one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub care_team: Option<String>,
 }
 
 // By hand so that `{:?}` can never put PHI in a log line.
@@ -70,6 +74,7 @@ impl fmt::Debug for UploadRequest {
             .field("text_bytes", &self.text.len())
             .field("source_ref", &self.source_ref.as_ref().map(|_| "<redacted>"))
             .field("document_date", &self.document_date.as_ref().map(|_| "<redacted>"))
+            .field("care_team", &self.care_team)
             .finish()
     }
 }
@@ -215,7 +220,13 @@ mod tests {
 
     #[test]
     fn an_upload_without_optional_fields_serializes_without_them() {
-        let body = UploadRequest { patient_ref: "P".into(), text: "t".into(), source_ref: None, document_date: None };
+        let body = UploadRequest {
+            patient_ref: "P".into(),
+            text: "t".into(),
+            source_ref: None,
+            document_date: None,
+            care_team: None,
+        };
         assert_eq!(serde_json::to_string(&body).unwrap(), r#"{"patient_ref":"P","text":"t"}"#);
     }
 
@@ -226,6 +237,7 @@ mod tests {
             text: "the patient has a secret".into(),
             source_ref: Some("smith_john.txt".into()),
             document_date: Some("2026-01-02".into()),
+            care_team: None,
         };
         let shown = format!("{body:?}");
         for phi in ["SECRET", "secret", "smith", "2026"] {

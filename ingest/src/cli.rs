@@ -30,7 +30,8 @@ pub enum Command {
 }
 
 const PASSWORD_HELP: &str = "The password is read from CLINFLOW_PASSWORD, or else from one line of standard\n\
-input (prompted without echo on a terminal). Logs go to stderr (filter with RUST_LOG);\n\
+input (prompted without echo on a terminal). A service account uses its API key instead:\n\
+set CLINFLOW_API_KEY (never a flag, which would show in ps and shell history). Logs go to stderr (filter with RUST_LOG);\n\
 they name document ids and counts, never note text or patient_refs.";
 
 #[derive(Debug, Args)]
@@ -38,9 +39,9 @@ pub struct ApiArgs {
     /// Base URL of the clinflow API
     #[arg(long, env = "CLINFLOW_API_URL", default_value = "http://127.0.0.1:8080", value_parser = parse_api_url)]
     pub api_url: Url,
-    /// User to log in as
+    /// User to log in as (not needed with an API key in CLINFLOW_API_KEY)
     #[arg(long, env = "CLINFLOW_USERNAME")]
-    pub username: String,
+    pub username: Option<String>,
     /// Seconds before one HTTP request is given up (then retried)
     #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout: u64,
@@ -85,6 +86,9 @@ pub struct LoadArgs {
     /// Exit with status 2 if any record was rejected
     #[arg(long)]
     pub strict: bool,
+    /// Put every patient loaded in this care team (by name; ingest accounts only)
+    #[arg(long, value_name = "NAME")]
+    pub care_team: Option<String>,
     /// No progress bar
     #[arg(short, long)]
     pub quiet: bool,

@@ -43,6 +43,10 @@ pub struct ClientConfig {
     pub base_url: Url,
     pub username: String,
     pub password: SecretString,
+    /// A service account's API key: sent as the bearer token, no login.
+    pub api_key: Option<SecretString>,
+    /// The care team named in every upload (ingest accounts only).
+    pub care_team: Option<String>,
     pub retry: RetryPolicy,
     /// Per request, connecting included.
     pub timeout: Duration,
@@ -66,6 +70,8 @@ pub struct ApiClient {
     base: Url,
     username: String,
     password: SecretString,
+    api_key: Option<SecretString>,
+    care_team: Option<String>,
     retry: RetryPolicy,
     /// The bearer token, and how many logins produced it (so that many
     /// requests refused at once cause one new login, not one each).
@@ -94,6 +100,8 @@ impl ApiClient {
             base: config.base_url,
             username: config.username,
             password: config.password,
+            api_key: config.api_key,
+            care_team: config.care_team,
             retry: config.retry,
             session: Mutex::new((0, None)),
             busy_answers: AtomicU64::new(0),
@@ -104,13 +112,22 @@ impl ApiClient {
         &self.username
     }
 
+    /// The care team named in every upload.
+    pub fn care_team(&self) -> Option<&str> {
+        self.care_team.as_deref()
+    }
+
     /// How many 429 answers (the API's backpressure) were waited out so far.
     pub fn busy_answers(&self) -> u64 {
         self.busy_answers.load(Ordering::Relaxed)
     }
 
-    /// Logs in now (so that bad credentials fail before any work starts).
+    /// Logs in now (so that bad credentials fail before any work starts);
+    /// with an API key, asks for no statuses to have the key checked.
     pub async fn login(&self, cancel: &CancellationToken) -> Result<(), ClientError> {
+        if self.api_key.is_some() {
+            return self.statuses(&[], cancel).await.map(drop);
+        }
         self.token(cancel).await.map(drop)
     }
 
@@ -130,6 +147,9 @@ impl ApiClient {
     }
 
     async fn token(&self, cancel: &CancellationToken) -> Result<(u64, SecretString), ClientError> {
+        if let Some(key) = &self.api_key {
+            return Ok((0, key.clone()));
+        }
         let mut session = self.session.lock().await;
         if let (generation, Some(token)) = &*session {
             return Ok((*generation, token.clone()));

@@ -7,6 +7,12 @@ use std::io::{self, BufRead, IsTerminal};
 use secrecy::SecretString;
 
 pub const PASSWORD_ENV: &str = "CLINFLOW_PASSWORD";
+pub const API_KEY_ENV: &str = "CLINFLOW_API_KEY";
+
+/// A service account's API key, from `CLINFLOW_API_KEY` (never a flag).
+pub fn api_key() -> Option<SecretString> {
+    std::env::var(API_KEY_ENV).ok().filter(|k| !k.trim().is_empty()).map(|k| k.trim().to_owned().into())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordError {

@@ -264,7 +264,7 @@ async fn upload<'a>(
     while let Some(chunk) = chunks.pop() {
         let mut body = Vec::with_capacity(chunk.len() * 1200);
         for &i in &chunk {
-            if let Err(e) = serde_json::to_writer(&mut body, &docs[i].upload()) {
+            if let Err(e) = serde_json::to_writer(&mut body, &docs[i].upload(client.care_team())) {
                 let e = ClientError::Refused { status: 0, code: "encode".into(), message: e.to_string() };
                 return (docs, (outcomes, Some(e)));
             }

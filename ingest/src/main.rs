@@ -31,16 +31,23 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(api: &ApiArgs, shutdown: &CancellationToken) -> anyhow::Result<ApiClient> {
-    let password = credentials::read_password()?;
+async fn connect(api: &ApiArgs, care_team: Option<String>, shutdown: &CancellationToken) -> anyhow::Result<ApiClient> {
+    let api_key = credentials::api_key();
+    let (username, password) = match (&api_key, &api.username) {
+        (Some(_), name) => (name.clone().unwrap_or_else(|| "(API key)".into()), secrecy::SecretString::from("")),
+        (None, Some(name)) => (name.clone(), credentials::read_password()?),
+        (None, None) => anyhow::bail!("give --username (or CLINFLOW_USERNAME), or an API key in CLINFLOW_API_KEY"),
+    };
     let client = ApiClient::new(ClientConfig {
         base_url: api.api_url.clone(),
-        username: api.username.clone(),
+        username: username.clone(),
         password,
+        api_key,
+        care_team,
         retry: RetryPolicy::default(),
         timeout: Duration::from_secs(api.request_timeout),
     })?;
-    client.login(shutdown).await.with_context(|| format!("cannot log in to {} as {}", api.api_url, api.username))?;
+    client.login(shutdown).await.with_context(|| format!("cannot log in to {} as {username}", api.api_url))?;
     Ok(client)
 }
 
@@ -51,7 +58,7 @@ fn progress(quiet: bool, logs: &LogSink) -> Progress {
 }
 
 async fn run_load(args: LoadArgs, logs: &LogSink, shutdown: &CancellationToken) -> anyhow::Result<u8> {
-    let client = connect(&args.api, shutdown).await?;
+    let client = connect(&args.api, args.care_team.clone(), shutdown).await?;
     let progress = progress(args.quiet, logs);
     let report = load::run(&args.options(), &client, &progress, shutdown).await;
     progress.finish();
@@ -70,7 +77,7 @@ async fn run_load(args: LoadArgs, logs: &LogSink, shutdown: &CancellationToken) 
 }
 
 async fn run_wait(args: WaitArgs, logs: &LogSink, shutdown: &CancellationToken) -> anyhow::Result<u8> {
-    let client = connect(&args.api, shutdown).await?;
+    let client = connect(&args.api, None, shutdown).await?;
     let progress = progress(args.quiet || args.json, logs);
     let summary = wait::run(&args.options(), &client, &progress, shutdown).await;
     progress.finish();

@@ -188,6 +188,7 @@ async fn n_reads_of_a_document_are_n_read_events() {
     let stack = Stack::start().await;
     stack.user("loader", Role::Ingest).await;
     stack.user("doctor", Role::Clinician).await;
+    stack.care_team("doctor", &["PAT-1"]).await;
     let (loader, doctor) = (stack.login("loader").await, stack.login("doctor").await);
     let (status, up) =
         stack.post("/v1/documents", Some(&loader), &json!({"patient_ref": "PAT-1", "text": "Known AF."})).await;

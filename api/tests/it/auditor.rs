@@ -14,6 +14,7 @@ async fn auditors_read_the_trail_page_by_page_and_have_it_verified() {
     let stack = Stack::start().await;
     stack.user("loader", Role::Ingest).await;
     stack.user("doctor", Role::Clinician).await;
+    stack.care_team("doctor", &["PAT-SECRET-1"]).await;
     stack.user("inspector", Role::Auditor).await;
     let (loader, doctor, inspector) =
         (stack.login("loader").await, stack.login("doctor").await, stack.login("inspector").await);

@@ -8,6 +8,7 @@ async fn login_logout_idle_timeout_and_roles() {
     let stack = Stack::start().await;
     stack.user("ingest1", Role::Ingest).await;
     stack.user("clin1", Role::Clinician).await;
+    stack.care_team("clin1", &["PAT-1"]).await;
 
     // Wrong password and unknown user: the same 401 with a JSON error body.
     for name in ["clin1", "nobody"] {

@@ -133,7 +133,7 @@ async fn batch_limits_and_roles() {
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM documents").fetch_one(&stack.db.owner).await.unwrap();
     assert_eq!(rows, 50);
 
-    // Batches are for ingest (and admin) accounts.
+    // Batches are for ingest accounts.
     let clin = stack.login("clin").await;
     let (status, _) = batch(&stack, &clin, line(json!({"patient_ref": "P", "text": "x"}))).await;
     assert_eq!(status, 403);

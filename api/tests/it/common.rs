@@ -13,7 +13,7 @@ use clinflow::amqp::Topology;
 use clinflow::link::LinkState;
 use clinflow::relay::{Relay, RelayHandle};
 use clinflow::testing::{self, TestDb};
-use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
+use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys, LockoutPolicy, LoginGuard};
 use clinflow_api::batch::BatchLimits;
 use clinflow_api::users::{self, Passwords, Role};
 use clinflow_api::{AppState, UploadLimits};
@@ -31,6 +31,26 @@ pub const PASSWORD: &str = "a long test password";
 
 pub fn audit_key() -> ChainKey {
     ChainKey::new(SecretBox::new(Box::new(b"test audit hmac key, 32+ bytes long!".to_vec())))
+}
+
+/// Login and access settings of a test stack. The default allows many
+/// logins a minute from one address (every test client is 127.0.0.1).
+pub struct AccessOptions {
+    pub lockout: LockoutPolicy,
+    pub logins_per_minute: u32,
+    pub break_glass_for: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for AccessOptions {
+    fn default() -> Self {
+        Self {
+            lockout: LockoutPolicy::default(),
+            logins_per_minute: 100_000,
+            break_glass_for: Duration::from_secs(3600),
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
 }
 
 pub struct Stack {
@@ -79,14 +99,23 @@ impl Stack {
 
     /// The stack without a relay, with these upload limits (backpressure).
     pub async fn start_limited(limits: UploadLimits) -> Self {
-        Self::start_with(testing::amqp_url(), TestDb::new().await, limits).await
+        Self::start_with(testing::amqp_url(), TestDb::new().await, limits, AccessOptions::default()).await
     }
 
     async fn start_without_relay_on(amqp_url: SecretString, db: TestDb) -> Self {
-        Self::start_with(amqp_url, db, UploadLimits::default()).await
+        Self::start_with(amqp_url, db, UploadLimits::default(), AccessOptions::default()).await
     }
 
-    async fn start_with(amqp_url: SecretString, db: TestDb, limits: UploadLimits) -> Self {
+    /// The stack with these login and break-glass settings.
+    pub async fn start_with_access(access: AccessOptions) -> Self {
+        let mut stack =
+            Self::start_with(testing::amqp_url(), TestDb::new().await, UploadLimits::default(), access).await;
+        stack.start_relay();
+        stack
+    }
+
+    async fn start_with(amqp_url: SecretString, db: TestDb, limits: UploadLimits, access: AccessOptions) -> Self {
+        let AccessOptions { lockout, logins_per_minute, break_glass_for, idle_timeout } = access;
         clinflow::telemetry::init_tracing();
         let (topology, amqp) = testing::topology_on(&amqp_url).await;
         let keyring = Arc::new(testing::keyring());
@@ -104,7 +133,7 @@ impl Stack {
             relay: relay.clone(),
             jwt: Arc::new(JwtKeys::new(&SecretBox::new(Box::new(b"test jwt secret that is long enough!!".to_vec())))),
             passwords: passwords.clone(),
-            idle_timeout: IDLE_TIMEOUT,
+            idle_timeout,
             limits,
             batch_limits: BatchLimits { max_lines: 50, max_bytes: 64 * 1024, max_line_bytes: 4 * 1024 },
             amqp_url: amqp_url.clone(),
@@ -112,6 +141,8 @@ impl Stack {
             audit_key: Some(Arc::new(audit_key())),
             audit_checkpoints: Some(checkpoints.clone()),
             denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(std::num::NonZeroU32::new(60).unwrap())),
+            login: Arc::new(LoginGuard::new(lockout, std::num::NonZeroU32::new(logins_per_minute).unwrap())),
+            break_glass_for,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -192,6 +223,34 @@ impl Stack {
         users::create(&self.db.api, &self.passwords, name, PASSWORD, role).await.unwrap()
     }
 
+    /// Puts these patients in a care team of `clinician`'s own (straight
+    /// into the database: the admin endpoints have their own tests).
+    pub async fn care_team(&self, clinician: &str, patients: &[&str]) {
+        let team = uuid::Uuid::now_v7();
+        sqlx::query("INSERT INTO care_teams (id, name) VALUES ($1, $2)")
+            .bind(team)
+            .bind(format!("team-of-{clinician}"))
+            .execute(&self.db.owner)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO care_team_members (team_id, user_id) SELECT $1, id FROM users WHERE username = $2")
+            .bind(team)
+            .bind(clinician)
+            .execute(&self.db.owner)
+            .await
+            .unwrap();
+        for patient in patients {
+            sqlx::query(
+                "INSERT INTO care_team_patients (team_id, patient_index) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(team)
+            .bind(clinflow::documents::patient_index(&testing::index_key(), patient))
+            .execute(&self.db.owner)
+            .await
+            .unwrap();
+        }
+    }
+
     pub async fn login(&self, name: &str) -> String {
         let (status, body) = self.post("/v1/auth/login", None, &json!({"username": name, "password": PASSWORD})).await;
         assert_eq!(status, 200, "{body}");
@@ -203,6 +262,21 @@ impl Stack {
         let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Any method, a JSON body if given; the status and the JSON answer.
+    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();

@@ -26,6 +26,8 @@ pub fn ingest_client(stack: &Stack, user: &str) -> ApiClient {
         base_url: stack.base.parse().unwrap(),
         username: user.into(),
         password: PASSWORD.to_owned().into(),
+        api_key: None,
+        care_team: None,
         retry: RetryPolicy { max_tries: 4, min_delay: Duration::from_millis(50), max_delay: Duration::from_secs(1) },
         timeout: Duration::from_secs(30),
     })

@@ -39,6 +39,7 @@ async fn malformed_jobs_are_dead_lettered_and_do_not_block_the_queue() {
     publish_raw(&stack, br#"{"document_id": "018f0000-0000-7000-8000-000000000000"}"#).await;
 
     stack.user("u", Role::Clinician).await;
+    stack.care_team("u", &["PAT-7"]).await;
     let token = stack.login("u").await;
     let (status, up) = stack
         .post("/v1/documents", Some(&token), &json!({"patient_ref": "PAT-7", "text": "Started metformin for T2DM."}))

@@ -2,6 +2,7 @@
 //! One test binary (faster to link than one per file).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod access;
 mod audit_table;
 mod auditor;
 mod auth;

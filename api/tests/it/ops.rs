@@ -22,6 +22,7 @@ async fn operators_list_and_replay_dead_letters_and_reprocess_documents() {
     stack.user("loader", Role::Ingest).await;
     stack.user("operator", Role::Ops).await;
     stack.user("doctor", Role::Clinician).await;
+    stack.care_team("doctor", &["PAT-1"]).await;
     let (loader, operator, doctor) =
         (stack.login("loader").await, stack.login("operator").await, stack.login("doctor").await);
     let mut ids = Vec::new();

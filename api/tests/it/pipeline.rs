@@ -77,6 +77,8 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
         })
         .collect();
     assert!(notes.len() >= 30, "{} sample notes", notes.len());
+    let patients: Vec<&str> = notes.values().map(|n| n.patient_ref.as_str()).collect();
+    stack.care_team("doctor", &patients).await;
 
     // Act 1: upload them all with clinflow-ingest's loader.
     let work = tempfile::tempdir().unwrap();

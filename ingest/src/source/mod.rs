@@ -33,12 +33,13 @@ pub struct Document {
 
 impl Document {
     /// The API's upload body for this note.
-    pub fn upload(&self) -> clinflow::wire::UploadRequest {
+    pub fn upload(&self, care_team: Option<&str>) -> clinflow::wire::UploadRequest {
         clinflow::wire::UploadRequest {
             patient_ref: self.patient_ref.clone(),
             text: self.text.clone(),
             source_ref: Some(self.source_ref.clone()),
             document_date: self.document_date.map(|d| d.to_string()),
+            care_team: care_team.map(str::to_owned),
         }
     }
 }

@@ -157,6 +157,7 @@ impl Setup {
             let doc = NewDocument {
                 id,
                 patient_ref_ct: keyring.seal_str(documents::patient_ref_field(id), "PAT-1").unwrap(),
+                patient_index: documents::patient_index(&clinflow::testing::index_key(), "PAT-1"),
                 text_ct: keyring.seal_str(documents::text_field(id), text).unwrap(),
                 source_ref_hmac: None,
                 document_date: None,
