@@ -183,23 +183,27 @@ async fn reindex_patients() -> anyhow::Result<()> {
         .context("connecting to PostgreSQL")?;
     let keyring = Keyring::from_master_key(&config.master_key);
     let index_key = IndexKey::new(config.index_key);
-    let mut done = 0_u64;
+    let (mut done, mut unreadable, mut after) = (0_u64, Vec::new(), uuid::Uuid::nil());
     loop {
-        let rows =
-            sqlx::query!("SELECT id, patient_ref_ct FROM documents WHERE patient_index IS NULL ORDER BY id LIMIT 1000")
-                .fetch_all(&db)
-                .await?;
-        if rows.is_empty() {
-            break;
-        }
+        let rows = sqlx::query!(
+            "SELECT id, patient_ref_ct FROM documents WHERE patient_index IS NULL AND id > $1 ORDER BY id LIMIT 1000",
+            after
+        )
+        .fetch_all(&db)
+        .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.id;
         let mut ids = Vec::with_capacity(rows.len());
         let mut indexes = Vec::with_capacity(rows.len());
         for row in rows {
-            let patient_ref = keyring
-                .open_string(clinflow::documents::patient_ref_field(row.id), &row.patient_ref_ct)
-                .with_context(|| format!("document {}: cannot decrypt its patient reference", row.id))?;
-            ids.push(row.id);
-            indexes.push(clinflow::documents::patient_index(&index_key, &patient_ref));
+            match keyring.open_string(clinflow::documents::patient_ref_field(row.id), &row.patient_ref_ct) {
+                Ok(patient_ref) => {
+                    ids.push(row.id);
+                    indexes.push(clinflow::documents::patient_index(&index_key, &patient_ref));
+                }
+                // Sealed under another key: left as it is, and reported.
+                Err(_) => unreadable.push(row.id),
+            }
         }
         sqlx::query!(
             "UPDATE documents d SET patient_index = u.idx
@@ -211,6 +215,14 @@ async fn reindex_patients() -> anyhow::Result<()> {
         .await?;
         done += ids.len() as u64;
         eprintln!("reindexed {done} documents");
+    }
+    if !unreadable.is_empty() {
+        let shown: Vec<String> = unreadable.iter().take(10).map(ToString::to_string).collect();
+        anyhow::bail!(
+            "{done} documents indexed; {} could not be decrypted with CLINFLOW_MASTER_KEY (another key sealed them?) and have no patient index, e.g. {}",
+            unreadable.len(),
+            shown.join(", ")
+        );
     }
     println!("patient index complete ({done} documents filled)");
     Ok(())
