@@ -245,6 +245,8 @@ pub struct NewResult {
     pub model_version: String,
     pub annotations_ct: Vec<u8>,
     pub annotation_count: i32,
+    /// The concept index rows of this result.
+    pub concepts: Vec<crate::concepts::ConceptCount>,
 }
 
 /// Stores results and marks their documents done, set-based. Exactly one
@@ -270,10 +272,15 @@ pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Re
     )
     .execute(&mut *conn)
     .await?;
+    let indexed: Vec<(Uuid, &str, &[crate::concepts::ConceptCount])> =
+        results.iter().map(|r| (r.document_id, r.model_version.as_str(), r.concepts.as_slice())).collect();
+    crate::concepts::store(conn, &indexed).await?;
     sqlx::query!(
-        "UPDATE documents SET status = 'done', failure_code = NULL, updated_at = now()
-         WHERE id = ANY($1) AND status = 'processing'",
-        &ids
+        "UPDATE documents d SET status = 'done', failure_code = NULL, updated_at = now(), result_model = r.model
+         FROM UNNEST($1::uuid[], $2::text[]) AS r(id, model)
+         WHERE d.id = r.id AND d.status = 'processing'",
+        &ids,
+        &models,
     )
     .execute(&mut *conn)
     .await?;

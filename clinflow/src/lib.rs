@@ -23,6 +23,8 @@ pub mod chain;
 #[cfg(feature = "server")]
 pub mod checkpoint;
 #[cfg(feature = "server")]
+pub mod concepts;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod crypto;

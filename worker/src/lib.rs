@@ -611,6 +611,7 @@ impl Worker {
                 model_version: processed.model_version.unwrap_or_else(|| self.model_version.clone()),
                 annotation_count: i32::try_from(processed.annotations.len()).unwrap_or(i32::MAX),
                 annotations_ct,
+                concepts: clinflow::concepts::summarize(&processed.annotations),
             });
         }
         let mut tx = self.db.begin().await?;
