@@ -135,6 +135,17 @@ async fn upload(
     headers: HeaderMap,
     JsonBody(req): JsonBody<UploadRequest>,
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
+    let answer = upload_one(state, user, headers, req).await;
+    crate::telemetry::count_upload(&answer);
+    answer
+}
+
+async fn upload_one(
+    state: AppState,
+    user: AuthUser,
+    headers: HeaderMap,
+    req: UploadRequest,
+) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
     user.require(&state, UPLOADERS, Action::DocumentUpload, None).await?;
     let upload = validate(req)?;
     let idempotency = idempotency::Key::from_request(&state, &headers, &upload)?;

@@ -9,6 +9,7 @@ pub mod documents;
 pub mod error;
 pub mod idempotency;
 mod ops;
+pub mod telemetry;
 pub mod users;
 
 use std::net::SocketAddr;
@@ -219,8 +220,16 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("clinflow_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    // The class (2xx, 4xx, 5xx), not the code: alerts and dashboards read
+    // classes, and the series stay few.
+    let status_class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("clinflow_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status_class" => status_class)
         .increment(1);
     metrics::histogram!("clinflow_http_request_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());

@@ -234,10 +234,12 @@ pub struct NewResult {
 /// Stores results and marks their documents done, set-based. Exactly one
 /// result per (document, model version): a redelivered job adds nothing.
 /// Status only moves forward: only a `processing` document becomes `done`.
-/// Run it in the transaction whose commit precedes the ack.
-pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Result<(), sqlx::Error> {
+/// Run it in the transaction whose commit precedes the ack. Returns, for
+/// each document it moved to `done`, its lane and the seconds since its
+/// upload (the database's clock at both ends).
+pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Result<Vec<(String, f64)>, sqlx::Error> {
     if results.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = results.iter().map(|r| r.document_id).collect();
     let models: Vec<String> = results.iter().map(|r| r.model_version.clone()).collect();
@@ -254,14 +256,15 @@ pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Re
     )
     .execute(&mut *conn)
     .await?;
-    sqlx::query!(
-        "UPDATE documents SET status = 'done', failure_code = NULL, updated_at = now()
-         WHERE id = ANY($1) AND status = 'processing'",
+    let done = sqlx::query!(
+        r#"UPDATE documents SET status = 'done', failure_code = NULL, updated_at = now()
+           WHERE id = ANY($1) AND status = 'processing'
+           RETURNING lane AS "lane!", extract(epoch FROM clock_timestamp() - created_at)::float8 AS "waited!""#,
         &ids
     )
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(())
+    Ok(done.into_iter().map(|r| (r.lane, r.waited)).collect())
 }
 
 /// Marks documents failed, each with a machine-readable code (never text
