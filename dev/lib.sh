@@ -20,14 +20,23 @@ ensure_postgres() {
   die "PostgreSQL did not become ready within 60 s"
 }
 
-# Prints "started" if it had to start RabbitMQ.
+# Prints "started" if it had to start RabbitMQ. Enables the broker's own
+# Prometheus exporter (rabbitmq_prometheus, :15692), which the dashboards and
+# alerts read queue depths and consumers from.
 ensure_rabbitmq() {
-  if rabbitmq_up; then return 0; fi
-  command -v rabbitmq-server >/dev/null || die "RabbitMQ is not running on 127.0.0.1:5672 and rabbitmq-server is not installed"
-  say "starting RabbitMQ"
-  rabbitmq-server -detached >&2
-  timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || die "RabbitMQ did not start within 120 s"
-  echo started
+  local started=
+  if ! rabbitmq_up; then
+    command -v rabbitmq-server >/dev/null || die "RabbitMQ is not running on 127.0.0.1:5672 and rabbitmq-server is not installed"
+    say "starting RabbitMQ"
+    rabbitmq-server -detached >&2
+    timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || die "RabbitMQ did not start within 120 s"
+    started=1
+  fi
+  if ! curl -fsS -m 2 -o /dev/null http://127.0.0.1:15692/metrics 2>/dev/null; then
+    say "enabling RabbitMQ's Prometheus exporter (rabbitmq_prometheus, :15692)"
+    rabbitmq-plugins -q enable rabbitmq_prometheus >&2 || say "could not enable rabbitmq_prometheus: queue panels will be empty"
+  fi
+  if [ -n "$started" ]; then echo started; fi
 }
 
 rabbitmq_up() {

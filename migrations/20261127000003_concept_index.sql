@@ -35,7 +35,29 @@ CREATE INDEX document_concepts_patient_idx ON document_concepts (patient_index, 
 GRANT SELECT, INSERT, UPDATE ON concept_names TO clinflow_worker;
 GRANT SELECT, INSERT ON document_concepts TO clinflow_worker;
 GRANT SELECT ON concept_names, document_concepts TO clinflow_api;
--- Erasure of a patient (admin, audited): their documents, results, concept
--- rows, idempotency keys, team memberships and break-glass grants.
-GRANT DELETE ON documents, document_results, document_concepts, idempotency_keys, care_team_patients,
-    break_glass_grants TO clinflow_api;
+-- Erasure of a patient (GDPR, admin, audited): the api role may not delete
+-- documents or results at all; it may call this, which deletes every row of
+-- one patient (by blind index) and returns how many of each went.
+CREATE FUNCTION erase_patient(p_index bytea)
+RETURNS TABLE (documents bigint, results bigint, concepts bigint, team_entries bigint, grants bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE
+    ids uuid[];
+BEGIN
+    SELECT coalesce(array_agg(id), '{}') INTO ids FROM documents WHERE patient_index = p_index;
+    DELETE FROM document_concepts WHERE document_id = ANY (ids);
+    GET DIAGNOSTICS concepts = ROW_COUNT;
+    DELETE FROM document_results WHERE document_id = ANY (ids);
+    GET DIAGNOSTICS results = ROW_COUNT;
+    DELETE FROM idempotency_keys WHERE document_id = ANY (ids);
+    DELETE FROM documents WHERE id = ANY (ids);
+    GET DIAGNOSTICS documents = ROW_COUNT;
+    DELETE FROM care_team_patients WHERE patient_index = p_index;
+    GET DIAGNOSTICS team_entries = ROW_COUNT;
+    DELETE FROM break_glass_grants WHERE patient_index = p_index;
+    GET DIAGNOSTICS grants = ROW_COUNT;
+    RETURN NEXT;
+END
+$$;
+REVOKE ALL ON FUNCTION erase_patient(bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION erase_patient(bytea) TO clinflow_api;

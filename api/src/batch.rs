@@ -92,6 +92,7 @@ async fn upload_batch(
     response.outcomes.sort_by_key(LineOutcome::line);
     tracing::Span::current().record("lines", response.outcomes.len());
     metrics::counter!("clinflow_documents_uploaded_total", "via" => "batch").increment(response.accepted as u64);
+    crate::telemetry::count_batch(&response);
     Ok((StatusCode::OK, Json(response)))
 }
 

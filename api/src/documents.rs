@@ -164,6 +164,17 @@ async fn upload(
     headers: HeaderMap,
     JsonBody(req): JsonBody<UploadRequest>,
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
+    let answer = upload_one(state, user, headers, req).await;
+    crate::telemetry::count_upload(&answer);
+    answer
+}
+
+async fn upload_one(
+    state: AppState,
+    user: AuthUser,
+    headers: HeaderMap,
+    req: UploadRequest,
+) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
     let upload = validate(req)?;
     check_care_team(&user, &upload)?;
     let idempotency = idempotency::Key::from_request(&state, &headers, &upload)?;

@@ -54,6 +54,11 @@ impl ApiError {
         (self.status_and_code().1, message)
     }
 
+    /// The status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest { status: StatusCode::UNPROCESSABLE_ENTITY, code, message: message.into() }
     }

@@ -12,6 +12,7 @@ pub mod documents;
 pub mod error;
 pub mod idempotency;
 mod ops;
+pub mod telemetry;
 pub mod users;
 
 use std::net::SocketAddr;
@@ -147,22 +148,6 @@ fn audit_unavailable(event: &AuditEvent, e: &sqlx::Error) -> ApiError {
     ApiError::Unavailable("the audit trail")
 }
 
-/// Registers the security counters at zero, so that dashboards and alerts
-/// see them (as 0) before the first login, lockout or break-glass.
-pub fn register_metrics() {
-    for outcome in ["success", "failure", "locked", "throttled", "shed"] {
-        metrics::counter!("clinflow_logins_total", "outcome" => outcome).absolute(0);
-    }
-    metrics::counter!("clinflow_account_lockouts_total").absolute(0);
-    metrics::counter!("clinflow_break_glass_grants_total").absolute(0);
-    for reason in ["role_forbidden", "out_of_scope"] {
-        metrics::counter!("clinflow_api_forbidden_total", "reason" => reason).absolute(0);
-    }
-    for reason in ["missing_token", "invalid_token", "expired_token", "session_ended", "invalid_api_key"] {
-        metrics::counter!("clinflow_api_auth_rejected_total", "reason" => reason).absolute(0);
-    }
-}
-
 /// Liveness and readiness: public (they say nothing of any patient).
 pub(crate) fn health_endpoints() -> Vec<access::Endpoint> {
     use access::{Access, Endpoint};
@@ -244,8 +229,16 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("clinflow_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    // The class (2xx, 4xx, 5xx), not the code: alerts and dashboards read
+    // classes, and the series stay few.
+    let status_class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("clinflow_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status_class" => status_class)
         .increment(1);
     metrics::histogram!("clinflow_http_request_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());

@@ -66,8 +66,8 @@ async fn main() -> ExitCode {
 
 async fn run_server() -> anyhow::Result<()> {
     let config = ApiConfig::from_env()?;
-    clinflow::telemetry::install_metrics(config.metrics_addr)?;
-    clinflow_api::register_metrics();
+    clinflow::telemetry::recorder()?;
+    clinflow_api::telemetry::register();
     let db = PgPoolOptions::new()
         .max_connections(32)
         // While the database is away requests answer 503 after this, not hang.
@@ -125,7 +125,16 @@ async fn run_server() -> anyhow::Result<()> {
     // uploads are accepted meanwhile and published when it returns.
     let shutdown = clinflow::shutdown::on_signal();
     let stop_relay = CancellationToken::new();
+    let probes = {
+        let (db, alive) = (db_for_purge.clone(), relay.handle.clone());
+        clinflow::telemetry::Probes::new(move || {
+            let db = db.clone();
+            async move { vec![("postgres", clinflow::telemetry::database_ready(&db).await)] }
+        })
+        .with_liveness(move || alive.alive())
+    };
     let relay = tokio::spawn(relay.run(stop_relay.clone()));
+    clinflow::telemetry::serve_ops(config.metrics_addr, probes).await?;
     tokio::spawn(clinflow_api::idempotency::purge_periodically(
         db_for_purge,
         config.idempotency_retention,

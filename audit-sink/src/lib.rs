@@ -10,6 +10,8 @@
 /// auditor endpoints verify too).
 pub use clinflow::{chain, checkpoint};
 
+pub mod telemetry;
+
 use std::time::Duration;
 
 use clinflow::amqp::{Outgoing, Publisher, Topology};
@@ -133,6 +135,7 @@ impl Sink {
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         let last = batch.iter().map(|d| d.delivery_tag).max();
+        metrics::histogram!(telemetry::BATCH_SIZE).record(batch.len() as f64);
         let mut events = Vec::with_capacity(batch.len());
         let mut parked: Vec<(Delivery, &'static str)> = Vec::new();
         for delivery in batch {
@@ -155,7 +158,8 @@ impl Sink {
             let started = std::time::Instant::now();
             match chain::append(&self.db, &self.key, &events).await {
                 Ok(written) => {
-                    metrics::counter!("clinflow_audit_events_written_total").increment(written as u64);
+                    metrics::counter!(telemetry::WRITTEN).increment(written as u64);
+                    telemetry::persisted(&events);
                     metrics::histogram!("clinflow_audit_batch_seconds").record(started.elapsed().as_secs_f64());
                     if let Some(checkpoints) = &self.checkpoints {
                         // The batch is committed: a failed checkpoint is
@@ -205,7 +209,7 @@ impl Sink {
         publisher.publish_many(&outgoing).await.map_err(|e| SessionEnd::Broker(e.into()))?;
         for (d, reason) in parked {
             tracing::error!(bytes = d.data.len(), reason, "not an audit event this sink can store; dead-lettered");
-            metrics::counter!("clinflow_audit_sink_dead_lettered_total", "reason" => *reason).increment(1);
+            metrics::counter!(telemetry::DEAD_LETTERED, "reason" => *reason).increment(1);
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use clinflow::deadletters;
 use clinflow::link::LinkState;
 use clinflow_audit_sink::chain::{self, ChainKey};
 use clinflow_audit_sink::checkpoint::{self, CheckpointConfig, Checkpointer};
+use clinflow_audit_sink::telemetry::Verifier;
 use clinflow_audit_sink::{SERVICE_NAME, Sink};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -92,8 +93,14 @@ async fn run() -> anyhow::Result<()> {
     let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
     let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9103")?;
-    clinflow::telemetry::install_metrics(metrics_addr)?;
+    clinflow::telemetry::recorder()?;
+    clinflow_audit_sink::telemetry::register();
     let db = connect_db().await?;
+    let verify_every = config::optional("AUDIT_VERIFY_SECONDS")?
+        .map(|v| v.trim().parse::<u64>())
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("AUDIT_VERIFY_SECONDS must be a whole number of seconds (0: never)"))?
+        .unwrap_or(60);
     let batch_size = usize::from(config::positive("AUDIT_BATCH_SIZE", 256)?);
     let max_wait = std::time::Duration::from_millis(config::positive("AUDIT_BATCH_WAIT_MS", 50)?.into());
     let checkpoints = match config::optional("AUDIT_CHECKPOINT_FILE")? {
@@ -110,9 +117,28 @@ async fn run() -> anyhow::Result<()> {
             None
         }
     };
+    let verifier = Verifier {
+        db: db.clone(),
+        key: ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?),
+        checkpoints: config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
+        every: (verify_every > 0).then(|| std::time::Duration::from_secs(verify_every)),
+    };
+    let link = LinkState::default();
+    let shutdown = clinflow::shutdown::on_signal();
+    clinflow::telemetry::serve_ops(metrics_addr, probes(&db, &link)).await?;
+    tokio::spawn(verifier.run(shutdown.clone()));
     let sink = Sink { db, key, topology: Topology::new(prefix), batch_size, max_wait, checkpoints };
     // RabbitMQ is connected (and reconnected) inside `run`.
-    sink.run(&amqp_url, &LinkState::default(), clinflow::shutdown::on_signal()).await
+    sink.run(&amqp_url, &link, shutdown).await
+}
+
+/// Ready = PostgreSQL answers and RabbitMQ is connected.
+fn probes(db: &PgPool, link: &LinkState) -> clinflow::telemetry::Probes {
+    let (db, link) = (db.clone(), link.clone());
+    clinflow::telemetry::Probes::new(move || {
+        let (db, link) = (db.clone(), link.clone());
+        async move { vec![("postgres", clinflow::telemetry::database_ready(&db).await), ("rabbitmq", link.connected())] }
+    })
 }
 
 async fn verify(checkpoints: Option<std::path::PathBuf>) -> anyhow::Result<()> {

@@ -185,16 +185,55 @@ fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
 /// Walks the whole chain in `seq` order and returns the number of rows, or
 /// the first row whose sequence, link or hash does not hold.
 pub async fn verify(db: &PgPool, key: &ChainKey) -> Result<i64, ChainError> {
+    Ok(verify_from(db, key, &Head::genesis()).await?.seq)
+}
+
+/// A verified end of the chain: its last row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub seq: i64,
+    pub row_hash: Vec<u8>,
+    /// The `occurred_at` of that row (`None` before the first row).
+    pub occurred_at: Option<time::OffsetDateTime>,
+}
+
+impl Head {
+    pub fn genesis() -> Self {
+        Self { seq: 0, row_hash: GENESIS.to_vec(), occurred_at: None }
+    }
+}
+
+/// Walks the chain from `from` (a row verified before, or a checkpoint; or
+/// [`Head::genesis`]) to its end: that row must still hold the same hash,
+/// and every later one must follow it by sequence, link and hash. Returns
+/// the new end.
+pub async fn verify_from(db: &PgPool, key: &ChainKey, from: &Head) -> Result<Head, ChainError> {
     let mut rows = sqlx::query!(
         r#"SELECT seq, event_id, occurred_at, actor_kind, actor_id, actor_name, actor_role, source_ip, request_id,
                   action, resource_kind, resource_id, outcome, reason, prev_hash, row_hash
-           FROM audit_events ORDER BY seq"#
+           FROM audit_events WHERE seq >= $1 ORDER BY seq"#,
+        from.seq
     )
     .fetch(db);
-    let mut expected_seq = 1;
-    let mut prev = GENESIS.to_vec();
+    let mut head = from.clone();
+    let mut expected_seq = from.seq + 1;
+    let mut prev = from.row_hash.clone();
+    // The row verified before must still be there (genesis has no row).
+    let mut anchored = from.seq == 0;
+    let gone = ChainError::Broken { seq: from.seq, problem: "deleted since it was verified or checkpointed" };
     while let Some(r) = rows.try_next().await? {
         let broken = |problem| ChainError::Broken { seq: r.seq, problem };
+        if !anchored {
+            if r.seq != from.seq {
+                return Err(gone);
+            }
+            if r.row_hash != from.row_hash {
+                return Err(broken("row_hash changed since it was verified or checkpointed"));
+            }
+            anchored = true;
+            head.occurred_at = Some(r.occurred_at);
+            continue;
+        }
         if r.seq != expected_seq {
             return Err(ChainError::Broken { seq: expected_seq, problem: "missing (a later row follows it)" });
         }
@@ -224,7 +263,11 @@ pub async fn verify(db: &PgPool, key: &ChainKey) -> Result<i64, ChainError> {
             return Err(broken("row_hash does not match the row's content"));
         }
         prev = r.row_hash;
+        head = Head { seq: r.seq, row_hash: prev.clone(), occurred_at: Some(event.occurred_at) };
         expected_seq += 1;
     }
-    Ok(expected_seq - 1)
+    if !anchored {
+        return Err(gone);
+    }
+    Ok(head)
 }

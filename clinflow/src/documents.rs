@@ -252,10 +252,12 @@ pub struct NewResult {
 /// Stores results and marks their documents done, set-based. Exactly one
 /// result per (document, model version): a redelivered job adds nothing.
 /// Status only moves forward: only a `processing` document becomes `done`.
-/// Run it in the transaction whose commit precedes the ack.
-pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Result<(), sqlx::Error> {
+/// Run it in the transaction whose commit precedes the ack. Returns, for
+/// each document it moved to `done`, its lane and the seconds since its
+/// upload (the database's clock at both ends).
+pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Result<Vec<(String, f64)>, sqlx::Error> {
     if results.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = results.iter().map(|r| r.document_id).collect();
     let models: Vec<String> = results.iter().map(|r| r.model_version.clone()).collect();
@@ -275,16 +277,17 @@ pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Re
     let indexed: Vec<(Uuid, &str, &[crate::concepts::ConceptCount])> =
         results.iter().map(|r| (r.document_id, r.model_version.as_str(), r.concepts.as_slice())).collect();
     crate::concepts::store(conn, &indexed).await?;
-    sqlx::query!(
-        "UPDATE documents d SET status = 'done', failure_code = NULL, updated_at = now(), result_model = r.model
-         FROM UNNEST($1::uuid[], $2::text[]) AS r(id, model)
-         WHERE d.id = r.id AND d.status = 'processing'",
+    let done = sqlx::query!(
+        r#"UPDATE documents d SET status = 'done', failure_code = NULL, updated_at = now(), result_model = r.model
+           FROM UNNEST($1::uuid[], $2::text[]) AS r(id, model)
+           WHERE d.id = r.id AND d.status = 'processing'
+           RETURNING d.lane AS "lane!", extract(epoch FROM clock_timestamp() - d.created_at)::float8 AS "waited!""#,
         &ids,
         &models,
     )
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(())
+    Ok(done.into_iter().map(|r| (r.lane, r.waited)).collect())
 }
 
 /// Marks documents failed, each with a machine-readable code (never text

@@ -27,6 +27,7 @@
 //! everything queued.
 
 pub mod medcat;
+pub mod telemetry;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -261,6 +262,7 @@ impl Worker {
                 Ok(None) => return SessionEnd::Shutdown,
                 Err(e) => return SessionEnd::Broker(e),
             };
+            let _in_flight = telemetry::in_flight();
             let lives = batch.iter().filter(|j| j.lane == Lane::Live).count();
             let span = tracing::info_span!("batch", slot, documents = batch.len(), live = lives);
             if let Err(end) = self.settle(batch, &channels, &publisher, &stop).instrument(span).await {
@@ -336,6 +338,8 @@ impl Worker {
         let ids: Vec<Uuid> = jobs.iter().map(|(_, id)| *id).collect();
         let mut pause = Duration::from_millis(250);
         let mut retry_later = false;
+        // Set at the first hold, dropped once the batch gets through or leaves.
+        let mut paused = None;
         let settled = loop {
             if ids.is_empty() {
                 break Settled::default();
@@ -366,13 +370,12 @@ impl Worker {
                     // The database, or MedCAT not ready: hold the batch and
                     // take nothing new until it passes (no attempt is spent).
                     metrics::counter!("clinflow_worker_batch_retries_total").increment(1);
-                    metrics::gauge!("clinflow_worker_paused").set(1.0);
+                    paused.get_or_insert_with(telemetry::hold);
                     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "batch failed transiently; holding it");
                     let held = tokio::select! {
                         () = stop.cancelled() => None,
                         () = self.until_ready(&e, pause) => Some(()),
                     };
-                    metrics::gauge!("clinflow_worker_paused").set(0.0);
                     if held.is_none() {
                         return requeue_all(jobs).await;
                     }
@@ -380,6 +383,7 @@ impl Worker {
                 }
             }
         };
+        drop(paused);
         let mut acked = Vec::with_capacity(jobs.len());
         let mut again = Vec::new();
         for (job, id) in jobs {
@@ -481,7 +485,7 @@ impl Worker {
             }
         }
         for (_, code) in failed {
-            metrics::counter!("clinflow_worker_documents_total", "outcome" => *code).increment(1);
+            metrics::counter!(telemetry::DOCUMENTS, "outcome" => *code).increment(1);
         }
         Ok(())
     }
@@ -506,7 +510,7 @@ impl Worker {
         publisher.publish_many(&outgoing).await.map_err(|e| SessionEnd::Broker(e.into()))?;
         for (job, reason) in parked {
             tracing::warn!(bytes = job.delivery.data.len(), reason, lane = job.lane.as_str(), "job dead-lettered");
-            metrics::counter!("clinflow_worker_dead_lettered_total", "reason" => *reason).increment(1);
+            metrics::counter!(telemetry::DEAD_LETTERED, "reason" => *reason).increment(1);
         }
         Ok(())
     }
@@ -615,12 +619,13 @@ impl Worker {
             });
         }
         let mut tx = self.db.begin().await?;
-        documents::store_results(&mut tx, &results).await?;
+        let done = documents::store_results(&mut tx, &results).await?;
         documents::mark_failed(&mut *tx, &failed).await?;
         tx.commit().await?;
-        metrics::counter!("clinflow_worker_documents_total", "outcome" => "done").increment(results.len() as u64);
+        telemetry::record_done(&done);
+        metrics::counter!(telemetry::DOCUMENTS, "outcome" => "done").increment(results.len() as u64);
         for (_, code) in &failed {
-            metrics::counter!("clinflow_worker_documents_total", "outcome" => *code).increment(1);
+            metrics::counter!(telemetry::DOCUMENTS, "outcome" => *code).increment(1);
         }
         tracing::debug!(done = results.len(), failed = failed.len(), requeued = requeue.len(), "batch stored");
         Ok(requeue)

@@ -12,6 +12,7 @@ use clinflow::crypto::Keyring;
 use clinflow::deadletters::{self, Reprocess, Selection};
 use clinflow::link::LinkState;
 use clinflow_worker::medcat::MedcatClient;
+use clinflow_worker::telemetry::MedcatHealth;
 use clinflow_worker::{BatchConfig, RetryConfig, SERVICE_NAME, Worker};
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgPoolOptions;
@@ -188,7 +189,8 @@ async fn run() -> anyhow::Result<()> {
         ..retry_defaults
     };
     let grace = Duration::from_secs(config::positive("WORKER_SHUTDOWN_GRACE_S", 30)?.into());
-    clinflow::telemetry::install_metrics(metrics_addr)?;
+    clinflow::telemetry::recorder()?;
+    clinflow_worker::telemetry::register();
 
     let medcat = MedcatClient::new(medcat_url.expose_secret(), MedcatClient::default_backoff())?;
     let model_version = medcat.model_version().await.context("asking MedCAT for its model (MEDCAT_URL)")?;
@@ -210,10 +212,28 @@ async fn run() -> anyhow::Result<()> {
     // batches in flight are finished, for at most WORKER_SHUTDOWN_GRACE_S.
     let shutdown = clinflow::shutdown::on_signal();
     let link = LinkState::default();
+    let medcat_health = MedcatHealth::default();
+    tokio::spawn(medcat_health.clone().watch(worker.medcat.clone(), Duration::from_secs(5), shutdown.clone()));
+    clinflow::telemetry::serve_ops(metrics_addr, probes(&worker.db, &link, &medcat_health)).await?;
     let run = worker.run(&amqp_url, &link, shutdown.clone());
     if let Some(ended) = clinflow::shutdown::with_grace(run, &shutdown, grace).await {
         ended?;
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Ready = PostgreSQL answers, RabbitMQ is connected and MedCAT says ready.
+fn probes(db: &sqlx::PgPool, link: &LinkState, medcat: &MedcatHealth) -> clinflow::telemetry::Probes {
+    let (db, link, medcat) = (db.clone(), link.clone(), medcat.clone());
+    clinflow::telemetry::Probes::new(move || {
+        let (db, link, medcat) = (db.clone(), link.clone(), medcat.clone());
+        async move {
+            vec![
+                ("postgres", clinflow::telemetry::database_ready(&db).await),
+                ("rabbitmq", link.connected()),
+                ("medcat", medcat.ready()),
+            ]
+        }
+    })
 }

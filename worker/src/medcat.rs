@@ -49,6 +49,11 @@ impl MedcatError {
         }
     }
 
+    /// The `outcome` label of `clinflow_medcat_request_seconds`.
+    pub fn outcome(&self) -> &'static str {
+        if self.is_transient() { "unavailable" } else { self.failure_code().trim_start_matches("nlp_") }
+    }
+
     /// The server's `Retry-After`, which overrides the backoff's next delay.
     fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -130,6 +135,12 @@ impl MedcatClient {
 
     async fn process_bulk_once(&self, texts: &[&str]) -> Result<Vec<Result<Processed, MedcatError>>, MedcatError> {
         let started = std::time::Instant::now();
+        let answer = self.process_bulk_call(texts).await;
+        observe("process_bulk", started, answer.as_ref().err());
+        answer
+    }
+
+    async fn process_bulk_call(&self, texts: &[&str]) -> Result<Vec<Result<Processed, MedcatError>>, MedcatError> {
         let content: Vec<_> = texts.iter().map(|t| serde_json::json!({ "text": t })).collect();
         let response = self
             .http
@@ -139,8 +150,6 @@ impl MedcatClient {
             .await
             .map_err(MedcatError::Transport)?;
         let parsed: BulkResponse = json(response).await?;
-        metrics::histogram!("clinflow_medcat_request_seconds", "endpoint" => "process_bulk")
-            .record(started.elapsed().as_secs_f64());
         if parsed.result.len() != texts.len() {
             return Err(MedcatError::Decode(format!(
                 "process_bulk answered {} results for {} documents",
@@ -166,6 +175,12 @@ impl MedcatClient {
 
     async fn process_once(&self, text: &str, footer: &str) -> Result<Processed, MedcatError> {
         let started = std::time::Instant::now();
+        let answer = self.process_call(text, footer).await;
+        observe("process", started, answer.as_ref().err());
+        answer
+    }
+
+    async fn process_call(&self, text: &str, footer: &str) -> Result<Processed, MedcatError> {
         let body = serde_json::json!({ "content": { "text": text, "footer": footer } });
         let response = self
             .http
@@ -175,8 +190,6 @@ impl MedcatClient {
             .await
             .map_err(MedcatError::Transport)?;
         let parsed: ProcessResponse = json(response).await?;
-        metrics::histogram!("clinflow_medcat_request_seconds", "endpoint" => "process")
-            .record(started.elapsed().as_secs_f64());
         if parsed.result.success == Some(false) {
             return Err(MedcatError::NotSuccessful);
         }
@@ -188,6 +201,14 @@ impl MedcatClient {
             annotations: parse_annotations(&parsed.result.annotations)?,
         })
     }
+}
+
+/// Every call to MedCAT, by endpoint and outcome (`ok` or
+/// [`MedcatError::outcome`]).
+fn observe(endpoint: &'static str, started: std::time::Instant, error: Option<&MedcatError>) {
+    let outcome = error.map_or("ok", MedcatError::outcome);
+    metrics::histogram!("clinflow_medcat_request_seconds", "endpoint" => endpoint, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
 }
 
 fn adjust(e: &MedcatError, next: Option<Duration>) -> Option<Duration> {

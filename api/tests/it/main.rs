@@ -10,6 +10,7 @@ mod batch;
 mod broker;
 mod common;
 mod database;
+mod health;
 mod ingest;
 mod jobs;
 mod ops;
