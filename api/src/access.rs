@@ -77,6 +77,7 @@ pub fn endpoints() -> Vec<Endpoint> {
     all.extend(crate::documents::endpoints());
     all.extend(crate::batch::endpoints());
     all.extend(crate::care::endpoints());
+    all.extend(crate::patients::endpoints());
     all.extend(crate::admin::endpoints());
     all.extend(crate::ops::endpoints());
     all.extend(crate::audit_api::endpoints());

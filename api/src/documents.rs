@@ -250,7 +250,7 @@ pub struct DocumentResponse {
     patient_ref: String,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "crate::ymd::option")]
     document_date: Option<Date>,
     #[serde(skip_serializing_if = "Option::is_none")]
     failure_code: Option<String>,
@@ -258,6 +258,16 @@ pub struct DocumentResponse {
     model_version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     annotations: Option<Vec<Annotation>>,
+    /// The note itself, only with `?include=text`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadParams {
+    /// `text`: the decrypted note too.
+    include: Option<String>,
 }
 
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id = %id))]
@@ -265,7 +275,13 @@ async fn read(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<Uuid>,
+    axum::extract::Query(params): axum::extract::Query<ReadParams>,
 ) -> Result<Json<DocumentResponse>, ApiError> {
+    let with_text = match params.include.as_deref() {
+        None | Some("") => false,
+        Some("text") => true,
+        Some(_) => return Err(ApiError::invalid("invalid_include", "include may only be text")),
+    };
     let Some(row) = documents::get(&state.db, id).await? else {
         state.audit(&user.event(Action::DocumentRead, Outcome::Failure).document(id).reason("not_found")).await?;
         return Err(ApiError::NotFound);
@@ -278,7 +294,7 @@ async fn read(
     let Some(grant) = grant else {
         metrics::counter!("clinflow_api_forbidden_total", "reason" => "out_of_scope").increment(1);
         state.audit(&user.event(Action::DocumentRead, Outcome::Denied).document(id).reason("out_of_scope")).await?;
-        return Err(ApiError::Forbidden);
+        return Err(ApiError::OutOfScope);
     };
     let status = Status::parse(&row.status).ok_or_else(|| anyhow::anyhow!("unknown document status"))?;
     let patient_ref =
@@ -297,10 +313,19 @@ async fn read(
         }
         _ => (None, None),
     };
+    let text = match with_text {
+        false => None,
+        true => {
+            let sealed = documents::text(&state.db, id).await?.ok_or(ApiError::NotFound)?;
+            Some(state.keyring.open_string(documents::text_field(id), &sealed).map_err(anyhow::Error::new)?)
+        }
+    };
     // No PHI leaves unless its read is on the audit trail.
     let mut event = user.event(Action::DocumentRead, Outcome::Success).document(id);
-    if let Some(reason) = grant.audit_reason() {
-        event = event.reason(&reason);
+    let reason = [with_text.then(|| "with_text".to_owned()), grant.audit_reason()];
+    let reason: Vec<String> = reason.into_iter().flatten().collect();
+    if !reason.is_empty() {
+        event = event.reason(&reason.join(" "));
     }
     state.audit(&event).await?;
     Ok(Json(DocumentResponse {
@@ -312,6 +337,7 @@ async fn read(
         failure_code: row.failure_code,
         model_version,
         annotations,
+        text,
     }))
 }
 

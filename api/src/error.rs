@@ -23,6 +23,9 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("your role may not do this")]
     Forbidden,
+    /// A clinician asking for a patient outside their care teams.
+    #[error("this patient is outside your care teams; POST /v1/break-glass if you must")]
+    OutOfScope,
     #[error("not found")]
     NotFound,
     #[error("a document with this source_ref exists")]
@@ -69,6 +72,7 @@ impl ApiError {
             Self::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             Self::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::OutOfScope => (StatusCode::FORBIDDEN, "out_of_scope"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::DuplicateSourceRef(_) => (StatusCode::CONFLICT, "duplicate_source_ref"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

@@ -12,6 +12,7 @@ pub mod documents;
 pub mod error;
 pub mod idempotency;
 mod ops;
+mod patients;
 pub mod telemetry;
 pub mod users;
 
@@ -38,6 +39,9 @@ use tower_http::trace::TraceLayer;
 use crate::auth::JwtKeys;
 use crate::error::ApiError;
 use crate::users::Passwords;
+
+// Dates in JSON as `YYYY-MM-DD` (`#[serde(with = "crate::ymd::option")]`).
+time::serde::format_description!(pub(crate) ymd, Date, "[year]-[month]-[day]");
 
 /// Request bodies above this are refused with 413 before they are parsed.
 const MAX_BODY_BYTES: usize = 2 * documents::MAX_TEXT_BYTES;

@@ -119,6 +119,20 @@ pub enum Action {
     /// `reason` says which.
     #[serde(rename = "admin.team")]
     AdminTeam,
+    /// A clinician read a patient's document list or problem list
+    /// (resource: the patient's blind index, hex).
+    #[serde(rename = "patient.read")]
+    PatientRead,
+    /// A clinician asked which of their patients or documents have a concept
+    /// (resource: the CUI; `reason`: how many were shown).
+    #[serde(rename = "concept.read")]
+    ConceptRead,
+    /// A patient's data was exported (FHIR); resource: blind index.
+    #[serde(rename = "patient.export")]
+    PatientExport,
+    /// A patient's data was erased; resource: blind index.
+    #[serde(rename = "patient.erase")]
+    PatientErase,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -152,6 +166,10 @@ impl Action {
             Action::AdminSessionsRevoke => "admin.sessions.revoke",
             Action::AdminApiKey => "admin.api_key",
             Action::AdminTeam => "admin.team",
+            Action::PatientRead => "patient.read",
+            Action::ConceptRead => "concept.read",
+            Action::PatientExport => "patient.export",
+            Action::PatientErase => "patient.erase",
         }
     }
 }

@@ -196,6 +196,11 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<DocumentRow
     .await
 }
 
+/// A document's sealed text (for a clinician's `?include=text`).
+pub async fn text(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar!("SELECT text_ct FROM documents WHERE id = $1", id).fetch_optional(db).await
+}
+
 #[derive(Debug)]
 pub struct ResultRow {
     pub model_version: String,

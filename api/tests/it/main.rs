@@ -15,5 +15,6 @@ mod ingest;
 mod jobs;
 mod ops;
 mod outbox;
+mod patients;
 mod pipeline;
 mod startup;

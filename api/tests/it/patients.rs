@@ -1,0 +1,274 @@
+//! The clinician queries, the FHIR export and erasure, on notes processed
+//! by the real pipeline and MedCAT.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::time::Duration;
+
+use clinflow_api::users::Role;
+use serde_json::{Value, json};
+
+use crate::common::{Stack, wait_for_all_done, wait_until};
+
+const AF: &str = "49436004";
+const HTN: &str = "38341003";
+const METFORMIN: &str = "372567009";
+
+/// (patient, date, text): A has AF twice and hypertension, B AF and
+/// metformin, C (another team's) AF.
+const NOTES: &[(&str, &str, &str)] = &[
+    ("PAT-A", "2025-01-10", "Known atrial fibrillation, rate controlled."),
+    ("PAT-A", "2025-03-02", "Atrial fibrillation follow-up. Hypertension noted."),
+    ("PAT-A", "2025-06-20", "Hypertension review, BP 150/90."),
+    ("PAT-B", "2025-02-14", "New atrial fibrillation. Started metformin for diabetes."),
+    ("PAT-C", "2025-04-01", "Paroxysmal atrial fibrillation."),
+];
+
+async fn seed(stack: &Stack) -> Vec<String> {
+    stack.user("loader", Role::Ingest).await;
+    stack.user("doctor", Role::Clinician).await;
+    stack.user("elsewhere", Role::Clinician).await;
+    stack.care_team("doctor", &["PAT-A", "PAT-B"]).await;
+    stack.care_team("elsewhere", &["PAT-C"]).await;
+    let loader = stack.login("loader").await;
+    let mut ids = Vec::new();
+    for (patient, date, text) in NOTES {
+        let doc = json!({"patient_ref": patient, "text": text, "document_date": date});
+        let (status, body) = stack.post("/v1/documents", Some(&loader), &doc).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    wait_for_all_done(stack, &ids).await;
+    ids
+}
+
+fn strings(v: &Value, key: &str) -> BTreeSet<String> {
+    v["items"].as_array().unwrap().iter().map(|i| i[key].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn clinicians_query_patients_and_concepts_within_their_scope() {
+    let stack = Stack::start().await;
+    let ids = seed(&stack).await;
+    let doctor = stack.login("doctor").await;
+    let get = async |path: &str| stack.get(path, Some(&doctor)).await;
+
+    // A patient's documents, newest first, paged by cursor.
+    let (status, page) = get("/v1/patients/PAT-A/documents").await;
+    assert_eq!(status, 200, "{page}");
+    let listed: Vec<&str> = page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
+    assert!(page["items"][0].get("text").is_none() && page["items"][0].get("patient_ref").is_none());
+    let mut walked = Vec::new();
+    let mut path = "/v1/patients/PAT-A/documents?limit=1".to_owned();
+    loop {
+        let (status, page) = get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        walked.extend(page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()));
+        let Some(next) = page["next_cursor"].as_str() else { break };
+        path = format!("/v1/patients/PAT-A/documents?limit=1&after={next}");
+    }
+    assert_eq!(walked, [ids[2].clone(), ids[1].clone(), ids[0].clone()]);
+    let (_, page) = get("/v1/patients/PAT-A/documents?from=2025-02-01&until=2025-04-01&status=done").await;
+    assert_eq!(strings(&page, "id"), BTreeSet::from([ids[1].clone()]));
+    assert_eq!(get("/v1/patients/PAT-A/documents?from=2025-13-01").await.0, 422);
+
+    // The problem list.
+    let (status, problems) = get("/v1/patients/PAT-A/concepts").await;
+    assert_eq!(status, 200, "{problems}");
+    let entry = |cui: &str| problems["items"].as_array().unwrap().iter().find(|c| c["cui"] == cui).cloned();
+    let af = entry(AF).expect("AF in A's problem list");
+    assert_eq!(
+        (af["documents"].as_i64(), af["first_date"].as_str(), af["last_date"].as_str()),
+        (Some(2), Some("2025-01-10"), Some("2025-03-02"))
+    );
+    assert!(af["pretty_name"].as_str().unwrap().to_lowercase().contains("fibrillation"));
+    let htn = entry(HTN).expect("hypertension in A's problem list");
+    assert_eq!((htn["documents"].as_i64(), htn["last_date"].as_str()), (Some(2), Some("2025-06-20")));
+    assert!(entry(METFORMIN).is_none(), "metformin is B's");
+
+    // Which of my patients have AF, and in which documents: not C's.
+    let (status, patients) = get(&format!("/v1/concepts/{AF}/patients")).await;
+    assert_eq!(status, 200, "{patients}");
+    assert_eq!(strings(&patients, "patient_ref"), BTreeSet::from(["PAT-A".to_owned(), "PAT-B".to_owned()]));
+    let (_, first) = get(&format!("/v1/concepts/{AF}/patients?limit=1")).await;
+    let next = first["next_cursor"].as_str().expect("a second page");
+    let (_, second) = get(&format!("/v1/concepts/{AF}/patients?limit=1&after={next}")).await;
+    let both: BTreeSet<String> =
+        strings(&first, "patient_ref").union(&strings(&second, "patient_ref")).cloned().collect();
+    assert_eq!(both.len(), 2);
+    let (status, docs) = get(&format!("/v1/concepts/{AF}/documents")).await;
+    assert_eq!(status, 200, "{docs}");
+    assert_eq!(strings(&docs, "id"), BTreeSet::from([ids[0].clone(), ids[1].clone(), ids[3].clone()]));
+    let (_, docs) = get(&format!("/v1/concepts/{METFORMIN}/documents")).await;
+    assert_eq!(strings(&docs, "patient_ref"), BTreeSet::from(["PAT-B".to_owned()]));
+    assert_eq!(get("/v1/concepts/bad%20cui/documents").await.0, 422);
+
+    // Out of scope: C's patient, and a clinician of C's team sees only C.
+    assert_eq!(get("/v1/patients/PAT-C/documents").await.0, 403);
+    assert_eq!(get("/v1/patients/PAT-C/concepts").await.0, 403);
+    let elsewhere = stack.login("elsewhere").await;
+    let (_, theirs) = stack.get(&format!("/v1/concepts/{AF}/patients"), Some(&elsewhere)).await;
+    assert_eq!(strings(&theirs, "patient_ref"), BTreeSet::from(["PAT-C".to_owned()]));
+
+    // The text only when asked for.
+    let (_, doc) = get(&format!("/v1/documents/{}", ids[0])).await;
+    assert!(doc.get("text").is_none());
+    let (_, doc) = get(&format!("/v1/documents/{}?include=text", ids[0])).await;
+    assert_eq!(doc["text"], NOTES[0].2);
+    assert_eq!(get(&format!("/v1/documents/{}?include=secrets", ids[0])).await.0, 422);
+
+    // Every call on the trail, with the patient as its blind index only.
+    wait_until("patient reads audited", Duration::from_secs(30), async || {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE action IN ('patient.read', 'concept.read')")
+                .fetch_one(&stack.db.owner)
+                .await
+                .unwrap();
+        n >= 12
+    })
+    .await;
+    let leaked: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE resource_id LIKE '%PAT-%'")
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(leaked, 0);
+    stack.stop().await;
+}
+
+/// Every table's rows as text (bytea as hex), for scanning.
+async fn every_row(db: &sqlx::PgPool) -> Vec<(String, String)> {
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+            .fetch_all(db)
+            .await
+            .unwrap();
+    let mut rows = Vec::new();
+    for table in tables {
+        let texts: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT t::text FROM \"{table}\" t")))
+            .fetch_all(db)
+            .await
+            .unwrap();
+        rows.extend(texts.into_iter().map(|t| (table.clone(), t)));
+    }
+    rows
+}
+
+fn validate_fhir(bundle: &Value) -> String {
+    let python = std::env::var("FHIR_PYTHON").expect("FHIR_PYTHON: the venv of dev/fhir/setup (./dev/test sets it)");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../dev/fhir/validate.py");
+    let mut child = std::process::Command::new(python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bundle.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let verdict = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(out.status.success(), "{verdict}");
+    verdict
+}
+
+#[tokio::test]
+async fn a_patient_exports_as_valid_fhir_and_is_erased_from_every_table() {
+    let stack = Stack::start().await;
+    let ids = seed(&stack).await;
+    stack.user("admin", Role::Admin).await;
+    let (doctor, admin) = (stack.login("doctor").await, stack.login("admin").await);
+
+    // The export: the Patient, A's three notes with their text, coded concepts.
+    let (status, bundle) = stack.get("/v1/patients/PAT-A/export", Some(&doctor)).await;
+    assert_eq!(status, 200, "{bundle}");
+    let verdict = validate_fhir(&bundle);
+    println!("FHIR export of PAT-A: {verdict}");
+    let entries = bundle["entry"].as_array().unwrap();
+    let of = |kind: &str| entries.iter().filter(|e| e["resource"]["resourceType"] == kind).count();
+    assert_eq!((of("Patient"), of("DocumentReference")), (1, 3));
+    assert!(of("Condition") >= 3, "AF twice, hypertension twice: {verdict}");
+    let patient = entries.iter().find(|e| e["resource"]["resourceType"] == "Patient").unwrap();
+    assert_eq!(patient["resource"]["identifier"][0]["value"], "PAT-A");
+    let texts: BTreeSet<String> = entries
+        .iter()
+        .filter(|e| e["resource"]["resourceType"] == "DocumentReference")
+        .map(|e| {
+            use base64::Engine;
+            let data = e["resource"]["content"][0]["attachment"]["data"].as_str().unwrap();
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data).unwrap()).unwrap()
+        })
+        .collect();
+    assert_eq!(texts, NOTES[..3].iter().map(|n| n.2.to_owned()).collect());
+    let coded = entries.iter().any(|e| {
+        e["resource"]["resourceType"] == "Condition"
+            && e["resource"]["code"]["coding"][0]["system"] == "http://snomed.info/sct"
+            && e["resource"]["code"]["coding"][0]["code"] == AF
+            && e["resource"]["extension"][0]["extension"][1]["url"] == "start"
+    });
+    assert!(coded, "an AF Condition with its evidence span");
+    // Outside the doctor's scope: 403; an admin may export.
+    assert_eq!(stack.get("/v1/patients/PAT-C/export", Some(&doctor)).await.0, 403);
+    assert_eq!(stack.get("/v1/patients/PAT-C/export", Some(&admin)).await.0, 200);
+
+    // Erasure: a reason code is required; then A is gone everywhere.
+    let erase = |reason: &str| {
+        let req = stack
+            .http
+            .delete(format!("{}/v1/patients/PAT-A", stack.base))
+            .bearer_auth(&admin)
+            .json(&json!({"reason": reason}));
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(erase("Because the patient asked me to").await.0, 422);
+    let (status, erased) = erase("gdpr_erasure_request").await;
+    assert_eq!(status, 200, "{erased}");
+    assert_eq!((erased["documents"].as_i64(), erased["team_entries"].as_i64()), (Some(3), Some(1)));
+    assert_eq!(erase("gdpr_erasure_request").await.0, 404, "nothing left to erase");
+    assert_eq!(stack.get("/v1/patients/PAT-A/export", Some(&admin)).await.0, 404);
+    let index = clinflow::documents::patient_index(&clinflow::testing::index_key(), "PAT-A");
+    let index_hex: String = index.iter().map(|b| format!("{b:02x}")).collect();
+    // The audit trail keeps its events (append-only, by law too): they name
+    // the patient by blind index only, which now points at nothing.
+    for (table, row) in every_row(&stack.db.owner).await {
+        assert!(table == "audit_events" || !row.contains(&index_hex), "PAT-A's blind index left in {table}");
+        for id in &ids[..3] {
+            assert!(table == "audit_events" || !row.contains(id.as_str()), "erased document {id} left in {table}");
+        }
+    }
+    // B is untouched.
+    let (_, patients) = stack.get(&format!("/v1/concepts/{AF}/patients"), Some(&doctor)).await;
+    assert_eq!(strings(&patients, "patient_ref"), BTreeSet::from(["PAT-B".to_owned()]));
+
+    // No patient reference, note text or annotation in clear anywhere (as
+    // text, hex or base64), the audit trail included.
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let hexed = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut needles: Vec<String> = Vec::new();
+    for (patient, _, text) in NOTES {
+        for s in [*patient, &text[..20]] {
+            needles.extend([s.to_owned(), hexed(s), b64(s)]);
+        }
+    }
+    // (The names of concepts are the model's vocabulary, in concept_names;
+    // an annotation in clear would carry its JSON keys.)
+    needles.extend(["pretty_name".to_owned(), hexed("pretty_name"), "\"start\":".to_owned()]);
+    for (table, row) in every_row(&stack.db.owner).await {
+        for needle in &needles {
+            assert!(!row.contains(needle.as_str()), "{table} holds {needle:?} in clear");
+        }
+    }
+    wait_until("export and erasure audited", Duration::from_secs(30), async || {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_events WHERE action IN ('patient.export', 'patient.erase') AND resource_kind = 'patient'",
+        )
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+        n >= 5
+    })
+    .await;
+    stack.stop().await;
+}
