@@ -5,6 +5,7 @@
 mod audit_table;
 mod auditor;
 mod auth;
+mod backup;
 mod batch;
 mod broker;
 mod common;
