@@ -413,6 +413,25 @@ class RealFile(unittest.TestCase):
             self.assertFalse(f.startswith((".git/", "target/", ".dev/", "bench/results/", "dev/")), f)
             self.assertFalse(f == ".env" or f.endswith((".dump.age", ".pyc")), f)
 
+    def test_the_image_holds_every_service_binary_and_builds_offline(self):
+        dockerfile = (ROOT / "Dockerfile").read_text()
+        built = set(re.findall(r"--bin (clinflow-[a-z-]+)", dockerfile))
+        copied = set(re.findall(r"target/release/(clinflow-[a-z-]+)", dockerfile))
+        wanted = {"clinflow-api", "clinflow-worker", "clinflow-audit-sink", "clinflow-ingest"}
+        self.assertEqual(built, wanted)
+        self.assertEqual(copied, wanted)
+        declared = set()
+        for manifest in ROOT.glob("*/Cargo.toml"):
+            declared |= set(re.findall(r'\[\[bin\]\]\s*name\s*=\s*"([^"]+)"', manifest.read_text()))
+        self.assertTrue(wanted <= declared, f"binaries the workspace declares: {declared}")
+        # Every command compose runs is one of them.
+        for name, svc in services(load(COMPOSE.read_text())).items():
+            if svc.get("build", {}).get("context") == ".":
+                self.assertIn(command(svc)[0], wanted, name)
+        self.assertIn("SQLX_OFFLINE=true", dockerfile)
+        self.assertIn("cargo build --release --locked", dockerfile)
+        self.assertIn("cargo chef cook --release", dockerfile)
+
     def test_medcat_context_holds_its_sources_and_not_the_venv(self):
         context = ROOT / "dev/medcat"
         files = context_files(context)
