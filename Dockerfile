@@ -31,7 +31,8 @@ RUN cargo build --release --locked \
       --bin clinflow-api --bin clinflow-worker --bin clinflow-audit-sink --bin clinflow-ingest \
  && mkdir -p /out \
  && cp target/release/clinflow-api target/release/clinflow-worker \
-       target/release/clinflow-audit-sink target/release/clinflow-ingest /out/
+       target/release/clinflow-audit-sink target/release/clinflow-ingest /out/ \
+ && strip /out/*
 
 # The runtime: glibc of the same Debian release as the builder, CA
 # certificates (for amqps:// and https:// when configured) and curl for the
