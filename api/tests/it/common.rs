@@ -29,8 +29,12 @@ use tokio_util::sync::CancellationToken;
 
 pub const PASSWORD: &str = "a long test password";
 
+/// The stack's `AUDIT_HMAC_KEY` (as a binary such as `clinflow-audit-sink
+/// verify` would be given it).
+pub const AUDIT_KEY: &str = "test audit hmac key, 32+ bytes long!";
+
 pub fn audit_key() -> ChainKey {
-    ChainKey::new(SecretBox::new(Box::new(b"test audit hmac key, 32+ bytes long!".to_vec())))
+    ChainKey::new(SecretBox::new(Box::new(AUDIT_KEY.as_bytes().to_vec())))
 }
 
 /// Login and access settings of a test stack. The default allows many

@@ -6,6 +6,7 @@ mod access;
 mod audit_table;
 mod auditor;
 mod auth;
+mod backup;
 mod batch;
 mod broker;
 mod common;

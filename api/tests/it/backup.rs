@@ -1,0 +1,285 @@
+//! scripts/backup and scripts/restore on what the real pipeline made: notes
+//! uploaded, annotated by MedCAT and read by a clinician, with their audit
+//! events chained by the sink. The backup is restored into a new database,
+//! which must hold the same rows byte for byte, decrypt with the master key,
+//! keep the grants and the append-only trigger, and pass
+//! `clinflow-audit-sink verify` with the sink's checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use clinflow::testing::{self, TestDb};
+use clinflow_api::users::Role;
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
+use uuid::Uuid;
+
+use crate::common::{AUDIT_KEY, Stack, wait_for_all_done};
+
+const NOTES: &[&str] = &[
+    "Known AF, on warfarin. Type 2 diabetes mellitus on metformin.",
+    "Hypertension, well controlled. Started metformin last month.",
+    "Chest pain on exertion; history of MI. AF noted on ECG.",
+];
+
+fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+async fn run(program: impl AsRef<std::ffi::OsStr>, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let program = program.as_ref().to_owned();
+    tokio::process::Command::new(&program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {program:?}: {e} (age comes from Debian's `age`; .ci/run installs it)"))
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The superuser of the test server and a URL for `database` as `role`.
+fn url(role: &str, database: &str) -> String {
+    let admin: PgConnectOptions = testing::admin_url().parse().unwrap();
+    format!("postgres://{role}@{}:{}/{database}", admin.get_host(), admin.get_port())
+}
+
+fn superuser() -> String {
+    let admin: PgConnectOptions = testing::admin_url().parse().unwrap();
+    admin.get_username().to_owned()
+}
+
+async fn new_key(dir: &Path) -> PathBuf {
+    let key = dir.join("backup.key");
+    let out = run("age-keygen", &["-o", key.to_str().unwrap()], &[]).await;
+    assert!(out.status.success(), "age-keygen: {}", text(&out));
+    key
+}
+
+/// The backups in `dir`, oldest first.
+fn backups_in(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".dump.age"))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Row count and a digest of every row as text (bytea as hex), per table.
+async fn fingerprint(db: &PgPool, table: &str) -> (i64, String) {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {table} t"
+    )))
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+async fn drop_database(name: &str) {
+    let admin: PgConnectOptions = testing::admin_url().parse().unwrap();
+    let mut conn = admin.connect().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.ok();
+}
+
+#[tokio::test]
+async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_intact_audit_chain() {
+    // Arrange: real documents, results and audit events.
+    let stack = Stack::start().await;
+    stack.user("loader", Role::Ingest).await;
+    stack.user("doctor", Role::Clinician).await;
+    let loader = stack.login("loader").await;
+    let mut ids = Vec::new();
+    for (i, note) in NOTES.iter().enumerate() {
+        let doc = json!({"patient_ref": format!("PAT-BACKUP-{i}"), "text": note});
+        let (status, body) = stack.post("/v1/documents", Some(&loader), &doc).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    wait_for_all_done(&stack, &ids).await;
+    let doctor = stack.login("doctor").await;
+    for id in &ids {
+        let (status, body) = stack.get(&format!("/v1/documents/{id}"), Some(&doctor)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(!body["annotations"].as_array().unwrap().is_empty(), "MedCAT found concepts: {body}");
+    }
+    // Two logins, and per note an upload, its processing and a read.
+    let events = 2 + 3 * ids.len() as i64;
+    assert_eq!(stack.wait_for_audit_rows(events).await, events);
+    // The services stop, the database stays: nothing changes under the dump.
+    stack.shutdown.cancel();
+    stack.worker.await.unwrap().unwrap();
+    stack.sink.await.unwrap().unwrap();
+    stack.api.await.unwrap().unwrap();
+    if let Some(relay) = stack.relay {
+        relay.await.unwrap();
+    }
+
+    // Act 1: back up.
+    let work = tempfile::tempdir().unwrap();
+    let key = new_key(work.path()).await;
+    let dir = work.path().join("backups");
+    let source_url = url(&superuser(), &stack.db.name);
+    let backup_args =
+        ["--database-url", &source_url, "--out-dir", dir.to_str().unwrap(), "--key", key.to_str().unwrap()];
+    let out = run(repo_path("scripts/backup"), &backup_args, &[]).await;
+    assert!(out.status.success(), "backup: {}", text(&out));
+    assert!(text(&out).contains("verified"), "{}", text(&out));
+    let backups = backups_in(&dir);
+    assert_eq!(backups.len(), 1);
+    let backup = &backups[0];
+    // Encrypted at rest: an age file, no trace of pg_dump's archive in it.
+    let bytes = std::fs::read(backup).unwrap();
+    assert!(bytes.starts_with(b"age-encryption.org/v1"));
+    for plain in [&b"PGDMP"[..], b"audit_events", b"document_results", b"clinflow_api"] {
+        assert!(!bytes.windows(plain.len()).any(|w| w == plain), "{} in the backup", String::from_utf8_lossy(plain));
+    }
+
+    // Act 2: restore into a new database.
+    let restored = format!("{}_restored", stack.db.name);
+    let target_url = url(&superuser(), &restored);
+    let restore_args = ["--key", key.to_str().unwrap(), "--target-url", &target_url, backup.to_str().unwrap()];
+    let out = run(repo_path("scripts/restore"), &restore_args, &[]).await;
+    assert!(out.status.success(), "restore: {}", text(&out));
+    let summary =
+        format!("documents 3, document_results 3, audit_events {events}, users 2; append-only trigger enabled always");
+    assert!(text(&out).contains(&summary), "{}", text(&out));
+
+    // Assert: the same rows, byte for byte.
+    let copy_options: PgConnectOptions = target_url.parse().unwrap();
+    let copy = PgPoolOptions::new().max_connections(2).connect_with(copy_options.clone()).await.unwrap();
+    for table in ["documents", "document_results", "audit_events", "users", "_sqlx_migrations"] {
+        let (source, restored) = (fingerprint(&stack.db.owner, table).await, fingerprint(&copy, table).await);
+        assert_eq!(source, restored, "{table} differs after the restore");
+    }
+    // ... which the master key still opens (the ciphertext is bound to its row id).
+    let keyring = testing::keyring();
+    let rows: Vec<(Uuid, Vec<u8>)> =
+        sqlx::query_as("SELECT id, text_ct FROM documents").fetch_all(&copy).await.unwrap();
+    let mut texts: Vec<String> =
+        rows.iter().map(|(id, ct)| keyring.open_string(clinflow::documents::text_field(*id), ct).unwrap()).collect();
+    texts.sort();
+    let mut expected: Vec<String> = NOTES.iter().map(|n| (*n).to_owned()).collect();
+    expected.sort();
+    assert_eq!(texts, expected);
+
+    // Assert: the grants and the append-only trigger came back.
+    let as_role = |role: &str| copy_options.clone().username(role);
+    let mut api = as_role(testing::API_ROLE).connect().await.unwrap();
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM documents").fetch_one(&mut api).await.unwrap();
+    assert_eq!(visible, 3);
+    let denied = sqlx::query("SELECT count(*) FROM audit_events").fetch_one(&mut api).await.unwrap_err();
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    api.close().await.ok();
+    let tampered = sqlx::query("UPDATE audit_events SET reason = 'x' WHERE seq = 1").execute(&copy).await.unwrap_err();
+    assert!(tampered.to_string().contains("append-only"), "{tampered}");
+
+    // Assert: clinflow-audit-sink verify, as the audit reader, with the
+    // checkpoints the sink wrote while the pipeline ran.
+    let verify = Path::new(env!("CARGO_BIN_EXE_clinflow-api")).with_file_name("clinflow-audit-sink");
+    assert!(verify.exists(), "{} is not built (cargo build --workspace; ./dev/test builds it)", verify.display());
+    let reader_url = url(testing::AUDIT_READER_ROLE, &restored);
+    let checkpoints = stack.checkpoints.to_str().unwrap().to_owned();
+    let verify_env = |key: &'static str| {
+        [
+            ("AUDIT_HMAC_KEY", key),
+            ("AUDIT_READER_DATABASE_URL", reader_url.as_str()),
+            ("AUDIT_CHECKPOINT_FILE", checkpoints.as_str()),
+            ("LOG_FORMAT", "text"),
+        ]
+    };
+    let out = run(&verify, &["verify"], &verify_env(AUDIT_KEY)).await;
+    assert!(out.status.success(), "verify: {}", text(&out));
+    assert!(text(&out).contains(&format!("audit chain intact: {events} events;")), "{}", text(&out));
+    // The check has teeth: another key breaks the chain at its first row.
+    let out = run(&verify, &["verify"], &verify_env("a different audit key, also 32+ bytes")).await;
+    assert!(!out.status.success(), "verify passed with the wrong key: {}", text(&out));
+
+    // Act 3: a second restore into the same, now filled, database is refused.
+    let out = run(repo_path("scripts/restore"), &restore_args, &[]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("not empty"), "{}", text(&out));
+    assert_eq!(fingerprint(&copy, "audit_events").await.0, events);
+
+    copy.close().await;
+    drop_database(&restored).await;
+    testing::delete_queues(&stack.topology, &stack.amqp).await;
+    stack.db.drop_database().await;
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_backups_and_a_damaged_one_is_not_restored() {
+    let db = TestDb::new().await;
+    let work = tempfile::tempdir().unwrap();
+    let key = new_key(work.path()).await;
+    let dir = work.path().join("backups");
+    let source_url = url(&superuser(), &db.name);
+    let backup = |extra: &'static [&'static str]| {
+        let mut args = vec![
+            "--database-url".to_owned(),
+            source_url.clone(),
+            "--out-dir".to_owned(),
+            dir.to_string_lossy().into_owned(),
+            "--key".to_owned(),
+            key.to_string_lossy().into_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = run(repo_path("scripts/backup"), &args, &[]).await;
+            assert!(out.status.success(), "backup: {}", text(&out));
+        }
+    };
+
+    // --keep 2: the third backup removes the first.
+    for _ in 0..3 {
+        backup(&["--keep", "2"]).await;
+    }
+    let kept = backups_in(&dir);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    for b in &kept {
+        assert!(PathBuf::from(format!("{}.sha256", b.display())).exists(), "checksum of {}", b.display());
+    }
+    // --max-age-days: beyond the newest --keep, only old ones go.
+    let old = &kept[0];
+    let out = run("touch", &["-d", "10 days ago", old.to_str().unwrap()], &[]).await;
+    assert!(out.status.success());
+    backup(&["--keep", "1", "--max-age-days", "7"]).await;
+    let now = backups_in(&dir);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(!now.contains(old), "the 10-day-old backup is gone");
+    assert!(!PathBuf::from(format!("{}.sha256", old.display())).exists());
+
+    // A damaged backup (one byte) fails its checksum: no database is made.
+    let newest = now.last().unwrap();
+    let mut bytes = std::fs::read(newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(newest, bytes).unwrap();
+    let restored = format!("{}_damaged", db.name);
+    let target_url = url(&superuser(), &restored);
+    let out = run(
+        repo_path("scripts/restore"),
+        &["--key", key.to_str().unwrap(), "--target-url", &target_url, newest.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("checksum mismatch"), "{}", text(&out));
+    let made: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&restored)
+        .fetch_one(&db.owner)
+        .await
+        .unwrap();
+    assert_eq!(made, 0);
+
+    db.drop_database().await;
+}
