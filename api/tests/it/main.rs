@@ -12,6 +12,7 @@ mod common;
 mod database;
 mod ingest;
 mod jobs;
+mod keys;
 mod ops;
 mod outbox;
 mod pipeline;
