@@ -37,9 +37,12 @@ GRANT SELECT, INSERT ON document_concepts TO clinflow_worker;
 GRANT SELECT ON concept_names, document_concepts TO clinflow_api;
 -- Erasure of a patient (GDPR, admin, audited): the api role may not delete
 -- documents or results at all; it may call this, which deletes every row of
--- one patient (by blind index) and returns how many of each went.
+-- one patient (by blind index), then destroys their data key
+-- (crypto-shredding: copies in backups can no longer be decrypted), and
+-- returns how many of each went.
 CREATE FUNCTION erase_patient(p_index bytea)
-RETURNS TABLE (documents bigint, results bigint, concepts bigint, team_entries bigint, grants bigint)
+RETURNS TABLE (documents bigint, results bigint, concepts bigint, team_entries bigint, grants bigint,
+               data_keys bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
 DECLARE
     ids uuid[];
@@ -56,6 +59,8 @@ BEGIN
     GET DIAGNOSTICS team_entries = ROW_COUNT;
     DELETE FROM break_glass_grants WHERE patient_index = p_index;
     GET DIAGNOSTICS grants = ROW_COUNT;
+    DELETE FROM data_keys WHERE patient_index = p_index;
+    GET DIAGNOSTICS data_keys = ROW_COUNT;
     RETURN NEXT;
 END
 $$;

@@ -599,8 +599,9 @@ struct GrantView {
     id: Uuid,
     user_id: Uuid,
     username: String,
-    /// The clinician's justification (decrypted for the review).
-    reason: String,
+    /// The clinician's justification (decrypted for the review); null once
+    /// the patient is erased (their data key, which sealed it, destroyed).
+    reason: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     granted_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -619,9 +620,14 @@ async fn break_glass_grants(State(state): State<AppState>, admin: AuthUser) -> R
     )
     .fetch_all(&state.db)
     .await?;
+    let opener = state.keys.opener(&state.db, rows.iter().map(|r| r.reason_ct.as_slice())).await?;
     let mut grants = Vec::with_capacity(rows.len());
     for r in rows {
-        let reason = state.keyring.open_string(care::reason_field(r.id), &r.reason_ct).map_err(anyhow::Error::new)?;
+        let reason = match opener.open_string(care::reason_field(r.id), &r.reason_ct) {
+            Ok(reason) => Some(reason),
+            Err(clinflow::crypto::CryptoError::UnknownDataKey(_)) => None,
+            Err(e) => return Err(anyhow::Error::new(e).into()),
+        };
         grants.push(GrantView {
             id: r.id,
             user_id: r.user_id,

@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use clinflow::amqp::Lane;
 use clinflow::audit::{Action, Outcome};
-use clinflow::documents::{self, Inserted, NewDocument};
+use clinflow::documents::{self, Inserted};
 use clinflow::outbox;
 use clinflow::wire::{BATCH_PATH, BatchResponse, LineOutcome, UploadRequest};
 use futures_util::StreamExt;
@@ -22,7 +22,7 @@ use crate::AppState;
 use crate::access::{Access, Endpoint};
 use crate::auth::AuthUser;
 use crate::care;
-use crate::documents::{check_care_team, seal, validate};
+use crate::documents::{ValidUpload, check_care_team, seal, validate};
 use crate::error::{ApiError, describe_json_error};
 use crate::users::Role;
 
@@ -34,11 +34,13 @@ pub fn endpoints() -> Vec<Endpoint> {
     vec![Endpoint::new(Method::POST, BATCH_PATH, Access::roles(BATCH_UPLOADERS, Action::DocumentUpload), upload_batch)]
 }
 
-/// A valid line, sealed, with the care team it names.
+/// A valid line, not yet sealed (its patient's data key is fetched or
+/// created with the chunk's transaction).
 struct Pending {
     line: usize,
-    doc: NewDocument,
-    care_team: Option<String>,
+    id: Uuid,
+    patient_index: Vec<u8>,
+    upload: ValidUpload,
 }
 
 /// Limits of one batch request (`BATCH_MAX_LINES`, `BATCH_MAX_BYTES`).
@@ -107,13 +109,13 @@ fn parse_line(state: &AppState, user: &AuthUser, number: usize, bytes: &[u8]) ->
     })?;
     let upload = validate(request).map_err(rejected)?;
     check_care_team(user, &upload).map_err(rejected)?;
-    let care_team = upload.care_team.clone();
-    let doc = seal(state, user.id, Uuid::now_v7(), upload).map_err(rejected)?;
-    Ok(Pending { line: number, doc, care_team })
+    let patient_index = documents::patient_index(&state.index_key, &upload.patient_ref);
+    Ok(Pending { line: number, id: Uuid::now_v7(), patient_index, upload })
 }
 
-/// One transaction: the documents, then for each new one its job and its
-/// audit event in the outbox.
+/// One transaction: the patients' data keys (created where missing, in one
+/// statement), the documents sealed under them, then for each new one its
+/// job and its audit event in the outbox.
 async fn store(
     state: &AppState,
     user: &AuthUser,
@@ -125,15 +127,17 @@ async fn store(
     }
     let mut tx = state.db.begin().await?;
     // Lines naming a care team that does not exist are rejected.
-    let mut names: Vec<String> = pending.iter().filter_map(|p| p.care_team.clone()).collect();
+    let mut names: Vec<String> = pending.iter().filter_map(|p| p.upload.care_team.clone()).collect();
     names.sort_unstable();
     names.dedup();
     let teams = care::team_ids(&mut *tx, &names).await?;
+    let patients: Vec<&[u8]> = pending.iter().map(|p| p.patient_index.as_slice()).collect();
+    let keys = state.keys.for_patients(&mut tx, &patients).await?;
     let mut numbers = Vec::with_capacity(pending.len());
     let mut docs = Vec::with_capacity(pending.len());
     let mut memberships = Vec::new();
     for p in pending {
-        match p.care_team.as_ref().map(|name| teams.get(name)) {
+        match p.upload.care_team.as_ref().map(|name| teams.get(name)) {
             Some(None) => response.push(LineOutcome::Rejected {
                 line: p.line,
                 code: "unknown_care_team".into(),
@@ -141,10 +145,11 @@ async fn store(
             }),
             team => {
                 if let Some(Some(team)) = team {
-                    memberships.push((*team, p.doc.patient_index.clone()));
+                    memberships.push((*team, p.patient_index.clone()));
                 }
+                let key = keys.get(&p.patient_index).ok_or_else(|| anyhow::anyhow!("no data key for a patient"))?;
                 numbers.push(p.line);
-                docs.push(p.doc);
+                docs.push(seal(state, key, p.patient_index, user.id, p.id, p.upload)?);
             }
         }
     }

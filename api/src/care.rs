@@ -120,7 +120,7 @@ pub struct BreakGlassResponse {
 }
 
 pub fn reason_field(id: Uuid) -> Field {
-    Field { table: "break_glass_grants", column: "reason", row: id }
+    clinflow::keys::break_glass_reason_field(id)
 }
 
 async fn break_glass(
@@ -146,11 +146,14 @@ async fn break_glass(
     }
     let id = Uuid::now_v7();
     let patient_index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
-    let reason_ct = state.keyring.seal_str(reason_field(id), reason).map_err(anyhow::Error::new)?;
     let minutes = state.break_glass_for.as_secs_f64();
     let event = user.event(Action::BreakGlass, Outcome::Success).resource("break_glass", &id.to_string());
     let message = clinflow::outbox::Message::audit(&event).map_err(anyhow::Error::new)?;
     let mut tx = state.db.begin().await?;
+    // The reason is free text about the patient: sealed under their data
+    // key (created here if they have none yet), shredded with it.
+    let key = state.keys.for_patient(&mut tx, &patient_index).await?;
+    let reason_ct = key.seal_str(reason_field(id), reason).map_err(anyhow::Error::new)?;
     let expires_at = sqlx::query_scalar!(
         "INSERT INTO break_glass_grants (id, user_id, patient_index, reason_ct, expires_at)
          VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) RETURNING expires_at",

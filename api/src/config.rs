@@ -9,7 +9,7 @@ pub struct ApiConfig {
     pub database_url: SecretString,
     pub amqp_url: SecretString,
     pub queue_prefix: String,
-    pub master_key: SecretBox<[u8; 32]>,
+    pub keyring: clinflow::crypto::Keyring,
     pub jwt_secret: SecretBox<Vec<u8>>,
     pub index_key: SecretBox<Vec<u8>>,
     pub limits: crate::UploadLimits,
@@ -37,7 +37,7 @@ impl ApiConfig {
             database_url: database_url()?,
             amqp_url: config::url("AMQP_URL", &["amqp", "amqps"])?,
             queue_prefix: config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into()),
-            master_key: config::master_key()?,
+            keyring: config::master_keys()?,
             jwt_secret: config::secret_bytes("JWT_SECRET")?,
             index_key: config::secret_bytes("CLINFLOW_INDEX_KEY")?,
             limits: crate::UploadLimits {

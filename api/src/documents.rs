@@ -6,6 +6,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use clinflow::amqp::Lane;
 use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
+use clinflow::crypto::DataKey;
 use clinflow::documents::{self, Inserted, NewDocument, StatusRow};
 use clinflow::outbox;
 use clinflow::telemetry::{timed, timed_sync};
@@ -197,14 +198,17 @@ async fn upload_one(
                 .ok_or_else(|| ApiError::invalid("unknown_care_team", "no care team has this name"))?,
         ),
     };
-    let doc = timed_sync(STAGE, "seal", || seal(&state, user.id, id, upload))?;
     let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
     let messages = [outbox::Message::job(id, Lane::Live), outbox::Message::audit(&event).map_err(anyhow::Error::new)?];
 
     // The document, its job and its audit event commit together: a 2xx
     // document always has a job (the relay publishes it, now or after an
-    // outage), and a failed request leaves nothing behind.
+    // outage), and a failed request leaves nothing behind. The patient's
+    // data key is created in it too, with their first document.
     let mut tx = state.db.begin().await?;
+    let patient_index = documents::patient_index(&state.index_key, &upload.patient_ref);
+    let key = timed(STAGE, "data_key", state.keys.for_patient(&mut tx, &patient_index)).await?;
+    let doc = timed_sync(STAGE, "seal", || seal(&state, &key, patient_index, user.id, id, upload))?;
     if let Inserted::DuplicateSourceRef(existing) = timed(STAGE, "insert", documents::insert(&mut tx, &doc)).await? {
         return Err(ApiError::DuplicateSourceRef(existing));
     }
@@ -226,17 +230,25 @@ async fn upload_one(
     Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })))
 }
 
-/// The row for an upload: note and patient reference encrypted, source ref
-/// as its keyed hash.
-pub(crate) fn seal(state: &AppState, uploader: Uuid, id: Uuid, upload: ValidUpload) -> Result<NewDocument, ApiError> {
-    let keyring = &state.keyring;
+/// The row for an upload: note and patient reference sealed under the
+/// patient's data key `key` (whose blind index is `patient_index`), source
+/// ref as its keyed hash.
+pub(crate) fn seal(
+    state: &AppState,
+    key: &DataKey,
+    patient_index: Vec<u8>,
+    uploader: Uuid,
+    id: Uuid,
+    upload: ValidUpload,
+) -> Result<NewDocument, ApiError> {
     Ok(NewDocument {
         id,
-        patient_ref_ct: keyring
+        data_key_id: key.id(),
+        patient_ref_ct: key
             .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
             .map_err(anyhow::Error::new)?,
-        patient_index: documents::patient_index(&state.index_key, &upload.patient_ref),
-        text_ct: keyring.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
+        patient_index,
+        text_ct: key.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
         source_ref_hmac: upload.source_ref.map(|s| state.index_key.hash(documents::SOURCE_REF_DOMAIN, s.as_bytes())),
         document_date: upload.document_date,
         uploaded_by: uploader,
@@ -297,27 +309,33 @@ async fn read(
         return Err(ApiError::OutOfScope);
     };
     let status = Status::parse(&row.status).ok_or_else(|| anyhow::anyhow!("unknown document status"))?;
-    let patient_ref =
-        state.keyring.open_string(documents::patient_ref_field(id), &row.patient_ref_ct).map_err(anyhow::Error::new)?;
-    let (model_version, annotations) = match status {
-        Status::Done => {
-            let result = documents::latest_result(&state.db, id)
+    let result = match status {
+        Status::Done => Some(
+            documents::latest_result(&state.db, id)
                 .await?
-                .ok_or_else(|| anyhow::anyhow!("done document has no result"))?;
-            let plain = state
-                .keyring
-                .open(documents::annotations_field(id), &result.annotations_ct)
-                .map_err(anyhow::Error::new)?;
+                .ok_or_else(|| anyhow::anyhow!("done document has no result"))?,
+        ),
+        _ => None,
+    };
+    let sealed =
+        std::iter::once(row.patient_ref_ct.as_slice()).chain(result.iter().map(|r| r.annotations_ct.as_slice()));
+    let opener = state.keys.opener(&state.db, sealed).await?;
+    let patient_ref =
+        opener.open_string(documents::patient_ref_field(id), &row.patient_ref_ct).map_err(anyhow::Error::new)?;
+    let (model_version, annotations) = match result {
+        Some(result) => {
+            let plain =
+                opener.open(documents::annotations_field(id), &result.annotations_ct).map_err(anyhow::Error::new)?;
             let annotations: Vec<Annotation> = serde_json::from_slice(&plain).map_err(anyhow::Error::new)?;
             (Some(result.model_version), Some(annotations))
         }
-        _ => (None, None),
+        None => (None, None),
     };
     let text = match with_text {
         false => None,
         true => {
             let sealed = documents::text(&state.db, id).await?.ok_or(ApiError::NotFound)?;
-            Some(state.keyring.open_string(documents::text_field(id), &sealed).map_err(anyhow::Error::new)?)
+            Some(state.keys.open_string(&state.db, documents::text_field(id), &sealed).await?)
         }
     };
     // No PHI leaves unless its read is on the audit trail.

@@ -104,6 +104,18 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// A database failure while fetching or creating a data key is a database
+/// failure (503 while it is away); a key that cannot be had is a 500 whose
+/// cause (ids only) is logged.
+impl From<clinflow::keys::KeyError> for ApiError {
+    fn from(e: clinflow::keys::KeyError) -> Self {
+        match e {
+            clinflow::keys::KeyError::Database(e) => e.into(),
+            clinflow::keys::KeyError::Crypto(e) => anyhow::Error::new(e).into(),
+        }
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let status = rejection.status();

@@ -26,7 +26,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use clinflow::audit::AuditEvent;
-use clinflow::crypto::{IndexKey, Keyring};
+use clinflow::crypto::IndexKey;
+use clinflow::keys::Keys;
 use clinflow::outbox;
 use clinflow::relay::RelayHandle;
 use serde_json::json;
@@ -49,7 +50,8 @@ const MAX_BODY_BYTES: usize = 2 * documents::MAX_TEXT_BYTES;
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
-    pub keyring: Arc<Keyring>,
+    /// The key-encryption keys and the cache of patients' data keys.
+    pub keys: Arc<Keys>,
     /// Keyed hashes of source refs and idempotency keys.
     pub index_key: Arc<IndexKey>,
     /// The outbox relay of this process: woken after each commit, and the

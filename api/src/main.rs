@@ -5,13 +5,16 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clinflow::amqp::Topology;
-use clinflow::crypto::{IndexKey, Keyring};
+use clinflow::crypto::IndexKey;
+use clinflow::keys::Keys;
 use clinflow::relay::{Relay, RelayHandle};
 use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys};
 use clinflow_api::config::{self, ApiConfig};
 use clinflow_api::users::{self, Passwords, Role, UserError};
 use clinflow_api::{AppState, serve};
 use secrecy::ExposeSecret;
+
+mod keys_command;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +46,10 @@ enum Command {
     /// Fill the patient blind index of documents stored before it existed
     /// (decrypts each patient reference once; resumable, idempotent).
     ReindexPatients,
+    /// Key management, as the schema owner (MIGRATION_DATABASE_URL, or
+    /// DATABASE_URL if unset); each step audited.
+    #[command(subcommand)]
+    Keys(keys_command::KeysCommand),
 }
 
 #[tokio::main]
@@ -54,6 +61,7 @@ async fn main() -> ExitCode {
         Command::Migrate => migrate().await,
         Command::CreateUser { username, role, if_not_exists } => create_user(&username, role, if_not_exists).await,
         Command::ReindexPatients => reindex_patients().await,
+        Command::Keys(command) => keys_command::run(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,7 +94,7 @@ async fn run_server() -> anyhow::Result<()> {
     let db_for_purge = db.clone();
     let state = AppState {
         db,
-        keyring: Arc::new(Keyring::from_master_key(&config.master_key)),
+        keys: Arc::new(Keys::new(config.keyring)),
         index_key: Arc::new(IndexKey::new(config.index_key)),
         relay: relay.handle.clone(),
         jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
@@ -190,7 +198,7 @@ async fn reindex_patients() -> anyhow::Result<()> {
         .connect(config.database_url.expose_secret())
         .await
         .context("connecting to PostgreSQL")?;
-    let keyring = Keyring::from_master_key(&config.master_key);
+    let keys = Keys::new(config.keyring);
     let index_key = IndexKey::new(config.index_key);
     let (mut done, mut unreadable, mut after) = (0_u64, Vec::new(), uuid::Uuid::nil());
     loop {
@@ -204,8 +212,9 @@ async fn reindex_patients() -> anyhow::Result<()> {
         after = last.id;
         let mut ids = Vec::with_capacity(rows.len());
         let mut indexes = Vec::with_capacity(rows.len());
+        let opener = keys.opener(&db, rows.iter().map(|r| r.patient_ref_ct.as_slice())).await?;
         for row in rows {
-            match keyring.open_string(clinflow::documents::patient_ref_field(row.id), &row.patient_ref_ct) {
+            match opener.open_string(clinflow::documents::patient_ref_field(row.id), &row.patient_ref_ct) {
                 Ok(patient_ref) => {
                     ids.push(row.id);
                     indexes.push(clinflow::documents::patient_index(&index_key, &patient_ref));

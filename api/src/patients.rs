@@ -349,11 +349,12 @@ async fn concept_patients(
     .fetch_all(&state.db)
     .await?;
     let more = rows.len() as i64 > limit;
+    let sealed: Vec<&[u8]> = rows.iter().map(|r| r.patient_ref_ct.as_slice()).collect();
+    let opener = state.keys.opener(&state.db, sealed).await?;
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
     for r in rows.into_iter().take(limit as usize) {
-        let patient_ref = state
-            .keyring
+        let patient_ref = opener
             .open_string(documents::patient_ref_field(r.sample), &r.patient_ref_ct)
             .map_err(anyhow::Error::new)?;
         items.push(ConceptPatient {
@@ -415,12 +416,12 @@ async fn concept_documents(
     .fetch_all(&state.db)
     .await?;
     let more = rows.len() as i64 > limit;
+    let sealed: Vec<&[u8]> = rows.iter().map(|r| r.patient_ref_ct.as_slice()).collect();
+    let opener = state.keys.opener(&state.db, sealed).await?;
     let mut items = Vec::with_capacity(rows.len());
     for r in rows.into_iter().take(limit as usize) {
-        let patient_ref = state
-            .keyring
-            .open_string(documents::patient_ref_field(r.id), &r.patient_ref_ct)
-            .map_err(anyhow::Error::new)?;
+        let patient_ref =
+            opener.open_string(documents::patient_ref_field(r.id), &r.patient_ref_ct).map_err(anyhow::Error::new)?;
         items.push(ConceptDocument {
             id: r.id,
             patient_ref,
@@ -549,9 +550,12 @@ async fn export(
         },
     })];
     let rfc3339 = |t: OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    let mut sealed: Vec<&[u8]> = docs.iter().map(|d| d.text_ct.as_slice()).collect();
+    sealed.extend(docs.iter().filter_map(|d| d.annotations_ct.as_deref()));
+    let opener = state.keys.opener(&state.db, sealed).await?;
     let mut concepts = 0;
     for d in &docs {
-        let text = state.keyring.open(documents::text_field(d.id), &d.text_ct).map_err(anyhow::Error::new)?;
+        let text = opener.open(documents::text_field(d.id), &d.text_ct).map_err(anyhow::Error::new)?;
         let created = rfc3339(d.created_at);
         let mut attachment = json!({"contentType": "text/plain; charset=utf-8", "data": base64_encode(&text)});
         if let Some(date) = d.document_date {
@@ -570,7 +574,7 @@ async fn export(
             },
         }));
         let Some(sealed) = &d.annotations_ct else { continue };
-        let plain = state.keyring.open(documents::annotations_field(d.id), sealed).map_err(anyhow::Error::new)?;
+        let plain = opener.open(documents::annotations_field(d.id), sealed).map_err(anyhow::Error::new)?;
         let annotations: Vec<Annotation> = serde_json::from_slice(&plain).map_err(anyhow::Error::new)?;
         let mut by_cui: std::collections::BTreeMap<&str, Vec<&Annotation>> = Default::default();
         for a in &annotations {
@@ -616,6 +620,9 @@ pub struct Erased {
     concepts: i64,
     team_entries: i64,
     break_glass_grants: i64,
+    /// Destroyed: every copy of the patient's data, backups included, is
+    /// unreadable without it.
+    data_keys: i64,
 }
 
 /// `DELETE /v1/patients/{patient_ref}`: every row of the patient goes, in one
@@ -635,9 +642,12 @@ async fn erase(
         ));
     }
     let mut tx = state.db.begin().await?;
+    let destroyed: Vec<Uuid> = sqlx::query_scalar!("SELECT id FROM data_keys WHERE patient_index = $1", patient.index)
+        .fetch_all(&mut *tx)
+        .await?;
     let counts = sqlx::query!(
         r#"SELECT documents AS "documents!", results AS "results!", concepts AS "concepts!",
-                  team_entries AS "team_entries!", grants AS "grants!"
+                  team_entries AS "team_entries!", grants AS "grants!", data_keys AS "data_keys!"
            FROM erase_patient($1)"#,
         patient.index
     )
@@ -650,10 +660,15 @@ async fn erase(
     let event = user
         .event(Action::PatientErase, Outcome::Success)
         .resource("patient", &patient.audit_id())
-        .reason(&format!("{reason} documents:{}", counts.documents));
+        .reason(&format!("{reason} documents:{} data_keys:{}", counts.documents, counts.data_keys));
     clinflow::outbox::enqueue(&mut tx, &[clinflow::outbox::Message::audit(&event).map_err(anyhow::Error::new)?])
         .await?;
     tx.commit().await?;
+    // This process forgets the key at once; others' caches drop it within
+    // their time limit (5 minutes), and no row names it any more.
+    for id in destroyed {
+        state.keys.forget(id);
+    }
     state.relay.wake();
     Ok(Json(Erased {
         documents: counts.documents,
@@ -661,6 +676,7 @@ async fn erase(
         concepts: counts.concepts,
         team_entries: counts.team_entries,
         break_glass_grants: counts.grants,
+        data_keys: counts.data_keys,
     }))
 }
 

@@ -11,6 +11,7 @@ use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
 use clinflow::documents;
 use clinflow::jobs::DocumentJob;
+use clinflow::keys::Keys;
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use sqlx::PgPool;
@@ -415,7 +416,10 @@ async fn prefill(
     n: usize,
 ) -> anyhow::Result<()> {
     const CHUNK: usize = 5_000;
-    let keyring = Keyring::from_master_key(&secrecy::SecretBox::new(Box::new(*master_key)));
+    let keys = Keys::new(Keyring::from_master_key(&secrecy::SecretBox::new(Box::new(*master_key))));
+    // Its own blind-index key: these documents are never looked up by
+    // patient, but each patient gets a data key as through the api.
+    let index_key = clinflow::crypto::IndexKey::new(secrecy::SecretBox::new(Box::new(master_key.to_vec())));
     let uploader: Uuid =
         sqlx::query_scalar("SELECT id FROM users WHERE username = 'bench-ingest'").fetch_one(ctx.db).await?;
     let queue = topology.lane(lane);
@@ -423,23 +427,34 @@ async fn prefill(
     for first in (0..n).step_by(CHUNK) {
         let notes = ctx.notes(seed + first as u64, CHUNK.min(n - first));
         let ids: Vec<Uuid> = notes.iter().map(|_| Uuid::now_v7()).collect();
+        let indexes: Vec<Vec<u8>> =
+            notes.iter().map(|n| documents::patient_index(&index_key, &n.patient_ref)).collect();
+        let mut tx = ctx.db.begin().await?;
+        let data_keys = keys.for_patients(&mut tx, &indexes.iter().map(Vec::as_slice).collect::<Vec<_>>()).await?;
         let mut texts = Vec::with_capacity(notes.len());
         let mut patients = Vec::with_capacity(notes.len());
-        for (id, note) in ids.iter().zip(&notes) {
-            texts.push(keyring.seal_str(documents::text_field(*id), &note.text)?);
-            patients.push(keyring.seal_str(documents::patient_ref_field(*id), &note.patient_ref)?);
+        let mut key_ids = Vec::with_capacity(notes.len());
+        for ((id, note), index) in ids.iter().zip(&notes).zip(&indexes) {
+            let key = data_keys.get(index).context("a data key per patient")?;
+            texts.push(key.seal_str(documents::text_field(*id), &note.text)?);
+            patients.push(key.seal_str(documents::patient_ref_field(*id), &note.patient_ref)?);
+            key_ids.push(key.id());
         }
         sqlx::query(
-            "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, lane)
-             SELECT id, p, t, $4, $5 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[]) AS u(id, p, t)",
+            "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, lane, data_key_id, patient_index)
+             SELECT id, p, t, $4, $5, k, i
+             FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $6::uuid[], $7::bytea[]) AS u(id, p, t, k, i)",
         )
         .bind(&ids)
         .bind(&patients)
         .bind(&texts)
         .bind(uploader)
         .bind(lane.as_str())
-        .execute(ctx.db)
+        .bind(&key_ids)
+        .bind(&indexes)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         let jobs = ids.iter().map(|id| serde_json::to_vec(&DocumentJob { document_id: *id }));
         publish_all(amqp, &queue.exchange, queue.key, jobs).await?;
         if (first + CHUNK).is_multiple_of(100_000) {

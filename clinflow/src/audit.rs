@@ -133,6 +133,19 @@ pub enum Action {
     /// A patient's data was erased; resource: blind index.
     #[serde(rename = "patient.erase")]
     PatientErase,
+    /// An operator re-wrapped data keys under the primary key-encryption
+    /// key (one event per batch: resource `data_keys`/count, reason
+    /// `kek:<id>`); no document was decrypted.
+    #[serde(rename = "keys.rotate")]
+    KeysRotate,
+    /// An operator replaced a patient's data key and re-sealed everything
+    /// under it (resource: the old key; reason `replaced_by:<new key id>`).
+    #[serde(rename = "keys.reencrypt")]
+    KeysReencrypt,
+    /// An operator moved format-1 ciphertexts (under the master key) to the
+    /// patients' data keys (one event per batch: resource `documents`/count).
+    #[serde(rename = "keys.migrate_v1")]
+    KeysMigrateV1,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -170,6 +183,9 @@ impl Action {
             Action::ConceptRead => "concept.read",
             Action::PatientExport => "patient.export",
             Action::PatientErase => "patient.erase",
+            Action::KeysRotate => "keys.rotate",
+            Action::KeysReencrypt => "keys.reencrypt",
+            Action::KeysMigrateV1 => "keys.migrate_v1",
         }
     }
 }
@@ -305,6 +321,9 @@ mod tests {
             Action::DenialsSuppressed,
             Action::AuditRead,
             Action::AuditVerify,
+            Action::KeysRotate,
+            Action::KeysReencrypt,
+            Action::KeysMigrateV1,
         ] {
             assert_eq!(serde_json::to_value(a).unwrap(), serde_json::Value::from(a.as_str()));
         }

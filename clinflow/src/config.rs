@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use base64::Engine as _;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
+use crate::crypto::Keyring;
+
 /// A configuration problem found at start-up: the variable and what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("{name}: {problem}")]
@@ -73,22 +75,61 @@ pub fn socket_addr(name: &'static str, default: &str) -> Result<SocketAddr, Conf
     value.parse().map_err(|_| ConfigError::new(name, format!("must be host:port such as {default}, got {value:?}")))
 }
 
-/// `CLINFLOW_MASTER_KEY`: base64 of exactly 32 random bytes (AES-256).
-pub fn master_key() -> Result<SecretBox<[u8; 32]>, ConfigError> {
-    parse_master_key(SecretString::from(required("CLINFLOW_MASTER_KEY")?))
+/// `CLINFLOW_MASTER_KEY`: the key-encryption keys. Either one key, base64 of
+/// exactly 32 random bytes (its KEK id is "1"), or a comma-separated list of
+/// `ID:BASE64` entries, the first being primary (it wraps new data keys), e.g.
+/// `k2:BASE64,k1:BASE64`. Ids are 1-32 of `A-Z a-z 0-9 . _ -`, unique; every
+/// key is checked like a single one; no key is ever echoed in an error.
+pub fn master_keys() -> Result<Keyring, ConfigError> {
+    parse_master_keys(SecretString::from(required("CLINFLOW_MASTER_KEY")?))
 }
 
-fn parse_master_key(value: SecretString) -> Result<SecretBox<[u8; 32]>, ConfigError> {
-    const NAME: &str = "CLINFLOW_MASTER_KEY";
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(value.expose_secret().trim())
-        .map_err(|_| ConfigError::new(NAME, "is not valid base64 (generate one with: openssl rand -base64 32)"))?;
-    let key: [u8; 32] = decoded
-        .as_slice()
-        .try_into()
-        .map_err(|_| ConfigError::new(NAME, format!("must decode to exactly 32 bytes, got {} bytes", decoded.len())))?;
+const MASTER_KEY: &str = "CLINFLOW_MASTER_KEY";
+
+fn parse_master_keys(value: SecretString) -> Result<Keyring, ConfigError> {
+    let value = value.expose_secret().trim();
+    if !value.contains(':') {
+        let key = parse_master_key(value, "")?;
+        return Ok(Keyring::from_master_key(&key));
+    }
+    let mut keys: Vec<(String, SecretBox<[u8; 32]>)> = Vec::new();
+    for (n, entry) in value.split(',').enumerate() {
+        let what = format!("entry {}", n + 1);
+        let (id, key) = entry.trim().split_once(':').ok_or_else(|| {
+            ConfigError::new(MASTER_KEY, format!("{what} is not ID:BASE64 (a list needs an id on every key)"))
+        })?;
+        let id = id.trim();
+        let id_ok =
+            (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return Err(ConfigError::new(MASTER_KEY, format!("{what}: a key id is 1-32 of A-Z a-z 0-9 . _ -")));
+        }
+        if keys.iter().any(|(seen, _)| seen == id) {
+            return Err(ConfigError::new(MASTER_KEY, format!("key id {id:?} is listed twice")));
+        }
+        let key = parse_master_key(key, &format!("key {id:?} "))?;
+        if keys.iter().any(|(_, k)| k.expose_secret() == key.expose_secret()) {
+            return Err(ConfigError::new(MASTER_KEY, format!("key {id:?} is the same key as an earlier id")));
+        }
+        keys.push((id.to_owned(), key));
+    }
+    let primary = keys[0].0.clone();
+    Ok(Keyring::new(&primary, keys.iter().map(|(id, k)| (id.clone(), k))))
+}
+
+/// One key; `what` prefixes the problem ("" for a lone key, `key "k1" `).
+fn parse_master_key(value: &str, what: &str) -> Result<SecretBox<[u8; 32]>, ConfigError> {
+    let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).map_err(|_| {
+        ConfigError::new(MASTER_KEY, format!("{what}is not valid base64 (generate one with: openssl rand -base64 32)"))
+    })?;
+    let key: [u8; 32] = decoded.as_slice().try_into().map_err(|_| {
+        ConfigError::new(MASTER_KEY, format!("{what}must decode to exactly 32 bytes, got {} bytes", decoded.len()))
+    })?;
     if is_weak(&key) {
-        return Err(ConfigError::new(NAME, "is not random (too few distinct bytes); use: openssl rand -base64 32"));
+        return Err(ConfigError::new(
+            MASTER_KEY,
+            format!("{what}is not random (too few distinct bytes); use: openssl rand -base64 32"),
+        ));
     }
     Ok(SecretBox::new(Box::new(key)))
 }
@@ -134,16 +175,51 @@ mod tests {
         assert!(!is_weak(b"Zx9!kq2#Lm4$Pw7&Rt1*Vb8(Yn3)Hd6_"));
     }
 
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    fn good_key(seed: u8) -> String {
+        b64(&(0u8..32).map(|i| i.wrapping_mul(37).wrapping_add(seed)).collect::<Vec<_>>())
+    }
+
+    fn problem(value: String) -> Option<String> {
+        parse_master_keys(value.into()).err().map(|e| e.to_string())
+    }
+
     #[test]
     fn master_key_must_be_32_random_bytes_in_base64() {
-        let short = parse_master_key("AAEC".into()).err().map(|e| e.to_string());
-        assert_eq!(short.as_deref(), Some("CLINFLOW_MASTER_KEY: must decode to exactly 32 bytes, got 3 bytes"));
-        assert!(parse_master_key("not base64!".into()).is_err());
-        let zeros = base64::engine::general_purpose::STANDARD.encode([0u8; 32]);
-        assert!(parse_master_key(zeros.into()).is_err());
-        let good: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37)).collect();
-        let good = base64::engine::general_purpose::STANDARD.encode(good);
-        assert!(parse_master_key(good.into()).is_ok());
+        assert_eq!(
+            problem("AAEC".into()).as_deref(),
+            Some("CLINFLOW_MASTER_KEY: must decode to exactly 32 bytes, got 3 bytes")
+        );
+        assert!(problem("not base64!".into()).is_some());
+        assert!(problem(b64(&[0u8; 32])).is_some());
+        let single = parse_master_keys(good_key(0).into()).unwrap();
+        assert_eq!(single.primary(), "1");
+    }
+
+    #[test]
+    fn master_key_lists_have_ids_and_a_primary() {
+        let keyring = parse_master_keys(format!("k2:{}, k1:{}", good_key(1), good_key(2)).into()).unwrap();
+        assert_eq!(keyring.primary(), "k2");
+        assert!(keyring.holds("k1") && keyring.holds("k2") && !keyring.holds("1"));
+        let refused = [
+            (format!("k2:{},{}", good_key(1), good_key(2)), "entry 2 is not ID:BASE64"),
+            (format!("k2:{},k2:{}", good_key(1), good_key(2)), "key id \"k2\" is listed twice"),
+            (format!("k2:{},k1:{}", good_key(1), good_key(1)), "key \"k1\" is the same key"),
+            (format!("k 2:{}", good_key(1)), "a key id is 1-32 of"),
+            (format!(":{}", good_key(1)), "a key id is 1-32 of"),
+            (format!("k2:{},k1:AAEC", good_key(1)), "key \"k1\" must decode to exactly 32 bytes"),
+            (format!("k2:{},", good_key(1)), "entry 2 is not ID:BASE64"),
+        ];
+        for (value, expected) in refused {
+            let got = problem(value.clone()).unwrap_or_default();
+            assert!(got.contains(expected), "{got}");
+            for part in value.split([',', ':']).filter(|p| p.len() > 8) {
+                assert!(!got.contains(part.trim()), "a key is echoed: {got}");
+            }
+        }
     }
 
     #[test]

@@ -1,39 +1,75 @@
-//! Encryption of PHI at rest: AES-256-GCM in a versioned envelope.
+//! Encryption of PHI at rest: envelope encryption with AES-256-GCM.
 //!
-//! Every ciphertext is self-describing so keys can rotate and the format can
-//! evolve without a flag day:
+//! Each patient has a data key (DEK: 32 random bytes, table `data_keys`),
+//! stored only wrapped under a key-encryption key (KEK) of
+//! `CLINFLOW_MASTER_KEY`, which may hold several, each with an id; the first
+//! is primary (new wraps). Erasing a patient destroys their data key, so every
+//! copy of their ciphertexts, backups included, becomes unreadable; rotating
+//! a KEK re-wraps data keys without touching a document (`keys` in
+//! clinflow-api, [`crate::keys`]).
+//!
+//! Ciphertext, format 2 (everything written now):
 //!
 //! ```text
-//! byte 0      format version (1)
-//! bytes 1..5  key id, big-endian u32
-//! bytes 5..17 96-bit random nonce
-//! bytes 17..  AES-256-GCM ciphertext followed by its 16-byte tag
+//! byte 0       format version (2)
+//! bytes 1..17  data key id (UUID, 16 bytes)
+//! bytes 17..29 96-bit random nonce
+//! bytes 29..   AES-256-GCM ciphertext followed by its 16-byte tag
+//! AAD          "clinflow/v2/{table}/{column}/{row uuid}/{data key uuid}"
 //! ```
 //!
-//! The associated data binds a ciphertext to its table, column and row, so a
-//! value copied into another row or column fails to decrypt instead of
-//! silently showing one patient's data under another's record.
+//! Format 1 (before envelope keys; still read, `keys migrate-v1` rewrites it):
+//! version 1, a big-endian u32 key id (always 1 = KEK id "1"), the nonce,
+//! ciphertext and tag, sealed directly under the master key, AAD
+//! `clinflow/v1/{table}/{column}/{row}`.
+//!
+//! A wrapped data key (`data_keys.wrapped`, 61 bytes): version 1, a 96-bit
+//! nonce, the 32-byte key encrypted under the KEK named in `data_keys.kek_id`
+//! and its tag; AAD `clinflow/dek/v1`, 0, the data key id (16 bytes), the KEK
+//! id, 0, the patient's blind index — so a wrapped key copied to another
+//! row or patient does not unwrap.
+//!
+//! The associated data binds a ciphertext to its table, column and row (and
+//! data key), so a value copied into another row, column or patient's key
+//! fails to decrypt instead of silently showing one patient's data under
+//! another's record.
 
 use std::collections::HashMap;
 
 use aes_gcm::aead::{Aead, Generate, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use secrecy::zeroize::Zeroize;
 use secrecy::{ExposeSecret, SecretBox};
 use uuid::Uuid;
 
 const FORMAT_V1: u8 = 1;
-const HEADER_LEN: usize = 1 + 4 + 12;
+const FORMAT_V2: u8 = 2;
+const V1_HEADER: usize = 1 + 4 + 12;
+const V2_HEADER: usize = 1 + 16 + 12;
+const TAG: usize = 16;
+const WRAP_V1: u8 = 1;
+/// Length of a wrapped data key.
+pub const WRAPPED_LEN: usize = 1 + 12 + 32 + TAG;
 
-/// The key id given to `CLINFLOW_MASTER_KEY`. Rotation adds keys with new ids
-/// and moves `current` to them; old ids stay readable.
-pub const MASTER_KEY_ID: u32 = 1;
+/// The KEK id of a master key given alone (`CLINFLOW_MASTER_KEY=<base64>`),
+/// and the key that format-1 ciphertexts (key id 1) were sealed under.
+pub const LEGACY_KEK_ID: &str = "1";
+const LEGACY_KEY_NUMBER: u32 = 1;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CryptoError {
-    #[error("ciphertext is too short or has an unknown format version")]
+    #[error("ciphertext is too short for its format")]
     Malformed,
-    #[error("ciphertext was written with key id {0}, which this process does not hold")]
+    #[error("ciphertext has an unknown format version ({0})")]
+    UnknownFormat(u8),
+    #[error("format-1 ciphertext was written with key id {0}, which this process does not hold")]
     UnknownKey(u32),
+    #[error("data key {0} does not exist (destroyed by an erasure or a re-encryption, or never stored)")]
+    UnknownDataKey(Uuid),
+    #[error("data key {0} is wrapped under key-encryption key {1:?}, which is not in CLINFLOW_MASTER_KEY")]
+    UnknownKek(Uuid, String),
+    #[error("wrapped data key {0} failed authentication under key-encryption key {1:?} (tampered or moved)")]
+    Unwrap(Uuid, String),
     #[error("ciphertext failed authentication (wrong key, wrong row, or tampered)")]
     Authentication,
     #[error("encryption failed")]
@@ -49,52 +85,94 @@ pub struct Field {
 }
 
 impl Field {
-    fn associated_data(&self) -> Vec<u8> {
+    fn associated_data_v1(&self) -> Vec<u8> {
         format!("clinflow/v1/{}/{}/{}", self.table, self.column, self.row).into_bytes()
     }
-}
 
-/// The data-encryption keys this process holds, by id.
-pub struct Keyring {
-    current: u32,
-    keys: HashMap<u32, Aes256Gcm>,
-}
-
-impl std::fmt::Debug for Keyring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keyring").field("current", &self.current).field("key_ids", &self.keys.keys()).finish()
+    fn associated_data_v2(&self, data_key: Uuid) -> Vec<u8> {
+        format!("clinflow/v2/{}/{}/{}/{}", self.table, self.column, self.row, data_key).into_bytes()
     }
 }
 
-impl Keyring {
-    pub fn from_master_key(key: &SecretBox<[u8; 32]>) -> Self {
-        let cipher = Aes256Gcm::new(key.expose_secret().into());
-        Self { current: MASTER_KEY_ID, keys: HashMap::from([(MASTER_KEY_ID, cipher)]) }
+/// Which key opens a ciphertext, read from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// Format 1: directly under the master key (KEK "1").
+    V1,
+    /// Format 2: under this data key.
+    V2(Uuid),
+}
+
+/// The header of a ciphertext, checked for length and version only.
+pub fn envelope(ciphertext: &[u8]) -> Result<Envelope, CryptoError> {
+    match ciphertext.first() {
+        Some(&FORMAT_V1) if ciphertext.len() >= V1_HEADER + TAG => Ok(Envelope::V1),
+        Some(&FORMAT_V2) if ciphertext.len() >= V2_HEADER + TAG => {
+            let id: [u8; 16] = ciphertext[1..17].try_into().map_err(|_| CryptoError::Malformed)?;
+            Ok(Envelope::V2(Uuid::from_bytes(id)))
+        }
+        Some(&FORMAT_V1 | &FORMAT_V2) | None => Err(CryptoError::Malformed),
+        Some(&other) => Err(CryptoError::UnknownFormat(other)),
+    }
+}
+
+/// A patient's data key, unwrapped. The key bytes and the cipher's key
+/// schedule are zeroized when it is dropped.
+pub struct DataKey {
+    id: Uuid,
+    cipher: Aes256Gcm,
+    material: SecretBox<[u8; 32]>,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl DataKey {
+    /// A fresh random key with a new id.
+    pub fn generate() -> Self {
+        let mut key = Key::<Aes256Gcm>::generate();
+        let mut material = Box::new([0u8; 32]);
+        material.copy_from_slice(key.as_slice());
+        key.as_mut_slice().zeroize();
+        Self::from_material(Uuid::now_v7(), SecretBox::new(material))
+    }
+
+    fn from_material(id: Uuid, material: SecretBox<[u8; 32]>) -> Self {
+        let cipher = Aes256Gcm::new(material.expose_secret().into());
+        Self { id, cipher, material }
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.id
     }
 
     pub fn seal(&self, field: Field, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        let cipher = self.keys.get(&self.current).ok_or(CryptoError::UnknownKey(self.current))?;
         let nonce = Nonce::generate();
-        let aad = field.associated_data();
-        let sealed = cipher.encrypt(&nonce, Payload { msg: plaintext, aad: &aad }).map_err(|_| CryptoError::Encrypt)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
-        out.push(FORMAT_V1);
-        out.extend_from_slice(&self.current.to_be_bytes());
+        let aad = field.associated_data_v2(self.id);
+        let sealed =
+            self.cipher.encrypt(&nonce, Payload { msg: plaintext, aad: &aad }).map_err(|_| CryptoError::Encrypt)?;
+        let mut out = Vec::with_capacity(V2_HEADER + sealed.len());
+        out.push(FORMAT_V2);
+        out.extend_from_slice(self.id.as_bytes());
         out.extend_from_slice(nonce.as_slice());
         out.extend_from_slice(&sealed);
         Ok(out)
     }
 
+    /// Opens a format-2 ciphertext sealed under this key.
     pub fn open(&self, field: Field, ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        if ciphertext.len() < HEADER_LEN + 16 || ciphertext[0] != FORMAT_V1 {
-            return Err(CryptoError::Malformed);
+        match envelope(ciphertext)? {
+            Envelope::V2(id) if id == self.id => {}
+            Envelope::V2(id) => return Err(CryptoError::UnknownDataKey(id)),
+            Envelope::V1 => return Err(CryptoError::UnknownKey(LEGACY_KEY_NUMBER)),
         }
-        let key_id = u32::from_be_bytes([ciphertext[1], ciphertext[2], ciphertext[3], ciphertext[4]]);
-        let cipher = self.keys.get(&key_id).ok_or(CryptoError::UnknownKey(key_id))?;
-        let nonce = Nonce::try_from(&ciphertext[5..HEADER_LEN]).map_err(|_| CryptoError::Malformed)?;
-        let aad = field.associated_data();
-        cipher
-            .decrypt(&nonce, Payload { msg: &ciphertext[HEADER_LEN..], aad: &aad })
+        let nonce = Nonce::try_from(&ciphertext[17..V2_HEADER]).map_err(|_| CryptoError::Malformed)?;
+        let aad = field.associated_data_v2(self.id);
+        self.cipher
+            .decrypt(&nonce, Payload { msg: &ciphertext[V2_HEADER..], aad: &aad })
             .map_err(|_| CryptoError::Authentication)
     }
 
@@ -102,18 +180,139 @@ impl Keyring {
     pub fn seal_str(&self, field: Field, plaintext: &str) -> Result<Vec<u8>, CryptoError> {
         self.seal(field, plaintext.as_bytes())
     }
+}
 
-    /// `open` for text; invalid UTF-8 after a successful open is treated as
-    /// corruption.
-    pub fn open_string(&self, field: Field, ciphertext: &[u8]) -> Result<String, CryptoError> {
-        String::from_utf8(self.open(field, ciphertext)?).map_err(|_| CryptoError::Malformed)
+/// A data key as stored: wrapped under the KEK `kek_id`, bound to its id
+/// and its patient's blind index.
+#[derive(Debug, Clone)]
+pub struct WrappedKey {
+    pub id: Uuid,
+    pub patient_index: Vec<u8>,
+    pub kek_id: String,
+    pub wrapped: Vec<u8>,
+}
+
+fn wrap_aad(id: Uuid, kek_id: &str, patient_index: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(16 + 1 + 16 + kek_id.len() + 1 + patient_index.len());
+    aad.extend_from_slice(b"clinflow/dek/v1\0");
+    aad.extend_from_slice(id.as_bytes());
+    aad.extend_from_slice(kek_id.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(patient_index);
+    aad
+}
+
+/// The key-encryption keys this process holds (`CLINFLOW_MASTER_KEY`), by
+/// id; one is primary.
+pub struct Keyring {
+    primary: String,
+    keks: HashMap<String, Aes256Gcm>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring").field("primary", &self.primary).field("kek_ids", &self.keks.keys()).finish()
+    }
+}
+
+impl Keyring {
+    /// A keyring of one key, KEK id "1" (a `CLINFLOW_MASTER_KEY` without ids).
+    pub fn from_master_key(key: &SecretBox<[u8; 32]>) -> Self {
+        Self::new(LEGACY_KEK_ID, [(LEGACY_KEK_ID.to_owned(), key)])
+    }
+
+    /// Keys by id; `primary` wraps new data keys and must be among them
+    /// (checked by `config::master_keys`, which builds every production
+    /// keyring). Ids are unique there too.
+    pub fn new<'a>(primary: &str, keys: impl IntoIterator<Item = (String, &'a SecretBox<[u8; 32]>)>) -> Self {
+        let keks = keys.into_iter().map(|(id, k)| (id, Aes256Gcm::new(k.expose_secret().into()))).collect();
+        Self { primary: primary.to_owned(), keks }
+    }
+
+    pub fn primary(&self) -> &str {
+        &self.primary
+    }
+
+    pub fn holds(&self, kek_id: &str) -> bool {
+        self.keks.contains_key(kek_id)
+    }
+
+    /// Wraps `key` under the primary KEK for the patient `patient_index`.
+    pub fn wrap(&self, key: &DataKey, patient_index: &[u8]) -> Result<WrappedKey, CryptoError> {
+        let kek = self.keks.get(&self.primary).ok_or_else(|| CryptoError::UnknownKek(key.id, self.primary.clone()))?;
+        let nonce = Nonce::generate();
+        let aad = wrap_aad(key.id, &self.primary, patient_index);
+        let sealed = kek
+            .encrypt(&nonce, Payload { msg: key.material.expose_secret(), aad: &aad })
+            .map_err(|_| CryptoError::Encrypt)?;
+        let mut wrapped = Vec::with_capacity(WRAPPED_LEN);
+        wrapped.push(WRAP_V1);
+        wrapped.extend_from_slice(nonce.as_slice());
+        wrapped.extend_from_slice(&sealed);
+        Ok(WrappedKey { id: key.id, patient_index: patient_index.to_vec(), kek_id: self.primary.clone(), wrapped })
+    }
+
+    pub fn unwrap(&self, stored: &WrappedKey) -> Result<DataKey, CryptoError> {
+        let kek =
+            self.keks.get(&stored.kek_id).ok_or_else(|| CryptoError::UnknownKek(stored.id, stored.kek_id.clone()))?;
+        let failed = || CryptoError::Unwrap(stored.id, stored.kek_id.clone());
+        if stored.wrapped.len() != WRAPPED_LEN || stored.wrapped[0] != WRAP_V1 {
+            return Err(failed());
+        }
+        let nonce = Nonce::try_from(&stored.wrapped[1..13]).map_err(|_| failed())?;
+        let aad = wrap_aad(stored.id, &stored.kek_id, &stored.patient_index);
+        let mut plain = kek.decrypt(&nonce, Payload { msg: &stored.wrapped[13..], aad: &aad }).map_err(|_| failed())?;
+        let mut material = Box::new([0u8; 32]);
+        let copied = plain.len() == 32;
+        if copied {
+            material.copy_from_slice(&plain);
+        }
+        plain.zeroize();
+        if !copied {
+            return Err(failed());
+        }
+        Ok(DataKey::from_material(stored.id, SecretBox::new(material)))
+    }
+
+    /// Seals in format 1, directly under KEK "1": only for results of
+    /// documents stored before envelope keys that have no data key yet
+    /// (`keys migrate-v1` moves them).
+    pub fn seal_v1(&self, field: Field, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let cipher = self.keks.get(LEGACY_KEK_ID).ok_or(CryptoError::UnknownKey(LEGACY_KEY_NUMBER))?;
+        let nonce = Nonce::generate();
+        let aad = field.associated_data_v1();
+        let sealed = cipher.encrypt(&nonce, Payload { msg: plaintext, aad: &aad }).map_err(|_| CryptoError::Encrypt)?;
+        let mut out = Vec::with_capacity(V1_HEADER + sealed.len());
+        out.push(FORMAT_V1);
+        out.extend_from_slice(&LEGACY_KEY_NUMBER.to_be_bytes());
+        out.extend_from_slice(nonce.as_slice());
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens a format-1 ciphertext.
+    pub fn open_v1(&self, field: Field, ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        if envelope(ciphertext)? != Envelope::V1 {
+            return Err(CryptoError::Malformed);
+        }
+        let number = u32::from_be_bytes([ciphertext[1], ciphertext[2], ciphertext[3], ciphertext[4]]);
+        let cipher = match number {
+            LEGACY_KEY_NUMBER => self.keks.get(LEGACY_KEK_ID),
+            _ => None,
+        }
+        .ok_or(CryptoError::UnknownKey(number))?;
+        let nonce = Nonce::try_from(&ciphertext[5..V1_HEADER]).map_err(|_| CryptoError::Malformed)?;
+        let aad = field.associated_data_v1();
+        cipher
+            .decrypt(&nonce, Payload { msg: &ciphertext[V1_HEADER..], aad: &aad })
+            .map_err(|_| CryptoError::Authentication)
     }
 }
 
 /// Keyed hashes (HMAC-SHA256) of values that must be matched but never
 /// stored in clear: an uploader's `source_ref`, an `Idempotency-Key`, and
-/// (issue 21) patient references. Its own key (`CLINFLOW_INDEX_KEY`), which
-/// never rotates with the encryption keys, or every index would break.
+/// patient references (the blind index). Its own key (`CLINFLOW_INDEX_KEY`),
+/// which never rotates with the encryption keys, or every index would break.
 pub struct IndexKey(SecretBox<Vec<u8>>);
 
 impl std::fmt::Debug for IndexKey {
@@ -166,8 +365,12 @@ mod tests {
         assert_eq!(a.hash("x", b"").len(), 32);
     }
 
+    fn kek(byte: u8) -> SecretBox<[u8; 32]> {
+        SecretBox::new(Box::new([byte; 32]))
+    }
+
     fn keyring(byte: u8) -> Keyring {
-        Keyring::from_master_key(&SecretBox::new(Box::new([byte; 32])))
+        Keyring::from_master_key(&kek(byte))
     }
 
     fn field(column: &'static str, row: Uuid) -> Field {
@@ -175,45 +378,109 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_and_header() {
-        let k = keyring(7);
+    fn format_2_round_trip_and_header() {
+        let key = DataKey::generate();
         let row = Uuid::now_v7();
-        let ct = k.seal_str(field("text", row), "Patient on metformin").unwrap();
-        assert_eq!(ct[0], FORMAT_V1);
-        assert_eq!(&ct[1..5], &MASTER_KEY_ID.to_be_bytes());
-        assert_eq!(ct.len(), HEADER_LEN + "Patient on metformin".len() + 16);
+        let ct = key.seal_str(field("text", row), "Patient on metformin").unwrap();
+        assert_eq!(ct[0], FORMAT_V2);
+        assert_eq!(&ct[1..17], key.id().as_bytes());
+        assert_eq!(ct.len(), V2_HEADER + "Patient on metformin".len() + TAG);
         assert!(!ct.windows(9).any(|w| w == b"metformin"));
-        assert_eq!(k.open_string(field("text", row), &ct).unwrap(), "Patient on metformin");
+        assert_eq!(envelope(&ct), Ok(Envelope::V2(key.id())));
+        assert_eq!(key.open(field("text", row), &ct).unwrap(), b"Patient on metformin");
     }
 
     #[test]
     fn nonces_differ_between_seals() {
-        let k = keyring(7);
+        let key = DataKey::generate();
         let row = Uuid::now_v7();
-        let a = k.seal(field("text", row), b"same").unwrap();
-        let b = k.seal(field("text", row), b"same").unwrap();
+        let a = key.seal(field("text", row), b"same").unwrap();
+        let b = key.seal(field("text", row), b"same").unwrap();
+        assert_ne!(a[17..29], b[17..29]);
         assert_ne!(a, b);
     }
 
     #[test]
-    fn ciphertext_is_bound_to_its_row_and_column() {
-        let k = keyring(7);
+    fn ciphertext_is_bound_to_its_row_column_and_data_key() {
+        let key = DataKey::generate();
         let row = Uuid::now_v7();
-        let ct = k.seal(field("text", row), b"x").unwrap();
-        assert!(matches!(k.open(field("text", Uuid::now_v7()), &ct), Err(CryptoError::Authentication)));
-        assert!(matches!(k.open(field("patient_ref", row), &ct), Err(CryptoError::Authentication)));
+        let ct = key.seal(field("text", row), b"x").unwrap();
+        assert_eq!(key.open(field("text", Uuid::now_v7()), &ct), Err(CryptoError::Authentication));
+        assert_eq!(key.open(field("patient_ref", row), &ct), Err(CryptoError::Authentication));
+        let other_table = Field { table: "document_results", column: "text", row };
+        assert_eq!(key.open(other_table, &ct), Err(CryptoError::Authentication));
+        // Another patient's key refuses it by id; with the id rewritten, by tag.
+        let other = DataKey::generate();
+        assert_eq!(other.open(field("text", row), &ct), Err(CryptoError::UnknownDataKey(key.id())));
+        let mut moved = ct.clone();
+        moved[1..17].copy_from_slice(other.id().as_bytes());
+        assert_eq!(other.open(field("text", row), &moved), Err(CryptoError::Authentication));
     }
 
     #[test]
-    fn wrong_key_tamper_and_garbage_are_refused() {
+    fn flipped_bytes_truncation_and_unknown_formats_are_refused() {
+        let key = DataKey::generate();
         let row = Uuid::now_v7();
-        let mut ct = keyring(7).seal(field("text", row), b"hello").unwrap();
-        assert!(matches!(keyring(8).open(field("text", row), &ct), Err(CryptoError::Authentication)));
-        let last = ct.len() - 1;
-        ct[last] ^= 1;
-        assert!(matches!(keyring(7).open(field("text", row), &ct), Err(CryptoError::Authentication)));
-        assert!(matches!(keyring(7).open(field("text", row), b"short"), Err(CryptoError::Malformed)));
-        ct[1] = 9;
-        assert!(matches!(keyring(7).open(field("text", row), &ct), Err(CryptoError::UnknownKey(_))));
+        let ct = key.seal(field("text", row), b"hello").unwrap();
+        for i in 17..ct.len() {
+            let mut bad = ct.clone();
+            bad[i] ^= 0x01;
+            assert_eq!(key.open(field("text", row), &bad), Err(CryptoError::Authentication), "byte {i}");
+        }
+        for len in [0, 1, 17, V2_HEADER, V2_HEADER + TAG - 1] {
+            assert_eq!(key.open(field("text", row), &ct[..len]), Err(CryptoError::Malformed), "length {len}");
+        }
+        assert_eq!(key.open(field("text", row), &ct[..ct.len() - 1]), Err(CryptoError::Authentication));
+        let mut v9 = ct.clone();
+        v9[0] = 9;
+        assert_eq!(key.open(field("text", row), &v9), Err(CryptoError::UnknownFormat(9)));
+    }
+
+    #[test]
+    fn data_keys_wrap_and_unwrap_bound_to_id_and_patient() {
+        let keyring = Keyring::new("k2", [("k2".to_owned(), &kek(2)), ("k1".to_owned(), &kek(1))]);
+        let key = DataKey::generate();
+        let wrapped = keyring.wrap(&key, b"patient-a").unwrap();
+        assert_eq!((wrapped.kek_id.as_str(), wrapped.wrapped.len()), ("k2", WRAPPED_LEN));
+        let back = keyring.unwrap(&wrapped).unwrap();
+        let row = Uuid::now_v7();
+        assert_eq!(back.open(field("text", row), &key.seal(field("text", row), b"x").unwrap()).unwrap(), b"x");
+
+        let other_patient = WrappedKey { patient_index: b"patient-b".to_vec(), ..wrapped.clone() };
+        assert_eq!(keyring.unwrap(&other_patient).err(), Some(CryptoError::Unwrap(key.id(), "k2".into())));
+        let other_id = WrappedKey { id: Uuid::now_v7(), ..wrapped.clone() };
+        assert!(matches!(keyring.unwrap(&other_id), Err(CryptoError::Unwrap(..))));
+        let other_kek = WrappedKey { kek_id: "k1".into(), ..wrapped.clone() };
+        assert_eq!(keyring.unwrap(&other_kek).err(), Some(CryptoError::Unwrap(key.id(), "k1".into())));
+        let mut flipped = wrapped.clone();
+        flipped.wrapped[20] ^= 1;
+        assert!(matches!(keyring.unwrap(&flipped), Err(CryptoError::Unwrap(..))));
+        let mut short = wrapped.clone();
+        short.wrapped.pop();
+        assert!(matches!(keyring.unwrap(&short), Err(CryptoError::Unwrap(..))));
+
+        // Without its KEK the key fails closed, naming the KEK id.
+        let without = Keyring::new("k3", [("k3".to_owned(), &kek(3))]);
+        let err = without.unwrap(&wrapped).err().unwrap();
+        assert_eq!(err, CryptoError::UnknownKek(key.id(), "k2".into()));
+        assert!(err.to_string().contains("\"k2\""), "{err}");
+    }
+
+    #[test]
+    fn format_1_still_opens_under_kek_1_only() {
+        let row = Uuid::now_v7();
+        let k = keyring(7);
+        let ct = k.seal_v1(field("text", row), b"legacy").unwrap();
+        assert_eq!((ct[0], &ct[1..5]), (FORMAT_V1, &1u32.to_be_bytes()[..]));
+        assert_eq!(envelope(&ct), Ok(Envelope::V1));
+        assert_eq!(k.open_v1(field("text", row), &ct).unwrap(), b"legacy");
+        assert_eq!(k.open_v1(field("patient_ref", row), &ct), Err(CryptoError::Authentication));
+        assert_eq!(keyring(8).open_v1(field("text", row), &ct), Err(CryptoError::Authentication));
+        let without_1 = Keyring::new("k2", [("k2".to_owned(), &kek(7))]);
+        assert_eq!(without_1.open_v1(field("text", row), &ct), Err(CryptoError::UnknownKey(1)));
+        let mut other_number = ct.clone();
+        other_number[4] = 9;
+        assert_eq!(k.open_v1(field("text", row), &other_number), Err(CryptoError::UnknownKey(9)));
+        assert_eq!(k.open_v1(field("text", row), b"short"), Err(CryptoError::UnknownFormat(b's')));
     }
 }

@@ -24,6 +24,8 @@ pub use crate::wire::Status;
 #[derive(Debug)]
 pub struct NewDocument {
     pub id: Uuid,
+    /// The patient's data key, which sealed `patient_ref_ct` and `text_ct`.
+    pub data_key_id: Uuid,
     pub patient_ref_ct: Vec<u8>,
     /// [`patient_index`] of the patient reference.
     pub patient_index: Vec<u8>,
@@ -55,8 +57,8 @@ pub enum Inserted {
 
 pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Inserted, sqlx::Error> {
     let inserted = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
            ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
            RETURNING id"#,
         doc.id,
@@ -66,6 +68,7 @@ pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Insert
         doc.document_date,
         doc.uploaded_by,
         doc.patient_index,
+        doc.data_key_id,
     )
     .fetch_optional(&mut *conn)
     .await?;
@@ -97,9 +100,10 @@ pub async fn insert_many(
     let dates: Vec<Option<Date>> = docs.iter().map(|d| d.document_date).collect();
     let uploaders: Vec<Uuid> = docs.iter().map(|d| d.uploaded_by).collect();
     let patient_indexes: Vec<&[u8]> = docs.iter().map(|d| d.patient_index.as_slice()).collect();
+    let data_keys: Vec<Uuid> = docs.iter().map(|d| d.data_key_id).collect();
     let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, lane)
-           SELECT *, $8 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[], $7::bytea[])
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id, lane)
+           SELECT *, $9 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[], $7::bytea[], $8::uuid[])
            ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
            RETURNING id"#,
         &ids,
@@ -109,6 +113,7 @@ pub async fn insert_many(
         &dates as &[Option<Date>],
         &uploaders,
         &patient_indexes as &[&[u8]],
+        &data_keys,
         lane.as_str(),
     )
     .fetch_all(&mut *conn)
@@ -235,6 +240,16 @@ pub async fn claim_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<(Uu
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(|r| (r.id, r.text_ct)).collect())
+}
+
+/// The data key of each of `ids` (None: a format-1 document from before
+/// envelope keys), with the rows locked FOR SHARE so that a concurrent
+/// `keys reencrypt` of their patient waits for the caller's transaction
+/// (results sealed under a key it is replacing would be lost).
+pub async fn data_keys_of(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error> {
+    let rows =
+        sqlx::query!("SELECT id, data_key_id FROM documents WHERE id = ANY($1) FOR SHARE", ids).fetch_all(conn).await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.data_key_id)).collect())
 }
 
 /// Which of `ids` exist at all (for jobs that claimed nothing: finished

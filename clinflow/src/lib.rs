@@ -35,6 +35,8 @@ pub mod documents;
 #[cfg(feature = "server")]
 pub mod jobs;
 #[cfg(feature = "server")]
+pub mod keys;
+#[cfg(feature = "server")]
 pub mod link;
 #[cfg(feature = "server")]
 pub mod outbox;

@@ -170,6 +170,11 @@ pub fn keyring() -> Keyring {
     Keyring::from_master_key(&SecretBox::new(Box::new(master_key())))
 }
 
+/// The tests' keys: [`keyring`] (KEK "1") and a cache of data keys.
+pub fn keys() -> crate::keys::Keys {
+    crate::keys::Keys::new(keyring())
+}
+
 /// A RabbitMQ node of a test's own, on its own ports, for tests that stop
 /// and start the broker: the machine's node (which other tests and
 /// `./dev/up` use) is never touched. Started with the machine's

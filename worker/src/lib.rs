@@ -35,9 +35,10 @@ use std::time::Duration;
 
 use clinflow::amqp::{ATTEMPTS_HEADER, DELIVERY_LIMIT, Lane, Outgoing, Publisher, Topology};
 use clinflow::audit::{self, Action, Actor, AuditEvent, Outcome};
-use clinflow::crypto::Keyring;
+use clinflow::crypto::CryptoError;
 use clinflow::documents::{self, NewResult};
 use clinflow::jobs::DocumentJob;
+use clinflow::keys::Keys;
 use clinflow::link::{self, LinkState, SessionEnd};
 use clinflow::telemetry::{timed, timed_sync};
 use futures_util::StreamExt;
@@ -59,7 +60,8 @@ const STAGE: &str = "clinflow_worker_stage_seconds";
 
 pub struct Worker {
     pub db: PgPool,
-    pub keyring: Arc<Keyring>,
+    /// The key-encryption keys and the cache of patients' data keys.
+    pub keys: Arc<Keys>,
     pub medcat: MedcatClient,
     /// From `GET /api/info` at start-up; a response that names its model
     /// overrides it for that result.
@@ -150,12 +152,12 @@ enum BatchError {
     Audit(#[from] clinflow::amqp::AmqpError),
     #[error("{0}")]
     Medcat(MedcatError),
-    /// Not transient: the worker holds the wrong key.
+    /// Not transient: the worker holds the wrong key (or lacks a KEK).
     #[error(
-        "document {0} cannot be decrypted with CLINFLOW_MASTER_KEY: is this worker started with the key the api \
-         uses? Stopping; nothing was marked failed"
+        "document {0} cannot be decrypted with CLINFLOW_MASTER_KEY ({1}): is this worker started with the keys \
+         the api uses? Stopping; nothing was marked failed"
     )]
-    Decrypt(Uuid),
+    Decrypt(Uuid, CryptoError),
 }
 
 impl Worker {
@@ -346,7 +348,7 @@ impl Worker {
             }
             match self.process(&ids, publisher).await {
                 Ok(settled) => break settled,
-                Err(e @ BatchError::Decrypt(_)) => {
+                Err(e @ BatchError::Decrypt(..)) => {
                     // Best effort: if the requeue fails, closing the channel requeues them.
                     let _ = requeue_all(jobs).await;
                     return Err(SessionEnd::Fatal(e.into()));
@@ -532,15 +534,19 @@ impl Worker {
         if claimed.is_empty() {
             return Ok(settled);
         }
+        let opener = timed(STAGE, "data_keys", self.keys.opener(&self.db, claimed.iter().map(|(_, ct)| ct.as_slice())))
+            .await
+            .map_err(key_error)?;
         let docs = timed_sync(STAGE, "decrypt", || {
             claimed
                 .into_iter()
                 .map(|(id, ct)| {
-                    let text = self.keyring.open_string(documents::text_field(id), &ct);
-                    text.map(|t| (id, t)).map_err(|_| BatchError::Decrypt(id))
+                    let text = opener.open_string(documents::text_field(id), &ct);
+                    text.map(|t| (id, t)).map_err(|e| BatchError::Decrypt(id, e))
                 })
                 .collect::<Result<Vec<_>, _>>()
         })?;
+        drop(opener);
 
         // Every read is on the audit trail before any text leaves for MedCAT.
         let events: Vec<AuditEvent> = docs
@@ -578,34 +584,48 @@ impl Worker {
         Ok(outcomes)
     }
 
-    /// Seals the results and writes them, and the failures, in one
+    /// Seals the results (each under its document's data key, read in the
+    /// same transaction) and writes them, and the failures, in one
     /// transaction; returns the documents to requeue.
     async fn store(
         &self,
         docs: &[(Uuid, String)],
         outcomes: Vec<Result<Processed, MedcatError>>,
     ) -> Result<HashSet<Uuid>, BatchError> {
-        let mut results = Vec::with_capacity(docs.len());
+        let mut done = Vec::with_capacity(docs.len());
         let mut failed: Vec<(Uuid, &str)> = Vec::new();
         let mut requeue = HashSet::new();
         for ((id, _), outcome) in docs.iter().zip(outcomes) {
             let id = *id;
-            let processed = match outcome {
-                Ok(p) => p,
+            match outcome {
+                Ok(p) => done.push((id, p)),
                 Err(e) if e.is_transient() => {
                     tracing::warn!(document_id = %id, error = %e, "MedCAT unavailable for a re-check; the job goes to the retry queue");
                     requeue.insert(id);
-                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(document_id = %id, error = %e, "MedCAT could not process the document");
                     failed.push((id, e.failure_code()));
-                    continue;
                 }
-            };
-            let sealed = serde_json::to_vec(&processed.annotations)
-                .ok()
-                .and_then(|plain| self.keyring.seal(documents::annotations_field(id), &plain).ok());
+            }
+        }
+        let mut tx = self.db.begin().await?;
+        let ids: Vec<Uuid> = done.iter().map(|(id, _)| *id).collect();
+        let key_ids: std::collections::HashMap<Uuid, Option<Uuid>> =
+            documents::data_keys_of(&mut tx, &ids).await?.into_iter().collect();
+        let wanted: Vec<Uuid> = key_ids.values().flatten().copied().collect();
+        let keys = self.keys.by_id(&mut *tx, &wanted).await.map_err(key_error)?;
+        let mut results = Vec::with_capacity(done.len());
+        for (id, processed) in done {
+            let sealed = serde_json::to_vec(&processed.annotations).ok().and_then(|plain| {
+                let field = documents::annotations_field(id);
+                match key_ids.get(&id).copied().flatten() {
+                    Some(key) => keys.get(&key)?.as_ref().ok()?.seal(field, &plain).ok(),
+                    // A document from before envelope keys: its result is
+                    // sealed as it is (format 1) until `keys migrate-v1`.
+                    None => self.keys.keyring().seal_v1(field, &plain).ok(),
+                }
+            });
             let Some(annotations_ct) = sealed else {
                 failed.push((id, "encrypt_failed"));
                 continue;
@@ -618,7 +638,6 @@ impl Worker {
                 concepts: clinflow::concepts::summarize(&processed.annotations),
             });
         }
-        let mut tx = self.db.begin().await?;
         let done = documents::store_results(&mut tx, &results).await?;
         documents::mark_failed(&mut *tx, &failed).await?;
         tx.commit().await?;
@@ -629,6 +648,15 @@ impl Worker {
         }
         tracing::debug!(done = results.len(), failed = failed.len(), requeued = requeue.len(), "batch stored");
         Ok(requeue)
+    }
+}
+
+/// A database failure while loading keys is a database failure (the batch
+/// is held); a key that cannot be had is not.
+fn key_error(e: clinflow::keys::KeyError) -> BatchError {
+    match e {
+        clinflow::keys::KeyError::Database(e) => BatchError::Db(e),
+        clinflow::keys::KeyError::Crypto(e) => BatchError::Decrypt(Uuid::nil(), e),
     }
 }
 

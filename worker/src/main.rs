@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use clinflow::amqp::Topology;
 use clinflow::audit::Actor;
 use clinflow::config;
-use clinflow::crypto::Keyring;
 use clinflow::deadletters::{self, Reprocess, Selection};
+use clinflow::keys::Keys;
 use clinflow::link::LinkState;
 use clinflow_worker::medcat::MedcatClient;
 use clinflow_worker::telemetry::MedcatHealth;
@@ -171,7 +171,7 @@ async fn run() -> anyhow::Result<()> {
     let database_url = config::url("DATABASE_URL", &["postgres", "postgresql"])?;
     let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
     let medcat_url = config::url("MEDCAT_URL", &["http", "https"])?;
-    let master_key = config::master_key()?;
+    let keyring = config::master_keys()?;
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9102")?;
     let defaults = BatchConfig::default();
     let batch = BatchConfig {
@@ -201,7 +201,7 @@ async fn run() -> anyhow::Result<()> {
         .context("connecting to PostgreSQL (DATABASE_URL)")?;
     let worker = Arc::new(Worker {
         db,
-        keyring: Arc::new(Keyring::from_master_key(&master_key)),
+        keys: Arc::new(Keys::new(keyring)),
         medcat,
         model_version,
         topology: topology()?,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use clinflow::crypto::Keyring;
+use clinflow::keys::Keys;
 use clinflow::testing;
 use secrecy::SecretBox;
 use support::{Setup, fault_proxy};
@@ -24,7 +25,7 @@ async fn a_silent_bulk_failure_is_rechecked_alone_and_fails_only_its_document() 
     let setup = Setup::new().await;
     let poison = format!("Known AF. {}", fail_marker());
     let texts = ["Started metformin for T2DM.", poison.as_str(), "Patient well, reviewed today.", "Known HTN."];
-    let ids = setup.enqueue(&testing::keyring(), &texts).await;
+    let ids = setup.enqueue(&testing::keys(), &texts).await;
     let shutdown = CancellationToken::new();
     let worker = setup.start_worker(&testing::medcat_url(), &shutdown).await;
 
@@ -52,7 +53,7 @@ async fn a_silent_bulk_failure_is_rechecked_alone_and_fails_only_its_document() 
 #[tokio::test]
 async fn redelivered_jobs_never_create_a_second_result() {
     let setup = Setup::new().await;
-    let ids = setup.enqueue(&testing::keyring(), &["Known AF.", "Started metformin."]).await;
+    let ids = setup.enqueue(&testing::keys(), &["Known AF.", "Started metformin."]).await;
     // The same jobs again, as a redelivery or a replay would bring them.
     for id in &ids {
         clinflow::jobs::publish(&setup.publisher, &setup.topology, clinflow::amqp::Lane::Live, *id).await.unwrap();
@@ -83,7 +84,7 @@ async fn redelivered_jobs_never_create_a_second_result() {
 #[tokio::test]
 async fn medcat_overloaded_past_the_retries_sends_jobs_through_the_retry_queue_within_their_budget() {
     let setup = Setup::new().await;
-    let ids = setup.enqueue(&testing::keyring(), &["Known AF.", "Started metformin.", "Known HTN."]).await;
+    let ids = setup.enqueue(&testing::keys(), &["Known AF.", "Started metformin.", "Known HTN."]).await;
     // MedCAT says it is ready but answers 503: each try of a batch makes 3
     // calls (2 in-process retries), then its jobs wait in the retry queue
     // and come back. 18 answers of 503 are more tries than the queue's
@@ -112,7 +113,7 @@ async fn medcat_overloaded_past_the_retries_sends_jobs_through_the_retry_queue_w
 #[tokio::test]
 async fn a_worker_with_the_wrong_key_stops_without_failing_documents() {
     let setup = Setup::new().await;
-    let wrong = Keyring::from_master_key(&SecretBox::new(Box::new([7u8; 32])));
+    let wrong = Keys::new(Keyring::from_master_key(&SecretBox::new(Box::new([7u8; 32]))));
     let ids = setup.enqueue(&wrong, &["Known AF."]).await;
     let shutdown = CancellationToken::new();
     let worker = setup.start_worker(&testing::medcat_url(), &shutdown).await;

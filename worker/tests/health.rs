@@ -92,7 +92,7 @@ async fn documents_processed_show_as_real_histograms_of_upload_to_done_and_medca
     let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let _worker = spawn_worker(&setup, &testing::medcat_url(), &metrics);
     let notes = ["Known AF, started on metformin.", "Type 2 diabetes; hypertension."];
-    let ids = setup.enqueue(&testing::keyring(), &notes).await;
+    let ids = setup.enqueue(&testing::keys(), &notes).await;
     let finals = setup.wait_final(&ids).await;
     assert!(finals.iter().all(|(status, _, results)| status == "done" && *results == 1), "{finals:?}");
 

@@ -53,7 +53,7 @@ fn texts(n: usize) -> Vec<String> {
 async fn kill_9_mid_batch_then_every_document_is_done_with_exactly_one_result() {
     let setup = Setup::new().await;
     let notes = texts(48);
-    let ids = setup.enqueue(&testing::keyring(), &notes.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let ids = setup.enqueue(&testing::keys(), &notes.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let proxy = slow_proxy(Duration::from_millis(400)).await;
     let mut worker = spawn_worker(&setup, &proxy);
     wait_done_at_least(&setup, 8).await;
@@ -81,7 +81,7 @@ async fn kill_9_mid_batch_then_every_document_is_done_with_exactly_one_result() 
 async fn sigterm_finishes_the_batches_in_flight_and_exits_0() {
     let setup = Setup::new().await;
     let notes = texts(64);
-    let ids = setup.enqueue(&testing::keyring(), &notes.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let ids = setup.enqueue(&testing::keys(), &notes.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let proxy = slow_proxy(Duration::from_millis(400)).await;
     let mut worker = spawn_worker(&setup, &proxy);
     wait_done_at_least(&setup, 8).await;

@@ -29,7 +29,7 @@ fn short_budget() -> RetryConfig {
 #[tokio::test]
 async fn past_its_budget_a_job_is_dead_lettered_with_its_document_failed_and_replay_brings_it_to_done() {
     let setup = Setup::new().await;
-    let ids = setup.enqueue(&testing::keyring(), &["Known AF.", "Started metformin."]).await;
+    let ids = setup.enqueue(&testing::keys(), &["Known AF.", "Started metformin."]).await;
     // MedCAT ready, but every processing call answers 503: more than the
     // three attempts can absorb.
     let proxy = fault_proxy(usize::MAX, StatusCode::SERVICE_UNAVAILABLE).await;
@@ -86,7 +86,7 @@ async fn while_medcat_is_down_the_worker_pauses_and_spends_no_attempt() {
     let shutdown = CancellationToken::new();
     let worker = setup.start_worker_with(&proxy.url, &shutdown, short_budget()).await;
     proxy.set_down(true);
-    let ids = setup.enqueue(&testing::keyring(), &["Known AF.", "Known HTN."]).await;
+    let ids = setup.enqueue(&testing::keys(), &["Known AF.", "Known HTN."]).await;
 
     // Down (health checks failing too): the worker polls readiness once a
     // second. Six refusals past the batch's own three calls is longer than
@@ -118,10 +118,10 @@ async fn while_medcat_is_down_the_worker_pauses_and_spends_no_attempt() {
 #[tokio::test]
 async fn a_live_job_is_served_before_a_backlog_of_backfill_jobs() {
     let setup = Setup::new().await;
-    let keyring = testing::keyring();
+    let keys = testing::keys();
     let texts: Vec<String> = (0..300).map(|i| format!("Note {i}: known atrial fibrillation, on metformin.")).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let backfill = setup.enqueue_on(&keyring, &refs, Lane::Backfill).await;
+    let backfill = setup.enqueue_on(&keys, &refs, Lane::Backfill).await;
     // Every MedCAT call held 100 ms (SLOW PROXY), so the backlog takes
     // seconds to drain and the order is not blurred by polling.
     let medcat = support::slow_proxy(Duration::from_millis(100)).await;
@@ -134,7 +134,7 @@ async fn a_live_job_is_served_before_a_backlog_of_backfill_jobs() {
             .unwrap()
     };
     wait_until("backfill under way", Duration::from_secs(20), async || done_count().await > 0).await;
-    let live = setup.enqueue_on(&keyring, &["Known HTN."], Lane::Live).await[0];
+    let live = setup.enqueue_on(&keys, &["Known HTN."], Lane::Live).await[0];
     let done_when_queued = done_count().await;
     let rows = setup.wait_final(&[live]).await;
     assert_eq!(rows[0].0, "done");

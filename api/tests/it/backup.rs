@@ -105,6 +105,8 @@ async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_int
         ids.push(body["id"].as_str().unwrap().to_owned());
     }
     wait_for_all_done(&stack, &ids).await;
+    let patients: Vec<String> = (0..NOTES.len()).map(|i| format!("PAT-BACKUP-{i}")).collect();
+    stack.care_team("doctor", &patients.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let doctor = stack.login("doctor").await;
     for id in &ids {
         let (status, body) = stack.get(&format!("/v1/documents/{id}"), Some(&doctor)).await;
@@ -160,12 +162,14 @@ async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_int
         let (source, restored) = (fingerprint(&stack.db.owner, table).await, fingerprint(&copy, table).await);
         assert_eq!(source, restored, "{table} differs after the restore");
     }
-    // ... which the master key still opens (the ciphertext is bound to its row id).
-    let keyring = testing::keyring();
+    // ... which the master key still opens: the patients' data keys came
+    // back with them (each ciphertext is bound to its row id and data key).
+    let keys = testing::keys();
     let rows: Vec<(Uuid, Vec<u8>)> =
         sqlx::query_as("SELECT id, text_ct FROM documents").fetch_all(&copy).await.unwrap();
+    let opener = keys.opener(&copy, rows.iter().map(|(_, ct)| ct.as_slice())).await.unwrap();
     let mut texts: Vec<String> =
-        rows.iter().map(|(id, ct)| keyring.open_string(clinflow::documents::text_field(*id), ct).unwrap()).collect();
+        rows.iter().map(|(id, ct)| opener.open_string(clinflow::documents::text_field(*id), ct).unwrap()).collect();
     texts.sort();
     let mut expected: Vec<String> = NOTES.iter().map(|n| (*n).to_owned()).collect();
     expected.sort();

@@ -70,6 +70,8 @@ pub struct Stack {
     pub api: JoinHandle<std::io::Result<()>>,
     pub relay: Option<JoinHandle<()>>,
     relay_handle: RelayHandle,
+    /// The in-process api's state (for another api on other keys).
+    state: AppState,
     amqp_url: SecretString,
     /// The sink's checkpoint file (one every 10 events or second).
     pub checkpoints: std::path::PathBuf,
@@ -122,7 +124,7 @@ impl Stack {
         let AccessOptions { lockout, logins_per_minute, break_glass_for, idle_timeout } = access;
         clinflow::telemetry::init_tracing();
         let (topology, amqp) = testing::topology_on(&amqp_url).await;
-        let keyring = Arc::new(testing::keyring());
+        let keys = Arc::new(testing::keys());
         let shutdown = CancellationToken::new();
         let passwords = Passwords::new().await.unwrap();
 
@@ -132,7 +134,7 @@ impl Stack {
         let state = AppState {
             db: db.api.clone(),
             audit_db: Some(db.audit_reader.clone()),
-            keyring: Arc::clone(&keyring),
+            keys: Arc::clone(&keys),
             index_key: Arc::new(testing::index_key()),
             relay: relay.clone(),
             jwt: Arc::new(JwtKeys::new(&SecretBox::new(Box::new(b"test jwt secret that is long enough!!".to_vec())))),
@@ -150,14 +152,14 @@ impl Stack {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
-        let api = tokio::spawn(clinflow_api::serve(listener, state, shutdown.clone()));
+        let api = tokio::spawn(clinflow_api::serve(listener, state.clone(), shutdown.clone()));
 
         let backoff = ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(3);
         let medcat = MedcatClient::new(&testing::medcat_url(), backoff).unwrap();
         let model_version = medcat.model_version().await.expect("MedCAT at MEDCAT_URL (./dev/test starts one)");
         let worker = Arc::new(Worker {
             db: db.worker.clone(),
-            keyring,
+            keys,
             medcat,
             model_version,
             topology: topology.clone(),
@@ -199,10 +201,22 @@ impl Stack {
             api,
             relay: None,
             relay_handle: relay,
+            state,
             checkpoints,
             _checkpoint_dir: checkpoint_dir,
             amqp_url,
         }
+    }
+
+    /// Serves the api again, on a new address that `base` then names, as a
+    /// restarted api with `keyring` as CLINFLOW_MASTER_KEY would: nothing of
+    /// the first api's keys or cache is kept. The first api and the worker
+    /// run on with theirs.
+    pub async fn serve_api_with(&mut self, keyring: clinflow::crypto::Keyring) {
+        let state = AppState { keys: Arc::new(clinflow::keys::Keys::new(keyring)), ..self.state.clone() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(clinflow_api::serve(listener, state, self.shutdown.clone()));
     }
 
     /// Starts the outbox relay of the in-process api.

@@ -14,6 +14,7 @@ mod database;
 mod health;
 mod ingest;
 mod jobs;
+mod keys;
 mod ops;
 mod outbox;
 mod patients;

@@ -221,11 +221,26 @@ async fn a_patient_exports_as_valid_fhir_and_is_erased_from_every_table() {
             (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
         }
     };
+    // A copy of one note's ciphertext, as a backup would hold it.
+    let backup: Vec<u8> = sqlx::query_scalar("SELECT text_ct FROM documents WHERE id = $1::uuid")
+        .bind(&ids[0])
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    let keys = clinflow::testing::keys();
+    let field = clinflow::documents::text_field(ids[0].parse().unwrap());
+    assert_eq!(keys.open_string(&stack.db.owner, field, &backup).await.unwrap(), NOTES[0].2);
     assert_eq!(erase("Because the patient asked me to").await.0, 422);
     let (status, erased) = erase("gdpr_erasure_request").await;
     assert_eq!(status, 200, "{erased}");
-    assert_eq!((erased["documents"].as_i64(), erased["team_entries"].as_i64()), (Some(3), Some(1)));
+    assert_eq!(
+        (erased["documents"].as_i64(), erased["team_entries"].as_i64(), erased["data_keys"].as_i64()),
+        (Some(3), Some(1), Some(1))
+    );
     assert_eq!(erase("gdpr_erasure_request").await.0, 404, "nothing left to erase");
+    // Crypto-shredding: the backup's copy no longer opens, with the master key.
+    let shredded = clinflow::testing::keys().open_string(&stack.db.owner, field, &backup).await;
+    assert!(shredded.is_err(), "an erased patient's ciphertext still opens");
     assert_eq!(stack.get("/v1/patients/PAT-A/export", Some(&admin)).await.0, 404);
     let index = clinflow::documents::patient_index(&clinflow::testing::index_key(), "PAT-A");
     let index_hex: String = index.iter().map(|b| format!("{b:02x}")).collect();

@@ -153,7 +153,7 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
     assert!(after_non_ascii > 0, "offsets after non-ASCII text were exercised");
 
     // Assert: PostgreSQL holds ciphertext only — and it is the notes' ciphertext.
-    let keyring = clinflow::testing::keyring();
+    let keys = clinflow::testing::keys();
     let rows: Vec<(Uuid, Vec<u8>, Vec<u8>)> =
         sqlx::query_as("SELECT id, text_ct, patient_ref_ct FROM documents").fetch_all(&stack.db.owner).await.unwrap();
     assert_eq!(rows.len(), notes.len());
@@ -162,7 +162,7 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
         for needle in [note.patient_ref.as_bytes(), &note.text.as_bytes()[..24], b"metformin", b"PAT-"] {
             assert!(!contains(text_ct, needle) && !contains(patient_ct, needle), "plaintext in documents row {id}");
         }
-        assert_eq!(keyring.open_string(documents::text_field(*id), text_ct).unwrap(), note.text);
+        assert_eq!(keys.open_string(&stack.db.owner, documents::text_field(*id), text_ct).await.unwrap(), note.text);
     }
     let results_ct: Vec<(Uuid, Vec<u8>)> = sqlx::query_as("SELECT document_id, annotations_ct FROM document_results")
         .fetch_all(&stack.db.owner)

@@ -12,8 +12,8 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use backon::ExponentialBuilder;
 use clinflow::amqp::{Lane, Publisher, Topology};
-use clinflow::crypto::Keyring;
 use clinflow::documents::{self, NewDocument};
+use clinflow::keys::Keys;
 use clinflow::link::LinkState;
 use clinflow::testing::{self, TestDb};
 use clinflow_worker::medcat::MedcatClient;
@@ -144,26 +144,30 @@ impl Setup {
         Self { db, topology, amqp, publisher, uploader }
     }
 
-    /// Stores each text as a document (sealed with `keyring`) and queues its
+    /// Stores each text as a document of patient PAT-1 (sealed under their
+    /// data key, created with `keys` if missing) and queues its
     /// job on the live lane.
-    pub async fn enqueue(&self, keyring: &Keyring, texts: &[&str]) -> Vec<Uuid> {
-        self.enqueue_on(keyring, texts, Lane::Live).await
+    pub async fn enqueue(&self, keys: &Keys, texts: &[&str]) -> Vec<Uuid> {
+        self.enqueue_on(keys, texts, Lane::Live).await
     }
 
-    pub async fn enqueue_on(&self, keyring: &Keyring, texts: &[&str], lane: Lane) -> Vec<Uuid> {
+    pub async fn enqueue_on(&self, keys: &Keys, texts: &[&str], lane: Lane) -> Vec<Uuid> {
         let mut ids = Vec::new();
+        let patient_index = documents::patient_index(&clinflow::testing::index_key(), "PAT-1");
         for text in texts {
             let id = Uuid::now_v7();
+            let mut conn = self.db.api.acquire().await.unwrap();
+            let key = keys.for_patient(&mut conn, &patient_index).await.unwrap();
             let doc = NewDocument {
                 id,
-                patient_ref_ct: keyring.seal_str(documents::patient_ref_field(id), "PAT-1").unwrap(),
-                patient_index: documents::patient_index(&clinflow::testing::index_key(), "PAT-1"),
-                text_ct: keyring.seal_str(documents::text_field(id), text).unwrap(),
+                data_key_id: key.id(),
+                patient_ref_ct: key.seal_str(documents::patient_ref_field(id), "PAT-1").unwrap(),
+                patient_index: patient_index.clone(),
+                text_ct: key.seal_str(documents::text_field(id), text).unwrap(),
                 source_ref_hmac: None,
                 document_date: None,
                 uploaded_by: self.uploader,
             };
-            let mut conn = self.db.api.acquire().await.unwrap();
             documents::insert(&mut conn, &doc).await.unwrap();
             clinflow::jobs::publish(&self.publisher, &self.topology, lane, id).await.unwrap();
             ids.push(id);
@@ -191,7 +195,7 @@ impl Setup {
         let medcat = MedcatClient::new(medcat_url, backoff).unwrap();
         let worker = Arc::new(Worker {
             db: self.db.worker.clone(),
-            keyring: Arc::new(testing::keyring()),
+            keys: Arc::new(testing::keys()),
             model_version: medcat.model_version().await.unwrap(),
             medcat,
             topology: self.topology.clone(),

@@ -1,0 +1,147 @@
+//! `clinflow-api keys …`: the operator's side of envelope encryption. The
+//! work is in `clinflow::keys::rotation`; this reads the environment,
+//! connects as the schema owner and reports progress on stderr.
+
+use std::io::BufRead;
+
+use anyhow::Context;
+use clap::{ArgGroup, Subcommand};
+use clinflow::audit::Actor;
+use clinflow::crypto::IndexKey;
+use clinflow::keys::{Keys, rotation};
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+const TOOL: &str = "clinflow-api";
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Data keys per key-encryption key (KEK), and format-1 rows left.
+    Status,
+    /// Re-wrap every data key not under the primary KEK (the first of
+    /// CLINFLOW_MASTER_KEY) under it, in batches; no document is decrypted.
+    /// Resumable: run it again after an interruption. Afterwards the old KEK
+    /// can be removed from CLINFLOW_MASTER_KEY.
+    Rotate {
+        /// Data keys per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+    },
+    /// Replace data keys suspected compromised: a new key per patient,
+    /// every document, result and break-glass reason of the patient sealed
+    /// again under it, the old key deleted (one transaction per patient).
+    #[command(group(ArgGroup::new("which").required(true).args(["data_key", "patient_stdin", "all"])))]
+    Reencrypt {
+        /// A data key by id (repeatable).
+        #[arg(long)]
+        data_key: Vec<Uuid>,
+        /// The patient whose reference is read from stdin (one line), so it
+        /// never appears in a process list or a shell history.
+        #[arg(long)]
+        patient_stdin: bool,
+        /// Every data key that exists when the command starts.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Seal the ciphertexts written before envelope keys (format 1, directly
+    /// under the master key, KEK "1") again under their patients' data keys;
+    /// afterwards KEK "1" can be retired. Resumable.
+    MigrateV1 {
+        /// Documents per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+    },
+}
+
+pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
+    let keys = Keys::new(clinflow::config::master_keys()?);
+    let db = owner_pool().await?;
+    let actor = Actor::operator(TOOL);
+    match command {
+        KeysCommand::Status => status(&db, &keys).await,
+        KeysCommand::Rotate { batch } => {
+            let pending = rotation::pending_rotation(&db, &keys).await?;
+            let total: i64 = pending.iter().map(|(_, n)| n).sum();
+            let from: Vec<String> = pending.iter().map(|(kek, n)| format!("{n} under {kek:?}")).collect();
+            eprintln!("rotating {total} data keys to KEK {:?} ({})", keys.keyring().primary(), from.join(", "));
+            let done = rotation::rotate(&db, &keys, &actor, batch.max(1), |done| {
+                eprintln!("re-wrapped {done}/{total}");
+            })
+            .await?;
+            println!("{done} data keys re-wrapped; every data key is under KEK {:?}", keys.keyring().primary());
+            Ok(())
+        }
+        KeysCommand::Reencrypt { data_key, patient_stdin, all } => {
+            let ids = if all {
+                rotation::keys_created_before(&db, time::OffsetDateTime::now_utc()).await?
+            } else if patient_stdin {
+                vec![patient_key(&db).await?]
+            } else {
+                data_key
+            };
+            let total = ids.len();
+            for (n, id) in ids.into_iter().enumerate() {
+                let r = rotation::reencrypt(&db, &keys, &actor, id).await.with_context(|| format!("data key {id}"))?;
+                eprintln!(
+                    "{}/{total}: data key {} replaced by {} ({} documents, {} results, {} break-glass reasons)",
+                    n + 1,
+                    r.old_key,
+                    r.new_key,
+                    r.documents,
+                    r.results,
+                    r.grants
+                );
+            }
+            println!("{total} data keys replaced");
+            Ok(())
+        }
+        KeysCommand::MigrateV1 { batch } => {
+            let index_key = IndexKey::new(clinflow::config::secret_bytes("CLINFLOW_INDEX_KEY")?);
+            let (documents, grants) = rotation::migrate_v1(&db, &keys, &index_key, &actor, batch.max(1), |done| {
+                eprintln!("migrated {done} documents");
+            })
+            .await?;
+            println!("{documents} documents and {grants} break-glass reasons moved to data keys; no format-1 row left");
+            Ok(())
+        }
+    }
+}
+
+async fn owner_pool() -> anyhow::Result<PgPool> {
+    let url = match clinflow::config::optional("MIGRATION_DATABASE_URL")? {
+        Some(_) => clinflow::config::url("MIGRATION_DATABASE_URL", &["postgres", "postgresql"])?,
+        None => crate::config::database_url()?,
+    };
+    PgPoolOptions::new().max_connections(2).connect(url.expose_secret()).await.context("connecting to PostgreSQL")
+}
+
+async fn patient_key(db: &PgPool) -> anyhow::Result<Uuid> {
+    let index_key = IndexKey::new(clinflow::config::secret_bytes("CLINFLOW_INDEX_KEY")?);
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("reading the patient reference from stdin")?;
+    let patient_ref = line.trim();
+    anyhow::ensure!(!patient_ref.is_empty(), "no patient reference on stdin");
+    let index = clinflow::documents::patient_index(&index_key, patient_ref);
+    rotation::key_of_patient(db, &index).await?.context("this patient has no data key (nothing stored for them)")
+}
+
+async fn status(db: &PgPool, keys: &Keys) -> anyhow::Result<()> {
+    let rows = sqlx::query!(r#"SELECT kek_id, count(*) AS "n!" FROM data_keys GROUP BY kek_id ORDER BY kek_id"#)
+        .fetch_all(db)
+        .await?;
+    for r in rows {
+        let note = match r.kek_id.as_str() {
+            k if k == keys.keyring().primary() => "primary",
+            k if keys.keyring().holds(k) => "held, not primary: run keys rotate",
+            _ => "NOT HELD: these keys cannot be opened",
+        };
+        println!("{:>10} data keys under KEK {:?} ({note})", r.n, r.kek_id);
+    }
+    let v1 = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM documents WHERE data_key_id IS NULL"#)
+        .fetch_one(db)
+        .await?;
+    println!("{v1:>10} documents of format 1 (run keys migrate-v1)");
+    Ok(())
+}

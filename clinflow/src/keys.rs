@@ -1,0 +1,324 @@
+//! Patients' data keys (table `data_keys`): created with a patient's first
+//! ciphertext in the caller's transaction, unwrapped through a bounded,
+//! time-limited cache shared by the process, and used to open any
+//! ciphertext (format 1 or 2). Rotation and re-encryption: [`rotation`].
+
+pub mod rotation;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::crypto::{CryptoError, DataKey, Envelope, Field, Keyring, WrappedKey, envelope};
+
+/// Unwrapped data keys kept per process, and for how long.
+pub const CACHE_CAPACITY: usize = 10_000;
+pub const CACHE_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Where a break-glass grant's reason is sealed (under the patient's key:
+/// free text about them, shredded with them).
+pub fn break_glass_reason_field(id: Uuid) -> Field {
+    Field { table: "break_glass_grants", column: "reason", row: id }
+}
+
+/// The key-encryption keys of this process and its cache of unwrapped data
+/// keys. One per process, shared (`Arc`).
+pub struct Keys {
+    keyring: Keyring,
+    cache: Cache,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys").field("keyring", &self.keyring).finish_non_exhaustive()
+    }
+}
+
+impl Keys {
+    pub fn new(keyring: Keyring) -> Self {
+        Self::with_cache(keyring, CACHE_CAPACITY, CACHE_TTL)
+    }
+
+    pub fn with_cache(keyring: Keyring, capacity: usize, ttl: Duration) -> Self {
+        Self { keyring, cache: Cache { entries: Mutex::default(), capacity: capacity.max(1), ttl } }
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The data key of a patient (by blind index), created if they have none,
+    /// in the caller's transaction.
+    pub async fn for_patient(&self, conn: &mut PgConnection, patient_index: &[u8]) -> Result<Arc<DataKey>, KeyError> {
+        let mut keys = self.for_patients(conn, &[patient_index]).await?;
+        keys.remove(patient_index).ok_or_else(|| KeyError::Database(sqlx::Error::RowNotFound))
+    }
+
+    /// The data key of each patient, those missing created in one statement
+    /// (a key another transaction created meanwhile wins, and is used).
+    pub async fn for_patients(
+        &self,
+        conn: &mut PgConnection,
+        patient_indexes: &[&[u8]],
+    ) -> Result<HashMap<Vec<u8>, Arc<DataKey>>, KeyError> {
+        let mut wanted = patient_indexes.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut found = self.select_for_patients(&mut *conn, &wanted).await?;
+        let missing: Vec<&[u8]> = wanted.into_iter().filter(|p| !found.contains_key(*p)).collect();
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let mut fresh = Vec::with_capacity(missing.len());
+        for patient in &missing {
+            let key = DataKey::generate();
+            let wrapped = self.keyring.wrap(&key, patient)?;
+            fresh.push((key, wrapped));
+        }
+        let ids: Vec<Uuid> = fresh.iter().map(|(k, _)| k.id()).collect();
+        let keks: Vec<&str> = fresh.iter().map(|(_, w)| w.kek_id.as_str()).collect();
+        let wrapped: Vec<&[u8]> = fresh.iter().map(|(_, w)| w.wrapped.as_slice()).collect();
+        let inserted: HashSet<Uuid> = sqlx::query_scalar!(
+            "INSERT INTO data_keys (id, patient_index, kek_id, wrapped)
+             SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::text[], $4::bytea[])
+             ON CONFLICT (patient_index) DO NOTHING
+             RETURNING id",
+            &ids,
+            &missing as &[&[u8]],
+            &keks as &[&str],
+            &wrapped as &[&[u8]],
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+        let mut raced = Vec::new();
+        for (key, wrapped) in fresh {
+            if inserted.contains(&key.id()) {
+                let key = Arc::new(key);
+                self.cache.insert(Arc::clone(&key));
+                found.insert(wrapped.patient_index, key);
+            } else {
+                raced.push(wrapped.patient_index);
+            }
+        }
+        if !raced.is_empty() {
+            let raced: Vec<&[u8]> = raced.iter().map(Vec::as_slice).collect();
+            found.extend(self.select_for_patients(conn, &raced).await?);
+        }
+        Ok(found)
+    }
+
+    /// FOR KEY SHARE: a `keys reencrypt` replacing one of these keys waits
+    /// for the caller's transaction, and the caller, if it came second, sees
+    /// the old key gone and picks up the new one (through the insert's
+    /// conflict), never sealing under a key being deleted.
+    async fn select_for_patients(
+        &self,
+        db: impl PgExecutor<'_>,
+        patient_indexes: &[&[u8]],
+    ) -> Result<HashMap<Vec<u8>, Arc<DataKey>>, KeyError> {
+        let rows = sqlx::query_as!(
+            WrappedKey,
+            "SELECT id, patient_index, kek_id, wrapped FROM data_keys WHERE patient_index = ANY($1) FOR KEY SHARE",
+            patient_indexes as &[&[u8]],
+        )
+        .fetch_all(db)
+        .await?;
+        rows.into_iter().map(|w| Ok((w.patient_index.clone(), self.unwrap(&w)?))).collect()
+    }
+
+    /// Unwraps a stored key, through the cache.
+    pub fn unwrap(&self, stored: &WrappedKey) -> Result<Arc<DataKey>, CryptoError> {
+        if let Some(key) = self.cache.get(stored.id) {
+            return Ok(key);
+        }
+        let key = Arc::new(self.keyring.unwrap(stored)?);
+        self.cache.insert(Arc::clone(&key));
+        Ok(key)
+    }
+
+    /// The data keys of `ids` (one query for those not cached); each is the
+    /// key or why it cannot be had (destroyed, or its KEK not held).
+    pub async fn by_id(
+        &self,
+        db: impl PgExecutor<'_>,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Result<Arc<DataKey>, CryptoError>>, KeyError> {
+        let mut keys = HashMap::with_capacity(ids.len());
+        let mut fetch = Vec::new();
+        for id in ids {
+            if keys.contains_key(id) {
+                continue;
+            }
+            match self.cache.get(*id) {
+                Some(key) => {
+                    keys.insert(*id, Ok(key));
+                }
+                None => fetch.push(*id),
+            }
+        }
+        fetch.sort_unstable();
+        fetch.dedup();
+        if !fetch.is_empty() {
+            let rows = sqlx::query_as!(
+                WrappedKey,
+                "SELECT id, patient_index, kek_id, wrapped FROM data_keys WHERE id = ANY($1)",
+                &fetch
+            )
+            .fetch_all(db)
+            .await?;
+            for row in rows {
+                keys.insert(row.id, self.unwrap(&row));
+            }
+            for id in fetch {
+                keys.entry(id).or_insert(Err(CryptoError::UnknownDataKey(id)));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// An opener for `ciphertexts`: the data keys they name are loaded at
+    /// once, so opening each is then a map lookup and AES.
+    pub async fn opener<'c>(
+        &self,
+        db: impl PgExecutor<'_>,
+        ciphertexts: impl IntoIterator<Item = &'c [u8]>,
+    ) -> Result<Opener<'_>, KeyError> {
+        let ids: Vec<Uuid> = ciphertexts
+            .into_iter()
+            .filter_map(|ct| match envelope(ct) {
+                Ok(Envelope::V2(id)) => Some(id),
+                _ => None,
+            })
+            .collect();
+        Ok(Opener { keyring: &self.keyring, keys: self.by_id(db, &ids).await? })
+    }
+
+    /// Opens one ciphertext of either format.
+    pub async fn open(&self, db: impl PgExecutor<'_>, field: Field, ciphertext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        Ok(self.opener(db, [ciphertext]).await?.open(field, ciphertext)?)
+    }
+
+    /// `open` for text.
+    pub async fn open_string(
+        &self,
+        db: impl PgExecutor<'_>,
+        field: Field,
+        ciphertext: &[u8],
+    ) -> Result<String, KeyError> {
+        Ok(self.opener(db, [ciphertext]).await?.open_string(field, ciphertext)?)
+    }
+
+    /// Drops a destroyed key from this process's cache.
+    pub fn forget(&self, id: Uuid) {
+        self.cache.remove(id);
+    }
+}
+
+/// Opens the ciphertexts it was made for ([`Keys::opener`]).
+pub struct Opener<'k> {
+    keyring: &'k Keyring,
+    keys: HashMap<Uuid, Result<Arc<DataKey>, CryptoError>>,
+}
+
+impl Opener<'_> {
+    pub fn open(&self, field: Field, ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        match envelope(ciphertext)? {
+            Envelope::V1 => self.keyring.open_v1(field, ciphertext),
+            Envelope::V2(id) => match self.keys.get(&id) {
+                Some(Ok(key)) => key.open(field, ciphertext),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err(CryptoError::UnknownDataKey(id)),
+            },
+        }
+    }
+
+    /// `open` for text; invalid UTF-8 after a successful open is corruption.
+    pub fn open_string(&self, field: Field, ciphertext: &[u8]) -> Result<String, CryptoError> {
+        String::from_utf8(self.open(field, ciphertext)?).map_err(|_| CryptoError::Malformed)
+    }
+}
+
+/// Unwrapped keys by id: at most `capacity`, each for at most `ttl` after it
+/// was unwrapped; a key leaving it is zeroized once its last user drops it.
+struct Cache {
+    entries: Mutex<HashMap<Uuid, (Arc<DataKey>, Instant)>>,
+    capacity: usize,
+    ttl: Duration,
+}
+
+impl Cache {
+    fn get(&self, id: Uuid) -> Option<Arc<DataKey>> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        match entries.get(&id) {
+            Some((key, at)) if at.elapsed() < self.ttl => Some(Arc::clone(key)),
+            Some(_) => {
+                entries.remove(&id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&self, key: Arc<DataKey>) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= self.capacity && !entries.contains_key(&key.id()) {
+            entries.retain(|_, (_, at)| at.elapsed() < self.ttl);
+            if entries.len() >= self.capacity {
+                let oldest = entries.iter().min_by_key(|(_, (_, at))| *at).map(|(id, _)| *id);
+                if let Some(oldest) = oldest {
+                    entries.remove(&oldest);
+                }
+            }
+        }
+        entries.insert(key.id(), (key, Instant::now()));
+    }
+
+    fn remove(&self, id: Uuid) {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(capacity: usize, ttl: Duration) -> Cache {
+        Cache { entries: Mutex::default(), capacity, ttl }
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_forgets_the_oldest() {
+        let c = cache(2, Duration::from_secs(60));
+        let keys: Vec<Arc<DataKey>> = (0..3).map(|_| Arc::new(DataKey::generate())).collect();
+        for k in &keys {
+            c.insert(Arc::clone(k));
+        }
+        assert!(c.get(keys[0].id()).is_none(), "the oldest went");
+        assert!(c.get(keys[1].id()).is_some() && c.get(keys[2].id()).is_some());
+        assert_eq!(Arc::strong_count(&keys[0]), 1, "nothing holds the evicted key but its user");
+        c.remove(keys[1].id());
+        assert!(c.get(keys[1].id()).is_none());
+    }
+
+    #[test]
+    fn cached_keys_expire() {
+        let c = cache(10, Duration::ZERO);
+        let key = Arc::new(DataKey::generate());
+        c.insert(Arc::clone(&key));
+        assert!(c.get(key.id()).is_none());
+        assert_eq!(Arc::strong_count(&key), 1);
+    }
+}

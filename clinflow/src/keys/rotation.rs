@@ -1,0 +1,365 @@
+//! Key management runs of `clinflow-api keys` (as the schema owner):
+//!
+//! - [`rotate`]: every data key not yet under the primary KEK is re-wrapped
+//!   under it — no document is decrypted, the data keys themselves do not
+//!   change, readers see no difference. Batches, each a transaction with its
+//!   audit event; resumable (it selects what is left).
+//! - [`reencrypt`]: a patient's data key is suspected compromised: a new key,
+//!   every ciphertext of the patient opened and sealed again under it, the
+//!   old key deleted, in one transaction.
+//! - [`migrate_v1`]: ciphertexts of format 1 (sealed directly under the
+//!   master key, before envelope keys) sealed again under their patients'
+//!   data keys, so KEK "1" can be retired.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::{KeyError, Keys, break_glass_reason_field};
+use crate::audit::{Action, Actor, AuditEvent, Outcome};
+use crate::crypto::{CryptoError, DataKey, Envelope, Field, IndexKey, WrappedKey, envelope};
+use crate::documents::{annotations_field, patient_index, patient_ref_field, text_field};
+use crate::outbox;
+
+async fn audit(conn: &mut PgConnection, event: AuditEvent) -> Result<(), KeyError> {
+    let message = outbox::Message::audit(&event).map_err(|e| KeyError::Database(sqlx::Error::Encode(Box::new(e))))?;
+    outbox::enqueue(conn, &[message]).await?;
+    Ok(())
+}
+
+/// How many data keys are not under the primary KEK, by KEK id.
+pub async fn pending_rotation(db: &PgPool, keys: &Keys) -> Result<Vec<(String, i64)>, KeyError> {
+    let rows = sqlx::query!(
+        r#"SELECT kek_id, count(*) AS "n!" FROM data_keys WHERE kek_id <> $1 GROUP BY kek_id ORDER BY kek_id"#,
+        keys.keyring().primary()
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.kek_id, r.n)).collect())
+}
+
+/// Re-wraps every data key not under the primary KEK, `batch` at a time;
+/// `progress(done)` after each committed batch. A key whose KEK this
+/// process does not hold stops the run (fail closed, naming the KEK);
+/// run it again with that KEK in `CLINFLOW_MASTER_KEY`.
+pub async fn rotate(
+    db: &PgPool,
+    keys: &Keys,
+    actor: &Actor,
+    batch: i64,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, KeyError> {
+    let primary = keys.keyring().primary().to_owned();
+    let mut done = 0_u64;
+    loop {
+        let mut tx = db.begin().await?;
+        // NO KEY UPDATE: uploads referencing these keys (KEY SHARE) go on.
+        let rows = sqlx::query_as!(
+            WrappedKey,
+            "SELECT id, patient_index, kek_id, wrapped FROM data_keys
+             WHERE kek_id <> $1 ORDER BY id LIMIT $2 FOR NO KEY UPDATE",
+            primary,
+            batch
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(done);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut wrapped = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let key = keys.keyring().unwrap(row)?;
+            ids.push(row.id);
+            wrapped.push(keys.keyring().wrap(&key, &row.patient_index)?.wrapped);
+        }
+        sqlx::query!(
+            "UPDATE data_keys k SET kek_id = $1, wrapped = u.wrapped, rotated_at = now()
+             FROM UNNEST($2::uuid[], $3::bytea[]) AS u(id, wrapped) WHERE k.id = u.id",
+            primary,
+            &ids,
+            &wrapped,
+        )
+        .execute(&mut *tx)
+        .await?;
+        let event = AuditEvent::new(Action::KeysRotate, actor.clone(), Outcome::Success)
+            .resource("data_keys", &ids.len().to_string())
+            .reason(&format!("kek:{primary}"));
+        audit(&mut tx, event).await?;
+        tx.commit().await?;
+        done += ids.len() as u64;
+        progress(done);
+    }
+}
+
+/// What [`reencrypt`] rewrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reencrypted {
+    pub old_key: Uuid,
+    pub new_key: Uuid,
+    pub documents: usize,
+    pub results: usize,
+    pub grants: usize,
+}
+
+/// Opens with the old data key (or the master key, format 1).
+fn open_with(keys: &Keys, old: &DataKey, field: Field, ct: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    match envelope(ct)? {
+        Envelope::V1 => keys.keyring().open_v1(field, ct),
+        Envelope::V2(_) => old.open(field, ct),
+    }
+}
+
+/// Replaces the data key `old_key` with a new one: every document, result
+/// and break-glass reason of its patient is opened and sealed again under
+/// the new key, and the old key deleted, in one transaction (uploads for the
+/// patient wait for it).
+pub async fn reencrypt(db: &PgPool, keys: &Keys, actor: &Actor, old_key: Uuid) -> Result<Reencrypted, KeyError> {
+    let mut tx = db.begin().await?;
+    sqlx::query!("SET CONSTRAINTS documents_data_key_id_fkey DEFERRED").execute(&mut *tx).await?;
+    let stored = sqlx::query_as!(
+        WrappedKey,
+        "SELECT id, patient_index, kek_id, wrapped FROM data_keys WHERE id = $1 FOR UPDATE",
+        old_key
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(CryptoError::UnknownDataKey(old_key))?;
+    let old = keys.keyring().unwrap(&stored)?;
+    let docs = sqlx::query!(
+        "SELECT id, patient_ref_ct, text_ct FROM documents WHERE data_key_id = $1 ORDER BY id FOR UPDATE",
+        old_key
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let doc_ids: Vec<Uuid> = docs.iter().map(|d| d.id).collect();
+    let results = sqlx::query!(
+        "SELECT document_id, model_version, annotations_ct FROM document_results
+         WHERE document_id = ANY($1) FOR UPDATE",
+        &doc_ids
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let grants = sqlx::query!(
+        "SELECT id, reason_ct FROM break_glass_grants WHERE patient_index = $1 FOR UPDATE",
+        stored.patient_index
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+
+    sqlx::query!("DELETE FROM data_keys WHERE id = $1", old_key).execute(&mut *tx).await?;
+    let new = DataKey::generate();
+    let wrapped = keys.keyring().wrap(&new, &stored.patient_index)?;
+    sqlx::query!(
+        "INSERT INTO data_keys (id, patient_index, kek_id, wrapped) VALUES ($1, $2, $3, $4)",
+        new.id(),
+        wrapped.patient_index,
+        wrapped.kek_id,
+        wrapped.wrapped
+    )
+    .execute(&mut *tx)
+    .await?;
+
+    let (mut refs, mut texts) = (Vec::with_capacity(docs.len()), Vec::with_capacity(docs.len()));
+    for d in &docs {
+        let patient = open_with(keys, &old, patient_ref_field(d.id), &d.patient_ref_ct)?;
+        refs.push(new.seal(patient_ref_field(d.id), &patient)?);
+        let text = open_with(keys, &old, text_field(d.id), &d.text_ct)?;
+        texts.push(new.seal(text_field(d.id), &text)?);
+    }
+    sqlx::query!(
+        "UPDATE documents d SET data_key_id = $1, patient_ref_ct = u.p, text_ct = u.t
+         FROM UNNEST($2::uuid[], $3::bytea[], $4::bytea[]) AS u(id, p, t) WHERE d.id = u.id",
+        new.id(),
+        &doc_ids,
+        &refs,
+        &texts,
+    )
+    .execute(&mut *tx)
+    .await?;
+    let mut sealed = Vec::with_capacity(results.len());
+    for r in &results {
+        let plain = open_with(keys, &old, annotations_field(r.document_id), &r.annotations_ct)?;
+        sealed.push(new.seal(annotations_field(r.document_id), &plain)?);
+    }
+    let result_docs: Vec<Uuid> = results.iter().map(|r| r.document_id).collect();
+    let models: Vec<String> = results.iter().map(|r| r.model_version.clone()).collect();
+    store_results(&mut tx, &result_docs, &models, &sealed).await?;
+    let mut reasons = Vec::with_capacity(grants.len());
+    for g in &grants {
+        let plain = open_with(keys, &old, break_glass_reason_field(g.id), &g.reason_ct)?;
+        reasons.push(new.seal(break_glass_reason_field(g.id), &plain)?);
+    }
+    let grant_ids: Vec<Uuid> = grants.iter().map(|g| g.id).collect();
+    store_reasons(&mut tx, &grant_ids, &reasons).await?;
+
+    let event = AuditEvent::new(Action::KeysReencrypt, actor.clone(), Outcome::Success)
+        .resource("data_key", &old_key.to_string())
+        .reason(&format!("replaced_by:{}", new.id()));
+    audit(&mut tx, event).await?;
+    tx.commit().await?;
+    keys.forget(old_key);
+    Ok(Reencrypted { old_key, new_key: new.id(), documents: docs.len(), results: results.len(), grants: grants.len() })
+}
+
+/// Every data key id, oldest first, created before `before` (for
+/// `reencrypt --all`, which must not visit the keys it creates).
+pub async fn keys_created_before(db: &PgPool, before: time::OffsetDateTime) -> Result<Vec<Uuid>, KeyError> {
+    Ok(sqlx::query_scalar!("SELECT id FROM data_keys WHERE created_at < $1 ORDER BY id", before).fetch_all(db).await?)
+}
+
+/// The data key of a patient, if they have one.
+pub async fn key_of_patient(db: &PgPool, patient_index: &[u8]) -> Result<Option<Uuid>, KeyError> {
+    Ok(sqlx::query_scalar!("SELECT id FROM data_keys WHERE patient_index = $1", patient_index)
+        .fetch_optional(db)
+        .await?)
+}
+
+async fn store_results(
+    conn: &mut PgConnection,
+    docs: &[Uuid],
+    models: &[String],
+    sealed: &[Vec<u8>],
+) -> Result<(), KeyError> {
+    sqlx::query!(
+        "UPDATE document_results r SET annotations_ct = u.ct
+         FROM UNNEST($1::uuid[], $2::text[], $3::bytea[]) AS u(id, model, ct)
+         WHERE r.document_id = u.id AND r.model_version = u.model",
+        docs,
+        models,
+        sealed,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn store_reasons(conn: &mut PgConnection, ids: &[Uuid], sealed: &[Vec<u8>]) -> Result<(), KeyError> {
+    sqlx::query!(
+        "UPDATE break_glass_grants g SET reason_ct = u.ct
+         FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, ct) WHERE g.id = u.id",
+        ids,
+        sealed,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Seals every format-1 ciphertext again under its patient's data key
+/// (created where missing), `batch` documents per transaction, then the
+/// break-glass reasons; fills the patient index of rows from before it.
+/// Returns (documents, grants) moved. Resumable: it selects what is left.
+pub async fn migrate_v1(
+    db: &PgPool,
+    keys: &Keys,
+    index_key: &IndexKey,
+    actor: &Actor,
+    batch: i64,
+    mut progress: impl FnMut(u64),
+) -> Result<(u64, u64), KeyError> {
+    let mut documents = 0_u64;
+    loop {
+        let mut tx = db.begin().await?;
+        let docs = sqlx::query!(
+            "SELECT id, patient_ref_ct, text_ct FROM documents WHERE data_key_id IS NULL
+             ORDER BY id LIMIT $1 FOR UPDATE",
+            batch
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if docs.is_empty() {
+            break;
+        }
+        let ring = keys.keyring();
+        let mut plain = Vec::with_capacity(docs.len());
+        for d in &docs {
+            let patient = String::from_utf8(ring.open_v1(patient_ref_field(d.id), &d.patient_ref_ct)?)
+                .map_err(|_| CryptoError::Malformed)?;
+            let text = ring.open_v1(text_field(d.id), &d.text_ct)?;
+            plain.push((d.id, patient_index(index_key, &patient), patient, text));
+        }
+        let indexes: Vec<&[u8]> = plain.iter().map(|p| p.1.as_slice()).collect();
+        let data_keys = keys.for_patients(&mut tx, &indexes).await?;
+        let key_of = |index: &[u8]| data_keys.get(index).ok_or(CryptoError::UnknownDataKey(Uuid::nil()));
+        let ids: Vec<Uuid> = plain.iter().map(|p| p.0).collect();
+        let (mut key_ids, mut pidx, mut refs, mut texts) = (vec![], vec![], vec![], vec![]);
+        for (id, index, patient, text) in &plain {
+            let key = key_of(index)?;
+            key_ids.push(key.id());
+            pidx.push(index.clone());
+            refs.push(key.seal_str(patient_ref_field(*id), patient)?);
+            texts.push(key.seal(text_field(*id), text)?);
+        }
+        sqlx::query!(
+            "UPDATE documents d SET data_key_id = u.k, patient_index = u.pi, patient_ref_ct = u.p, text_ct = u.t
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[]) AS u(id, k, pi, p, t)
+             WHERE d.id = u.id",
+            &ids,
+            &key_ids,
+            &pidx,
+            &refs,
+            &texts,
+        )
+        .execute(&mut *tx)
+        .await?;
+        let results = sqlx::query!(
+            "SELECT document_id, model_version, annotations_ct FROM document_results
+             WHERE document_id = ANY($1) FOR UPDATE",
+            &ids
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut sealed = Vec::with_capacity(results.len());
+        for r in &results {
+            let index = &plain.iter().find(|p| p.0 == r.document_id).ok_or(CryptoError::Malformed)?.1;
+            let annotations = match envelope(&r.annotations_ct)? {
+                Envelope::V1 => ring.open_v1(annotations_field(r.document_id), &r.annotations_ct)?,
+                Envelope::V2(_) => keys
+                    .opener(&mut *tx, [r.annotations_ct.as_slice()])
+                    .await?
+                    .open(annotations_field(r.document_id), &r.annotations_ct)?,
+            };
+            sealed.push(key_of(index)?.seal(annotations_field(r.document_id), &annotations)?);
+        }
+        let result_docs: Vec<Uuid> = results.iter().map(|r| r.document_id).collect();
+        let models: Vec<String> = results.iter().map(|r| r.model_version.clone()).collect();
+        store_results(&mut tx, &result_docs, &models, &sealed).await?;
+        let event = AuditEvent::new(Action::KeysMigrateV1, actor.clone(), Outcome::Success)
+            .resource("documents", &ids.len().to_string());
+        audit(&mut tx, event).await?;
+        tx.commit().await?;
+        documents += ids.len() as u64;
+        progress(documents);
+    }
+    let grants = migrate_v1_reasons(db, keys, actor).await?;
+    Ok((documents, grants))
+}
+
+/// Break-glass reasons of format 1, under their patients' data keys.
+async fn migrate_v1_reasons(db: &PgPool, keys: &Keys, actor: &Actor) -> Result<u64, KeyError> {
+    let mut tx = db.begin().await?;
+    let grants = sqlx::query!(
+        "SELECT id, patient_index, reason_ct FROM break_glass_grants
+         WHERE get_byte(reason_ct, 0) = 1 FOR UPDATE"
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if grants.is_empty() {
+        return Ok(0);
+    }
+    let indexes: Vec<&[u8]> = grants.iter().map(|g| g.patient_index.as_slice()).collect();
+    let data_keys = keys.for_patients(&mut tx, &indexes).await?;
+    let mut sealed = Vec::with_capacity(grants.len());
+    for g in &grants {
+        let reason = keys.keyring().open_v1(break_glass_reason_field(g.id), &g.reason_ct)?;
+        let key = data_keys.get(&g.patient_index).ok_or(CryptoError::UnknownDataKey(Uuid::nil()))?;
+        sealed.push(key.seal(break_glass_reason_field(g.id), &reason)?);
+    }
+    let ids: Vec<Uuid> = grants.iter().map(|g| g.id).collect();
+    store_reasons(&mut tx, &ids, &sealed).await?;
+    let event = AuditEvent::new(Action::KeysMigrateV1, actor.clone(), Outcome::Success)
+        .resource("break_glass_grants", &ids.len().to_string());
+    audit(&mut tx, event).await?;
+    tx.commit().await?;
+    Ok(ids.len() as u64)
+}
