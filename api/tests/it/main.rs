@@ -13,6 +13,7 @@ mod database;
 mod health;
 mod ingest;
 mod jobs;
+mod openapi;
 mod ops;
 mod outbox;
 mod pipeline;
