@@ -3,7 +3,7 @@
 //! audited; nothing here returns document content or a patient reference.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use clinflow::audit::{Action, Outcome};
 use clinflow::wire::ErrorBody;
@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, JsonBody};
+use crate::auth::{AuthUser, JsonBody, PathParams};
 use crate::care;
 use crate::error::ApiError;
 use crate::users::{self, Role, UserError};
@@ -241,7 +241,7 @@ struct UserChange {
 async fn update_user(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
     JsonBody(req): JsonBody<UserChange>,
 ) -> Result<StatusCode, ApiError> {
     if id == admin.id && (req.disabled == Some(true) || req.role.is_some_and(|r| r != Role::Admin)) {
@@ -312,7 +312,7 @@ struct NewPassword {
 async fn reset_password(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
     JsonBody(req): JsonBody<NewPassword>,
 ) -> Result<StatusCode, ApiError> {
     users::valid_password(&req.password).map_err(user_error)?;
@@ -366,7 +366,7 @@ struct SessionView {
 async fn sessions(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<Vec<SessionView>>, ApiError> {
     let rows = sqlx::query!(
         "SELECT id, created_at, last_seen_at, expires_at, source_ip FROM sessions
@@ -412,7 +412,7 @@ struct Revoked {
 async fn revoke_sessions(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<Revoked>, ApiError> {
     let mut tx = state.db.begin().await?;
     let revoked = sqlx::query!("UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL", id)
@@ -460,7 +460,7 @@ struct ApiKeyCreated {
 async fn create_api_key(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
     JsonBody(body): JsonBody<NewApiKey>,
 ) -> Result<(StatusCode, Json<ApiKeyCreated>), ApiError> {
     let label = body.label.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
@@ -524,7 +524,7 @@ struct ApiKeyView {
 async fn api_keys(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<Vec<ApiKeyView>>, ApiError> {
     let keys = sqlx::query_as!(
         ApiKeyView,
@@ -553,7 +553,7 @@ async fn api_keys(
 async fn revoke_api_key(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &id.to_string());
     let message = clinflow::outbox::Message::audit(&event.reason("revoke")).map_err(anyhow::Error::new)?;
@@ -673,7 +673,7 @@ async fn team_change(state: &AppState, admin: &AuthUser, team: Uuid, change: &st
 async fn add_member(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path((team, user)): Path<(Uuid, Uuid)>,
+    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let role = sqlx::query_scalar!("SELECT role FROM users WHERE id = $1", user)
         .fetch_optional(&state.db)
@@ -711,7 +711,7 @@ async fn add_member(
 async fn remove_member(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path((team, user)): Path<(Uuid, Uuid)>,
+    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let removed = sqlx::query!("DELETE FROM care_team_members WHERE team_id = $1 AND user_id = $2", team, user)
         .execute(&state.db)
@@ -749,7 +749,7 @@ struct PatientRef {
 async fn add_patient(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(team): Path<Uuid>,
+    PathParams(team): PathParams<Uuid>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
     let patient_ref = crate::documents::valid_patient_ref(&req.patient_ref)?;
@@ -778,7 +778,7 @@ async fn add_patient(
 async fn remove_patient(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(team): Path<Uuid>,
+    PathParams(team): PathParams<Uuid>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
     let patient_ref = crate::documents::valid_patient_ref(&req.patient_ref)?;

@@ -5,7 +5,7 @@
 //! before it is answered.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::Method;
 use clinflow::audit::{Action, Outcome};
 use clinflow::chain::{self, ChainError};
@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::access::{Access, Endpoint};
-use crate::auth::AuthUser;
+use crate::auth::{AuthUser, QueryParams};
 use crate::error::ApiError;
 use crate::users::Role;
 
@@ -105,7 +105,7 @@ pub struct StoredEvent {
 async fn events(
     State(state): State<AppState>,
     user: AuthUser,
-    Query(q): Query<EventQuery>,
+    QueryParams(q): QueryParams<EventQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
     let db = audit_db(&state)?;
     let limit = q.limit.unwrap_or(100);

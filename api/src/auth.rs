@@ -291,6 +291,17 @@ pub async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<AuthUse
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct JsonBody<T>(pub T);
 
+/// `axum::extract::Path` whose refusal (an id that is no UUID) is the JSON
+/// error `invalid_path`, not axum's plain text that quotes the value.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct PathParams<T>(pub T);
+
+/// `axum::extract::Query` whose refusal is the JSON error `invalid_query`.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct QueryParams<T>(pub T);
+
 /// Log in with a username and password.
 ///
 /// The token lasts 8 hours at most and ends after 15 idle minutes, at

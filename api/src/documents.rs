@@ -1,7 +1,7 @@
 //! Upload a document; read a document and its results.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode};
 use clinflow::amqp::Lane;
 use clinflow::annotation::Annotation;
@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, JsonBody};
+use crate::auth::{AuthUser, JsonBody, PathParams};
 use crate::care;
 use crate::error::ApiError;
 use crate::idempotency;
@@ -90,7 +90,7 @@ async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Re
 async fn status(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<DocumentStatus>, ApiError> {
     let found = visible_statuses(&state, &user, &[id]).await?;
     found.documents.into_iter().next().map(Json).ok_or(ApiError::NotFound)
@@ -334,7 +334,7 @@ pub struct DocumentResponse {
 async fn read(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<DocumentResponse>, ApiError> {
     let Some(row) = documents::get(&state.db, id).await? else {
         state.audit(&user.event(Action::DocumentRead, Outcome::Failure).document(id).reason("not_found")).await?;

@@ -7,8 +7,9 @@
 //! [`access::endpoints`] and adds to every operation what the router gives
 //! it, so that the two cannot disagree: the bearer security requirement and
 //! the roles allowed (`x-roles` and a line of the description), the guard's
-//! 401 and 403, the errors of a JSON body (400, 413, 415, 422) and of an
-//! unreachable database (503), each with the one error body. A test holds
+//! 401 and 403, the errors of a path or query parameter (400), of a JSON
+//! body (400, 413, 415, 422) and of an unreachable database (503), each with
+//! the one error body. A test holds
 //! the operations equal to the routes.
 
 use std::sync::LazyLock;
@@ -18,7 +19,7 @@ use axum::http::Method;
 use axum::response::Html;
 use clinflow::wire::{ErrorBody, ErrorDetail};
 use utoipa::OpenApi;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
@@ -145,6 +146,15 @@ fn describe_access(operation: &mut Operation, access: &Access) {
         add_error(operation, 403, "forbidden", "the caller's role may not call this");
         add_error(operation, 500, "internal", "an unexpected failure; the `x-request-id` header identifies it");
         add_error(operation, 503, "unavailable", "the database is unreachable; retry after `Retry-After`");
+    }
+    let has = |operation: &Operation, place: ParameterIn| {
+        operation.parameters.iter().flatten().any(|p| matches!(p, RefOr::T(p) if p.parameter_in == place))
+    };
+    if has(operation, ParameterIn::Path) {
+        add_error(operation, 400, "invalid_path", "a path parameter is not valid (an id that is no UUID)");
+    }
+    if has(operation, ParameterIn::Query) {
+        add_error(operation, 400, "invalid_query", "a query parameter is unknown or of the wrong type");
     }
     let json_body = matches!(
         &operation.request_body,
