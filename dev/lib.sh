@@ -76,3 +76,22 @@ stop_pidfile() {
   fi
   rm -f "$pidfile"
 }
+
+# Prints the path of openapi-spec-validator, installed (pinned) into a venv
+# under .dev/ the first time: the api's tests validate /openapi.json with it.
+OPENAPI_VALIDATOR_VERSION=0.9.0
+ensure_openapi_validator() {
+  local venv="$CLINFLOW_ROOT/.dev/openapi-validator"
+  mkdir -p "$CLINFLOW_ROOT/.dev"
+  (
+    flock 9
+    if [ "$(cat "$venv/.version" 2>/dev/null)" != "$OPENAPI_VALIDATOR_VERSION" ]; then
+      say "installing openapi-spec-validator $OPENAPI_VALIDATOR_VERSION into $venv"
+      rm -rf "$venv"
+      python3 -m venv "$venv" >&2
+      "$venv/bin/pip" install -q --disable-pip-version-check "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION" >&2
+      echo "$OPENAPI_VALIDATOR_VERSION" > "$venv/.version"
+    fi
+  ) 9>"$CLINFLOW_ROOT/.dev/openapi-validator.lock"
+  echo "$venv/bin/openapi-spec-validator"
+}

@@ -82,6 +82,7 @@ pub fn endpoints() -> Vec<Endpoint> {
     all.extend(crate::ops::endpoints());
     all.extend(crate::audit_api::endpoints());
     all.extend(crate::health_endpoints());
+    all.extend(crate::openapi::endpoints());
     all
 }
 

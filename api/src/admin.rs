@@ -3,21 +3,44 @@
 //! audited; nothing here returns document content or a patient reference.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use clinflow::audit::{Action, Outcome};
+use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, JsonBody};
+use crate::auth::{AuthUser, JsonBody, PathParams};
 use crate::care;
 use crate::error::ApiError;
 use crate::users::{self, Role, UserError};
 
 const ADMINS: &[Role] = &[Role::Admin];
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list_users,
+    create_user,
+    update_user,
+    reset_password,
+    sessions,
+    revoke_sessions,
+    create_service_account,
+    api_keys,
+    create_api_key,
+    revoke_api_key,
+    list_teams,
+    create_team,
+    add_member,
+    remove_member,
+    add_patient,
+    remove_patient,
+    break_glass_grants
+))]
+pub(crate) struct Doc;
 
 pub fn endpoints() -> Vec<Endpoint> {
     use Method as M;
@@ -79,7 +102,7 @@ fn user_error(e: UserError) -> ApiError {
     }
 }
 
-#[derive(Serialize, sqlx::FromRow)]
+#[derive(Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct UserView {
     id: Uuid,
     username: String,
@@ -93,6 +116,15 @@ pub struct UserView {
     locked_until: Option<OffsetDateTime>,
 }
 
+/// Every account, by username (no password hashes).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The accounts", body = Vec<UserView>),
+    ),
+)]
 async fn list_users(State(state): State<AppState>, admin: AuthUser) -> Result<Json<Vec<UserView>>, ApiError> {
     let users = sqlx::query_as!(
         UserView,
@@ -106,7 +138,7 @@ async fn list_users(State(state): State<AppState>, admin: AuthUser) -> Result<Js
     Ok(Json(users))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
     username: String,
@@ -114,11 +146,23 @@ struct NewUser {
     password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Created {
     id: Uuid,
 }
 
+/// Create a person's account.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users",
+    tag = "admin",
+    request_body = NewUser,
+    responses(
+        (status = 201, description = "Created", body = Created),
+        (status = 409, description = "- `user_exists`: a user with this username exists", body = ErrorBody),
+        (status = 422, description = "- `invalid_username`: not 1-64 characters of letters, digits and . _ @ -\n- `weak_password`: under 12 characters", body = ErrorBody),
+    ),
+)]
 async fn create_user(
     State(state): State<AppState>,
     admin: AuthUser,
@@ -131,7 +175,7 @@ async fn create_user(
     Ok((StatusCode::CREATED, Json(Created { id })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewServiceAccount {
     username: String,
@@ -139,6 +183,17 @@ struct NewServiceAccount {
 
 /// A service account: role ingest, no password (it cannot log in), used
 /// only with API keys.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/service-accounts",
+    tag = "admin",
+    request_body = NewServiceAccount,
+    responses(
+        (status = 201, description = "Created", body = Created),
+        (status = 409, description = "- `user_exists`: a user with this username exists", body = ErrorBody),
+        (status = 422, description = "- `invalid_username`: not 1-64 characters of letters, digits and . _ @ -", body = ErrorBody),
+    ),
+)]
 async fn create_service_account(
     State(state): State<AppState>,
     admin: AuthUser,
@@ -162,7 +217,7 @@ async fn create_service_account(
     Ok((StatusCode::CREATED, Json(Created { id })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UserChange {
     role: Option<Role>,
@@ -171,10 +226,22 @@ struct UserChange {
 
 /// Changes a user's role or disables (or enables) them. Disabling also
 /// ends their sessions; both take effect on their next request.
+#[utoipa::path(
+    patch,
+    path = "/v1/admin/users/{id}",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    request_body = UserChange,
+    responses(
+        (status = 204, description = "Changed"),
+        (status = 404, description = "- `not_found`: no such user", body = ErrorBody),
+        (status = 422, description = "- `own_account`: an admin cannot disable or demote themselves\n- `service_account_role`: service accounts hold the ingest role only\n- `no_change`: neither `role` nor `disabled` given", body = ErrorBody),
+    ),
+)]
 async fn update_user(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
     JsonBody(req): JsonBody<UserChange>,
 ) -> Result<StatusCode, ApiError> {
     if id == admin.id && (req.disabled == Some(true) || req.role.is_some_and(|r| r != Role::Admin)) {
@@ -223,17 +290,29 @@ async fn update_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewPassword {
     password: String,
 }
 
 /// Sets a person's password, clears their lockout and ends their sessions.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users/{id}/password",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    request_body = NewPassword,
+    responses(
+        (status = 204, description = "Set; their lockout cleared and their sessions ended"),
+        (status = 404, description = "- `not_found`: no such person (service accounts have no password)", body = ErrorBody),
+        (status = 422, description = "- `weak_password`: under 12 characters", body = ErrorBody),
+    ),
+)]
 async fn reset_password(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
     JsonBody(req): JsonBody<NewPassword>,
 ) -> Result<StatusCode, ApiError> {
     users::valid_password(&req.password).map_err(user_error)?;
@@ -262,7 +341,7 @@ async fn reset_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct SessionView {
     id: Uuid,
     #[serde(with = "time::serde::rfc3339")]
@@ -275,10 +354,19 @@ struct SessionView {
 }
 
 /// A user's live sessions (not revoked, expired or idle past the timeout).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users/{id}/sessions",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "Their live sessions", body = Vec<SessionView>),
+    ),
+)]
 async fn sessions(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<Vec<SessionView>>, ApiError> {
     let rows = sqlx::query!(
         "SELECT id, created_at, last_seen_at, expires_at, source_ip FROM sessions
@@ -306,16 +394,25 @@ async fn sessions(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Revoked {
     revoked: u64,
 }
 
 /// Force logout: every session of the user ends; their next request is 401.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/users/{id}/sessions",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "How many sessions ended", body = Revoked),
+    ),
+)]
 async fn revoke_sessions(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<Revoked>, ApiError> {
     let mut tx = state.db.begin().await?;
     let revoked = sqlx::query!("UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL", id)
@@ -333,24 +430,37 @@ async fn revoke_sessions(
     Ok(Json(Revoked { revoked }))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewApiKey {
     #[serde(default)]
     label: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ApiKeyCreated {
     id: Uuid,
     /// Shown once: only its keyed hash is stored.
     key: String,
 }
 
+/// A new API key for a service account, shown once.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users/{id}/api-keys",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    request_body = NewApiKey,
+    responses(
+        (status = 201, description = "The key, shown this once", body = ApiKeyCreated),
+        (status = 404, description = "- `not_found`: no such enabled user", body = ErrorBody),
+        (status = 422, description = "- `invalid_label`: not up to 64 characters of letters, digits and ._@ -\n- `not_a_service_account`: API keys are for service accounts only", body = ErrorBody),
+    ),
+)]
 async fn create_api_key(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
     JsonBody(body): JsonBody<NewApiKey>,
 ) -> Result<(StatusCode, Json<ApiKeyCreated>), ApiError> {
     let label = body.label.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
@@ -389,7 +499,7 @@ async fn create_api_key(
     Ok((StatusCode::CREATED, Json(ApiKeyCreated { id: key_id, key })))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ApiKeyView {
     id: Uuid,
     label: Option<String>,
@@ -401,10 +511,20 @@ struct ApiKeyView {
     revoked_at: Option<OffsetDateTime>,
 }
 
+/// A service account's API keys (never the keys themselves).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users/{id}/api-keys",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "Its keys", body = Vec<ApiKeyView>),
+    ),
+)]
 async fn api_keys(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<Vec<ApiKeyView>>, ApiError> {
     let keys = sqlx::query_as!(
         ApiKeyView,
@@ -419,10 +539,21 @@ async fn api_keys(
     Ok(Json(keys))
 }
 
+/// Revoke an API key: requests with it are refused from now on.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/api-keys/{id}",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The API key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "- `not_found`: no such key", body = ErrorBody),
+    ),
+)]
 async fn revoke_api_key(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &id.to_string());
     let message = clinflow::outbox::Message::audit(&event.reason("revoke")).map_err(anyhow::Error::new)?;
@@ -439,7 +570,7 @@ async fn revoke_api_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct TeamView {
     id: Uuid,
     name: String,
@@ -447,6 +578,15 @@ struct TeamView {
     patients: i64,
 }
 
+/// Every care team: its members and how many patients it holds.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/teams",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The teams", body = Vec<TeamView>),
+    ),
+)]
 async fn list_teams(State(state): State<AppState>, admin: AuthUser) -> Result<Json<Vec<TeamView>>, ApiError> {
     let rows = sqlx::query!(
         r#"SELECT t.id, t.name,
@@ -465,12 +605,24 @@ async fn list_teams(State(state): State<AppState>, admin: AuthUser) -> Result<Js
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewTeam {
     name: String,
 }
 
+/// Create a care team.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/teams",
+    tag = "admin",
+    request_body = NewTeam,
+    responses(
+        (status = 201, description = "Created", body = Created),
+        (status = 409, description = "- `team_exists`: a care team with this name exists", body = ErrorBody),
+        (status = 422, description = "- `invalid_team_name`: not 1-64 characters of letters, digits and ._@ -", body = ErrorBody),
+    ),
+)]
 async fn create_team(
     State(state): State<AppState>,
     admin: AuthUser,
@@ -507,10 +659,21 @@ async fn team_change(state: &AppState, admin: &AuthUser, team: Uuid, change: &st
 }
 
 /// Adds a clinician to a team (members must be clinicians).
+#[utoipa::path(
+    put,
+    path = "/v1/admin/teams/{id}/members/{user_id}",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
+    responses(
+        (status = 204, description = "A member (already or now)"),
+        (status = 404, description = "- `not_found`: no such team or user", body = ErrorBody),
+        (status = 422, description = "- `not_a_clinician`: care team members are clinicians", body = ErrorBody),
+    ),
+)]
 async fn add_member(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path((team, user)): Path<(Uuid, Uuid)>,
+    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let role = sqlx::query_scalar!("SELECT role FROM users WHERE id = $1", user)
         .fetch_optional(&state.db)
@@ -534,10 +697,21 @@ async fn add_member(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Remove a clinician from a team.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/teams/{id}/members/{user_id}",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "- `not_found`: not a member of this team", body = ErrorBody),
+    ),
+)]
 async fn remove_member(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path((team, user)): Path<(Uuid, Uuid)>,
+    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let removed = sqlx::query!("DELETE FROM care_team_members WHERE team_id = $1 AND user_id = $2", team, user)
         .execute(&state.db)
@@ -553,17 +727,29 @@ async fn team_exists(state: &AppState, team: Uuid) -> Result<bool, ApiError> {
     Ok(sqlx::query_scalar!("SELECT id FROM care_teams WHERE id = $1", team).fetch_optional(&state.db).await?.is_some())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatientRef {
     patient_ref: String,
 }
 
 /// Puts a patient (by reference; stored as its blind index) in a team.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/teams/{id}/patients",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The care team's id")),
+    request_body = PatientRef,
+    responses(
+        (status = 204, description = "In the team (already or now)"),
+        (status = 404, description = "- `not_found`: no such team", body = ErrorBody),
+        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters", body = ErrorBody),
+    ),
+)]
 async fn add_patient(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(team): Path<Uuid>,
+    PathParams(team): PathParams<Uuid>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
     let patient_ref = crate::documents::valid_patient_ref(&req.patient_ref)?;
@@ -576,10 +762,23 @@ async fn add_patient(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Take a patient (by reference) out of a team.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/teams/{id}/patients/remove",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The care team's id")),
+    request_body = PatientRef,
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "- `not_found`: the patient is not in this team", body = ErrorBody),
+        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters", body = ErrorBody),
+    ),
+)]
 async fn remove_patient(
     State(state): State<AppState>,
     admin: AuthUser,
-    Path(team): Path<Uuid>,
+    PathParams(team): PathParams<Uuid>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
     let patient_ref = crate::documents::valid_patient_ref(&req.patient_ref)?;
@@ -594,7 +793,7 @@ async fn remove_patient(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct GrantView {
     id: Uuid,
     user_id: Uuid,
@@ -611,6 +810,14 @@ struct GrantView {
 
 /// Every break-glass grant, newest first, for review. The patient is not
 /// shown: the audit trail links each read to its grant.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/break-glass",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The newest 1000 grants with their reasons", body = Vec<GrantView>),
+    ),
+)]
 async fn break_glass_grants(State(state): State<AppState>, admin: AuthUser) -> Result<Json<Vec<GrantView>>, ApiError> {
     let rows = sqlx::query!(
         r#"SELECT g.id, g.user_id, u.username, g.reason_ct, g.granted_at, g.expires_at,

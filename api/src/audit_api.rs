@@ -5,23 +5,28 @@
 //! before it is answered.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::Method;
 use clinflow::audit::{Action, Outcome};
 use clinflow::chain::{self, ChainError};
 use clinflow::checkpoint;
+use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::access::{Access, Endpoint};
-use crate::auth::AuthUser;
+use crate::auth::{AuthUser, QueryParams};
 use crate::error::ApiError;
 use crate::users::Role;
 
 const AUDITORS: &[Role] = &[Role::Auditor];
 const MAX_PAGE: i64 = 1_000;
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(events, verify))]
+pub(crate) struct Doc;
 
 pub fn endpoints() -> Vec<Endpoint> {
     vec![
@@ -30,7 +35,8 @@ pub fn endpoints() -> Vec<Endpoint> {
     ]
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// Actor's name (username or service name).
@@ -48,10 +54,12 @@ pub struct EventQuery {
     until: Option<OffsetDateTime>,
     /// The `next_cursor` of the previous page.
     after: Option<i64>,
+    /// Events per page, 1-1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EventPage {
     events: Vec<StoredEvent>,
     /// Pass as `after` for the next page; absent on the last one.
@@ -59,7 +67,8 @@ pub struct EventPage {
     next_cursor: Option<i64>,
 }
 
-#[derive(Serialize)]
+/// One audit event: ids and codes, never document content.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     seq: i64,
     event_id: Uuid,
@@ -80,10 +89,23 @@ pub struct StoredEvent {
     reason: Option<String>,
 }
 
+/// The audit trail in `seq` order, filtered, a page at a time (pass
+/// `next_cursor` as `after`). Audited (`audit.read`).
+#[utoipa::path(
+    get,
+    path = "/v1/audit/events",
+    tag = "audit",
+    params(EventQuery),
+    responses(
+        (status = 200, description = "A page of events", body = EventPage),
+        (status = 422, description = "- `invalid_limit`: `limit` is not 1-1000", body = ErrorBody),
+        (status = 503, description = "- `unavailable`: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`)", body = ErrorBody),
+    ),
+)]
 async fn events(
     State(state): State<AppState>,
     user: AuthUser,
-    Query(q): Query<EventQuery>,
+    QueryParams(q): QueryParams<EventQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
     let db = audit_db(&state)?;
     let limit = q.limit.unwrap_or(100);
@@ -147,7 +169,7 @@ fn audit_db(state: &AppState) -> Result<&sqlx::PgPool, ApiError> {
     state.audit_db.as_ref().ok_or(ApiError::Unavailable("the audit trail (AUDIT_READER_DATABASE_URL is not set)"))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Verified {
     intact: bool,
     /// Rows verified (up to the first broken one).
@@ -161,6 +183,18 @@ pub struct Verified {
     problem: Option<String>,
 }
 
+/// Walk the audit hash chain with `AUDIT_HMAC_KEY`, then check it against
+/// the sink's checkpoint file when this api can read it. Audited
+/// (`audit.verify`).
+#[utoipa::path(
+    post,
+    path = "/v1/audit/verify",
+    tag = "audit",
+    responses(
+        (status = 200, description = "Whether the chain is intact, and where it broke if not", body = Verified),
+        (status = 503, description = "- `unavailable`: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`) or no `AUDIT_HMAC_KEY`", body = ErrorBody),
+    ),
+)]
 async fn verify(State(state): State<AppState>, user: AuthUser) -> Result<Json<Verified>, ApiError> {
     let db = audit_db(&state)?;
     let Some(key) = &state.audit_key else {

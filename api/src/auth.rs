@@ -15,7 +15,7 @@ use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use clinflow::audit::{Action, Actor, ActorKind, AuditEvent, Outcome};
-use clinflow::wire::{LOGIN_PATH, LoginRequest, LoginResponse};
+use clinflow::wire::{ErrorBody, LOGIN_PATH, LoginRequest, LoginResponse};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretBox};
@@ -33,6 +33,10 @@ const AUDIENCE: &str = "clinflow-api";
 /// Absolute lifetime of a token; the idle timeout usually ends it sooner.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(login, logout))]
+pub(crate) struct Doc;
 
 pub fn endpoints() -> Vec<Endpoint> {
     const ANY_USER: &[Role] = &[Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor];
@@ -287,6 +291,35 @@ pub async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<AuthUse
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct JsonBody<T>(pub T);
 
+/// `axum::extract::Path` whose refusal (an id that is no UUID) is the JSON
+/// error `invalid_path`, not axum's plain text that quotes the value.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct PathParams<T>(pub T);
+
+/// `axum::extract::Query` whose refusal is the JSON error `invalid_query`.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct QueryParams<T>(pub T);
+
+/// Log in with a username and password.
+///
+/// The token lasts 8 hours at most and ends after 15 idle minutes, at
+/// logout, or when an admin disables the user, resets their password or
+/// forces a logout. Service accounts cannot log in: they use API keys.
+#[utoipa::path(
+    post,
+    path = LOGIN_PATH,
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "A session token", body = LoginResponse),
+        (status = 401, description = "- `invalid_credentials`: wrong username or password, or a locked, disabled or service account (the same answer for each)", body = ErrorBody),
+        (status = 429, description = "- `too_many_logins`: too many attempts from this address; retry after `Retry-After`", body = ErrorBody),
+        (status = 500, description = "- `internal`: an unexpected failure; the `x-request-id` header identifies it", body = ErrorBody),
+        (status = 503, description = "- `login_busy`: too many password checks waiting; retry after `Retry-After`\n- `unavailable`: the database is unreachable", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id))]
 async fn login(
     State(state): State<AppState>,
@@ -392,6 +425,16 @@ async fn login(
     Ok(Json(LoginResponse { access_token: token, token_type: "bearer".into(), expires_at }))
 }
 
+/// End the caller's session (its token is refused from now on).
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout",
+    tag = "auth",
+    responses(
+        (status = 204, description = "The session has ended"),
+        (status = 422, description = "- `not_a_session`: an API key has no session (an admin revokes keys)", body = ErrorBody),
+    ),
+)]
 async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {
     let Some(session_id) = user.session_id else {
         return Err(ApiError::invalid("not_a_session", "an API key has no session: an admin revokes it"));

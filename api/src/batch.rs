@@ -14,7 +14,7 @@ use clinflow::amqp::Lane;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted};
 use clinflow::outbox;
-use clinflow::wire::{BATCH_PATH, BatchResponse, LineOutcome, UploadRequest};
+use clinflow::wire::{BATCH_PATH, BatchResponse, ErrorBody, LineOutcome, UploadRequest};
 use futures_util::StreamExt;
 use uuid::Uuid;
 
@@ -29,6 +29,10 @@ use crate::users::Role;
 const BATCH_UPLOADERS: &[Role] = &[Role::Ingest];
 /// Documents per transaction.
 const CHUNK: usize = 500;
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(upload_batch))]
+pub(crate) struct Doc;
 
 pub fn endpoints() -> Vec<Endpoint> {
     vec![Endpoint::new(Method::POST, BATCH_PATH, Access::roles(BATCH_UPLOADERS, Action::DocumentUpload), upload_batch)]
@@ -59,6 +63,31 @@ impl Default for BatchLimits {
     }
 }
 
+/// Upload many notes as NDJSON: one `UploadRequest` object per line, read
+/// as a stream.
+///
+/// Each line gets its own outcome (`accepted`, `duplicate` with the caller's
+/// existing id for that `source_ref`, or `rejected` with a code); one bad
+/// line fails no other. Documents go on the backfill lane. Lines past
+/// `BATCH_MAX_LINES` (10,000) are `too_many_lines`, a line where reading
+/// stopped at `BATCH_MAX_BYTES` (64 MiB) is `batch_too_large` (send those
+/// again in another batch); lines over 2 MB are `line_too_large`.
+#[utoipa::path(
+    post,
+    path = BATCH_PATH,
+    tag = "documents",
+    request_body(
+        content = String,
+        content_type = "application/x-ndjson",
+        description = "One JSON `UploadRequest` per line (blank lines are counted, not read)",
+    ),
+    responses(
+        (status = 200, description = "One outcome per non-blank line, in line order, and their counts", body = BatchResponse),
+        (status = 413, description = "- `batch_too_large`: the announced `Content-Length` is over `BATCH_MAX_BYTES`", body = ErrorBody),
+        (status = 422, description = "- `body_unreadable`: the body could not be read to its end", body = ErrorBody),
+        (status = 429, description = "- `busy`: the pipeline is behind; retry after `Retry-After`", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, lines))]
 async fn upload_batch(
     State(state): State<AppState>,

@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use clinflow::audit::{Action, Outcome};
 use clinflow::crypto::Field;
+use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
@@ -23,6 +24,10 @@ use crate::access::{Access, Endpoint};
 use crate::auth::{AuthUser, JsonBody};
 use crate::error::ApiError;
 use crate::users::Role;
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(break_glass))]
+pub(crate) struct Doc;
 
 pub fn endpoints() -> Vec<Endpoint> {
     vec![Endpoint::new(
@@ -102,17 +107,18 @@ pub async fn add_patients(conn: &mut PgConnection, pairs: &[(Uuid, Vec<u8>)]) ->
 pub const MIN_REASON_CHARS: usize = 10;
 const MAX_REASON_CHARS: usize = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakGlassRequest {
     pub patient_ref: String,
     /// Why the glass is broken: kept (encrypted) for the reviewers.
     pub reason: String,
     /// The caller's own password, asked again.
+    #[schema(format = Password)]
     pub password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct BreakGlassResponse {
     pub id: Uuid,
     #[serde(with = "time::serde::rfc3339")]
@@ -123,6 +129,23 @@ pub fn reason_field(id: Uuid) -> Field {
     clinflow::keys::break_glass_reason_field(id)
 }
 
+/// Break the glass: read one patient outside the caller's care teams for
+/// `BREAK_GLASS_MINUTES` (60 by default).
+///
+/// Needs a reason (10-1000 characters, kept encrypted for review) and the
+/// caller's password again. Audited; every read under the grant names it.
+#[utoipa::path(
+    post,
+    path = "/v1/break-glass",
+    tag = "care",
+    request_body = BreakGlassRequest,
+    responses(
+        (status = 201, description = "The grant and when it ends", body = BreakGlassResponse),
+        (status = 403, description = "- `wrong_password`: the password given is not the caller's", body = ErrorBody),
+        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters\n- `invalid_reason`: not 10-1000 characters", body = ErrorBody),
+        (status = 503, description = "- `login_busy`: too many password checks waiting; retry after `Retry-After`", body = ErrorBody),
+    ),
+)]
 async fn break_glass(
     State(state): State<AppState>,
     user: AuthUser,

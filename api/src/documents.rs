@@ -1,7 +1,7 @@
 //! Upload a document; read a document and its results.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode};
 use clinflow::amqp::Lane;
 use clinflow::annotation::Annotation;
@@ -11,7 +11,7 @@ use clinflow::documents::{self, Inserted, NewDocument, StatusRow};
 use clinflow::outbox;
 use clinflow::telemetry::{timed, timed_sync};
 use clinflow::wire::{
-    DOCUMENTS_PATH, DocumentStatus, MAX_STATUS_IDS, STATUSES_PATH, Status, StatusRequest, StatusesResponse,
+    DOCUMENTS_PATH, DocumentStatus, ErrorBody, MAX_STATUS_IDS, STATUSES_PATH, Status, StatusRequest, StatusesResponse,
     UploadRequest, UploadResponse,
 };
 use serde::Serialize;
@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, JsonBody};
+use crate::auth::{AuthUser, JsonBody, PathParams, QueryParams};
 use crate::care;
 use crate::error::ApiError;
 use crate::idempotency;
@@ -41,6 +41,10 @@ const STAGE: &str = "clinflow_api_stage_seconds";
 /// Status reads carry no PHI: not audited. Ingest and clinician accounts see
 /// the documents they uploaded; ops and admin see all.
 const STATUS_READERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Ops, Role::Admin];
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(upload, statuses, read, status))]
+pub(crate) struct Doc;
 
 pub fn endpoints() -> Vec<Endpoint> {
     vec![
@@ -70,15 +74,43 @@ async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Re
     Ok(StatusesResponse { documents, missing })
 }
 
+/// Where one document is: status and times, no content (not audited).
+///
+/// Ingest and clinician accounts see the documents they uploaded; ops and
+/// admin see all.
+#[utoipa::path(
+    get,
+    path = "/v1/documents/{id}/status",
+    tag = "documents",
+    params(("id" = Uuid, Path, description = "The document's id"), ReadParams),
+    responses(
+        (status = 200, description = "Its status", body = DocumentStatus),
+        (status = 404, description = "- `not_found`: no such document, or not one the caller may see", body = ErrorBody),
+    ),
+)]
 async fn status(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<Uuid>,
+    PathParams(id): PathParams<Uuid>,
 ) -> Result<Json<DocumentStatus>, ApiError> {
     let found = visible_statuses(&state, &user, &[id]).await?;
     found.documents.into_iter().next().map(Json).ok_or(ApiError::NotFound)
 }
 
+/// Where many documents are (at most 1000 ids), without content.
+///
+/// Ids that do not exist or that the caller may not see are listed as
+/// `missing`.
+#[utoipa::path(
+    post,
+    path = STATUSES_PATH,
+    tag = "documents",
+    request_body = StatusRequest,
+    responses(
+        (status = 200, description = "The statuses found and the ids missing", body = StatusesResponse),
+        (status = 422, description = "- `too_many_ids`: more than 1000 ids", body = ErrorBody),
+    ),
+)]
 async fn statuses(
     State(state): State<AppState>,
     user: AuthUser,
@@ -158,6 +190,27 @@ pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
     Ok(ValidUpload { patient_ref, text: req.text, source_ref, document_date, care_team })
 }
 
+/// Upload one note.
+///
+/// Answered once the document, its job and its audit event are committed.
+/// A retry with the same `Idempotency-Key` gets the first answer and stores
+/// nothing. Only ingest accounts may name a `care_team` (the patient is
+/// added to it).
+#[utoipa::path(
+    post,
+    path = DOCUMENTS_PATH,
+    tag = "documents",
+    request_body = UploadRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: the same key answers as the first request did")),
+    responses(
+        (status = 202, description = "Stored and queued for coding", body = UploadResponse),
+        (status = 403, description = "- `care_team_forbidden`: only ingest accounts may name a care team", body = ErrorBody),
+        (status = 409, description = "- `duplicate_source_ref`: the caller sent this `source_ref` before; `id` is that document", body = ErrorBody),
+        (status = 413, description = "- `text_too_large`: `text` is over 1,000,000 bytes", body = ErrorBody),
+        (status = 422, description = "- `invalid_patient_ref`, `empty_text`, `invalid_source_ref`, `invalid_document_date`: a field is not valid\n- `unknown_care_team`: no care team has this name\n- `idempotency_key_reused`: this `Idempotency-Key` came with another body\n- `invalid_idempotency_key`: the key is not 1-255 visible ASCII characters", body = ErrorBody),
+        (status = 429, description = "- `busy`: the pipeline is behind; retry after `Retry-After`", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id))]
 async fn upload(
     State(state): State<AppState>,
@@ -255,7 +308,8 @@ pub(crate) fn seal(
     })
 }
 
-#[derive(Serialize)]
+/// A document and, once `done`, the concepts coded in it.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct DocumentResponse {
     id: Uuid,
     status: Status,
@@ -275,19 +329,36 @@ pub struct DocumentResponse {
     text: Option<String>,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReadParams {
     /// `text`: the decrypted note too.
     include: Option<String>,
 }
 
+/// Read a document: its patient, status and, once `done`, the coded
+/// concepts (offsets in Unicode code points).
+///
+/// Within the clinician's care teams, or under break-glass; audited either
+/// way (a refusal as `out_of_scope`).
+#[utoipa::path(
+    get,
+    path = "/v1/documents/{id}",
+    tag = "documents",
+    params(("id" = Uuid, Path, description = "The document's id")),
+    responses(
+        (status = 200, description = "The document and its results", body = DocumentResponse),
+        (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
+        (status = 404, description = "- `not_found`: no such document", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id = %id))]
 async fn read(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<Uuid>,
-    axum::extract::Query(params): axum::extract::Query<ReadParams>,
+    PathParams(id): PathParams<Uuid>,
+    QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Json<DocumentResponse>, ApiError> {
     let with_text = match params.include.as_deref() {
         None | Some("") => false,

@@ -4,7 +4,7 @@
 //! (ids only) and the client gets a generic message.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use clinflow::wire::{ErrorBody, ErrorDetail};
@@ -129,6 +129,31 @@ impl From<JsonRejection> for ApiError {
             _ => ("invalid_body", "the body could not be read".to_owned()),
         };
         Self::BadRequest { status, code, message }
+    }
+}
+
+/// axum's messages quote the offending value: neither is passed on.
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        match rejection {
+            PathRejection::FailedToDeserializePathParams(_) => Self::BadRequest {
+                status: StatusCode::BAD_REQUEST,
+                code: "invalid_path",
+                message: "a path parameter is not valid: ids are UUIDs".into(),
+            },
+            other => Self::Unexpected(anyhow::anyhow!("path parameters: {}", other.body_text())),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(_: QueryRejection) -> Self {
+        Self::BadRequest {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_query",
+            message: "the query string is not what this endpoint expects: a parameter is unknown or of the wrong type"
+                .into(),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod denials;
 pub mod documents;
 pub mod error;
 pub mod idempotency;
+pub mod openapi;
 mod ops;
 mod patients;
 pub mod telemetry;
@@ -30,7 +31,6 @@ use clinflow::crypto::IndexKey;
 use clinflow::keys::Keys;
 use clinflow::outbox;
 use clinflow::relay::RelayHandle;
-use serde_json::json;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -184,13 +184,47 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `GET /healthz`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Liveness {
+    /// `ok`, or `relay stopped` (503).
+    status: &'static str,
+}
+
+/// `GET /readyz`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `up` or `down` (then 503).
+    postgres: &'static str,
+    /// Whether the outbox relay is connected to RabbitMQ: `up` or `down`
+    /// (a broker away does not make the api unready).
+    rabbitmq: &'static str,
+    /// Messages committed but not yet published.
+    outbox_backlog: u64,
+    /// Whether uploads are answered 429 now.
+    throttling_uploads: bool,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(live, ready))]
+struct HealthDoc;
+
 /// Live while the outbox relay runs: a relay that has ended cannot come back
 /// without a restart.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Live", body = Liveness),
+        (status = 503, description = "The outbox relay has stopped: restart the process", body = Liveness),
+    ),
+)]
 async fn live(State(state): State<AppState>) -> Response {
     if state.relay.alive() {
-        Json(json!({"status": "ok"})).into_response()
+        Json(Liveness { status: "ok" }).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "relay stopped"}))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Liveness { status: "relay stopped" })).into_response()
     }
 }
 
@@ -199,17 +233,25 @@ async fn live(State(state): State<AppState>) -> Response {
 /// publishes when RabbitMQ is there). A broker away is reported, with the
 /// outbox backlog it leaves, but does not take the api out of rotation;
 /// uploads answer 429 once the backlog passes its limit.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "PostgreSQL is unreachable", body = Readiness),
+    ),
+)]
 async fn ready(State(state): State<AppState>) -> Response {
     let db = sqlx::query_scalar!("SELECT 1 AS one").fetch_one(&state.db).await.is_ok();
-    let amqp = state.relay.connected();
     let status = if db { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = |ok: bool| if ok { "up" } else { "down" };
-    let body = json!({
-        "postgres": word(db),
-        "rabbitmq": word(amqp),
-        "outbox_backlog": state.relay.backlog(),
-        "throttling_uploads": state.check_backpressure_quietly(),
-    });
+    let body = Readiness {
+        postgres: word(db),
+        rabbitmq: word(state.relay.connected()),
+        outbox_backlog: state.relay.backlog(),
+        throttling_uploads: state.check_backpressure_quietly(),
+    };
     (status, Json(body)).into_response()
 }
 

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::Method;
 use clinflow::audit::Action;
 use clinflow::deadletters::{self, Listing, OpsError, Replayed, Reprocess, Selection};
+use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::Date;
 use uuid::Uuid;
@@ -19,6 +20,10 @@ use crate::error::ApiError;
 use crate::users::Role;
 
 const OPERATORS: &[Role] = &[Role::Ops];
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, replay, reprocess))]
+pub(crate) struct Doc;
 
 pub fn endpoints() -> Vec<Endpoint> {
     vec![
@@ -33,7 +38,8 @@ pub fn endpoints() -> Vec<Endpoint> {
     ]
 }
 
-#[derive(Deserialize)]
+/// Either `ids` or `"all": true`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
     #[serde(default)]
@@ -42,7 +48,9 @@ pub struct ReplayRequest {
     all: bool,
 }
 
-#[derive(Deserialize)]
+/// One of: `"all": true`; `uploaded_from` with a later `uploaded_until`;
+/// `without_result_from`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReprocessRequest {
     #[serde(default)]
@@ -54,8 +62,9 @@ pub struct ReprocessRequest {
     without_result_from: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ReprocessResponse {
+    /// Documents set back to `queued`.
     queued: usize,
 }
 
@@ -76,6 +85,16 @@ fn ops_error(e: OpsError) -> ApiError {
     }
 }
 
+/// The dead-lettered jobs, counted by reason; nothing is consumed. Audited.
+#[utoipa::path(
+    get,
+    path = "/v1/ops/dead-letters",
+    tag = "ops",
+    responses(
+        (status = 200, description = "The parked jobs (ids and reason codes, no content)", body = Listing),
+        (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
+    ),
+)]
 async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Listing>, ApiError> {
     let connection = connection(&state).await?;
     let listing = deadletters::list(&connection, &state.topology, &user.actor()).await.map_err(ops_error);
@@ -83,6 +102,19 @@ async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<List
     Ok(Json(listing?))
 }
 
+/// Put dead-lettered jobs back on their lane (their documents `queued`);
+/// jobs of documents already `done` are dropped. Each replay audited.
+#[utoipa::path(
+    post,
+    path = "/v1/ops/dead-letters/replay",
+    tag = "ops",
+    request_body = ReplayRequest,
+    responses(
+        (status = 200, description = "What was replayed, dropped and left", body = Replayed),
+        (status = 422, description = "- `invalid_selection`: give either `ids` or `\"all\": true`", body = ErrorBody),
+        (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
+    ),
+)]
 async fn replay(
     State(state): State<AppState>,
     user: AuthUser,
@@ -101,6 +133,19 @@ async fn replay(
     Ok(Json(replayed?))
 }
 
+/// Code documents again: set them back to `queued` and publish their jobs
+/// on the backfill lane. Audited.
+#[utoipa::path(
+    post,
+    path = "/v1/ops/reprocess",
+    tag = "ops",
+    request_body = ReprocessRequest,
+    responses(
+        (status = 200, description = "How many documents were queued", body = ReprocessResponse),
+        (status = 422, description = "- `invalid_selection`: not exactly one of the three selections", body = ErrorBody),
+        (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
+    ),
+)]
 async fn reprocess(
     State(state): State<AppState>,
     user: AuthUser,

@@ -9,7 +9,7 @@
 //! audited with the patient's blind index (hex), never the reference.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::Method;
 use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
@@ -22,14 +22,19 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, JsonBody};
+use crate::auth::{AuthUser, JsonBody, PathParams, QueryParams};
 use crate::care::{self, Grant};
 use crate::error::ApiError;
 use crate::users::Role;
+use clinflow::wire::ErrorBody;
 
 const CLINICIANS: &[Role] = &[Role::Clinician];
 const DEFAULT_PAGE: i64 = 100;
 const MAX_PAGE: i64 = 1000;
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(patient_documents, patient_concepts, concept_patients, concept_documents, export, erase))]
+pub(crate) struct Doc;
 
 pub fn endpoints() -> Vec<Endpoint> {
     vec![
@@ -151,7 +156,7 @@ fn cursor_id(after: Option<&str>) -> Result<Option<Uuid>, ApiError> {
         .transpose()
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     /// Pass as `after` for the next page; absent on the last.
@@ -159,7 +164,8 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DocumentFilter {
     /// Document date (or upload date when the note has none) from,
@@ -172,7 +178,7 @@ pub struct DocumentFilter {
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct DocumentSummary {
     id: Uuid,
     status: Status,
@@ -185,11 +191,16 @@ pub struct DocumentSummary {
 }
 
 /// `GET /v1/patients/{patient_ref}/documents`: newest first, no text.
+#[utoipa::path(get, path = "/v1/patients/{patient_ref}/documents", tag = "patients",
+    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), DocumentFilter),
+    responses((status = 200, description = "The patient's documents, newest first", body = Page<DocumentSummary>),
+              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
+              (status = 422, description = "- `invalid_patient_ref`\n- `invalid_date`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
 async fn patient_documents(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(patient_ref): Path<String>,
-    Query(filter): Query<DocumentFilter>,
+    PathParams(patient_ref): PathParams<String>,
+    QueryParams(filter): QueryParams<DocumentFilter>,
 ) -> Result<Json<Page<DocumentSummary>>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;
     let limit = page_size(filter.limit)?;
@@ -230,7 +241,8 @@ async fn patient_documents(
     Ok(Json(Page { items, next_cursor }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ConceptFilter {
     /// Count negated / hypothetical mentions too (default: only affirmed).
@@ -238,7 +250,7 @@ pub struct ConceptFilter {
     include_negated: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ProblemListEntry {
     cui: String,
     pretty_name: String,
@@ -254,11 +266,16 @@ pub struct ProblemListEntry {
 /// concept in the patient's current results with its number of documents and
 /// first and last document date; concepts only ever mentioned negated (by
 /// MetaCAT) are left out unless `include_negated=true`.
+#[utoipa::path(get, path = "/v1/patients/{patient_ref}/concepts", tag = "patients",
+    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), ConceptFilter),
+    responses((status = 200, description = "The patient's problem list", body = Page<ProblemListEntry>),
+              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
+              (status = 422, description = "- `invalid_patient_ref`", body = ErrorBody)))]
 async fn patient_concepts(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(patient_ref): Path<String>,
-    Query(filter): Query<ConceptFilter>,
+    PathParams(patient_ref): PathParams<String>,
+    QueryParams(filter): QueryParams<ConceptFilter>,
 ) -> Result<Json<Page<ProblemListEntry>>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;
     let grant = in_scope(&state, &user, &patient, Action::PatientRead).await?;
@@ -284,7 +301,8 @@ async fn patient_concepts(
     Ok(Json(Page { items, next_cursor: None }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Cursor {
     after: Option<String>,
@@ -292,13 +310,15 @@ pub struct Cursor {
 }
 
 fn valid_cui(cui: &str) -> Result<&str, ApiError> {
-    if cui.is_empty() || cui.len() > 32 || !cui.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(ApiError::invalid("invalid_cui", "a CUI is 1-32 letters, digits or -"));
+    // SNOMED CT ids are digits; other vocabularies' (UMLS C0011849) letters
+    // and digits.
+    if cui.is_empty() || cui.len() > 32 || !cui.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(ApiError::invalid("invalid_cui", "a CUI is 1-32 letters or digits"));
     }
     Ok(cui)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ConceptPatient {
     patient_ref: String,
     documents: i64,
@@ -310,11 +330,15 @@ pub struct ConceptPatient {
 
 /// `GET /v1/concepts/{cui}/patients`: the caller's patients (care teams and
 /// live break-glass grants) whose current results affirm this concept.
+#[utoipa::path(get, path = "/v1/concepts/{cui}/patients", tag = "patients",
+    params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
+    responses((status = 200, description = "The caller's patients with the concept", body = Page<ConceptPatient>),
+              (status = 422, description = "- `invalid_cui`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
 async fn concept_patients(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(cui): Path<String>,
-    Query(cursor): Query<Cursor>,
+    PathParams(cui): PathParams<String>,
+    QueryParams(cursor): QueryParams<Cursor>,
 ) -> Result<Json<Page<ConceptPatient>>, ApiError> {
     let cui = valid_cui(&cui)?;
     let limit = page_size(cursor.limit)?;
@@ -371,7 +395,7 @@ async fn concept_patients(
     Ok(Json(Page { items, next_cursor }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ConceptDocument {
     id: Uuid,
     patient_ref: String,
@@ -386,11 +410,15 @@ pub struct ConceptDocument {
 
 /// `GET /v1/concepts/{cui}/documents`: the caller's patients' documents
 /// whose current result names this concept, newest first.
+#[utoipa::path(get, path = "/v1/concepts/{cui}/documents", tag = "patients",
+    params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
+    responses((status = 200, description = "The caller's patients' documents with the concept, newest first", body = Page<ConceptDocument>),
+              (status = 422, description = "- `invalid_cui`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
 async fn concept_documents(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(cui): Path<String>,
-    Query(cursor): Query<Cursor>,
+    PathParams(cui): PathParams<String>,
+    QueryParams(cursor): QueryParams<Cursor>,
 ) -> Result<Json<Page<ConceptDocument>>, ApiError> {
     let cui = valid_cui(&cui)?;
     let limit = page_size(cursor.limit)?;
@@ -515,10 +543,16 @@ fn concept_resource(patient: &str, doc: Uuid, mentions: &[&Annotation], recorded
 /// note (its text as an attachment), and for each concept of each current
 /// result a Condition, MedicationStatement, Procedure or Observation coded in
 /// SNOMED CT, with its evidence spans. 404 when nothing is held.
+#[utoipa::path(get, path = "/v1/patients/{patient_ref}/export", tag = "patients",
+    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded")),
+    responses((status = 200, description = "A FHIR R4 Bundle (type collection)", body = Object),
+              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
+              (status = 404, description = "- `not_found`: nothing is held on this patient", body = ErrorBody),
+              (status = 422, description = "- `invalid_patient_ref`", body = ErrorBody)))]
 async fn export(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(patient_ref): Path<String>,
+    PathParams(patient_ref): PathParams<String>,
 ) -> Result<Json<Value>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;
     let grant = match user.role {
@@ -605,7 +639,7 @@ fn base64_encode(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EraseRequest {
     /// Why, as a code (`gdpr_erasure_request`, `data_entry_error`, …): it
@@ -613,7 +647,7 @@ pub struct EraseRequest {
     reason: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Erased {
     documents: i64,
     results: i64,
@@ -627,10 +661,16 @@ pub struct Erased {
 
 /// `DELETE /v1/patients/{patient_ref}`: every row of the patient goes, in one
 /// transaction with its audit event. 404 when nothing was held.
+#[utoipa::path(delete, path = "/v1/patients/{patient_ref}", tag = "patients",
+    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded")),
+    request_body = EraseRequest,
+    responses((status = 200, description = "What was erased", body = Erased),
+              (status = 404, description = "- `not_found`: nothing is held on this patient", body = ErrorBody),
+              (status = 422, description = "- `invalid_patient_ref`\n- `invalid_reason`", body = ErrorBody)))]
 async fn erase(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(patient_ref): Path<String>,
+    PathParams(patient_ref): PathParams<String>,
     JsonBody(req): JsonBody<EraseRequest>,
 ) -> Result<Json<Erased>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Annotation {
     /// SNOMED CT concept id (MedCAT's `cui`).
     pub cui: String,
@@ -18,5 +19,6 @@ pub struct Annotation {
     pub type_ids: Vec<String>,
     /// MetaCAT results such as `{"Presence": {"value": "True", ...}}`.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub meta_anns: serde_json::Map<String, serde_json::Value>,
 }

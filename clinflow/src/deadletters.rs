@@ -27,6 +27,7 @@ use crate::jobs::DocumentJob;
 
 /// One parked job, without anything of the document's content.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Parked {
     pub lane: &'static str,
     /// `None` when the message is not a job at all.
@@ -38,6 +39,7 @@ pub struct Parked {
 }
 
 #[derive(Debug, Default, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Listing {
     pub total: usize,
     /// Reason → number of jobs.
@@ -53,6 +55,7 @@ pub enum Selection {
 }
 
 #[derive(Debug, Default, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Replayed {
     /// Jobs put back on their lane (their documents now `queued`).
     pub replayed: Vec<Uuid>,

@@ -24,10 +24,12 @@ pub const MAX_STATUS_IDS: usize = 1_000;
 /// batch", as opposed to a line that is wrong in itself.
 pub const RESEND_CODES: &[&str] = &["too_many_lines", "batch_too_large"];
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     pub username: String,
+    #[cfg_attr(feature = "openapi", schema(format = Password))]
     pub password: String,
 }
 
@@ -37,6 +39,7 @@ impl fmt::Debug for LoginRequest {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize)]
 pub struct LoginResponse {
     pub access_token: String,
@@ -47,6 +50,7 @@ pub struct LoginResponse {
 
 /// One document to upload: the body of `POST /v1/documents` and one line of
 /// `POST /v1/documents/batch`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UploadRequest {
@@ -59,6 +63,7 @@ pub struct UploadRequest {
     /// `YYYY-MM-DD`. A string so that a bad value gets a clear message from the
     /// api without its value being echoed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(format = Date))]
     pub document_date: Option<String>,
     /// The care team (by name) whose clinicians may read this patient; the
     /// patient is added to it. Only ingest accounts may name one.
@@ -79,6 +84,7 @@ impl fmt::Debug for UploadRequest {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -114,6 +120,7 @@ impl Status {
 }
 
 /// The 202 answer to a single upload.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Serialize, Deserialize)]
 pub struct UploadResponse {
     pub id: Uuid,
@@ -122,6 +129,7 @@ pub struct UploadResponse {
 
 /// What happened to one line of a batch (lines are numbered from 1, blank
 /// lines included).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum LineOutcome {
@@ -152,6 +160,7 @@ impl LineOutcome {
 
 /// The answer to `POST /v1/documents/batch`: one outcome per non-blank line,
 /// in line order, and their counts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct BatchResponse {
     pub accepted: usize,
@@ -171,6 +180,7 @@ impl BatchResponse {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {
@@ -179,6 +189,7 @@ pub struct StatusRequest {
 
 /// Where a document is, without anything of its content: reading it is not
 /// a PHI read.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DocumentStatus {
     pub id: Uuid,
@@ -192,6 +203,7 @@ pub struct DocumentStatus {
     pub failure_code: Option<String>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StatusesResponse {
     pub documents: Vec<DocumentStatus>,
@@ -201,16 +213,21 @@ pub struct StatusesResponse {
 
 /// Every error answer: `{"error": {"code", "message"}}`; a 409 for a
 /// `source_ref` the caller already uploaded also names that document.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+    /// Only with 409 `duplicate_source_ref`: the caller's own document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Uuid>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorDetail {
+    /// A stable machine-readable code, such as `not_found` or `invalid_body`.
     pub code: Cow<'static, str>,
+    /// For people; never quotes the request.
     pub message: String,
 }
 

@@ -15,6 +15,7 @@ mod health;
 mod ingest;
 mod jobs;
 mod keys;
+mod openapi;
 mod ops;
 mod outbox;
 mod patients;

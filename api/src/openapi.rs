@@ -1,0 +1,233 @@
+//! The api's OpenAPI 3.1 description, generated from the code, served at
+//! `GET /openapi.json` with an interactive page at `GET /docs`.
+//!
+//! Each handler carries `#[utoipa::path]`: its request body, parameters,
+//! success answer and the errors of its own. Each module lists its handlers
+//! in a `Doc` beside its `endpoints()`. [`spec`] merges those, then walks
+//! [`access::endpoints`] and adds to every operation what the router gives
+//! it, so that the two cannot disagree: the bearer security requirement and
+//! the roles allowed (`x-roles` and a line of the description), the guard's
+//! 401 and 403, the errors of a path or query parameter (400), of a JSON
+//! body (400, 413, 415, 422) and of an unreachable database (503), each with
+//! the one error body. A test holds
+//! the operations equal to the routes.
+
+use std::sync::LazyLock;
+
+use axum::Json;
+use axum::http::Method;
+use axum::response::Html;
+use clinflow::wire::{ErrorBody, ErrorDetail};
+use utoipa::OpenApi;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Content, Header, RefOr};
+
+use crate::access::{self, Access, Endpoint};
+
+/// The name of the security scheme every protected operation requires.
+pub const BEARER: &str = "bearer";
+pub const SPEC_PATH: &str = "/openapi.json";
+pub const DOCS_PATH: &str = "/docs";
+
+pub fn endpoints() -> Vec<Endpoint> {
+    vec![
+        Endpoint::new(Method::GET, SPEC_PATH, Access::Public, openapi_json),
+        Endpoint::new(Method::GET, DOCS_PATH, Access::Public, docs),
+    ]
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "clinflow API",
+        description = "Clinical notes in, coded concepts (SNOMED CT, by MedCAT) out.\n\n\
+            Every error is `{\"error\": {\"code\", \"message\"}}` (`ErrorBody`); a message never quotes the request. \
+            Protected operations take `Authorization: Bearer <token>`: a session token from `POST /v1/auth/login`, \
+            or a service account's API key (`cfk_…`) in the same header. Each operation names the roles allowed \
+            (`x-roles`; `public` needs no credentials), as docs/access-control.md does.",
+    ),
+    paths(openapi_json, docs),
+    components(schemas(ErrorBody, ErrorDetail)),
+    tags(
+        (name = "auth", description = "Log in and out."),
+        (name = "documents", description = "Upload notes; read their status and, for clinicians in scope, their coded concepts."),
+        (name = "care", description = "Care-team scope and break-glass."),
+        (name = "admin", description = "Users, service accounts, API keys, sessions, care teams, break-glass review. Every call audited."),
+        (name = "ops", description = "Dead letters and reprocessing."),
+        (name = "audit", description = "The audit trail, for auditors."),
+        (name = "health", description = "Liveness and readiness."),
+        (name = "docs", description = "This description."),
+    ),
+)]
+struct ApiDoc;
+
+static SPEC: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(build);
+static DOCS_HTML: LazyLock<String> =
+    LazyLock::new(|| utoipa_scalar::Scalar::new(SPEC.clone()).title("clinflow API").to_html());
+
+/// The description of every endpoint of [`access::endpoints`].
+pub fn spec() -> &'static utoipa::openapi::OpenApi {
+    &SPEC
+}
+
+fn build() -> utoipa::openapi::OpenApi {
+    let mut spec = ApiDoc::openapi();
+    for part in [
+        crate::auth::Doc::openapi(),
+        crate::documents::Doc::openapi(),
+        crate::batch::Doc::openapi(),
+        crate::care::Doc::openapi(),
+        crate::patients::Doc::openapi(),
+        crate::admin::Doc::openapi(),
+        crate::ops::Doc::openapi(),
+        crate::audit_api::Doc::openapi(),
+        crate::HealthDoc::openapi(),
+    ] {
+        spec.merge(part);
+    }
+    let scheme = HttpBuilder::new()
+        .scheme(HttpAuthScheme::Bearer)
+        .bearer_format("JWT")
+        .description(Some(
+            "A session token (JWT) from `POST /v1/auth/login`, or an API key of a service account \
+             (`cfk_<key id>_<secret>`), sent the same way: `Authorization: Bearer <token or key>`.",
+        ))
+        .build();
+    spec.components.get_or_insert_with(Default::default).add_security_scheme(BEARER, SecurityScheme::Http(scheme));
+    for endpoint in access::endpoints() {
+        if let Some(operation) = operation_mut(&mut spec, &endpoint.method, endpoint.path) {
+            describe_access(operation, &endpoint.access);
+        }
+    }
+    spec
+}
+
+fn operation_mut<'a>(spec: &'a mut utoipa::openapi::OpenApi, method: &Method, path: &str) -> Option<&'a mut Operation> {
+    let item = spec.paths.paths.get_mut(path)?;
+    match *method {
+        Method::GET => item.get.as_mut(),
+        Method::POST => item.post.as_mut(),
+        Method::PUT => item.put.as_mut(),
+        Method::PATCH => item.patch.as_mut(),
+        Method::DELETE => item.delete.as_mut(),
+        Method::HEAD => item.head.as_mut(),
+        Method::OPTIONS => item.options.as_mut(),
+        Method::TRACE => item.trace.as_mut(),
+        _ => None,
+    }
+}
+
+/// What the router adds to an endpoint: who may call it, and the errors
+/// every request of its kind can meet before or around its handler.
+fn describe_access(operation: &mut Operation, access: &Access) {
+    let roles: Vec<&str> = match access {
+        Access::Public => vec!["public"],
+        Access::Roles { roles, .. } => roles.iter().map(|r| r.as_str()).collect(),
+    };
+    let line = match access {
+        Access::Public => "Public: no credentials needed.".to_owned(),
+        Access::Roles { .. } => format!("Roles: {}.", roles.join(", ")),
+    };
+    operation.description = Some(match operation.description.take().filter(|d| !d.is_empty()) {
+        Some(d) => format!("{d}\n\n{line}"),
+        None => line,
+    });
+    operation.extensions.get_or_insert_with(Default::default).insert("x-roles".into(), roles.into());
+    if let Access::Roles { .. } = access {
+        operation.security = Some(vec![SecurityRequirement::new::<_, _, &str>(BEARER, [])]);
+        add_error(
+            operation,
+            401,
+            "unauthenticated",
+            "no credentials, or a token or key that is invalid, expired or revoked",
+        );
+        add_error(operation, 403, "forbidden", "the caller's role may not call this");
+        add_error(operation, 500, "internal", "an unexpected failure; the `x-request-id` header identifies it");
+        add_error(operation, 503, "unavailable", "the database is unreachable; retry after `Retry-After`");
+    }
+    let has = |operation: &Operation, place: ParameterIn| {
+        operation.parameters.iter().flatten().any(|p| matches!(p, RefOr::T(p) if p.parameter_in == place))
+    };
+    if has(operation, ParameterIn::Path) {
+        add_error(operation, 400, "invalid_path", "a path parameter is not valid (an id that is no UUID)");
+    }
+    if has(operation, ParameterIn::Query) {
+        add_error(operation, 400, "invalid_query", "a query parameter is unknown or of the wrong type");
+    }
+    let json_body = matches!(
+        &operation.request_body,
+        Some(RefOr::T(body)) if body.content.contains_key("application/json")
+    );
+    if json_body {
+        add_error(operation, 400, "invalid_json", "the body is not valid JSON");
+        add_error(operation, 413, "payload_too_large", "the body is too large");
+        add_error(operation, 415, "unsupported_media_type", "the body is not sent as `application/json`");
+        add_error(operation, 422, "invalid_body", "a field is missing, unknown or of the wrong type");
+    }
+    add_retry_after(operation);
+}
+
+/// Adds `- `code`: text` to the operation's answer `status` (created as an
+/// error answer with [`ErrorBody`] if the handler declared none).
+fn add_error(operation: &mut Operation, status: u16, code: &str, text: &str) {
+    let key = status.to_string();
+    let item = format!("- `{code}`: {text}");
+    match operation.responses.responses.get_mut(&key) {
+        Some(RefOr::T(response)) => {
+            if !response.description.contains(&format!("`{code}`")) {
+                response.description = format!("{}\n{item}", response.description);
+            }
+        }
+        Some(RefOr::Ref(_)) => {}
+        None => {
+            operation.responses.responses.insert(key, RefOr::T(error_response(item)));
+        }
+    }
+}
+
+fn error_response(description: String) -> Response {
+    let body = Content::new(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("ErrorBody"))));
+    ResponseBuilder::new().description(description).content("application/json", body).build()
+}
+
+/// Every 429 and 503 error answer (an [`ErrorBody`]) carries `Retry-After`.
+fn add_retry_after(operation: &mut Operation) {
+    for (status, response) in &mut operation.responses.responses {
+        let RefOr::T(response) = response else { continue };
+        let is_error_body = matches!(
+            response.content.get("application/json"),
+            Some(RefOr::T(Content { schema: Some(RefOr::Ref(r)), .. })) if r.ref_location == "#/components/schemas/ErrorBody"
+        );
+        if (status == "429" || status == "503") && is_error_body {
+            let mut header = Header::new(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)));
+            header.description = Some("Seconds to wait before retrying".into());
+            response.headers.insert("Retry-After".into(), RefOr::T(header));
+        }
+    }
+}
+
+/// This description, as OpenAPI 3.1 JSON.
+#[utoipa::path(
+    get,
+    path = SPEC_PATH,
+    tag = "docs",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this api", body = Object)),
+)]
+async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(spec())
+}
+
+/// An interactive page over this description (Scalar). The page is served
+/// from here; the browser loads Scalar's script from its CDN (jsDelivr).
+#[utoipa::path(
+    get,
+    path = DOCS_PATH,
+    tag = "docs",
+    responses((status = 200, description = "An HTML page", content_type = "text/html", body = String)),
+)]
+async fn docs() -> Html<&'static str> {
+    Html(DOCS_HTML.as_str())
+}
