@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::AppState;
 use crate::access::{Access, Endpoint};
 use crate::auth::{AuthUser, JsonBody, PathParams};
 use crate::care;
 use crate::error::ApiError;
 use crate::users::{self, Role, UserError};
+use crate::{AppState, audit_in};
 
 const ADMINS: &[Role] = &[Role::Admin];
 
@@ -86,6 +86,12 @@ pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::new(M::POST, "/v1/admin/teams/{id}/patients/remove", team, remove_patient),
         Endpoint::new(M::GET, "/v1/admin/break-glass", read, break_glass_grants),
     ]
+}
+
+/// A team name or key label: 1-64 letters, digits and `._@ -` (the
+/// database's CHECKs say the same).
+fn plain_name(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || "._@ -".contains(c))
 }
 
 fn user_error(e: UserError) -> ApiError {
@@ -279,12 +285,11 @@ async fn update_user(
     if changes.is_empty() {
         return Err(ApiError::invalid("no_change", "give role and/or disabled"));
     }
-    let mut messages = Vec::new();
-    for change in &changes {
-        let event = admin.event(Action::AdminUser, Outcome::Success).resource("user", &id.to_string()).reason(change);
-        messages.push(clinflow::outbox::Message::audit(&event).map_err(anyhow::Error::new)?);
-    }
-    clinflow::outbox::enqueue(&mut tx, &messages).await?;
+    let events: Vec<_> = changes
+        .iter()
+        .map(|change| admin.event(Action::AdminUser, Outcome::Success).resource("user", &id.to_string()).reason(change))
+        .collect();
+    audit_in(&mut tx, &events).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(StatusCode::NO_CONTENT)
@@ -334,8 +339,7 @@ async fn reset_password(
         .execute(&mut *tx)
         .await?;
     let event = admin.event(Action::AdminUser, Outcome::Success).resource("user", &id.to_string()).reason("password");
-    clinflow::outbox::enqueue(&mut tx, &[clinflow::outbox::Message::audit(&event).map_err(anyhow::Error::new)?])
-        .await?;
+    audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(StatusCode::NO_CONTENT)
@@ -423,8 +427,7 @@ async fn revoke_sessions(
         .event(Action::AdminSessionsRevoke, Outcome::Success)
         .resource("user", &id.to_string())
         .reason(&format!("count:{revoked}"));
-    clinflow::outbox::enqueue(&mut tx, &[clinflow::outbox::Message::audit(&event).map_err(anyhow::Error::new)?])
-        .await?;
+    audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(Json(Revoked { revoked }))
@@ -464,10 +467,7 @@ async fn create_api_key(
     JsonBody(body): JsonBody<NewApiKey>,
 ) -> Result<(StatusCode, Json<ApiKeyCreated>), ApiError> {
     let label = body.label.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
-    if label
-        .as_ref()
-        .is_some_and(|l| l.len() > 64 || !l.chars().all(|c| c.is_ascii_alphanumeric() || "._@ -".contains(c)))
-    {
+    if label.as_ref().is_some_and(|l| !plain_name(l)) {
         return Err(ApiError::invalid(
             "invalid_label",
             "label must be up to 64 characters of letters, digits and ._@ -",
@@ -482,7 +482,6 @@ async fn create_api_key(
     }
     let (key_id, key, hash) = crate::auth::new_api_key(&state.index_key);
     let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &key_id.to_string());
-    let message = clinflow::outbox::Message::audit(&event.reason("create")).map_err(anyhow::Error::new)?;
     let mut tx = state.db.begin().await?;
     sqlx::query!(
         "INSERT INTO api_keys (id, user_id, secret_hash, label) VALUES ($1, $2, $3, $4)",
@@ -493,7 +492,7 @@ async fn create_api_key(
     )
     .execute(&mut *tx)
     .await?;
-    clinflow::outbox::enqueue(&mut tx, &[message]).await?;
+    audit_in(&mut tx, &[event.reason("create")]).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok((StatusCode::CREATED, Json(ApiKeyCreated { id: key_id, key })))
@@ -556,7 +555,6 @@ async fn revoke_api_key(
     PathParams(id): PathParams<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &id.to_string());
-    let message = clinflow::outbox::Message::audit(&event.reason("revoke")).map_err(anyhow::Error::new)?;
     let mut tx = state.db.begin().await?;
     let found = sqlx::query!("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1", id)
         .execute(&mut *tx)
@@ -564,7 +562,7 @@ async fn revoke_api_key(
     if found.rows_affected() == 0 {
         return Err(ApiError::NotFound);
     }
-    clinflow::outbox::enqueue(&mut tx, &[message]).await?;
+    audit_in(&mut tx, &[event.reason("revoke")]).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(StatusCode::NO_CONTENT)
@@ -629,7 +627,7 @@ async fn create_team(
     JsonBody(req): JsonBody<NewTeam>,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._@ -".contains(c)) {
+    if !plain_name(name) {
         return Err(ApiError::invalid(
             "invalid_team_name",
             "name must be 1-64 characters of letters, digits and ._@ -",

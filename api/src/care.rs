@@ -171,7 +171,6 @@ async fn break_glass(
     let patient_index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
     let minutes = state.break_glass_for.as_secs_f64();
     let event = user.event(Action::BreakGlass, Outcome::Success).resource("break_glass", &id.to_string());
-    let message = clinflow::outbox::Message::audit(&event).map_err(anyhow::Error::new)?;
     let mut tx = state.db.begin().await?;
     // The reason is free text about the patient: sealed under their data
     // key (created here if they have none yet), shredded with it.
@@ -188,7 +187,7 @@ async fn break_glass(
     )
     .fetch_one(&mut *tx)
     .await?;
-    clinflow::outbox::enqueue(&mut tx, &[message]).await?;
+    crate::audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.relay.wake();
     metrics::counter!("clinflow_break_glass_grants_total").increment(1);

@@ -149,6 +149,15 @@ impl AppState {
     }
 }
 
+/// Writes audit events to the outbox in the caller's transaction, so they
+/// commit with the change they record (wake the relay after the commit).
+pub(crate) async fn audit_in(conn: &mut sqlx::PgConnection, events: &[AuditEvent]) -> Result<(), ApiError> {
+    let messages =
+        events.iter().map(outbox::Message::audit).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::new)?;
+    outbox::enqueue(conn, &messages).await?;
+    Ok(())
+}
+
 fn audit_unavailable(event: &AuditEvent, e: &sqlx::Error) -> ApiError {
     tracing::error!(error = %e, action = event.action.as_str(), "audit event not stored");
     ApiError::Unavailable("the audit trail")

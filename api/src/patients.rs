@@ -701,8 +701,7 @@ async fn erase(
         .event(Action::PatientErase, Outcome::Success)
         .resource("patient", &patient.audit_id())
         .reason(&format!("{reason} documents:{} data_keys:{}", counts.documents, counts.data_keys));
-    clinflow::outbox::enqueue(&mut tx, &[clinflow::outbox::Message::audit(&event).map_err(anyhow::Error::new)?])
-        .await?;
+    crate::audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     // This process forgets the key at once; others' caches drop it within
     // their time limit (5 minutes), and no row names it any more.
