@@ -284,10 +284,9 @@ async fn patient_concepts(
         r#"SELECT dc.cui, coalesce(n.pretty_name, dc.cui) AS "pretty_name!",
                   count(*) AS "documents!",
                   sum(CASE WHEN $2 THEN dc.mentions ELSE dc.mentions - dc.negated END)::int8 AS "mentions!",
-                  min(coalesce(d.document_date, d.created_at::date)) AS first_date,
-                  max(coalesce(d.document_date, d.created_at::date)) AS last_date
+                  min(dc.document_date) AS first_date,
+                  max(dc.document_date) AS last_date
            FROM document_concepts dc
-           JOIN documents d ON d.id = dc.document_id AND d.result_model = dc.model_version
            LEFT JOIN concept_names n ON n.cui = dc.cui
            WHERE dc.patient_index = $1 AND ($2 OR dc.mentions > dc.negated)
            GROUP BY dc.cui, n.pretty_name
@@ -347,24 +346,22 @@ async fn concept_patients(
         Some(a) => Some(unhex(a).ok_or_else(|| ApiError::invalid("invalid_cursor", "after must be a next_cursor"))?),
     };
     let rows = sqlx::query!(
-        r#"WITH scope AS (
-               SELECT p.patient_index FROM care_team_members m
-               JOIN care_team_patients p ON p.team_id = m.team_id WHERE m.user_id = $1
-               UNION
-               SELECT patient_index FROM break_glass_grants WHERE user_id = $1 AND expires_at > now()
+        r#"WITH found AS (
+               SELECT dc.patient_index, count(*) AS documents,
+                      min(dc.document_date) AS first_date, max(dc.document_date) AS last_date
+               FROM document_concepts dc
+               WHERE dc.cui = $2 AND dc.mentions > dc.negated
+                 AND dc.patient_index IN (SELECT patient_index FROM patients_in_scope($1))
+                 AND ($3::bytea IS NULL OR dc.patient_index > $3)
+               GROUP BY dc.patient_index
+               ORDER BY dc.patient_index LIMIT $4
            )
-           SELECT dc.patient_index, count(*) AS "documents!",
-                  min(coalesce(d.document_date, d.created_at::date)) AS first_date,
-                  max(coalesce(d.document_date, d.created_at::date)) AS last_date,
-                  (array_agg(d.id ORDER BY d.id))[1] AS "sample!",
-                  (array_agg(d.patient_ref_ct ORDER BY d.id))[1] AS "patient_ref_ct!"
-           FROM document_concepts dc
-           JOIN documents d ON d.id = dc.document_id AND d.result_model = dc.model_version
-           WHERE dc.cui = $2 AND dc.mentions > dc.negated
-             AND dc.patient_index IN (SELECT patient_index FROM scope)
-             AND ($3::bytea IS NULL OR dc.patient_index > $3)
-           GROUP BY dc.patient_index
-           ORDER BY dc.patient_index LIMIT $4"#,
+           SELECT f.patient_index AS "patient_index!", f.documents AS "documents!", f.first_date, f.last_date,
+                  d.id AS "sample!", d.patient_ref_ct AS "patient_ref_ct!"
+           FROM found f
+           CROSS JOIN LATERAL (SELECT id, patient_ref_ct FROM documents
+                               WHERE patient_index = f.patient_index LIMIT 1) d
+           ORDER BY f.patient_index"#,
         user.id,
         cui,
         after,
@@ -424,18 +421,18 @@ async fn concept_documents(
     let limit = page_size(cursor.limit)?;
     let after = cursor_id(cursor.after.as_deref())?;
     let rows = sqlx::query!(
-        r#"WITH scope AS (
-               SELECT p.patient_index FROM care_team_members m
-               JOIN care_team_patients p ON p.team_id = m.team_id WHERE m.user_id = $1
-               UNION
-               SELECT patient_index FROM break_glass_grants WHERE user_id = $1 AND expires_at > now()
+        r#"WITH page AS (
+               SELECT dc.patient_index, dc.document_id FROM document_concepts dc
+               WHERE dc.cui = $2 AND dc.patient_index IN (SELECT patient_index FROM patients_in_scope($1))
+                 AND ($3::uuid IS NULL OR dc.document_id < $3)
+               ORDER BY dc.document_id DESC LIMIT $4
            )
            SELECT d.id, d.patient_ref_ct, d.document_date, d.created_at, dc.mentions, dc.negated, dc.first_offset
-           FROM document_concepts dc
-           JOIN documents d ON d.id = dc.document_id AND d.result_model = dc.model_version
-           WHERE dc.cui = $2 AND dc.patient_index IN (SELECT patient_index FROM scope)
-             AND ($3::uuid IS NULL OR dc.document_id < $3)
-           ORDER BY dc.document_id DESC LIMIT $4"#,
+           FROM page
+           JOIN document_concepts dc
+             ON dc.patient_index = page.patient_index AND dc.cui = $2 AND dc.document_id = page.document_id
+           JOIN documents d ON d.id = page.document_id
+           ORDER BY page.document_id DESC"#,
         user.id,
         cui,
         after,

@@ -83,7 +83,7 @@ async fn connect_as(variable: &'static str) -> anyhow::Result<PgPool> {
     let url = config::url(variable, &["postgres", "postgresql"])?;
     PgPoolOptions::new()
         .max_connections(4)
-        .connect(url.expose_secret())
+        .connect_with(clinflow::batch_connect_options(url.expose_secret())?)
         .await
         .with_context(|| format!("connecting to PostgreSQL ({variable})"))
 }

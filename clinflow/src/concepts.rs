@@ -55,53 +55,85 @@ pub fn summarize(annotations: &[Annotation]) -> Vec<ConceptCount> {
     by_cui.into_values().collect()
 }
 
+/// The concept rows of one document's current result.
+pub struct Indexed<'a> {
+    pub document_id: Uuid,
+    pub patient_index: &'a [u8],
+    /// The document's date, else its upload day.
+    pub document_date: time::Date,
+    pub model_version: &'a str,
+    /// The model version of the result this one replaces, if any: its rows go.
+    pub replaces: Option<&'a str>,
+    pub concepts: &'a [ConceptCount],
+}
+
 /// Stores the concept rows of these results (and the names of their CUIs),
-/// set-based, in the caller's transaction. Rows that exist are kept.
-pub async fn store(conn: &mut PgConnection, results: &[(Uuid, &str, &[ConceptCount])]) -> Result<(), sqlx::Error> {
-    let mut documents = Vec::new();
-    let mut models = Vec::new();
-    let mut cuis = Vec::new();
-    let mut mentions = Vec::new();
-    let mut negated = Vec::new();
-    let mut offsets = Vec::new();
+/// set-based, in the caller's transaction, which holds their documents
+/// locked. Rows that exist are kept; rows of a replaced model version go.
+pub async fn store(conn: &mut PgConnection, results: &[Indexed<'_>]) -> Result<(), sqlx::Error> {
+    let replaced: Vec<&Indexed> = results.iter().filter(|r| r.replaces.is_some_and(|m| m != r.model_version)).collect();
+    if !replaced.is_empty() {
+        let ids: Vec<Uuid> = replaced.iter().map(|r| r.document_id).collect();
+        let patients: Vec<&[u8]> = replaced.iter().map(|r| r.patient_index).collect();
+        let models: Vec<&str> = replaced.iter().map(|r| r.model_version).collect();
+        sqlx::query!(
+            "DELETE FROM document_concepts dc
+             USING UNNEST($1::uuid[], $2::bytea[], $3::text[]) AS r(document_id, patient_index, model_version)
+             WHERE dc.patient_index = r.patient_index AND dc.document_id = r.document_id
+               AND dc.model_version <> r.model_version",
+            &ids,
+            &patients as &[&[u8]],
+            &models as &[&str],
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    let rows = results.iter().map(|r| r.concepts.len()).sum();
+    if rows == 0 {
+        return Ok(());
+    }
+    let mut documents = Vec::with_capacity(rows);
+    let mut patients: Vec<&[u8]> = Vec::with_capacity(rows);
+    let mut dates = Vec::with_capacity(rows);
+    let mut models: Vec<&str> = Vec::with_capacity(rows);
+    let mut cuis: Vec<&str> = Vec::with_capacity(rows);
+    let mut mentions = Vec::with_capacity(rows);
+    let mut negated = Vec::with_capacity(rows);
+    let mut offsets = Vec::with_capacity(rows);
     let mut names: BTreeMap<&str, (&str, String)> = BTreeMap::new();
-    for (document, model, concepts) in results {
-        for c in *concepts {
-            documents.push(*document);
-            models.push((*model).to_owned());
-            cuis.push(c.cui.clone());
+    for r in results {
+        for c in r.concepts {
+            documents.push(r.document_id);
+            patients.push(r.patient_index);
+            dates.push(r.document_date);
+            models.push(r.model_version);
+            cuis.push(&c.cui);
             mentions.push(c.mentions);
             negated.push(c.negated);
             offsets.push(c.first_offset);
             names.entry(&c.cui).or_insert((&c.pretty_name, c.type_ids.join(",")));
         }
     }
-    if documents.is_empty() {
-        return Ok(());
-    }
-    let (name_cuis, (pretty, types)): (Vec<String>, (Vec<String>, Vec<String>)) =
-        names.into_iter().map(|(cui, (name, types))| (cui.to_owned(), (name.to_owned(), types))).unzip();
+    let (name_cuis, (pretty, types)): (Vec<&str>, (Vec<&str>, Vec<String>)) = names.into_iter().unzip();
     sqlx::query!(
         "INSERT INTO concept_names (cui, pretty_name, type_ids)
          SELECT cui, name, string_to_array(NULLIF(types, ''), ',')::text[] FROM UNNEST($1::text[], $2::text[], $3::text[]) AS n(cui, name, types)
          ON CONFLICT (cui) DO NOTHING",
-        &name_cuis,
-        &pretty,
+        &name_cuis as &[&str],
+        &pretty as &[&str],
         &types,
     )
     .execute(&mut *conn)
     .await?;
     sqlx::query!(
-        "INSERT INTO document_concepts (document_id, model_version, cui, patient_index, mentions, negated, first_offset)
-         SELECT c.document_id, c.model_version, c.cui, d.patient_index, c.mentions, c.negated, c.first_offset
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::int[], $6::int[])
-                AS c(document_id, model_version, cui, mentions, negated, first_offset)
-         JOIN documents d ON d.id = c.document_id
-         WHERE d.patient_index IS NOT NULL
-         ON CONFLICT (document_id, model_version, cui) DO NOTHING",
+        "INSERT INTO document_concepts (document_id, patient_index, document_date, model_version, cui, mentions, negated, first_offset)
+         SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::date[], $4::text[], $5::text[], $6::int[], $7::int[], $8::int[])
+         ON CONFLICT (patient_index, cui, document_id) DO NOTHING",
         &documents,
-        &models,
-        &cuis,
+        &patients as &[&[u8]],
+        &dates,
+        &models as &[&str],
+        &cuis as &[&str],
         &mentions,
         &negated,
         &offsets,

@@ -242,14 +242,35 @@ pub async fn claim_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<(Uu
     Ok(rows.into_iter().map(|r| (r.id, r.text_ct)).collect())
 }
 
-/// The data key of each of `ids` (None: a format-1 document from before
-/// envelope keys), with the rows locked FOR SHARE so that a concurrent
-/// `keys reencrypt` of their patient waits for the caller's transaction
-/// (results sealed under a key it is replacing would be lost).
-pub async fn data_keys_of(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error> {
-    let rows =
-        sqlx::query!("SELECT id, data_key_id FROM documents WHERE id = ANY($1) FOR SHARE", ids).fetch_all(conn).await?;
-    Ok(rows.into_iter().map(|r| (r.id, r.data_key_id)).collect())
+/// What storing a result needs to know of its document.
+#[derive(Debug)]
+pub struct ResultTarget {
+    pub id: Uuid,
+    /// None: a format-1 document from before envelope keys.
+    pub data_key_id: Option<Uuid>,
+    /// None: a document from before blind indexes (it gets no concept rows).
+    pub patient_index: Option<Vec<u8>>,
+    /// Its date, else its upload day.
+    pub effective_date: Date,
+    pub status: String,
+    /// The model version of the result it currently shows.
+    pub result_model: Option<String>,
+}
+
+/// The documents of `ids`, locked FOR SHARE so that a concurrent `keys
+/// reencrypt` of their patient waits for the caller's transaction (results
+/// sealed under a key it is replacing would be lost) and nothing changes
+/// their status or current result meanwhile.
+pub async fn result_targets(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<ResultTarget>, sqlx::Error> {
+    sqlx::query_as!(
+        ResultTarget,
+        r#"SELECT id, data_key_id, patient_index, coalesce(document_date, created_at::date) AS "effective_date!",
+                  status, result_model
+           FROM documents WHERE id = ANY($1) FOR SHARE"#,
+        ids
+    )
+    .fetch_all(conn)
+    .await
 }
 
 /// Which of `ids` exist at all (for jobs that claimed nothing: finished
@@ -265,8 +286,14 @@ pub struct NewResult {
     pub model_version: String,
     pub annotations_ct: Vec<u8>,
     pub annotation_count: i32,
-    /// The concept index rows of this result.
+    /// The concept index rows of this result, and where they go: the
+    /// patient's blind index and the model version of the result this one
+    /// replaces (see [`crate::concepts::store`]). Only a document moving to
+    /// `done` is indexed.
     pub concepts: Vec<crate::concepts::ConceptCount>,
+    pub patient_index: Option<Vec<u8>>,
+    pub document_date: Date,
+    pub replaces: Option<String>,
 }
 
 /// Stores results and marks their documents done, set-based. Exactly one
@@ -294,8 +321,19 @@ pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Re
     )
     .execute(&mut *conn)
     .await?;
-    let indexed: Vec<(Uuid, &str, &[crate::concepts::ConceptCount])> =
-        results.iter().map(|r| (r.document_id, r.model_version.as_str(), r.concepts.as_slice())).collect();
+    let indexed: Vec<crate::concepts::Indexed> = results
+        .iter()
+        .filter_map(|r| {
+            Some(crate::concepts::Indexed {
+                document_id: r.document_id,
+                patient_index: r.patient_index.as_deref()?,
+                document_date: r.document_date,
+                model_version: &r.model_version,
+                replaces: r.replaces.as_deref(),
+                concepts: &r.concepts,
+            })
+        })
+        .collect();
     crate::concepts::store(conn, &indexed).await?;
     let done = sqlx::query!(
         r#"UPDATE documents d SET status = 'done', failure_code = NULL, updated_at = now(), result_model = r.model

@@ -611,15 +611,20 @@ impl Worker {
         }
         let mut tx = self.db.begin().await?;
         let ids: Vec<Uuid> = done.iter().map(|(id, _)| *id).collect();
-        let key_ids: std::collections::HashMap<Uuid, Option<Uuid>> =
-            documents::data_keys_of(&mut tx, &ids).await?.into_iter().collect();
-        let wanted: Vec<Uuid> = key_ids.values().flatten().copied().collect();
+        let mut targets: std::collections::HashMap<Uuid, documents::ResultTarget> =
+            documents::result_targets(&mut tx, &ids).await?.into_iter().map(|t| (t.id, t)).collect();
+        let wanted: Vec<Uuid> = targets.values().filter_map(|t| t.data_key_id).collect();
         let keys = self.keys.by_id(&mut *tx, &wanted).await.map_err(key_error)?;
         let mut results = Vec::with_capacity(done.len());
         for (id, processed) in done {
+            // Erased (with its patient) while MedCAT read it: nothing to store.
+            let Some(target) = targets.remove(&id) else {
+                tracing::info!(document_id = %id, "document erased while it was processed; its result is dropped");
+                continue;
+            };
             let sealed = serde_json::to_vec(&processed.annotations).ok().and_then(|plain| {
                 let field = documents::annotations_field(id);
-                match key_ids.get(&id).copied().flatten() {
+                match target.data_key_id {
                     Some(key) => keys.get(&key)?.as_ref().ok()?.seal(field, &plain).ok(),
                     // A document from before envelope keys: its result is
                     // sealed as it is (format 1) until `keys migrate-v1`.
@@ -630,12 +635,17 @@ impl Worker {
                 failed.push((id, "encrypt_failed"));
                 continue;
             };
+            // Only a document this result moves to `done` is (re)indexed.
+            let indexed = target.status == "processing";
             results.push(NewResult {
                 document_id: id,
                 model_version: processed.model_version.unwrap_or_else(|| self.model_version.clone()),
                 annotation_count: i32::try_from(processed.annotations.len()).unwrap_or(i32::MAX),
                 annotations_ct,
-                concepts: clinflow::concepts::summarize(&processed.annotations),
+                concepts: if indexed { clinflow::concepts::summarize(&processed.annotations) } else { Vec::new() },
+                patient_index: target.patient_index.filter(|_| indexed),
+                document_date: target.effective_date,
+                replaces: target.result_model.filter(|_| indexed),
             });
         }
         let done = documents::store_results(&mut tx, &results).await?;

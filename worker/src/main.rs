@@ -196,7 +196,7 @@ async fn run() -> anyhow::Result<()> {
     let model_version = medcat.model_version().await.context("asking MedCAT for its model (MEDCAT_URL)")?;
     let db = PgPoolOptions::new()
         .max_connections(u32::from(batch.in_flight) * 2 + 2)
-        .connect(database_url.expose_secret())
+        .connect_with(clinflow::batch_connect_options(database_url.expose_secret())?)
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")?;
     let worker = Arc::new(Worker {

@@ -29,12 +29,9 @@ fn repo_path(rel: &str) -> PathBuf {
 
 async fn run(program: impl AsRef<std::ffi::OsStr>, args: &[&str], envs: &[(&str, &str)]) -> Output {
     let program = program.as_ref().to_owned();
-    tokio::process::Command::new(&program)
-        .args(args)
-        .envs(envs.iter().copied())
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {program:?}: {e} (age comes from Debian's `age`; .ci/run installs it)"))
+    tokio::process::Command::new(&program).args(args).envs(envs.iter().copied()).output().await.unwrap_or_else(|e| {
+        panic!("cannot run {program:?}: {e} (age comes from Debian's `age`; ./dev/test installs it)")
+    })
 }
 
 fn text(out: &Output) -> String {

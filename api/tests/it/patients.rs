@@ -136,6 +136,71 @@ async fn clinicians_query_patients_and_concepts_within_their_scope() {
     stack.stop().await;
 }
 
+/// The concept index holds each document's current result only: a result
+/// of another model version replaces the document's rows, so a concept the
+/// old model found and the new one does not leaves the problem list.
+#[tokio::test]
+async fn a_result_from_another_model_replaces_its_documents_concepts() {
+    let stack = Stack::start().await;
+    let ids = seed(&stack).await;
+    stack.user("operator", Role::Ops).await;
+    let (doctor, operator) = (stack.login("doctor").await, stack.login("operator").await);
+    let problems = async || {
+        let (status, list) = stack.get("/v1/patients/PAT-A/concepts", Some(&doctor)).await;
+        assert_eq!(status, 200, "{list}");
+        strings(&list, "cui")
+    };
+    let current = problems().await;
+    assert!(current.contains(HTN), "{current:?}");
+
+    // The third note as if an older model had coded it, finding one more
+    // concept than today's model does.
+    const OLD_ONLY: &str = "999999001";
+    let doc: uuid::Uuid = ids[2].parse().unwrap();
+    let mut tx = stack.db.owner.begin().await.unwrap();
+    sqlx::query("UPDATE documents SET result_model = 'model-0' WHERE id = $1")
+        .bind(doc)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE document_concepts SET model_version = 'model-0' WHERE document_id = $1")
+        .bind(doc)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO document_concepts (document_id, patient_index, document_date, model_version, cui, mentions, negated, first_offset)
+         SELECT id, patient_index, document_date, 'model-0', $2, 1, 0, 0 FROM documents WHERE id = $1",
+    )
+    .bind(doc)
+    .bind(OLD_ONLY)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(problems().await.contains(OLD_ONLY));
+
+    // Coded again by today's model: its rows replace the old model's.
+    let (status, body) = stack.post("/v1/ops/reprocess", Some(&operator), &json!({"all": true})).await;
+    assert_eq!((status, &body), (200, &json!({"queued": 5})));
+    wait_for_all_done(&stack, &ids).await;
+    assert_eq!(problems().await, current);
+    let old_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM document_concepts WHERE model_version = 'model-0'")
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(old_rows, 0);
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM document_concepts dc JOIN documents d ON d.id = dc.document_id
+         WHERE d.result_model IS DISTINCT FROM dc.model_version",
+    )
+    .fetch_one(&stack.db.owner)
+    .await
+    .unwrap();
+    assert_eq!(stale, 0, "every row is of its document's current result");
+    stack.stop().await;
+}
+
 /// Every table's rows as text (bytea as hex), for scanning.
 async fn every_row(db: &sqlx::PgPool) -> Vec<(String, String)> {
     let tables: Vec<String> =
