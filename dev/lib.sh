@@ -95,3 +95,17 @@ ensure_openapi_validator() {
   ) 9>"$CLINFLOW_ROOT/.dev/openapi-validator.lock"
   echo "$venv/bin/openapi-spec-validator"
 }
+
+# Installs the Debian packages named that are missing (quietly; only when
+# some are): the machine has none of them on a fresh start.
+ensure_debian_packages() {
+  local need=() pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
+  done
+  [ "${#need[@]}" -eq 0 ] && return 0
+  say "apt-get install ${need[*]}"
+  apt-get -qq update >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300 install -y --no-install-recommends \
+    "${need[@]}" >/dev/null
+}
