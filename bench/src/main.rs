@@ -4,12 +4,14 @@
 //! MedCAT's `/api/process_bulk` and through the whole pipeline (the ratio),
 //! the pipeline with a STAND-IN for MedCAT (its ceiling, upload latency and
 //! the per-stage breakdown), the audit sink draining a pre-filled queue, and
-//! in `full` mode a backlog drain. Figures go to stdout as a table and to
+//! in `full` mode a backlog drain, and last the clinician queries over
+//! bulk-loaded documents. Figures go to stdout as a table and to
 //! `bench/results/*.json`; the last line is the `RESULT` line.
 
 mod notes;
 mod phases;
 mod prom;
+mod queries;
 mod report;
 mod stack;
 mod standin;
@@ -52,6 +54,12 @@ struct Cli {
     /// Documents queued for the backlog drain (full mode).
     #[arg(long)]
     backlog: Option<usize>,
+    /// Documents bulk-loaded for the clinician queries (0 skips them).
+    #[arg(long)]
+    query_docs: Option<usize>,
+    /// Run this phase alone.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
     /// Recorded with the results: the cargo profile the binaries were built with.
     #[arg(long, default_value = "release")]
     profile: String,
@@ -66,6 +74,12 @@ enum Mode {
     Quick,
     /// Larger runs and the 1,000,000-document backlog drain.
     Full,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Only {
+    /// The clinician queries over bulk-loaded documents.
+    Queries,
 }
 
 /// How much work each phase does.
@@ -93,10 +107,19 @@ pub struct Plan {
     pub sink_events: usize,
     pub backlog: usize,
     pub note_bytes: usize,
+    /// Documents bulk-loaded for the clinician queries (0: none).
+    pub query_docs: usize,
+    /// Clinicians asking at once (one per care team), each at this rate,
+    /// for this many requests per endpoint in all.
+    pub query_clients: usize,
+    pub query_rate_per_client: f64,
+    pub query_requests: usize,
+    /// Length of the mixed saturation run.
+    pub query_saturation_s: f64,
 }
 
 impl Plan {
-    fn for_mode(mode: Mode, backlog: Option<usize>) -> Self {
+    fn for_mode(mode: Mode, backlog: Option<usize>, query_docs: Option<usize>) -> Self {
         let base = Plan {
             notes: 3_000,
             rounds: 3,
@@ -112,6 +135,11 @@ impl Plan {
             sink_events: 50_000,
             backlog: 0,
             note_bytes: 1_000,
+            query_docs: 50_000,
+            query_clients: 20,
+            query_rate_per_client: 10.0,
+            query_requests: 2_000,
+            query_saturation_s: 10.0,
         };
         let plan = match mode {
             Mode::Tiny => Plan {
@@ -121,6 +149,9 @@ impl Plan {
                 latency_uploads: 300,
                 sink_events: 2_000,
                 lanes_backfill: 2_000,
+                query_docs: 2_000,
+                query_requests: 200,
+                query_saturation_s: 2.0,
                 ..base
             },
             Mode::Quick => base,
@@ -132,10 +163,12 @@ impl Plan {
                 sink_events: 200_000,
                 lanes_backfill: 100_000,
                 backlog: 1_000_000,
+                query_docs: 1_000_000,
+                query_requests: 4_000,
                 ..base
             },
         };
-        Plan { backlog: backlog.unwrap_or(plan.backlog), ..plan }
+        Plan { backlog: backlog.unwrap_or(plan.backlog), query_docs: query_docs.unwrap_or(plan.query_docs), ..plan }
     }
 }
 
@@ -156,7 +189,7 @@ const PREFIX: &str = "clinflow-bench";
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
-    let plan = Plan::for_mode(cli.mode, cli.backlog);
+    let plan = Plan::for_mode(cli.mode, cli.backlog, cli.query_docs);
     let vocabulary = notes::Vocabulary::load(&cli.concepts)?;
     let owner = fresh_database(&cli.admin_url).await?;
     let admin: PgConnectOptions = cli.admin_url.parse().context("--admin-url")?;
@@ -198,6 +231,12 @@ async fn measure(
     master_key: &[u8; 32],
 ) -> anyhow::Result<report::Figures> {
     let mut figures = report::Figures::default();
+    if cli.only == Some(Only::Queries) {
+        stack.start(SINK, &[]).await?;
+        stack.start(API, &[]).await?;
+        figures.queries = queries_phase(cli, plan, ctx, stack).await?;
+        return Ok(figures);
+    }
     let real = [("MEDCAT_URL", cli.medcat_url.as_str())];
     stack.start(SINK, &[]).await?;
     stack.start(WORKER, &real).await?;
@@ -286,7 +325,24 @@ async fn measure(
         figures.peak_rss_mib.extend(report::peak_rss(stack));
         figures.backlog = Some(phases::backlog(ctx, stack, amqp, topology, master_key, &standin, plan.backlog).await?);
     }
+    figures.queries = queries_phase(cli, plan, ctx, stack).await?;
     Ok(figures)
+}
+
+async fn queries_phase(
+    cli: &Cli,
+    plan: &Plan,
+    ctx: &phases::Context<'_>,
+    stack: &Stack,
+) -> anyhow::Result<Option<report::Queries>> {
+    if plan.query_docs == 0 {
+        return Ok(None);
+    }
+    eprintln!(
+        "== clinician queries: {} documents loaded, {} clients × {}/s per endpoint",
+        plan.query_docs, plan.query_clients, plan.query_rate_per_client
+    );
+    Ok(Some(queries::run(ctx, stack, plan, &cli.concepts).await?))
 }
 
 async fn fresh_database(admin_url: &str) -> anyhow::Result<sqlx::PgPool> {
