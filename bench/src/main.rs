@@ -51,6 +51,12 @@ struct Cli {
     admin_url: String,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
+    /// The bench's own database (dropped and created afresh) and queue
+    /// prefix; another name lets two runs share a machine.
+    #[arg(long, default_value = "clinflow_bench", value_parser = plain_name)]
+    database: String,
+    #[arg(long, default_value = "clinflow-bench", value_parser = plain_name)]
+    queue_prefix: String,
     /// Documents queued for the backlog drain (full mode).
     #[arg(long)]
     backlog: Option<usize>,
@@ -184,26 +190,37 @@ async fn main() -> ExitCode {
     }
 }
 
-const DB_NAME: &str = "clinflow_bench";
-const PREFIX: &str = "clinflow-bench";
+/// A database name or queue prefix: lowercase letters, digits, `_` and `-`
+/// (the database name is put into SQL as is).
+fn plain_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok { Ok(s.to_owned()) } else { Err("use lowercase letters, digits, _ and -".into()) }
+}
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
     let plan = Plan::for_mode(cli.mode, cli.backlog, cli.query_docs);
     let vocabulary = notes::Vocabulary::load(&cli.concepts)?;
-    let owner = fresh_database(&cli.admin_url).await?;
+    let owner = fresh_database(&cli.admin_url, &cli.database).await?;
     let admin: PgConnectOptions = cli.admin_url.parse().context("--admin-url")?;
     let (host, port) = (admin.get_host().to_owned(), admin.get_port());
-    let database_url = move |role: &str| format!("postgres://{role}@{host}:{port}/{DB_NAME}");
-    let topology = clinflow::amqp::Topology::new(PREFIX);
+    let database = cli.database.clone();
+    let database_url = move |role: &str| format!("postgres://{role}@{host}:{port}/{database}");
+    let topology = clinflow::amqp::Topology::new(&cli.queue_prefix);
     let amqp = clinflow::amqp::connect(&cli.amqp_url.clone().into(), "clinflow-bench").await?;
     phases::delete_queues(&amqp, &topology).await;
 
     let mut master_key = [0u8; 32];
     master_key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     master_key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    let mut stack =
-        Stack::new(cli.bin_dir.clone(), cli.log_dir.clone(), database_url, cli.amqp_url.clone(), PREFIX, &master_key)?;
+    let mut stack = Stack::new(
+        cli.bin_dir.clone(),
+        cli.log_dir.clone(),
+        database_url,
+        cli.amqp_url.clone(),
+        &cli.queue_prefix,
+        &master_key,
+    )?;
     let password = uuid::Uuid::new_v4().to_string();
     stack.create_user("bench-ingest", "ingest", &password).await?;
 
@@ -213,7 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     stack.stop_all().await;
     phases::delete_queues(&amqp, &topology).await;
     owner.close().await;
-    drop_database(&cli.admin_url).await;
+    drop_database(&cli.admin_url, &cli.database).await;
     let mut figures = result?;
     figures.peak_rss_mib = rss.into_iter().chain(figures.peak_rss_mib).collect();
     report::print_and_save(&cli.results_dir, cli.mode, &cli.profile, &plan, &figures, started.elapsed())
@@ -345,23 +362,23 @@ async fn queries_phase(
     Ok(Some(queries::run(ctx, stack, plan, &cli.concepts).await?))
 }
 
-async fn fresh_database(admin_url: &str) -> anyhow::Result<sqlx::PgPool> {
-    drop_database(admin_url).await;
+async fn fresh_database(admin_url: &str, name: &str) -> anyhow::Result<sqlx::PgPool> {
+    drop_database(admin_url, name).await;
     let admin: PgConnectOptions = admin_url.parse().context("--admin-url")?;
     let mut conn = admin.connect().await.context("connecting to PostgreSQL as the admin")?;
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {DB_NAME}"))).execute(&mut conn).await?;
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&mut conn).await?;
     conn.close().await?;
-    let owner = PgPoolOptions::new().max_connections(4).connect_with(admin.database(DB_NAME)).await?;
+    let owner = PgPoolOptions::new().max_connections(4).connect_with(admin.database(name)).await?;
     clinflow::MIGRATOR.run(&owner).await.context("migrating the bench database")?;
     Ok(owner)
 }
 
-async fn drop_database(admin_url: &str) {
+async fn drop_database(admin_url: &str, name: &str) {
     let Ok(admin) = admin_url.parse::<PgConnectOptions>() else { return };
     if let Ok(mut conn) = admin.connect().await {
-        let sql = format!("DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)");
+        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
         if let Err(e) = sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await {
-            eprintln!("dropping {DB_NAME}: {e}");
+            eprintln!("dropping {name}: {e}");
         }
     }
 }
