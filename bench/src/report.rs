@@ -348,26 +348,29 @@ pub fn print_and_save(
         };
         println!("{name:<44} {value:>14}  {target:<10} {verdict}");
     };
-    let rounds: Vec<String> =
-        figures.rounds.iter().map(|r| format!("{:.2}", r.pipeline_docs_per_s / r.direct_docs_per_s)).collect();
-    row(
-        &format!("ratio pipeline ÷ direct (rounds {})", rounds.join(" ")),
-        format!("{ratio:.3}"),
-        "≥ 0.95",
-        Some(ratio >= 0.95),
-    );
-    row(
-        &format!("  direct /api/process_bulk, batches of {}", plan.bulk_batch),
-        format!("{direct:.0} docs/s"),
-        "",
-        None,
-    );
-    row(
-        &format!("  pipeline, batches of {} ×{}, real MedCAT", plan.batch_lines, plan.batch_clients),
-        format!("{piped:.0} docs/s"),
-        "",
-        None,
-    );
+    // Absent when a phase ran alone (--only).
+    if !figures.rounds.is_empty() {
+        let rounds: Vec<String> =
+            figures.rounds.iter().map(|r| format!("{:.2}", r.pipeline_docs_per_s / r.direct_docs_per_s)).collect();
+        row(
+            &format!("ratio pipeline ÷ direct (rounds {})", rounds.join(" ")),
+            format!("{ratio:.3}"),
+            "≥ 0.95",
+            Some(ratio >= 0.95),
+        );
+        row(
+            &format!("  direct /api/process_bulk, batches of {}", plan.bulk_batch),
+            format!("{direct:.0} docs/s"),
+            "",
+            None,
+        );
+        row(
+            &format!("  pipeline, batches of {} ×{}, real MedCAT", plan.batch_lines, plan.batch_clients),
+            format!("{piped:.0} docs/s"),
+            "",
+            None,
+        );
+    }
     if let Some(c) = ceiling {
         row(
             &format!("ceiling (stand-in NLP), {} docs", c.docs),
