@@ -4,12 +4,14 @@
 //! MedCAT's `/api/process_bulk` and through the whole pipeline (the ratio),
 //! the pipeline with a STAND-IN for MedCAT (its ceiling, upload latency and
 //! the per-stage breakdown), the audit sink draining a pre-filled queue, and
-//! in `full` mode a backlog drain. Figures go to stdout as a table and to
+//! in `full` mode a backlog drain, and last the clinician queries over
+//! bulk-loaded documents. Figures go to stdout as a table and to
 //! `bench/results/*.json`; the last line is the `RESULT` line.
 
 mod notes;
 mod phases;
 mod prom;
+mod queries;
 mod report;
 mod stack;
 mod standin;
@@ -49,9 +51,21 @@ struct Cli {
     admin_url: String,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
+    /// The bench's own database (dropped and created afresh) and queue
+    /// prefix; another name lets two runs share a machine.
+    #[arg(long, default_value = "clinflow_bench", value_parser = plain_name)]
+    database: String,
+    #[arg(long, default_value = "clinflow-bench", value_parser = plain_name)]
+    queue_prefix: String,
     /// Documents queued for the backlog drain (full mode).
     #[arg(long)]
     backlog: Option<usize>,
+    /// Documents bulk-loaded for the clinician queries (0 skips them).
+    #[arg(long)]
+    query_docs: Option<usize>,
+    /// Run this phase alone.
+    #[arg(long, value_enum)]
+    only: Option<Only>,
     /// Recorded with the results: the cargo profile the binaries were built with.
     #[arg(long, default_value = "release")]
     profile: String,
@@ -66,6 +80,12 @@ enum Mode {
     Quick,
     /// Larger runs and the 1,000,000-document backlog drain.
     Full,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Only {
+    /// The clinician queries over bulk-loaded documents.
+    Queries,
 }
 
 /// How much work each phase does.
@@ -93,10 +113,19 @@ pub struct Plan {
     pub sink_events: usize,
     pub backlog: usize,
     pub note_bytes: usize,
+    /// Documents bulk-loaded for the clinician queries (0: none).
+    pub query_docs: usize,
+    /// Clinicians asking at once (one per care team), each at this rate,
+    /// for this many requests per endpoint in all.
+    pub query_clients: usize,
+    pub query_rate_per_client: f64,
+    pub query_requests: usize,
+    /// Length of the mixed saturation run.
+    pub query_saturation_s: f64,
 }
 
 impl Plan {
-    fn for_mode(mode: Mode, backlog: Option<usize>) -> Self {
+    fn for_mode(mode: Mode, backlog: Option<usize>, query_docs: Option<usize>) -> Self {
         let base = Plan {
             notes: 3_000,
             rounds: 3,
@@ -112,6 +141,11 @@ impl Plan {
             sink_events: 50_000,
             backlog: 0,
             note_bytes: 1_000,
+            query_docs: 50_000,
+            query_clients: 20,
+            query_rate_per_client: 10.0,
+            query_requests: 2_000,
+            query_saturation_s: 10.0,
         };
         let plan = match mode {
             Mode::Tiny => Plan {
@@ -121,6 +155,9 @@ impl Plan {
                 latency_uploads: 300,
                 sink_events: 2_000,
                 lanes_backfill: 2_000,
+                query_docs: 2_000,
+                query_requests: 200,
+                query_saturation_s: 2.0,
                 ..base
             },
             Mode::Quick => base,
@@ -132,10 +169,12 @@ impl Plan {
                 sink_events: 200_000,
                 lanes_backfill: 100_000,
                 backlog: 1_000_000,
+                query_docs: 1_000_000,
+                query_requests: 4_000,
                 ..base
             },
         };
-        Plan { backlog: backlog.unwrap_or(plan.backlog), ..plan }
+        Plan { backlog: backlog.unwrap_or(plan.backlog), query_docs: query_docs.unwrap_or(plan.query_docs), ..plan }
     }
 }
 
@@ -151,26 +190,37 @@ async fn main() -> ExitCode {
     }
 }
 
-const DB_NAME: &str = "clinflow_bench";
-const PREFIX: &str = "clinflow-bench";
+/// A database name or queue prefix: lowercase letters, digits, `_` and `-`
+/// (the database name is put into SQL as is).
+fn plain_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok { Ok(s.to_owned()) } else { Err("use lowercase letters, digits, _ and -".into()) }
+}
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
-    let plan = Plan::for_mode(cli.mode, cli.backlog);
+    let plan = Plan::for_mode(cli.mode, cli.backlog, cli.query_docs);
     let vocabulary = notes::Vocabulary::load(&cli.concepts)?;
-    let owner = fresh_database(&cli.admin_url).await?;
+    let owner = fresh_database(&cli.admin_url, &cli.database).await?;
     let admin: PgConnectOptions = cli.admin_url.parse().context("--admin-url")?;
     let (host, port) = (admin.get_host().to_owned(), admin.get_port());
-    let database_url = move |role: &str| format!("postgres://{role}@{host}:{port}/{DB_NAME}");
-    let topology = clinflow::amqp::Topology::new(PREFIX);
+    let database = cli.database.clone();
+    let database_url = move |role: &str| format!("postgres://{role}@{host}:{port}/{database}");
+    let topology = clinflow::amqp::Topology::new(&cli.queue_prefix);
     let amqp = clinflow::amqp::connect(&cli.amqp_url.clone().into(), "clinflow-bench").await?;
     phases::delete_queues(&amqp, &topology).await;
 
     let mut master_key = [0u8; 32];
     master_key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     master_key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    let mut stack =
-        Stack::new(cli.bin_dir.clone(), cli.log_dir.clone(), database_url, cli.amqp_url.clone(), PREFIX, &master_key)?;
+    let mut stack = Stack::new(
+        cli.bin_dir.clone(),
+        cli.log_dir.clone(),
+        database_url,
+        cli.amqp_url.clone(),
+        &cli.queue_prefix,
+        &master_key,
+    )?;
     let password = uuid::Uuid::new_v4().to_string();
     stack.create_user("bench-ingest", "ingest", &password).await?;
 
@@ -180,7 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     stack.stop_all().await;
     phases::delete_queues(&amqp, &topology).await;
     owner.close().await;
-    drop_database(&cli.admin_url).await;
+    drop_database(&cli.admin_url, &cli.database).await;
     let mut figures = result?;
     figures.peak_rss_mib = rss.into_iter().chain(figures.peak_rss_mib).collect();
     report::print_and_save(&cli.results_dir, cli.mode, &cli.profile, &plan, &figures, started.elapsed())
@@ -198,6 +248,12 @@ async fn measure(
     master_key: &[u8; 32],
 ) -> anyhow::Result<report::Figures> {
     let mut figures = report::Figures::default();
+    if cli.only == Some(Only::Queries) {
+        stack.start(SINK, &[]).await?;
+        stack.start(API, &[]).await?;
+        figures.queries = queries_phase(cli, plan, ctx, stack).await?;
+        return Ok(figures);
+    }
     let real = [("MEDCAT_URL", cli.medcat_url.as_str())];
     stack.start(SINK, &[]).await?;
     stack.start(WORKER, &real).await?;
@@ -286,26 +342,43 @@ async fn measure(
         figures.peak_rss_mib.extend(report::peak_rss(stack));
         figures.backlog = Some(phases::backlog(ctx, stack, amqp, topology, master_key, &standin, plan.backlog).await?);
     }
+    figures.queries = queries_phase(cli, plan, ctx, stack).await?;
     Ok(figures)
 }
 
-async fn fresh_database(admin_url: &str) -> anyhow::Result<sqlx::PgPool> {
-    drop_database(admin_url).await;
+async fn queries_phase(
+    cli: &Cli,
+    plan: &Plan,
+    ctx: &phases::Context<'_>,
+    stack: &Stack,
+) -> anyhow::Result<Option<report::Queries>> {
+    if plan.query_docs == 0 {
+        return Ok(None);
+    }
+    eprintln!(
+        "== clinician queries: {} documents loaded, {} clients × {}/s per endpoint",
+        plan.query_docs, plan.query_clients, plan.query_rate_per_client
+    );
+    Ok(Some(queries::run(ctx, stack, plan, &cli.concepts).await?))
+}
+
+async fn fresh_database(admin_url: &str, name: &str) -> anyhow::Result<sqlx::PgPool> {
+    drop_database(admin_url, name).await;
     let admin: PgConnectOptions = admin_url.parse().context("--admin-url")?;
     let mut conn = admin.connect().await.context("connecting to PostgreSQL as the admin")?;
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {DB_NAME}"))).execute(&mut conn).await?;
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&mut conn).await?;
     conn.close().await?;
-    let owner = PgPoolOptions::new().max_connections(4).connect_with(admin.database(DB_NAME)).await?;
+    let owner = PgPoolOptions::new().max_connections(4).connect_with(admin.database(name)).await?;
     clinflow::MIGRATOR.run(&owner).await.context("migrating the bench database")?;
     Ok(owner)
 }
 
-async fn drop_database(admin_url: &str) {
+async fn drop_database(admin_url: &str, name: &str) {
     let Ok(admin) = admin_url.parse::<PgConnectOptions>() else { return };
     if let Ok(mut conn) = admin.connect().await {
-        let sql = format!("DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)");
+        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
         if let Err(e) = sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await {
-            eprintln!("dropping {DB_NAME}: {e}");
+            eprintln!("dropping {name}: {e}");
         }
     }
 }

@@ -62,7 +62,7 @@ pub enum Upload {
     Batch { lines: usize, clients: usize },
 }
 
-/// A logged-in ingest client of the API.
+/// A logged-in client of the API (the ingest account, or a clinician).
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -98,6 +98,15 @@ impl Client {
                 response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(1);
             tokio::time::sleep(Duration::from_secs(wait)).await;
         }
+    }
+
+    /// `GET path` (such as `/v1/concepts/38341003/documents`): the status
+    /// and the body.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        let url = format!("{}{path}", self.base);
+        let response = self.send(|| self.http.get(&url)).await?;
+        let status = response.status().as_u16();
+        Ok((status, response.bytes().await?.to_vec()))
     }
 
     /// One upload; its latency counted from `started` (the scheduled send

@@ -27,6 +27,7 @@ pub struct Figures {
     pub sink: Option<Sink>,
     pub lanes: Option<Lanes>,
     pub backlog: Option<Backlog>,
+    pub queries: Option<Queries>,
     pub peak_rss_mib: BTreeMap<String, f64>,
 }
 
@@ -97,6 +98,70 @@ pub struct Backlog {
     pub worker_peak_rss_mib: Option<f64>,
 }
 
+/// The clinician queries over bulk-loaded documents.
+#[derive(Debug, Serialize)]
+pub struct Queries {
+    pub docs: usize,
+    pub patients: usize,
+    pub teams: usize,
+    pub concepts_per_document: f64,
+    /// Generating, COPYing, indexing and vacuuming all of it.
+    pub load_s: f64,
+    pub tables: Vec<TableLoad>,
+    pub clients: usize,
+    pub rate_per_client: f64,
+    pub endpoints: Vec<EndpointRun>,
+    pub saturation: QuerySaturation,
+    /// The paced runs and the saturation run.
+    pub wall_s: f64,
+    pub cpu_seconds: BTreeMap<String, f64>,
+}
+
+/// One table of the query load.
+#[derive(Debug, Serialize)]
+pub struct TableLoad {
+    pub table: &'static str,
+    pub rows: u64,
+    pub copy_s: f64,
+    pub rows_per_s: f64,
+    /// Recreating its secondary indexes (and triggers).
+    pub index_s: f64,
+    pub vacuum_s: f64,
+}
+
+/// One endpoint at a steady offered load; latency from the scheduled send.
+#[derive(Debug, Serialize)]
+pub struct EndpointRun {
+    pub name: &'static str,
+    pub route: &'static str,
+    /// Held to `QUERY_P99_TARGET_MS`.
+    pub targeted: bool,
+    pub requests: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// The four endpoints in turn, every client back to back.
+#[derive(Debug, Serialize)]
+pub struct QuerySaturation {
+    pub seconds: f64,
+    pub requests: usize,
+    pub requests_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+const QUERY_P99_TARGET_MS: f64 = 25.0;
+
+impl Queries {
+    /// The worst p99 of the endpoints with a target.
+    pub fn p99_ms(&self) -> f64 {
+        self.endpoints.iter().filter(|e| e.targeted).map(|e| e.p99_ms).fold(0.0, f64::max)
+    }
+}
+
 /// One stage of a document's way: (service, metric, labels, what it is).
 type StageDef = (&'static str, &'static str, &'static [(&'static str, &'static str)], &'static str);
 
@@ -149,6 +214,43 @@ fn print_cpu(during: &str, cpu: &BTreeMap<String, f64>, wall_s: f64, machine: &s
     cpu.sort_by(|a, b| b.1.total_cmp(a.1));
     for (name, s) in cpu {
         println!("  {name:<34} {s:>7.2} CPU-s  {:>5.0} % of one core", s / wall_s * 100.0);
+    }
+}
+
+/// The query rows of the table: the load, each endpoint, saturation.
+fn print_queries(row: &impl Fn(&str, String, &str, Option<bool>), q: &Queries) {
+    row(&format!("query load: {} docs, {} patients", q.docs, q.patients), format!("{:.0} s", q.load_s), "", None);
+    for e in &q.endpoints {
+        let (target, met) = if e.targeted {
+            (format!("< {QUERY_P99_TARGET_MS:.0} ms"), Some(e.p99_ms < QUERY_P99_TARGET_MS))
+        } else {
+            (String::new(), None)
+        };
+        let name = format!("{} p99, {} clients × {}/s", e.name, q.clients, q.rate_per_client);
+        row(&name, format!("{:.1} ms", e.p99_ms), &target, met);
+        row(
+            &format!("  p50 / max ({} requests)", e.requests),
+            format!("{:.1} / {:.0} ms", e.p50_ms, e.max_ms),
+            "",
+            None,
+        );
+    }
+    let s = &q.saturation;
+    row(&format!("  queries: {} clients back to back", q.clients), format!("{:.0} req/s", s.requests_per_s), "", None);
+    row("    p50 / p99 at saturation", format!("{:.1} / {:.1} ms", s.p50_ms, s.p99_ms), "", None);
+}
+
+fn print_query_load(q: &Queries) {
+    println!(
+        "\nthe query load ({:.0} s in all; {:.1} concepts per document; COPY, then indexes and triggers back, then VACUUM (ANALYZE))",
+        q.load_s, q.concepts_per_document
+    );
+    println!("{:<20} {:>10} {:>8} {:>10} {:>8} {:>8}", "table", "rows", "copy s", "rows/s", "index s", "vacuum s");
+    for t in &q.tables {
+        println!(
+            "{:<20} {:>10} {:>8.1} {:>10.0} {:>8.1} {:>8.1}",
+            t.table, t.rows, t.copy_s, t.rows_per_s, t.index_s, t.vacuum_s
+        );
     }
 }
 
@@ -226,6 +328,7 @@ pub fn print_and_save(
     let live_p99 = figures.lanes.as_ref().map_or(0.0, |l| l.live_p99_ms);
     let sink_rate = sink.map_or(0.0, |s| s.events_per_s);
     let throttled = crate::phases::THROTTLED.load(std::sync::atomic::Ordering::Relaxed);
+    let query_p99 = figures.queries.as_ref().map_or(0.0, Queries::p99_ms);
 
     println!();
     println!(
@@ -245,26 +348,29 @@ pub fn print_and_save(
         };
         println!("{name:<44} {value:>14}  {target:<10} {verdict}");
     };
-    let rounds: Vec<String> =
-        figures.rounds.iter().map(|r| format!("{:.2}", r.pipeline_docs_per_s / r.direct_docs_per_s)).collect();
-    row(
-        &format!("ratio pipeline ÷ direct (rounds {})", rounds.join(" ")),
-        format!("{ratio:.3}"),
-        "≥ 0.95",
-        Some(ratio >= 0.95),
-    );
-    row(
-        &format!("  direct /api/process_bulk, batches of {}", plan.bulk_batch),
-        format!("{direct:.0} docs/s"),
-        "",
-        None,
-    );
-    row(
-        &format!("  pipeline, batches of {} ×{}, real MedCAT", plan.batch_lines, plan.batch_clients),
-        format!("{piped:.0} docs/s"),
-        "",
-        None,
-    );
+    // Absent when a phase ran alone (--only).
+    if !figures.rounds.is_empty() {
+        let rounds: Vec<String> =
+            figures.rounds.iter().map(|r| format!("{:.2}", r.pipeline_docs_per_s / r.direct_docs_per_s)).collect();
+        row(
+            &format!("ratio pipeline ÷ direct (rounds {})", rounds.join(" ")),
+            format!("{ratio:.3}"),
+            "≥ 0.95",
+            Some(ratio >= 0.95),
+        );
+        row(
+            &format!("  direct /api/process_bulk, batches of {}", plan.bulk_batch),
+            format!("{direct:.0} docs/s"),
+            "",
+            None,
+        );
+        row(
+            &format!("  pipeline, batches of {} ×{}, real MedCAT", plan.batch_lines, plan.batch_clients),
+            format!("{piped:.0} docs/s"),
+            "",
+            None,
+        );
+    }
     if let Some(c) = ceiling {
         row(
             &format!("ceiling (stand-in NLP), {} docs", c.docs),
@@ -343,6 +449,9 @@ pub fn print_and_save(
         );
         row("  drain / load time", format!("{:.0} / {:.0} s", b.drain_s, b.load_s), "", None);
     }
+    if let Some(q) = &figures.queries {
+        print_queries(&row, q);
+    }
     for (name, mib) in &figures.peak_rss_mib {
         let limit = match name.as_str() {
             "clinflow-worker" => Some(100.0),
@@ -374,13 +483,19 @@ pub fn print_and_save(
         );
     }
 
+    if let Some(q) = &figures.queries {
+        print_query_load(q);
+        print_cpu("the query runs (paced and saturation)", &q.cpu_seconds, q.wall_s, &machine);
+    }
+
     let json = serde_json::json!({
         "mode": mode, "profile": profile, "date": now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         "git_commit": std::env::var("BENCH_GIT_COMMIT").ok(), "machine": machine, "plan": plan,
         "duration_s": elapsed.as_secs_f64(),
         "result": {"ratio": ratio, "direct_docs_per_s": direct, "pipeline_docs_per_s": piped,
                    "ceiling_docs_per_s": ceiling_docs, "upload_p50_ms": p50, "upload_p99_ms": p99,
-                   "saturated_upload_p99_ms": saturated_p99, "live_done_p99_ms": live_p99, "sink_events_per_s": sink_rate, "uploads_throttled": throttled},
+                   "saturated_upload_p99_ms": saturated_p99, "live_done_p99_ms": live_p99, "sink_events_per_s": sink_rate, "uploads_throttled": throttled,
+                   "query_p99_ms": query_p99},
         "figures": figures,
     });
     std::fs::create_dir_all(results_dir)?;
@@ -389,7 +504,7 @@ pub fn print_and_save(
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("\nfigures written to {}", path.display());
     println!(
-        "RESULT ratio={ratio:.3} ceiling_docs_per_s={ceiling_docs:.0} upload_p99_ms={p99:.1} live_done_p99_ms={live_p99:.0} sink_events_per_s={sink_rate:.0}"
+        "RESULT ratio={ratio:.3} ceiling_docs_per_s={ceiling_docs:.0} upload_p99_ms={p99:.1} live_done_p99_ms={live_p99:.0} sink_events_per_s={sink_rate:.0} query_p99_ms={query_p99:.1}"
     );
     Ok(())
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine as _;
+use clinflow::crypto::{IndexKey, Keyring};
+use secrecy::SecretBox;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
@@ -146,6 +148,22 @@ impl Stack {
 
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
         self.services.iter().filter_map(|(n, s)| Some((*n, s.child.id()?))).collect()
+    }
+
+    /// The services' blind-index key, as the api reads CLINFLOW_INDEX_KEY
+    /// (the bytes of the string).
+    pub fn index_key(&self) -> IndexKey {
+        let key = self.env.get("CLINFLOW_INDEX_KEY").map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+        IndexKey::new(SecretBox::new(Box::new(key)))
+    }
+
+    /// The services' keyring: CLINFLOW_MASTER_KEY holds one key, without an
+    /// id, which `clinflow::config::master_keys` makes KEK "1".
+    pub fn keyring(&self) -> anyhow::Result<Keyring> {
+        let encoded = self.env.get("CLINFLOW_MASTER_KEY").context("no CLINFLOW_MASTER_KEY")?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded)?;
+        let key: [u8; 32] = bytes.as_slice().try_into().context("CLINFLOW_MASTER_KEY is not 32 bytes")?;
+        Ok(Keyring::from_master_key(&SecretBox::new(Box::new(key))))
     }
 
     /// Creates a user through `clinflow-api create-user`, as an operator would.
