@@ -8,12 +8,13 @@
 --    model version, in the same transaction that moves documents.result_model.
 --    So no query compares model versions, and none needs the rows by document.
 -- 2. One index, the primary key (patient_index, cui, document_id), serves
---    every reader: a patient's problem list (prefix patient_index), a concept
---    among the caller's patients (prefix patient_index, cui, once per patient
---    in scope; this also makes a redelivered result a no-op), erasure. It
---    carries the counts and the document's date, so those readers scan the
---    index only and read `documents` just for the rows of the page they
---    answer (the table is some twenty rows per note: at a million notes
+--    every reader: a patient's problem list (prefix patient_index); a concept
+--    among the caller's patients (`patient_index = ANY (scope) AND cui = $`:
+--    one ordered scan, patient by patient, that stops when the page is
+--    full); erasure; and it makes a redelivered result a no-op. It carries
+--    the counts, first offset and the document's date, so those readers
+--    scan the index only and read `documents` just for the rows of the page
+--    they answer (the table is some twenty rows per note: at a million notes
 --    neither it nor its index is in shared buffers).
 -- 3. No foreign key to documents: rows are written only for documents locked
 --    in the writing transaction, and a document is deleted only by
@@ -34,7 +35,7 @@ UPDATE document_concepts dc SET document_date = coalesce(d.document_date, d.crea
 FROM documents d WHERE d.id = dc.document_id;
 ALTER TABLE document_concepts ALTER COLUMN document_date SET NOT NULL;
 ALTER TABLE document_concepts
-    ADD PRIMARY KEY (patient_index, cui, document_id) INCLUDE (mentions, negated, document_date);
+    ADD PRIMARY KEY (patient_index, cui, document_id) INCLUDE (mentions, negated, first_offset, document_date);
 
 -- The patients a user may read: those of their care teams, and those of
 -- their live break-glass grants. (care::patient_grant asks the same of one

@@ -350,18 +350,19 @@ async fn concept_patients(
                SELECT dc.patient_index, count(*) AS documents,
                       min(dc.document_date) AS first_date, max(dc.document_date) AS last_date
                FROM document_concepts dc
-               WHERE dc.cui = $2 AND dc.mentions > dc.negated
-                 AND dc.patient_index IN (SELECT patient_index FROM patients_in_scope($1))
-                 AND ($3::bytea IS NULL OR dc.patient_index > $3)
+               WHERE dc.patient_index = ANY (ARRAY(
+                         SELECT s.patient_index FROM patients_in_scope($1) s
+                         WHERE $3::bytea IS NULL OR s.patient_index < $3))
+                 AND dc.cui = $2 AND dc.mentions > dc.negated
                GROUP BY dc.patient_index
-               ORDER BY dc.patient_index LIMIT $4
+               ORDER BY dc.patient_index DESC LIMIT $4
            )
            SELECT f.patient_index AS "patient_index!", f.documents AS "documents!", f.first_date, f.last_date,
                   d.id AS "sample!", d.patient_ref_ct AS "patient_ref_ct!"
            FROM found f
            CROSS JOIN LATERAL (SELECT id, patient_ref_ct FROM documents
                                WHERE patient_index = f.patient_index LIMIT 1) d
-           ORDER BY f.patient_index"#,
+           ORDER BY f.patient_index DESC"#,
         user.id,
         cui,
         after,
@@ -406,10 +407,15 @@ pub struct ConceptDocument {
 }
 
 /// `GET /v1/concepts/{cui}/documents`: the caller's patients' documents
-/// whose current result names this concept, newest first.
+/// whose current result names this concept, patient by patient (in the
+/// order of `/v1/concepts/{cui}/patients`), each patient's newest first.
+///
+/// By patient, not newest first across all patients: a page is then one
+/// ordered index scan that stops when the page is full, however many
+/// patients the caller's teams hold.
 #[utoipa::path(get, path = "/v1/concepts/{cui}/documents", tag = "patients",
     params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
-    responses((status = 200, description = "The caller's patients' documents with the concept, newest first", body = Page<ConceptDocument>),
+    responses((status = 200, description = "The caller's patients' documents with the concept, patient by patient, newest first within each", body = Page<ConceptDocument>),
               (status = 422, description = "- `invalid_cui`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
 async fn concept_documents(
     State(state): State<AppState>,
@@ -419,23 +425,31 @@ async fn concept_documents(
 ) -> Result<Json<Page<ConceptDocument>>, ApiError> {
     let cui = valid_cui(&cui)?;
     let limit = page_size(cursor.limit)?;
-    let after = cursor_id(cursor.after.as_deref())?;
+    let (after_patient, after_document) = match cursor.after.as_deref() {
+        None => (None, None),
+        Some(a) => {
+            let (patient, document) = a
+                .split_once('.')
+                .and_then(|(p, d)| Some((unhex(p)?, Uuid::try_parse(d).ok()?)))
+                .ok_or_else(|| ApiError::invalid("invalid_cursor", "after must be a next_cursor"))?;
+            (Some(patient), Some(document))
+        }
+    };
     let rows = sqlx::query!(
-        r#"WITH page AS (
-               SELECT dc.patient_index, dc.document_id FROM document_concepts dc
-               WHERE dc.cui = $2 AND dc.patient_index IN (SELECT patient_index FROM patients_in_scope($1))
-                 AND ($3::uuid IS NULL OR dc.document_id < $3)
-               ORDER BY dc.document_id DESC LIMIT $4
-           )
-           SELECT d.id, d.patient_ref_ct, d.document_date, d.created_at, dc.mentions, dc.negated, dc.first_offset
-           FROM page
-           JOIN document_concepts dc
-             ON dc.patient_index = page.patient_index AND dc.cui = $2 AND dc.document_id = page.document_id
-           JOIN documents d ON d.id = page.document_id
-           ORDER BY page.document_id DESC"#,
+        r#"SELECT dc.patient_index, d.id, d.patient_ref_ct, d.document_date, d.created_at,
+                  dc.mentions, dc.negated, dc.first_offset
+           FROM document_concepts dc
+           JOIN documents d ON d.id = dc.document_id
+           WHERE dc.patient_index = ANY (ARRAY(
+                     SELECT s.patient_index FROM patients_in_scope($1) s
+                     WHERE $3::bytea IS NULL OR s.patient_index <= $3))
+             AND dc.cui = $2
+             AND ($3::bytea IS NULL OR dc.patient_index < $3 OR dc.document_id < $4)
+           ORDER BY dc.patient_index DESC, dc.document_id DESC LIMIT $5"#,
         user.id,
         cui,
-        after,
+        after_patient,
+        after_document,
         limit + 1,
     )
     .fetch_all(&state.db)
@@ -444,9 +458,11 @@ async fn concept_documents(
     let sealed: Vec<&[u8]> = rows.iter().map(|r| r.patient_ref_ct.as_slice()).collect();
     let opener = state.keys.opener(&state.db, sealed).await?;
     let mut items = Vec::with_capacity(rows.len());
+    let mut last = None;
     for r in rows.into_iter().take(limit as usize) {
         let patient_ref =
             opener.open_string(documents::patient_ref_field(r.id), &r.patient_ref_ct).map_err(anyhow::Error::new)?;
+        last = Some((r.patient_index, r.id));
         items.push(ConceptDocument {
             id: r.id,
             patient_ref,
@@ -457,7 +473,7 @@ async fn concept_documents(
             first_offset: r.first_offset,
         });
     }
-    let next_cursor = if more { items.last().map(|d| d.id.to_string()) } else { None };
+    let next_cursor = if more { last.map(|(patient, id)| format!("{}.{id}", hex(&patient))) } else { None };
     let event = user.event(Action::ConceptRead, Outcome::Success).resource("concept", cui);
     state.audit(&event.reason(&format!("documents:{}", items.len()))).await?;
     Ok(Json(Page { items, next_cursor }))

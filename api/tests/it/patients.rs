@@ -100,6 +100,20 @@ async fn clinicians_query_patients_and_concepts_within_their_scope() {
     let (status, docs) = get(&format!("/v1/concepts/{AF}/documents")).await;
     assert_eq!(status, 200, "{docs}");
     assert_eq!(strings(&docs, "id"), BTreeSet::from([ids[0].clone(), ids[1].clone(), ids[3].clone()]));
+    // Paged one at a time: patient by patient, each one's newest first.
+    let mut walked = Vec::new();
+    let mut path = format!("/v1/concepts/{AF}/documents?limit=1");
+    loop {
+        let (status, page) = get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        walked.extend(page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()));
+        let Some(next) = page["next_cursor"].as_str() else { break };
+        path = format!("/v1/concepts/{AF}/documents?limit=1&after={next}");
+    }
+    let (a_newest, a_oldest) = (walked.iter().position(|d| *d == ids[1]), walked.iter().position(|d| *d == ids[0]));
+    assert_eq!(walked.len(), 3, "{walked:?}");
+    assert_eq!(a_newest.unwrap() + 1, a_oldest.unwrap(), "A's two AF notes together, newest first: {walked:?}");
+    assert_eq!(get(&format!("/v1/concepts/{AF}/documents?after=zz.{}", ids[0])).await.0, 422);
     let (_, docs) = get(&format!("/v1/concepts/{METFORMIN}/documents")).await;
     assert_eq!(strings(&docs, "patient_ref"), BTreeSet::from(["PAT-B".to_owned()]));
     assert_eq!(get("/v1/concepts/bad%20cui/documents").await.0, 422);

@@ -172,7 +172,7 @@ impl Generator {
                 let negated = if rng.below(10) == 0 { mentions } else { 0 };
                 let _ = write!(out, "{}\t{MODEL}\t{}\t", d.id, concept.cui);
                 bytea(&mut out, &self.indexes[d.patient]);
-                let _ = writeln!(out, "\t{mentions}\t{negated}\t{}", rng.below(NOTE_BYTES as u64));
+                let _ = writeln!(out, "\t{mentions}\t{negated}\t{}\t{}", rng.below(NOTE_BYTES as u64), d.at.date());
             }
         }
         out
@@ -249,7 +249,7 @@ pub async fn load(
     let g = Arc::clone(&generator);
     let chunks =
         (0..set.docs).step_by(CHUNK).map(move |first| Ok(g.document_concepts(first..(first + CHUNK).min(g.set.docs))));
-    let columns = "(document_id, model_version, cui, patient_index, mentions, negated, first_offset)";
+    let columns = "(document_id, model_version, cui, patient_index, mentions, negated, first_offset, document_date)";
     loads.push(copy_in(db, "document_concepts", columns, chunks).await?);
 
     let all = generator.concepts.all();
