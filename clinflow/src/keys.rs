@@ -6,9 +6,11 @@
 pub mod rotation;
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use lru::LruCache;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
@@ -51,7 +53,7 @@ impl Keys {
     }
 
     pub fn with_cache(keyring: Keyring, capacity: usize, ttl: Duration) -> Self {
-        Self { keyring, cache: Cache { entries: Mutex::default(), capacity: capacity.max(1), ttl } }
+        Self { keyring, cache: Cache::new(capacity, ttl) }
     }
 
     pub fn keyring(&self) -> &Keyring {
@@ -253,19 +255,26 @@ impl Opener<'_> {
 
 /// Unwrapped keys by id: at most `capacity`, each for at most `ttl` after it
 /// was unwrapped; a key leaving it is zeroized once its last user drops it.
+/// Unwrapped data keys, least recently used evicted first, each for `ttl`
+/// after it was unwrapped. Every operation is O(1) under the lock (a query
+/// page may bring a hundred keys of a hundred patients).
 struct Cache {
-    entries: Mutex<HashMap<Uuid, (Arc<DataKey>, Instant)>>,
-    capacity: usize,
+    entries: Mutex<LruCache<Uuid, (Arc<DataKey>, Instant)>>,
     ttl: Duration,
 }
 
 impl Cache {
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
+        Cache { entries: Mutex::new(LruCache::new(capacity)), ttl }
+    }
+
     fn get(&self, id: Uuid) -> Option<Arc<DataKey>> {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         match entries.get(&id) {
             Some((key, at)) if at.elapsed() < self.ttl => Some(Arc::clone(key)),
             Some(_) => {
-                entries.remove(&id);
+                entries.pop(&id);
                 None
             }
             None => None,
@@ -274,20 +283,11 @@ impl Cache {
 
     fn insert(&self, key: Arc<DataKey>) {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if entries.len() >= self.capacity && !entries.contains_key(&key.id()) {
-            entries.retain(|_, (_, at)| at.elapsed() < self.ttl);
-            if entries.len() >= self.capacity {
-                let oldest = entries.iter().min_by_key(|(_, (_, at))| *at).map(|(id, _)| *id);
-                if let Some(oldest) = oldest {
-                    entries.remove(&oldest);
-                }
-            }
-        }
-        entries.insert(key.id(), (key, Instant::now()));
+        entries.put(key.id(), (key, Instant::now()));
     }
 
     fn remove(&self, id: Uuid) {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner).pop(&id);
     }
 }
 
@@ -296,7 +296,7 @@ mod tests {
     use super::*;
 
     fn cache(capacity: usize, ttl: Duration) -> Cache {
-        Cache { entries: Mutex::default(), capacity, ttl }
+        Cache::new(capacity, ttl)
     }
 
     #[test]
@@ -311,6 +311,18 @@ mod tests {
         assert_eq!(Arc::strong_count(&keys[0]), 1, "nothing holds the evicted key but its user");
         c.remove(keys[1].id());
         assert!(c.get(keys[1].id()).is_none());
+    }
+
+    #[test]
+    fn the_least_recently_used_goes_first() {
+        let c = cache(2, Duration::from_secs(60));
+        let keys: Vec<Arc<DataKey>> = (0..3).map(|_| Arc::new(DataKey::generate())).collect();
+        c.insert(Arc::clone(&keys[0]));
+        c.insert(Arc::clone(&keys[1]));
+        assert!(c.get(keys[0].id()).is_some());
+        c.insert(Arc::clone(&keys[2]));
+        assert!(c.get(keys[1].id()).is_none(), "unused since it came");
+        assert!(c.get(keys[0].id()).is_some() && c.get(keys[2].id()).is_some());
     }
 
     #[test]

@@ -52,7 +52,11 @@ pub async fn plans(db: &PgPool, clinician: Uuid, patient_index: &[u8], cui: &str
             api_statement(r#"AS "pretty_name!""#)?,
             format!("{patient}, false"),
         ),
-        ("GET /v1/concepts/{cui}/documents", api_statement("WITH page AS")?, format!("{clinician}, {cui}, NULL, 101")),
+        (
+            "GET /v1/concepts/{cui}/documents",
+            api_statement("ORDER BY dc.patient_index DESC, dc.document_id DESC")?,
+            format!("{clinician}, {cui}, NULL, NULL, 101"),
+        ),
         ("GET /v1/concepts/{cui}/patients", api_statement("WITH found AS")?, format!("{clinician}, {cui}, NULL, 101")),
     ];
     let mut conn = db.acquire().await?;
