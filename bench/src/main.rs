@@ -63,6 +63,9 @@ struct Cli {
     /// Documents bulk-loaded for the clinician queries (0 skips them).
     #[arg(long)]
     query_docs: Option<usize>,
+    /// Requests per second each clinician client sends in the paced query runs.
+    #[arg(long)]
+    query_rate: Option<f64>,
     /// Run this phase alone.
     #[arg(long, value_enum)]
     only: Option<Only>,
@@ -176,6 +179,10 @@ impl Plan {
         };
         Plan { backlog: backlog.unwrap_or(plan.backlog), query_docs: query_docs.unwrap_or(plan.query_docs), ..plan }
     }
+
+    fn with_query_rate(self, rate: Option<f64>) -> Self {
+        Plan { query_rate_per_client: rate.unwrap_or(self.query_rate_per_client), ..self }
+    }
 }
 
 #[tokio::main]
@@ -199,7 +206,7 @@ fn plain_name(s: &str) -> Result<String, String> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let started = Instant::now();
-    let plan = Plan::for_mode(cli.mode, cli.backlog, cli.query_docs);
+    let plan = Plan::for_mode(cli.mode, cli.backlog, cli.query_docs).with_query_rate(cli.query_rate);
     let vocabulary = notes::Vocabulary::load(&cli.concepts)?;
     let owner = fresh_database(&cli.admin_url, &cli.database).await?;
     let admin: PgConnectOptions = cli.admin_url.parse().context("--admin-url")?;
