@@ -46,6 +46,19 @@ fn strings(v: &Value, key: &str) -> BTreeSet<String> {
     v["items"].as_array().unwrap().iter().map(|i| i[key].as_str().unwrap().to_owned()).collect()
 }
 
+/// The ids of every page of `path`, one item a page, following `next_cursor`.
+async fn walk_pages(stack: &Stack, token: &str, path: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut page_path = format!("{path}?limit=1");
+    loop {
+        let (status, page) = stack.get(&page_path, Some(token)).await;
+        assert_eq!(status, 200, "{page}");
+        ids.extend(page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()));
+        let Some(next) = page["next_cursor"].as_str() else { return ids };
+        page_path = format!("{path}?limit=1&after={next}");
+    }
+}
+
 #[tokio::test]
 async fn clinicians_query_patients_and_concepts_within_their_scope() {
     let stack = Stack::start().await;
@@ -59,15 +72,7 @@ async fn clinicians_query_patients_and_concepts_within_their_scope() {
     let listed: Vec<&str> = page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert_eq!(listed, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
     assert!(page["items"][0].get("text").is_none() && page["items"][0].get("patient_ref").is_none());
-    let mut walked = Vec::new();
-    let mut path = "/v1/patients/PAT-A/documents?limit=1".to_owned();
-    loop {
-        let (status, page) = get(&path).await;
-        assert_eq!(status, 200, "{page}");
-        walked.extend(page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()));
-        let Some(next) = page["next_cursor"].as_str() else { break };
-        path = format!("/v1/patients/PAT-A/documents?limit=1&after={next}");
-    }
+    let walked = walk_pages(&stack, &doctor, "/v1/patients/PAT-A/documents").await;
     assert_eq!(walked, [ids[2].clone(), ids[1].clone(), ids[0].clone()]);
     let (_, page) = get("/v1/patients/PAT-A/documents?from=2025-02-01&until=2025-04-01&status=done").await;
     assert_eq!(strings(&page, "id"), BTreeSet::from([ids[1].clone()]));
@@ -101,15 +106,7 @@ async fn clinicians_query_patients_and_concepts_within_their_scope() {
     assert_eq!(status, 200, "{docs}");
     assert_eq!(strings(&docs, "id"), BTreeSet::from([ids[0].clone(), ids[1].clone(), ids[3].clone()]));
     // Paged one at a time: patient by patient, each one's newest first.
-    let mut walked = Vec::new();
-    let mut path = format!("/v1/concepts/{AF}/documents?limit=1");
-    loop {
-        let (status, page) = get(&path).await;
-        assert_eq!(status, 200, "{page}");
-        walked.extend(page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()));
-        let Some(next) = page["next_cursor"].as_str() else { break };
-        path = format!("/v1/concepts/{AF}/documents?limit=1&after={next}");
-    }
+    let walked = walk_pages(&stack, &doctor, &format!("/v1/concepts/{AF}/documents")).await;
     let (a_newest, a_oldest) = (walked.iter().position(|d| *d == ids[1]), walked.iter().position(|d| *d == ids[0]));
     assert_eq!(walked.len(), 3, "{walked:?}");
     assert_eq!(a_newest.unwrap() + 1, a_oldest.unwrap(), "A's two AF notes together, newest first: {walked:?}");
