@@ -329,6 +329,8 @@ pub struct ConceptPatient {
 
 /// `GET /v1/concepts/{cui}/patients`: the caller's patients (care teams and
 /// live break-glass grants) whose current results affirm this concept.
+/// Like `concept_documents`: the caller's patients in order, one probe of the
+/// concept index each (the aggregate keeps the LATERAL a nested loop).
 #[utoipa::path(get, path = "/v1/concepts/{cui}/patients", tag = "patients",
     params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
     responses((status = 200, description = "The caller's patients with the concept", body = Page<ConceptPatient>),
@@ -346,23 +348,20 @@ async fn concept_patients(
         Some(a) => Some(unhex(a).ok_or_else(|| ApiError::invalid("invalid_cursor", "after must be a next_cursor"))?),
     };
     let rows = sqlx::query!(
-        r#"WITH found AS (
-               SELECT dc.patient_index, count(*) AS documents,
-                      min(dc.document_date) AS first_date, max(dc.document_date) AS last_date
-               FROM document_concepts dc
-               WHERE dc.patient_index = ANY (ARRAY(
-                         SELECT s.patient_index FROM patients_in_scope($1) s
-                         WHERE $3::bytea IS NULL OR s.patient_index < $3))
-                 AND dc.cui = $2 AND dc.mentions > dc.negated
-               GROUP BY dc.patient_index
-               ORDER BY dc.patient_index DESC LIMIT $4
-           )
-           SELECT f.patient_index AS "patient_index!", f.documents AS "documents!", f.first_date, f.last_date,
+        r#"SELECT s.patient_index AS "patient_index!", a.documents AS "documents!", a.first_date, a.last_date,
                   d.id AS "sample!", d.patient_ref_ct AS "patient_ref_ct!"
-           FROM found f
+           FROM (SELECT patient_index FROM patients_in_scope($1)
+                 WHERE $3::bytea IS NULL OR patient_index < $3
+                 ORDER BY patient_index DESC) s
+           CROSS JOIN LATERAL (SELECT count(*) AS documents,
+                                      min(dc.document_date) AS first_date, max(dc.document_date) AS last_date
+                               FROM document_concepts dc
+                               WHERE dc.cui = $2 AND dc.patient_index = s.patient_index
+                                 AND dc.mentions > dc.negated) a
            CROSS JOIN LATERAL (SELECT id, patient_ref_ct FROM documents
-                               WHERE patient_index = f.patient_index LIMIT 1) d
-           ORDER BY f.patient_index DESC"#,
+                               WHERE patient_index = s.patient_index LIMIT 1) d
+           WHERE a.documents > 0
+           ORDER BY s.patient_index DESC LIMIT $4"#,
         user.id,
         cui,
         after,
@@ -410,9 +409,13 @@ pub struct ConceptDocument {
 /// whose current result names this concept, patient by patient (in the
 /// order of `/v1/concepts/{cui}/patients`), each patient's newest first.
 ///
-/// By patient, not newest first across all patients: a page is then one
-/// ordered index scan that stops when the page is full, however many
-/// patients the caller's teams hold.
+/// By patient, not newest first across all patients: a page takes the
+/// caller's patients in order and probes the concept index (cui, patient)
+/// for each, stopping when the page is full. A rare concept's probes land in
+/// a few index pages, a common one fills the page early; the cost follows
+/// the caller's scope, not the table (migration 20261129000001). The ORDER BY
+/// inside the LATERAL keeps the planner from flattening it into a merge join
+/// that reads every row of the concept.
 #[utoipa::path(get, path = "/v1/concepts/{cui}/documents", tag = "patients",
     params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
     responses((status = 200, description = "The caller's patients' documents with the concept, patient by patient, newest first within each", body = Page<ConceptDocument>),
@@ -436,16 +439,18 @@ async fn concept_documents(
         }
     };
     let rows = sqlx::query!(
-        r#"SELECT dc.patient_index, d.id, d.patient_ref_ct, d.document_date, d.created_at,
-                  dc.mentions, dc.negated, dc.first_offset
-           FROM document_concepts dc
-           JOIN documents d ON d.id = dc.document_id
-           WHERE dc.patient_index = ANY (ARRAY(
-                     SELECT s.patient_index FROM patients_in_scope($1) s
-                     WHERE $3::bytea IS NULL OR s.patient_index <= $3))
-             AND dc.cui = $2
-             AND ($3::bytea IS NULL OR dc.patient_index < $3 OR dc.document_id < $4)
-           ORDER BY dc.patient_index DESC, dc.document_id DESC LIMIT $5"#,
+        r#"SELECT s.patient_index AS "patient_index!", d.id, d.patient_ref_ct, d.document_date, d.created_at,
+                  x.mentions, x.negated, x.first_offset
+           FROM (SELECT patient_index FROM patients_in_scope($1)
+                 WHERE $3::bytea IS NULL OR patient_index <= $3
+                 ORDER BY patient_index DESC) s
+           CROSS JOIN LATERAL (SELECT dc.document_id, dc.mentions, dc.negated, dc.first_offset
+                               FROM document_concepts dc
+                               WHERE dc.cui = $2 AND dc.patient_index = s.patient_index
+                                 AND ($3::bytea IS NULL OR dc.patient_index < $3 OR dc.document_id < $4)
+                               ORDER BY dc.document_id DESC) x
+           JOIN documents d ON d.id = x.document_id
+           ORDER BY s.patient_index DESC, x.document_id DESC LIMIT $5"#,
         user.id,
         cui,
         after_patient,

@@ -57,6 +57,10 @@ struct Cli {
     database: String,
     #[arg(long, default_value = "clinflow-bench", value_parser = plain_name)]
     queue_prefix: String,
+    /// Leave the database in place at the end (to inspect plans on the
+    /// loaded data); the next run drops it.
+    #[arg(long)]
+    keep_database: bool,
     /// Documents queued for the backlog drain (full mode).
     #[arg(long)]
     backlog: Option<usize>,
@@ -237,7 +241,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     stack.stop_all().await;
     phases::delete_queues(&amqp, &topology).await;
     owner.close().await;
-    drop_database(&cli.admin_url, &cli.database).await;
+    if cli.keep_database {
+        eprintln!("kept database {}", cli.database);
+    } else {
+        drop_database(&cli.admin_url, &cli.database).await;
+    }
     let mut figures = result?;
     figures.peak_rss_mib = rss.into_iter().chain(figures.peak_rss_mib).collect();
     report::print_and_save(&cli.results_dir, cli.mode, &cli.profile, &plan, &figures, started.elapsed())

@@ -170,7 +170,7 @@ pub async fn run(
     sanity(ctx, stack, &generator, &callers[0]).await?;
     // A diagnostic: a statement it cannot find costs a line, not the run.
     let patient = clinflow::documents::patient_index(&stack.index_key(), &Dataset::patient_ref(0));
-    match explain::plans(ctx.db, clinicians[0], &patient, &concepts.commonest().cui).await {
+    match explain::plans(ctx.db, clinicians[0], &patient, &concepts.commonest().cui, &concepts.rarest().cui).await {
         Ok(plans) => {
             let explain_file = stack.log_dir.join("queries-explain.txt");
             std::fs::write(&explain_file, plans)?;

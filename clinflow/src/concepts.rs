@@ -128,7 +128,7 @@ pub async fn store(conn: &mut PgConnection, results: &[Indexed<'_>]) -> Result<(
     sqlx::query!(
         "INSERT INTO document_concepts (document_id, patient_index, document_date, model_version, cui, mentions, negated, first_offset)
          SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::date[], $4::text[], $5::text[], $6::int[], $7::int[], $8::int[])
-         ON CONFLICT (patient_index, cui, document_id) DO NOTHING",
+         ON CONFLICT (patient_index, document_id, cui) DO NOTHING",
         &documents,
         &patients as &[&[u8]],
         &dates,

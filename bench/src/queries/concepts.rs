@@ -100,6 +100,11 @@ impl Concepts {
     pub fn commonest(&self) -> &Concept {
         &self.list[0]
     }
+
+    /// The rarest concept.
+    pub fn rarest(&self) -> &Concept {
+        &self.list[self.list.len() - 1]
+    }
 }
 
 #[cfg(test)]
@@ -115,6 +120,7 @@ mod tests {
         let c = concepts();
         assert_eq!(c.all().len(), CONCEPTS);
         assert_eq!(c.commonest().cui, "38341003", "the list's first CUI leads");
+        assert_eq!(c.rarest().cui, "BENCH02000");
         assert!((18.0..23.0).contains(&c.per_document()), "{} per document", c.per_document());
         let rare = c.share.iter().filter(|s| **s < 0.03).count();
         assert!(rare > CONCEPTS * 9 / 10, "{rare} of {CONCEPTS} in under 3 % of documents");

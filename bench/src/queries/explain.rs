@@ -2,7 +2,7 @@
 //! endpoints, for diagnosis only. The statements are the api's own, read
 //! from the compile-time query data in `.sqlx/` (so they cannot drift from
 //! api/src/patients.rs and api/src/care.rs), run as the owner with a real
-//! clinician, patient and the commonest concept. Each runs twice (a custom
+//! clinician, patient, and the commonest and the rarest concept. Each runs twice (a custom
 //! plan, cold then warm), and once more as a generic plan, which the api's
 //! prepared statements may switch to after five executions.
 
@@ -27,15 +27,24 @@ fn api_statement(marker: &str) -> anyhow::Result<String> {
 }
 
 /// The plans as text, for `queries-explain.txt`.
-pub async fn plans(db: &PgPool, clinician: Uuid, patient_index: &[u8], cui: &str) -> anyhow::Result<String> {
+pub async fn plans(
+    db: &PgPool,
+    clinician: Uuid,
+    patient_index: &[u8],
+    commonest: &str,
+    rarest: &str,
+) -> anyhow::Result<String> {
     let mut out = String::from(
         "EXPLAIN (ANALYZE, BUFFERS) of the SQL behind the clinician query endpoints (the api's own\n\
          statements, from .sqlx/), run as PREPARE + EXECUTE; parameters: clinician 0, a patient of\n\
-         their team, the commonest concept; first page, default limit (100: LIMIT 101).\n",
+         their team, the commonest and the rarest concept; first page, default limit (100: LIMIT 101).\n",
     );
     // Our own values (a uuid, hex, a CUI of letters and digits) as literals.
     let patient = format!("'\\x{}'::bytea", hex(patient_index));
-    let (clinician, cui) = (format!("'{clinician}'::uuid"), format!("'{cui}'"));
+    let clinician = format!("'{clinician}'::uuid");
+    let (commonest, rarest) = (format!("'{commonest}'"), format!("'{rarest}'"));
+    let concept_documents = api_statement("ORDER BY s.patient_index DESC, x.document_id DESC")?;
+    let concept_patients = api_statement("WHERE a.documents > 0")?;
     let statements = [
         (
             "scope check (care::patient_grant), before each patient endpoint",
@@ -53,11 +62,25 @@ pub async fn plans(db: &PgPool, clinician: Uuid, patient_index: &[u8], cui: &str
             format!("{patient}, false"),
         ),
         (
-            "GET /v1/concepts/{cui}/documents",
-            api_statement("ORDER BY dc.patient_index DESC, dc.document_id DESC")?,
-            format!("{clinician}, {cui}, NULL, NULL, 101"),
+            "GET /v1/concepts/{cui}/documents, the commonest concept",
+            concept_documents.clone(),
+            format!("{clinician}, {commonest}, NULL, NULL, 101"),
         ),
-        ("GET /v1/concepts/{cui}/patients", api_statement("WITH found AS")?, format!("{clinician}, {cui}, NULL, 101")),
+        (
+            "GET /v1/concepts/{cui}/documents, the rarest concept",
+            concept_documents,
+            format!("{clinician}, {rarest}, NULL, NULL, 101"),
+        ),
+        (
+            "GET /v1/concepts/{cui}/patients, the commonest concept",
+            concept_patients.clone(),
+            format!("{clinician}, {commonest}, NULL, 101"),
+        ),
+        (
+            "GET /v1/concepts/{cui}/patients, the rarest concept",
+            concept_patients,
+            format!("{clinician}, {rarest}, NULL, 101"),
+        ),
     ];
     let mut conn = db.acquire().await?;
     for (run, mode) in [("first run", "auto"), ("second run", "auto"), ("generic plan", "force_generic_plan")] {
