@@ -140,6 +140,9 @@ pub struct EndpointRun {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// p99 of each client's second half of requests (diagnostic only: the
+    /// first half warms the caches after the load).
+    pub second_half_p99_ms: f64,
 }
 
 /// The four endpoints in turn, every client back to back.
