@@ -285,23 +285,38 @@ async fn measure(
     let mut pipeline_busy = std::time::Duration::ZERO;
     let mut cpu_before = None;
     let first = phases::Observation::take(stack).await?;
+    // MedCAT's time runnable but without a CPU, per second of each run: on a
+    // machine the whole pipeline shares, what it loses to the rest.
+    let medcat_wait = || stack::cpu_wait_seconds_of(&["python", "python3"]);
     for round in 1..=plan.rounds {
+        let (wait_0, started) = (medcat_wait(), Instant::now());
         let direct = phases::direct(&cli.medcat_url, &round_notes, plan.bulk_batch).await?;
+        let direct_wait = (medcat_wait() - wait_0) / started.elapsed().as_secs_f64();
         let before = phases::Observation::take(stack).await?;
+        let wait_0 = medcat_wait();
         let pipeline = phases::pipeline(ctx, stack, &client, &round_notes, bulk).await?;
         let after = phases::Observation::take(stack).await?;
+        let pipeline_wait = (medcat_wait() - wait_0) / (after.at - before.at).as_secs_f64();
         pipeline_busy += after.at - before.at;
         let cpu = cpu_before.get_or_insert_with(std::collections::BTreeMap::new);
         for (name, s) in &after.cpu_seconds {
             *cpu.entry(name.clone()).or_insert(0.0) += s - before.cpu_seconds.get(name).copied().unwrap_or(0.0);
         }
         eprintln!(
-            "== round {round}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3}",
+            "== round {round}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3} \
+             (MedCAT waiting for a CPU: {:.0} % of direct, {:.0} % of pipeline)",
             direct,
             pipeline.docs_per_s(),
-            pipeline.docs_per_s() / direct
+            pipeline.docs_per_s() / direct,
+            direct_wait * 100.0,
+            pipeline_wait * 100.0
         );
-        figures.rounds.push(report::Round { direct_docs_per_s: direct, pipeline_docs_per_s: pipeline.docs_per_s() });
+        figures.rounds.push(report::Round {
+            direct_docs_per_s: direct,
+            pipeline_docs_per_s: pipeline.docs_per_s(),
+            direct_medcat_cpu_wait: direct_wait,
+            pipeline_medcat_cpu_wait: pipeline_wait,
+        });
     }
     figures.pipeline_cpu_seconds = cpu_before.unwrap_or_default();
     figures.pipeline_stages = report::stages(&first, &phases::Observation::take(stack).await?);

@@ -35,6 +35,10 @@ pub struct Figures {
 pub struct Round {
     pub direct_docs_per_s: f64,
     pub pipeline_docs_per_s: f64,
+    /// Seconds MedCAT's threads were runnable but waited for a CPU, per
+    /// second of the direct run and of the pipeline run.
+    pub direct_medcat_cpu_wait: f64,
+    pub pipeline_medcat_cpu_wait: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -370,6 +374,14 @@ pub fn print_and_save(
         row(
             &format!("  pipeline, batches of {} ×{}, real MedCAT", plan.batch_lines, plan.batch_clients),
             format!("{piped:.0} docs/s"),
+            "",
+            None,
+        );
+        let direct_wait = median(figures.rounds.iter().map(|r| r.direct_medcat_cpu_wait).collect());
+        let pipeline_wait = median(figures.rounds.iter().map(|r| r.pipeline_medcat_cpu_wait).collect());
+        row(
+            "  MedCAT waiting for a CPU, direct / pipeline",
+            format!("{:.0} % / {:.0} %", direct_wait * 100.0, pipeline_wait * 100.0),
             "",
             None,
         );

@@ -219,13 +219,30 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
 /// CPU seconds used so far by every live process whose command name is one
 /// of `names` (PostgreSQL backends, the RabbitMQ VM, MedCAT's python).
 pub fn cpu_seconds_of(names: &[&str]) -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    pids_of(names).into_iter().filter_map(cpu_seconds).sum()
+}
+
+/// Seconds the threads of the processes named `names` have spent runnable
+/// but waiting for a CPU (the second field of `/proc/<pid>/task/*/schedstat`).
+pub fn cpu_wait_seconds_of(names: &[&str]) -> f64 {
+    let wait_ns = |pid: u32| -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    };
+    pids_of(names).into_iter().map(wait_ns).sum::<u64>() as f64 / 1e9
+}
+
+fn pids_of(names: &[&str]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| names.contains(&c.trim())))
-        .filter_map(cpu_seconds)
-        .sum()
+        .collect()
 }
 
 pub fn machine() -> serde_json::Value {
