@@ -253,11 +253,11 @@ impl Opener<'_> {
     }
 }
 
-/// Unwrapped keys by id: at most `capacity`, each for at most `ttl` after it
-/// was unwrapped; a key leaving it is zeroized once its last user drops it.
-/// Unwrapped data keys, least recently used evicted first, each for `ttl`
-/// after it was unwrapped. Every operation is O(1) under the lock (a query
-/// page may bring a hundred keys of a hundred patients).
+/// Unwrapped data keys by id: at most `capacity`, least recently used
+/// evicted first, each for at most `ttl` after it was unwrapped; a key
+/// leaving it is zeroized once its last user drops it. Every operation is
+/// O(1) under the lock (a query page may bring a hundred keys of a hundred
+/// patients).
 struct Cache {
     entries: Mutex<LruCache<Uuid, (Arc<DataKey>, Instant)>>,
     ttl: Duration,
