@@ -10,6 +10,7 @@
 
 mod notes;
 mod phases;
+mod pin;
 mod prom;
 mod queries;
 mod report;
@@ -36,6 +37,10 @@ struct Cli {
     /// The real MedCAT (medcat-service contract) to compare against.
     #[arg(long)]
     medcat_url: String,
+    /// Its process: with it, each ratio round is measured a second time with
+    /// MedCAT alone on core 0 (see `pin`).
+    #[arg(long)]
+    medcat_pid: Option<u32>,
     /// Where the clinflow-api, -worker and -audit-sink binaries are.
     #[arg(long)]
     bin_dir: PathBuf,
@@ -93,6 +98,8 @@ enum Mode {
 enum Only {
     /// The clinician queries over bulk-loaded documents.
     Queries,
+    /// The warm-up and the ratio rounds.
+    Ratio,
 }
 
 /// How much work each phase does.
@@ -284,43 +291,69 @@ async fn measure(
     let round_notes = ctx.notes(0, plan.notes);
     let mut pipeline_busy = std::time::Duration::ZERO;
     let mut cpu_before = None;
-    let first = phases::Observation::take(stack).await?;
+    let mut stages = Vec::new();
     // MedCAT's time runnable but without a CPU, per second of each run: on a
     // machine the whole pipeline shares, what it loses to the rest.
     let medcat_wait = || stack::cpu_wait_seconds_of(&["python", "python3"]);
     for round in 1..=plan.rounds {
-        let (wait_0, started) = (medcat_wait(), Instant::now());
-        let direct = phases::direct(&cli.medcat_url, &round_notes, plan.bulk_batch).await?;
-        let direct_wait = (medcat_wait() - wait_0) / started.elapsed().as_secs_f64();
-        let before = phases::Observation::take(stack).await?;
-        let wait_0 = medcat_wait();
-        let pipeline = phases::pipeline(ctx, stack, &client, &round_notes, bulk).await?;
-        let after = phases::Observation::take(stack).await?;
-        let pipeline_wait = (medcat_wait() - wait_0) / (after.at - before.at).as_secs_f64();
-        pipeline_busy += after.at - before.at;
-        let cpu = cpu_before.get_or_insert_with(std::collections::BTreeMap::new);
-        for (name, s) in &after.cpu_seconds {
-            *cpu.entry(name.clone()).or_insert(0.0) += s - before.cpu_seconds.get(name).copied().unwrap_or(0.0);
+        for own_core in [false, true] {
+            let pinned = match (own_core, cli.medcat_pid) {
+                (false, _) => None,
+                (true, None) => break,
+                (true, Some(pid)) => {
+                    let services = stack.pids().into_iter().map(|(_, pid)| pid).collect();
+                    match pin::Pinned::medcat_alone(pid, services)? {
+                        Some(pinned) => Some(pinned),
+                        None => break,
+                    }
+                }
+            };
+            let (wait_0, started) = (medcat_wait(), Instant::now());
+            let direct = phases::direct(&cli.medcat_url, &round_notes, plan.bulk_batch).await?;
+            // A thread that exits takes its wait with it: lower bounds.
+            let direct_wait = ((medcat_wait() - wait_0) / started.elapsed().as_secs_f64()).max(0.0);
+            let before = phases::Observation::take(stack).await?;
+            let wait_0 = medcat_wait();
+            let pipeline = phases::pipeline(ctx, stack, &client, &round_notes, bulk).await?;
+            let after = phases::Observation::take(stack).await?;
+            let pipeline_wait = ((medcat_wait() - wait_0) / (after.at - before.at).as_secs_f64()).max(0.0);
+            if let Some(pinned) = pinned {
+                pinned.release();
+            }
+            if !own_core {
+                // The breakdown and CPU table describe the shared rounds.
+                pipeline_busy += after.at - before.at;
+                report::add_stages(&mut stages, report::stages(&before, &after));
+                let cpu = cpu_before.get_or_insert_with(std::collections::BTreeMap::new);
+                for (name, s) in &after.cpu_seconds {
+                    *cpu.entry(name.clone()).or_insert(0.0) += s - before.cpu_seconds.get(name).copied().unwrap_or(0.0);
+                }
+            }
+            eprintln!(
+                "== round {round}{}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3} \
+                 (MedCAT waiting for a CPU: {:.0} % of direct, {:.0} % of pipeline)",
+                if own_core { ", MedCAT alone on core 0" } else { ", all sharing every core" },
+                direct,
+                pipeline.docs_per_s(),
+                pipeline.docs_per_s() / direct,
+                direct_wait * 100.0,
+                pipeline_wait * 100.0
+            );
+            figures.rounds.push(report::Round {
+                medcat_own_core: own_core,
+                direct_docs_per_s: direct,
+                pipeline_docs_per_s: pipeline.docs_per_s(),
+                direct_medcat_cpu_wait: direct_wait,
+                pipeline_medcat_cpu_wait: pipeline_wait,
+            });
         }
-        eprintln!(
-            "== round {round}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3} \
-             (MedCAT waiting for a CPU: {:.0} % of direct, {:.0} % of pipeline)",
-            direct,
-            pipeline.docs_per_s(),
-            pipeline.docs_per_s() / direct,
-            direct_wait * 100.0,
-            pipeline_wait * 100.0
-        );
-        figures.rounds.push(report::Round {
-            direct_docs_per_s: direct,
-            pipeline_docs_per_s: pipeline.docs_per_s(),
-            direct_medcat_cpu_wait: direct_wait,
-            pipeline_medcat_cpu_wait: pipeline_wait,
-        });
     }
     figures.pipeline_cpu_seconds = cpu_before.unwrap_or_default();
-    figures.pipeline_stages = report::stages(&first, &phases::Observation::take(stack).await?);
+    figures.pipeline_stages = stages;
     figures.pipeline_wall_s = pipeline_busy.as_secs_f64();
+    if cli.only == Some(Only::Ratio) {
+        return Ok(figures);
+    }
 
     eprintln!("== ceiling: the pipeline with the NLP STAND-IN, batch uploads");
     let standin = standin::start().await?;

@@ -158,9 +158,15 @@ pub async fn run(
     let generator = Arc::new(Generator::new(set, &stack.index_key(), vocabulary, Arc::clone(&concepts), uploader));
     let tables = load::load(ctx.db, Arc::clone(&generator), &stack.keyring()?, &clinicians).await?;
     let load_s = load_started.elapsed().as_secs_f64();
-    // The load wrote gigabytes of WAL: let its checkpoint finish now rather
-    // than under the measured queries.
+    // The load wrote gigabytes of WAL and data: let its checkpoint finish,
+    // and the kernel write the rest out, now rather than under the measured
+    // queries (the first seconds of the first endpoint measured 160 ms at
+    // p99, 4 ms after, while the disk still took 1 GB/s of the load).
+    let settle = Instant::now();
     sqlx::query("CHECKPOINT").execute(ctx.db).await?;
+    let synced = tokio::process::Command::new("sync").status().await;
+    anyhow::ensure!(synced.as_ref().is_ok_and(|s| s.success()), "sync: {synced:?}");
+    eprintln!("   checkpoint and sync: {:.1} s", settle.elapsed().as_secs_f64());
 
     let mut callers = Vec::new();
     for i in 0..plan.query_clients {
@@ -184,7 +190,7 @@ pub async fn run(
     let before = Observation::take(stack).await?;
     let mut endpoints = Vec::new();
     for endpoint in ENDPOINTS {
-        let (mut ms, mut later) = paced(&callers, &questions, endpoint, per_client, interval).await?;
+        let (mut ms, mut later, windows) = paced(&callers, &questions, endpoint, per_client, interval).await?;
         ms.sort_by(f64::total_cmp);
         later.sort_by(f64::total_cmp);
         let run = EndpointRun {
@@ -196,11 +202,14 @@ pub async fn run(
             p99_ms: report::percentile(&ms, 0.99),
             max_ms: ms.last().copied().unwrap_or(0.0),
             second_half_p99_ms: report::percentile(&later, 0.99),
+            window_p99_ms: windows,
         };
         eprintln!(
             "   {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (second half: p99 {:.1} ms)",
             run.route, run.p50_ms, run.p99_ms, run.max_ms, run.second_half_p99_ms
         );
+        let windows: Vec<String> = run.window_p99_ms.iter().map(|w| format!("{w:.1}")).collect();
+        eprintln!("     p99 by {} s of the schedule: {} ms", WINDOW.as_secs(), windows.join(" "));
         endpoints.push(run);
     }
     let saturation = saturation(&callers, &questions, Duration::from_secs_f64(plan.query_saturation_s)).await?;
@@ -277,16 +286,21 @@ async fn sanity(
     Ok(())
 }
 
+/// The stretch of a paced run's schedule each p99 of its timeline covers.
+const WINDOW: Duration = Duration::from_secs(5);
+
 /// `endpoint` asked by every clinician, each `per_client` times, one request
 /// every `interval` (clients spread evenly), whatever the answers take;
-/// latency from the scheduled send time. Milliseconds; fails on any error.
+/// latency from the scheduled send time. Milliseconds: all of them, those of
+/// each client's second half, and the p99 of each `WINDOW` of the schedule
+/// (a diagnostic: where in the run the tail is). Fails on any error.
 async fn paced(
     callers: &[Client],
     questions: &Arc<Questions>,
     endpoint: Endpoint,
     per_client: usize,
     interval: Duration,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let mut tasks = tokio::task::JoinSet::new();
     for (team, client) in callers.iter().enumerate() {
@@ -300,18 +314,32 @@ async fn paced(
                 tokio::time::sleep_until(at).await;
                 answers.push(questions.ask(&client, team, endpoint, &mut rng, at.into_std()).await?);
             }
-            anyhow::Ok(answers)
+            anyhow::Ok((team, answers))
         });
     }
     // All of them, and those of each client's second half (sent after the
     // first half warmed the caches: tells a cold start from a steady tail).
     let (mut answers, mut later) = (Vec::new(), Vec::new());
+    let mut windows: Vec<Vec<f64>> = Vec::new();
     while let Some(result) = tasks.join_next().await {
-        let mut mine = result??;
+        let (team, mut mine) = result??;
+        let offset = interval.mul_f64(team as f64 / callers.len() as f64);
+        for (k, (latency, _)) in mine.iter().enumerate() {
+            let w = ((offset + interval * k as u32).as_secs_f64() / WINDOW.as_secs_f64()) as usize;
+            windows.resize_with(windows.len().max(w + 1), Vec::new);
+            windows[w].push(latency.as_secs_f64() * 1_000.0);
+        }
         later.extend_from_slice(&mine[per_client / 2..]);
         answers.append(&mut mine);
     }
-    Ok((milliseconds(endpoint.route(), answers)?, milliseconds(endpoint.route(), later)?))
+    let windows = windows
+        .into_iter()
+        .map(|mut w| {
+            w.sort_by(f64::total_cmp);
+            report::percentile(&w, 0.99)
+        })
+        .collect();
+    Ok((milliseconds(endpoint.route(), answers)?, milliseconds(endpoint.route(), later)?, windows))
 }
 
 /// Every clinician back to back, through the four endpoints in turn, for

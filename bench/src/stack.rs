@@ -236,7 +236,7 @@ pub fn cpu_wait_seconds_of(names: &[&str]) -> f64 {
     pids_of(names).into_iter().map(wait_ns).sum::<u64>() as f64 / 1e9
 }
 
-fn pids_of(names: &[&str]) -> Vec<u32> {
+pub fn pids_of(names: &[&str]) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
         .filter_map(Result::ok)
