@@ -302,9 +302,15 @@ async fn measure(
                 (true, None) => break,
                 (true, Some(pid)) => {
                     let services = stack.pids().into_iter().map(|(_, pid)| pid).collect();
-                    match pin::Pinned::medcat_alone(pid, services)? {
-                        Some(pinned) => Some(pinned),
-                        None => break,
+                    match pin::Pinned::medcat_alone(pid, services) {
+                        Ok(Some(pinned)) => Some(pinned),
+                        Ok(None) => break,
+                        // E.g. not allowed to move PostgreSQL's processes
+                        // (another user's): measured shared only.
+                        Err(e) => {
+                            eprintln!("   MedCAT not placed on its own core ({e:#}); this round shared only");
+                            break;
+                        }
                     }
                 }
             };

@@ -30,14 +30,19 @@ pub struct Pinned {
 
 impl Pinned {
     /// MedCAT (`medcat`, every thread) on core 0; PostgreSQL, RabbitMQ,
-    /// `services` and this process on cores 1.. . None on a single core.
+    /// `services` and this process on cores 1.. . None on a single core. On
+    /// an error (a process this user may not move), whatever was moved is
+    /// put back before it returns.
     pub fn medcat_alone(medcat: u32, services: Vec<u32>) -> anyhow::Result<Option<Self>> {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         if cores < 2 {
             return Ok(None);
         }
-        let pinned = Self { medcat, services, all: format!("0-{}", cores - 1), released: false };
-        taskset("0", medcat)?;
+        let mut pinned = Self { medcat, services, all: format!("0-{}", cores - 1), released: false };
+        if let Err(e) = taskset("0", medcat) {
+            pinned.released = true; // nothing moved
+            return Err(e);
+        }
         let rest = format!("1-{}", cores - 1);
         for pid in pinned.pipeline() {
             taskset(&rest, pid)?;
@@ -63,10 +68,12 @@ impl Pinned {
         if std::mem::replace(&mut self.released, true) {
             return;
         }
-        for pid in std::iter::once(self.medcat).chain(self.pipeline()) {
-            if let Err(e) = taskset(&self.all, pid) {
-                eprintln!("   could not put process {pid} back on every core: {e:#}");
-            }
+        let failed: Vec<anyhow::Error> = std::iter::once(self.medcat)
+            .chain(self.pipeline())
+            .filter_map(|pid| taskset(&self.all, pid).err())
+            .collect();
+        if let Some(first) = failed.first() {
+            eprintln!("   {} processes not put back on every core, e.g. {first:#}", failed.len());
         }
     }
 }
