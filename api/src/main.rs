@@ -18,6 +18,17 @@ mod keys_command;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
+/// Unwrapped data keys the api keeps (for `keys::CACHE_TTL`). A concept
+/// query opens the references of a page of patients from anywhere in the
+/// caller's scope, so the cache must hold the scopes in use, not just the
+/// shared default of 10,000 (one `data_keys` query per page when it misses).
+/// With 20 clinicians of 1,000 patients each at a million documents, concept
+/// documents went from p50 7.4–7.8 ms, p99 19.4–27.6 ms (four runs) to p50
+/// 6.4 ms, p99 13.7 ms, and the api's peak RSS from 55 to 63 MB
+/// (BENCHMARKS.md, 2026-11-27). The process holds the key-encryption keys
+/// that unwrap every data key anyway.
+const KEY_CACHE_ENTRIES: usize = 50_000;
+
 /// clinflow HTTP API. Configuration comes from the environment (see README).
 #[derive(Parser)]
 #[command(version)]
@@ -94,7 +105,7 @@ async fn run_server() -> anyhow::Result<()> {
     let db_for_purge = db.clone();
     let state = AppState {
         db,
-        keys: Arc::new(Keys::new(config.keyring)),
+        keys: Arc::new(Keys::with_cache(config.keyring, KEY_CACHE_ENTRIES, clinflow::keys::CACHE_TTL)),
         index_key: Arc::new(IndexKey::new(config.index_key)),
         relay: relay.handle.clone(),
         jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
