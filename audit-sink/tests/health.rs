@@ -53,7 +53,7 @@ async fn the_metrics_port_answers_and_the_periodic_verification_catches_a_rewrit
     assert_eq!(checkpointer.after_batch(&db.sink, &key(), written).await.unwrap(), Some(5));
     chain::append(&db.sink, &key(), &all[5..]).await.unwrap();
 
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let metrics = clinflow::testing::free_addr();
     let _sink = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-audit-sink"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -259,8 +259,25 @@ impl Drop for RabbitNode {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+/// A port, free when asked, for a process a test starts. Picked at random
+/// below the kernel's range for outgoing connections (32768–60999 on these
+/// machines), not with `bind(":0")`, which takes it from that range: the
+/// tests' own connections to PostgreSQL, RabbitMQ and HTTP servers could
+/// then take it before the started process binds it (seen in CI: an api
+/// process exiting with "Address already in use" on its metrics port).
+pub fn free_port() -> u16 {
+    loop {
+        let random = Uuid::new_v4();
+        let port = 20_000 + u16::from_le_bytes([random.as_bytes()[0], random.as_bytes()[1]]) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `127.0.0.1:<free_port()>`.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
 }
 
 /// A PostgreSQL server of a test's own (initdb into a temporary directory,

@@ -39,7 +39,7 @@ async fn get(http: &reqwest::Client, url: &str) -> Option<(StatusCode, String)> 
 async fn the_metrics_port_answers_healthz_readyz_and_metrics_and_readyz_follows_medcat() {
     let setup = Setup::new().await;
     let proxy = fault_proxy(0, StatusCode::SERVICE_UNAVAILABLE).await;
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let metrics = clinflow::testing::free_addr();
     let _worker = spawn_worker(&setup, &proxy.url, &metrics);
     let http = reqwest::Client::new();
     let base = format!("http://{metrics}");
@@ -89,7 +89,7 @@ async fn the_metrics_port_answers_healthz_readyz_and_metrics_and_readyz_follows_
 #[tokio::test]
 async fn documents_processed_show_as_real_histograms_of_upload_to_done_and_medcat_calls() {
     let setup = Setup::new().await;
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let metrics = clinflow::testing::free_addr();
     let _worker = spawn_worker(&setup, &testing::medcat_url(), &metrics);
     let notes = ["Known AF, started on metformin.", "Type 2 diabetes; hypertension."];
     let ids = setup.enqueue(&testing::keys(), &notes).await;

@@ -14,7 +14,7 @@ use support::{Setup, slow_proxy};
 use tokio_util::sync::CancellationToken;
 
 fn spawn_worker(setup: &Setup, medcat_url: &str) -> tokio::process::Child {
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let metrics = clinflow::testing::free_addr();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-worker"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

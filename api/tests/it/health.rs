@@ -12,7 +12,7 @@ use clinflow::testing::{self, TestDb, wait_until};
 async fn the_metrics_port_answers_healthz_readyz_and_metrics_by_route_and_status_class() {
     let db = TestDb::new().await;
     let (topology, _amqp) = testing::topology().await;
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let free = clinflow::testing::free_addr;
     let (api_addr, metrics_addr) = (free(), free());
     let _api = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-api"))
         .env_clear()

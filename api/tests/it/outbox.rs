@@ -20,7 +20,7 @@ struct ApiProcess {
 
 impl ApiProcess {
     async fn spawn(stack: &Stack, amqp_url: &str, extra_env: &[(&str, &str)]) -> Self {
-        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let free = testing::free_addr;
         let (api_addr, metrics_addr) = (free(), free());
         let b64 = base64::engine::general_purpose::STANDARD;
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-api"))
