@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 /// query opens the references of a page of patients from anywhere in the
 /// caller's scope, so the cache must hold the scopes in use, not just the
 /// shared default of 10,000 (one `data_keys` query per page when it misses).
-/// With 20 clinicians of 1,000 patients each at a million documents, concept
-/// documents went from p50 7.4–7.8 ms, p99 19.4–27.6 ms (four runs) to p50
-/// 6.4 ms, p99 13.7 ms, and the api's peak RSS from 55 to 63 MB
+/// With 20 clinicians of 1,000 patients each at a million documents, the
+/// concept documents endpoint's p99 over the second half of each run went
+/// from 15.5–20.1 ms (four runs) to 11.6–13.3 ms (three), its p50 from
+/// 7.4–7.8 to 6.4–7.1 ms, and the api's peak RSS from 55 to 63 MB
 /// (BENCHMARKS.md, 2026-11-27). The process holds the key-encryption keys
 /// that unwrap every data key anyway.
 const KEY_CACHE_ENTRIES: usize = 50_000;
