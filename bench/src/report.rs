@@ -536,9 +536,13 @@ pub fn print_and_save(
         print_cpu("the saturation run", &l.cpu_seconds, l.wall_s, &machine);
     }
     if figures.pipeline_wall_s > 0.0 {
-        print_stages("pipeline rounds, real MedCAT", &figures.pipeline_stages, figures.pipeline_wall_s);
+        print_stages(
+            "pipeline rounds, real MedCAT, all sharing every core",
+            &figures.pipeline_stages,
+            figures.pipeline_wall_s,
+        );
         print_cpu(
-            "the pipeline rounds (real MedCAT)",
+            "the pipeline rounds (real MedCAT, all sharing every core)",
             &figures.pipeline_cpu_seconds,
             figures.pipeline_wall_s,
             &machine,
