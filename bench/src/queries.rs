@@ -314,7 +314,7 @@ async fn paced(
                 tokio::time::sleep_until(at).await;
                 answers.push(questions.ask(&client, team, endpoint, &mut rng, at.into_std()).await?);
             }
-            anyhow::Ok((team, answers))
+            anyhow::Ok((offset, answers))
         });
     }
     // All of them, and those of each client's second half (sent after the
@@ -322,8 +322,7 @@ async fn paced(
     let (mut answers, mut later) = (Vec::new(), Vec::new());
     let mut windows: Vec<Vec<f64>> = Vec::new();
     while let Some(result) = tasks.join_next().await {
-        let (team, mut mine) = result??;
-        let offset = interval.mul_f64(team as f64 / callers.len() as f64);
+        let (offset, mut mine) = result??;
         for (k, (latency, _)) in mine.iter().enumerate() {
             let w = ((offset + interval * k as u32).as_secs_f64() / WINDOW.as_secs_f64()) as usize;
             windows.resize_with(windows.len().max(w + 1), Vec::new);

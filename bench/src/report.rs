@@ -310,16 +310,17 @@ impl Placement {
     }
 }
 
-/// `more` (the same stages, from another run) added into `sum`.
+/// `more` (stages of another run) added into `sum`, stage by stage.
 pub fn add_stages(sum: &mut Vec<Stage>, more: Vec<Stage>) {
-    if sum.is_empty() {
-        *sum = more;
-        return;
-    }
-    for (s, m) in sum.iter_mut().zip(more) {
-        s.count += m.count;
-        s.busy_s += m.busy_s;
-        s.mean_ms = if s.count > 0.0 { s.busy_s / s.count * 1e3 } else { 0.0 };
+    for m in more {
+        match sum.iter_mut().find(|s| (s.service, s.stage) == (m.service, m.stage)) {
+            Some(s) => {
+                s.count += m.count;
+                s.busy_s += m.busy_s;
+                s.mean_ms = if s.count > 0.0 { s.busy_s / s.count * 1e3 } else { 0.0 };
+            }
+            None => sum.push(m),
+        }
     }
 }
 

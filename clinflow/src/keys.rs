@@ -16,7 +16,8 @@ use uuid::Uuid;
 
 use crate::crypto::{CryptoError, DataKey, Envelope, Field, Keyring, WrappedKey, envelope};
 
-/// Unwrapped data keys kept per process, and for how long.
+/// Unwrapped data keys a process keeps by default, and for how long (the
+/// api keeps more: `KEY_CACHE_ENTRIES` in api/src/main.rs).
 pub const CACHE_CAPACITY: usize = 10_000;
 pub const CACHE_TTL: Duration = Duration::from_secs(300);
 
