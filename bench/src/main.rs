@@ -8,6 +8,7 @@
 //! bulk-loaded documents. Figures go to stdout as a table and to
 //! `bench/results/*.json`; the last line is the `RESULT` line.
 
+mod disk;
 mod notes;
 mod phases;
 mod pin;
@@ -134,6 +135,9 @@ pub struct Plan {
     pub query_clients: usize,
     pub query_rate_per_client: f64,
     pub query_requests: usize,
+    /// Times each endpoint is measured so (the four in turn, round after
+    /// round); its p99 is the median of the rounds'.
+    pub query_rounds: usize,
     /// Length of the mixed saturation run.
     pub query_saturation_s: f64,
 }
@@ -159,6 +163,7 @@ impl Plan {
             query_clients: 20,
             query_rate_per_client: 10.0,
             query_requests: 2_000,
+            query_rounds: 1,
             query_saturation_s: 10.0,
         };
         let plan = match mode {
@@ -185,6 +190,7 @@ impl Plan {
                 backlog: 1_000_000,
                 query_docs: 1_000_000,
                 query_requests: 4_000,
+                query_rounds: 3,
                 ..base
             },
         };
