@@ -245,6 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         &cli.queue_prefix,
         &master_key,
     )?;
+    stack.medcat_pid = cli.medcat_pid;
     let password = uuid::Uuid::new_v4().to_string();
     stack.create_user("bench-ingest", "ingest", &password).await?;
 
@@ -300,7 +301,7 @@ async fn measure(
     let mut stages = Vec::new();
     // MedCAT's time runnable but without a CPU, per second of each run: on a
     // machine the whole pipeline shares, what it loses to the rest.
-    let medcat_wait = || stack::cpu_wait_seconds_of(&["python", "python3"]);
+    let medcat_wait = || stack::cpu_wait_seconds(&stack.medcat_pids());
     for round in 1..=plan.rounds {
         for own_core in [false, true] {
             let pinned = match (own_core, cli.medcat_pid) {

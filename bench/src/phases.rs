@@ -363,7 +363,8 @@ impl Observation {
         }
         cpu_seconds.insert("postgresql (all backends)".into(), stack::cpu_seconds_of(&["postgres"]));
         cpu_seconds.insert("rabbitmq".into(), stack::cpu_seconds_of(&["beam.smp"]));
-        cpu_seconds.insert("medcat (python)".into(), stack::cpu_seconds_of(&["python", "python3"]));
+        let medcat = stack.medcat_pids().into_iter().filter_map(stack::cpu_seconds).sum();
+        cpu_seconds.insert("medcat (python)".into(), medcat);
         cpu_seconds.insert("bench client + stand-in".into(), stack::cpu_seconds(std::process::id()).unwrap_or(0.0));
         Ok(Self { at: Instant::now(), metrics, cpu_seconds })
     }

@@ -22,6 +22,8 @@ pub struct Stack {
     pub log_dir: PathBuf,
     pub env: BTreeMap<String, String>,
     pub api_url: String,
+    /// MedCAT's process, when `bench/run` found it (`--medcat-pid`).
+    pub medcat_pid: Option<u32>,
     services: BTreeMap<&'static str, Service>,
 }
 
@@ -35,6 +37,12 @@ pub const WORKER: &str = "worker";
 pub const SINK: &str = "audit-sink";
 
 impl Stack {
+    /// MedCAT's process, or (not told which) every python process: the
+    /// tests' MedCAT too, if they run meanwhile.
+    pub fn medcat_pids(&self) -> Vec<u32> {
+        self.medcat_pid.map_or_else(|| pids_of(&["python", "python3"]), |pid| vec![pid])
+    }
+
     pub fn new(
         bin_dir: PathBuf,
         log_dir: PathBuf,
@@ -72,7 +80,14 @@ impl Stack {
             }
         }
         std::fs::create_dir_all(&log_dir)?;
-        Ok(Self { bin_dir, log_dir, env, api_url: format!("http://{api_addr}"), services: BTreeMap::new() })
+        Ok(Self {
+            bin_dir,
+            log_dir,
+            env,
+            api_url: format!("http://{api_addr}"),
+            medcat_pid: None,
+            services: BTreeMap::new(),
+        })
     }
 
     /// Starts service `name` (`api`, `worker`, `audit-sink`) with `extra`
@@ -222,9 +237,9 @@ pub fn cpu_seconds_of(names: &[&str]) -> f64 {
     pids_of(names).into_iter().filter_map(cpu_seconds).sum()
 }
 
-/// Seconds the threads of the processes named `names` have spent runnable
-/// but waiting for a CPU (the second field of `/proc/<pid>/task/*/schedstat`).
-pub fn cpu_wait_seconds_of(names: &[&str]) -> f64 {
+/// Seconds the threads of `pids` have spent runnable but waiting for a CPU
+/// (the second field of `/proc/<pid>/task/*/schedstat`).
+pub fn cpu_wait_seconds(pids: &[u32]) -> f64 {
     let wait_ns = |pid: u32| -> u64 {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
         tasks
@@ -233,7 +248,7 @@ pub fn cpu_wait_seconds_of(names: &[&str]) -> f64 {
             .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum()
     };
-    pids_of(names).into_iter().map(wait_ns).sum::<u64>() as f64 / 1e9
+    pids.iter().copied().map(wait_ns).sum::<u64>() as f64 / 1e9
 }
 
 pub fn pids_of(names: &[&str]) -> Vec<u32> {
