@@ -199,7 +199,7 @@ pub async fn run(
     for round in 1..=plan.query_rounds {
         for (endpoint, (all, rounds)) in ENDPOINTS.into_iter().zip(&mut measured) {
             let began = Instant::now();
-            let (mut ms, windows) = paced(&callers, &questions, endpoint, per_client, interval).await?;
+            let (mut ms, windows) = paced(&callers, &questions, endpoint, round, per_client, interval).await?;
             let longest_flush_ms = probe.longest(began, Instant::now()).as_secs_f64() * 1_000.0;
             ms.sort_by(f64::total_cmp);
             let r = report::EndpointRound {
@@ -321,13 +321,16 @@ const WINDOW: Duration = Duration::from_secs(5);
 
 /// `endpoint` asked by every clinician, each `per_client` times, one request
 /// every `interval` (clients spread evenly), whatever the answers take;
-/// latency from the scheduled send time. Milliseconds: all of them, and the
+/// latency from the scheduled send time. Each round draws its own patients
+/// and concepts (a round replaying the last one's questions would find
+/// their pages and keys in the caches). Milliseconds: all of them, and the
 /// p99 of each `WINDOW` of the schedule (a diagnostic: where in the run the
 /// tail is). Fails on any error.
 async fn paced(
     callers: &[Client],
     questions: &Arc<Questions>,
     endpoint: Endpoint,
+    round: usize,
     per_client: usize,
     interval: Duration,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
@@ -337,7 +340,7 @@ async fn paced(
         let (client, questions) = (client.clone(), Arc::clone(questions));
         let offset = interval.mul_f64(team as f64 / callers.len() as f64);
         tasks.spawn(async move {
-            let mut rng = SplitMix64::new(team as u64 * 31 + endpoint as u64);
+            let mut rng = SplitMix64::new(((round as u64) << 32) | (team as u64 * 31 + endpoint as u64));
             let mut answers = Vec::with_capacity(per_client);
             for k in 0..per_client {
                 let at = start + offset + interval * k as u32;
