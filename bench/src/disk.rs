@@ -59,6 +59,31 @@ impl FlushProbe {
     }
 }
 
+/// Bytes read so far from the machine's disks (`/proc/diskstats`, whole
+/// disks from `/sys/block` but loop, RAM and zram devices): what missed the
+/// kernel's page cache.
+pub fn bytes_read() -> u64 {
+    let disks: Vec<String> = std::fs::read_dir("/sys/block")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| !["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let stats = std::fs::read_to_string("/proc/diskstats").unwrap_or_default();
+    stats
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // major minor name reads merged sectors-read ...
+            let (name, sectors) = (*fields.get(2)?, fields.get(5)?.parse::<u64>().ok()?);
+            disks.iter().any(|d| d == name).then_some(sectors * 512)
+        })
+        .sum()
+}
+
 impl Drop for FlushProbe {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

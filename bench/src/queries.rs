@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use uuid::Uuid;
 
 use crate::Plan;
-use crate::disk::FlushProbe;
+use crate::disk::{self, FlushProbe};
 use crate::notes::{SplitMix64, Vocabulary};
 use crate::phases::{self, Client, Observation};
 use crate::report::{self, EndpointRun, QuerySaturation};
@@ -198,9 +198,10 @@ pub async fn run(
         ENDPOINTS.iter().map(|_| Default::default()).collect();
     for round in 1..=plan.query_rounds {
         for (endpoint, (all, rounds)) in ENDPOINTS.into_iter().zip(&mut measured) {
-            let began = Instant::now();
+            let (began, read_before) = (Instant::now(), disk::bytes_read());
             let (mut ms, windows) = paced(&callers, &questions, endpoint, round, per_client, interval).await?;
             let longest_flush_ms = probe.longest(began, Instant::now()).as_secs_f64() * 1_000.0;
+            let disk_read_mib = disk::bytes_read().saturating_sub(read_before) as f64 / (1024.0 * 1024.0);
             ms.sort_by(f64::total_cmp);
             let r = report::EndpointRound {
                 p50_ms: report::percentile(&ms, 0.50),
@@ -208,17 +209,19 @@ pub async fn run(
                 max_ms: ms.last().copied().unwrap_or(0.0),
                 window_p99_ms: windows,
                 longest_flush_ms,
+                disk_read_mib,
             };
             let windows: Vec<String> = r.window_p99_ms.iter().map(|w| format!("{w:.1}")).collect();
             eprintln!(
-                "   round {round}, {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; p99 by {} s: {} ms; longest disk flush {:.0} ms",
+                "   round {round}, {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; p99 by {} s: {} ms; longest disk flush {:.0} ms; read from disk {:.0} MiB",
                 endpoint.route(),
                 r.p50_ms,
                 r.p99_ms,
                 r.max_ms,
                 WINDOW.as_secs(),
                 windows.join(" "),
-                r.longest_flush_ms
+                r.longest_flush_ms,
+                r.disk_read_mib
             );
             all.append(&mut ms);
             rounds.push(r);

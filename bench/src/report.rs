@@ -169,6 +169,9 @@ pub struct EndpointRound {
     /// round ran (crate::disk): how long a commit could have waited on
     /// the disk alone.
     pub longest_flush_ms: f64,
+    /// Read from the machine's disks while the round ran (page cache
+    /// misses, anyone's: crate::disk::bytes_read).
+    pub disk_read_mib: f64,
 }
 
 /// The four endpoints in turn, every client back to back.
@@ -267,6 +270,7 @@ fn print_queries(row: &impl Fn(&str, String, &str, Option<bool>), q: &Queries) {
         let each = |f: fn(&EndpointRound) -> String| e.rounds.iter().map(f).collect::<Vec<_>>().join(" / ");
         row("  each round's p99", format!("{} ms", each(|r| format!("{:.1}", r.p99_ms))), "", None);
         row("  longest disk flush in each", format!("{} ms", each(|r| format!("{:.0}", r.longest_flush_ms))), "", None);
+        row("  read from disk in each", format!("{} MiB", each(|r| format!("{:.0}", r.disk_read_mib))), "", None);
         row(
             &format!("  all {} requests: p50 / p99 / max", e.requests),
             format!("{:.1} / {:.1} / {:.0} ms", e.all_p50_ms, e.all_p99_ms, e.max_ms),
