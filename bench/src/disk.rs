@@ -3,7 +3,9 @@
 //! shares. On this machine the disk is a virtual one on a shared host, and
 //! it sometimes holds a flush for hundreds of milliseconds; a p99 taken over
 //! such a moment says more about the host than about clinflow. The probe
-//! lets a report tell the two apart instead of guessing.
+//! lets a report tell the two apart instead of guessing; so does counting
+//! what the machine read from its disks meanwhile (`bytes_read`), for the
+//! other kind of stall: pages that were not in the page cache.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
