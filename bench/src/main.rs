@@ -136,7 +136,7 @@ pub struct Plan {
     pub query_rate_per_client: f64,
     pub query_requests: usize,
     /// Times each endpoint is measured so (the four in turn, round after
-    /// round); its p99 is the median of the rounds'.
+    /// round); its p99 is over all of them, each round's beside it.
     pub query_rounds: usize,
     /// Length of the mixed saturation run.
     pub query_saturation_s: f64,
