@@ -25,16 +25,8 @@ async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restar
     for restart in 1..=2 {
         let before = count();
         wait_until("uploads on a healthy database", Duration::from_secs(20), async || count() >= before + 20).await;
-        let ts = || time::OffsetDateTime::now_utc();
-        let pending = async || -> String {
-            sqlx::query_as::<_, (i64, i64, i64)>("SELECT count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'processing'), count(*) FILTER (WHERE status = 'done') FROM documents")
-                .fetch_one(&stack.db.owner).await.map(|r| format!("queued={} processing={} done={}", r.0, r.1, r.2)).unwrap_or_else(|e| e.to_string())
-        };
-        eprintln!("DIAG restart {restart}: before stop: accepted={} {}", count(), pending().await);
-        eprintln!("DIAG restart {restart}: pg stop begins at {}", ts());
         pg.stop().await;
         let stopped = tokio::time::Instant::now();
-        eprintln!("DIAG restart {restart}: pg stopped at {}", ts());
         let refused_before = refused.lock().unwrap().len();
         wait_until("uploads refused while the database is down", Duration::from_secs(20), async || {
             refused.lock().unwrap().len() > refused_before + 5
@@ -45,11 +37,8 @@ async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restar
             // flight are held through it, spending no attempt.
             tokio::time::sleep_until(stopped + Duration::from_secs(30)).await;
         }
-        eprintln!("DIAG restart {restart}: pg start begins at {}", ts());
         pg.start_server().await;
         let back = Instant::now();
-        eprintln!("DIAG restart {restart}: pg back at {}", ts());
-        eprintln!("DIAG restart {restart}: at back: accepted={} {}", count(), pending().await);
         let accepted_at_start = count();
         wait_until("uploads accepted again", Duration::from_secs(10), async || count() > accepted_at_start + 5).await;
         let (code, probe) =
@@ -57,7 +46,6 @@ async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restar
         assert_eq!(code, 202);
         let probe = probe["id"].as_str().unwrap().to_owned();
         accepted.lock().unwrap().push(probe.clone());
-        eprintln!("DIAG restart {restart}: probe posted at {}: accepted={} {}", ts(), count(), pending().await);
         wait_until("a new upload processed after the restart", Duration::from_secs(10), async || {
             sqlx::query_scalar::<_, String>("SELECT status FROM documents WHERE id = $1::uuid")
                 .bind(&probe)
@@ -67,38 +55,10 @@ async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restar
         })
         .await;
         let recovered = back.elapsed();
-        eprintln!(
-            "DIAG restart {restart}: probe done at {} (recovered {recovered:?}) accepted={} {}",
-            ts(),
-            count(),
-            pending().await
-        );
         assert!(recovered < Duration::from_secs(10), "restart {restart}: recovered after {recovered:?}");
         eprintln!("database restart {restart}: a fresh upload was done {recovered:?} after it came back");
     }
     let (ids, refused) = uploads.stop().await;
-    {
-        // DIAG (temporary)
-        let mut hist = std::collections::BTreeMap::<u16, usize>::new();
-        for c in &refused {
-            *hist.entry(*c).or_default() += 1;
-        }
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM documents GROUP BY status")
-            .fetch_all(&stack.db.owner)
-            .await
-            .unwrap();
-        let extra: Vec<(String, String)> =
-            sqlx::query_as("SELECT id::text, status FROM documents WHERE NOT (id = ANY($1::uuid[]))")
-                .bind(&ids)
-                .fetch_all(&stack.db.owner)
-                .await
-                .unwrap();
-        let dups = ids.len() - ids.iter().collect::<std::collections::HashSet<_>>().len();
-        eprintln!(
-            "DIAG after stop: accepted={} dup_ids={dups} refused={hist:?} documents_by_status={rows:?} extra_docs={extra:?}",
-            ids.len()
-        );
-    }
     assert!(refused.iter().all(|c| *c == 503), "only 503 (unavailable) while it was down: {refused:?}");
     wait_for_all_done(&stack, &ids).await;
     let results: i64 =
@@ -112,54 +72,11 @@ async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restar
     })
     .await;
     // Every event stored once, in one unbroken chain, across both outages.
-    let audit_rows_before_verify: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&stack.db.owner).await.unwrap();
     let rows = clinflow::chain::verify(&stack.db.audit_reader, &crate::common::audit_key()).await.unwrap();
     let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM audit_events")
         .fetch_one(&stack.db.owner)
         .await
         .unwrap();
-    let audit_rows_after: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&stack.db.owner).await.unwrap();
-    eprintln!(
-        "DIAG chain: before_verify={audit_rows_before_verify} verified_rows={rows} distinct={distinct} after={audit_rows_after}"
-    );
-    {
-        // DIAG (temporary)
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM documents GROUP BY status")
-            .fetch_all(&stack.db.owner)
-            .await
-            .unwrap();
-        let results: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM document_results").fetch_one(&stack.db.owner).await.unwrap();
-        let extra: Vec<(String, String)> =
-            sqlx::query_as("SELECT id::text, status FROM documents WHERE NOT (id = ANY($1::uuid[]))")
-                .bind(&ids)
-                .fetch_all(&stack.db.owner)
-                .await
-                .unwrap();
-        let audits: Vec<(String, i64)> = sqlx::query_as("SELECT action, count(*) FROM audit_events GROUP BY action")
-            .fetch_all(&stack.db.owner)
-            .await
-            .unwrap();
-        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&stack.db.owner).await.unwrap();
-        eprintln!(
-            "DIAG all done: accepted={} documents_by_status={rows:?} results={results} extra_docs={extra:?} audits={audits:?} outbox={outbox}",
-            ids.len()
-        );
-        for wq in stack.topology.work_queues() {
-            let dead = stack.queue_depth(&wq.dead_queue).await;
-            let retry = match &wq.retry_queue {
-                Some(r) => Some(stack.queue_depth(r).await),
-                None => None,
-            };
-            eprintln!(
-                "DIAG all done: {} main={} dead={dead} retry={retry:?}",
-                wq.queue,
-                stack.queue_depth(&wq.queue).await
-            );
-        }
-    }
     assert_eq!(rows, distinct);
     for wq in stack.topology.work_queues() {
         assert_eq!(stack.queue_depth(&wq.dead_queue).await, 0, "{} dead-lettered nothing", wq.queue);
