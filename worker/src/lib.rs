@@ -418,13 +418,31 @@ impl Worker {
     }
 
     /// While the batch is held: MedCAT not ready → until it is (polled every
-    /// second); anything else (the database) → `pause`.
+    /// second). Anything else → `pause`, but if the database does not answer
+    /// now, only until it answers again (polled every second): the pause
+    /// doubles through a long outage (up to `max_pause`, 30 s), and a batch
+    /// that slept it out would resume up to that long after the database's
+    /// return; a database that answers and still fails the batch is retried
+    /// ever more slowly.
     async fn until_ready(&self, error: &BatchError, pause: Duration) {
-        if !matches!(error, BatchError::Medcat(_)) {
-            return tokio::time::sleep(pause).await;
+        const POLL: Duration = Duration::from_secs(1);
+        if matches!(error, BatchError::Medcat(_)) {
+            while !self.medcat.ready().await {
+                tokio::time::sleep(POLL).await;
+            }
+            return;
         }
-        while !self.medcat.ready().await {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let until = tokio::time::Instant::now() + pause;
+        let away = !clinflow::telemetry::database_ready(&self.db).await;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left.min(POLL)).await;
+            if away && clinflow::telemetry::database_ready(&self.db).await {
+                return;
+            }
         }
     }
 
