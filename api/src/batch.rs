@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use clinflow::amqp::Lane;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted};
+use clinflow::keys::PatientRef;
 use clinflow::outbox;
 use clinflow::wire::{BATCH_PATH, BatchResponse, ErrorBody, LineOutcome, UploadRequest};
 use futures_util::StreamExt;
@@ -160,7 +161,8 @@ async fn store(
     names.sort_unstable();
     names.dedup();
     let teams = care::team_ids(&mut *tx, &names).await?;
-    let patients: Vec<&[u8]> = pending.iter().map(|p| p.patient_index.as_slice()).collect();
+    let patients: Vec<PatientRef> =
+        pending.iter().map(|p| PatientRef::new(&p.patient_index, &p.upload.patient_ref)).collect();
     let keys = state.keys.for_patients(&mut tx, &patients).await?;
     let mut numbers = Vec::with_capacity(pending.len());
     let mut docs = Vec::with_capacity(pending.len());

@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{Method, StatusCode};
 use clinflow::audit::{Action, Outcome};
 use clinflow::crypto::Field;
+use clinflow::keys::PatientRef;
 use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgExecutor};
@@ -174,7 +175,7 @@ async fn break_glass(
     let mut tx = state.db.begin().await?;
     // The reason is free text about the patient: sealed under their data
     // key (created here if they have none yet), shredded with it.
-    let key = state.keys.for_patient(&mut tx, &patient_index).await?;
+    let key = state.keys.for_patient(&mut tx, PatientRef::new(&patient_index, &patient_ref)).await?;
     let reason_ct = key.seal_str(reason_field(id), reason).map_err(anyhow::Error::new)?;
     let expires_at = sqlx::query_scalar!(
         "INSERT INTO break_glass_grants (id, user_id, patient_index, reason_ct, expires_at)

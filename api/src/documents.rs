@@ -8,6 +8,7 @@ use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
 use clinflow::crypto::DataKey;
 use clinflow::documents::{self, Inserted, NewDocument, StatusRow};
+use clinflow::keys::PatientRef;
 use clinflow::outbox;
 use clinflow::telemetry::{timed, timed_sync};
 use clinflow::wire::{
@@ -260,7 +261,9 @@ async fn upload_one(
     // data key is created in it too, with their first document.
     let mut tx = state.db.begin().await?;
     let patient_index = documents::patient_index(&state.index_key, &upload.patient_ref);
-    let key = timed(STAGE, "data_key", state.keys.for_patient(&mut tx, &patient_index)).await?;
+    let key =
+        timed(STAGE, "data_key", state.keys.for_patient(&mut tx, PatientRef::new(&patient_index, &upload.patient_ref)))
+            .await?;
     let doc = timed_sync(STAGE, "seal", || seal(&state, &key, patient_index, user.id, id, upload))?;
     if let Inserted::DuplicateSourceRef(existing) = timed(STAGE, "insert", documents::insert(&mut tx, &doc)).await? {
         return Err(ApiError::DuplicateSourceRef(existing));

@@ -53,6 +53,14 @@ pub enum KeysCommand {
         #[arg(long, default_value_t = 500)]
         batch: i64,
     },
+    /// Seal each patient's reference beside their data key, for keys
+    /// created before the concept endpoints read it there (they fall back
+    /// to one of the patient's documents meanwhile). Resumable.
+    SealRefs {
+        /// Data keys per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+    },
 }
 
 pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
@@ -106,6 +114,14 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
             println!("{documents} documents and {grants} break-glass reasons moved to data keys; no format-1 row left");
             Ok(())
         }
+        KeysCommand::SealRefs { batch } => {
+            let done = rotation::seal_refs(&db, &keys, &actor, batch.max(1), |done| {
+                eprintln!("sealed {done} patient references");
+            })
+            .await?;
+            println!("{done} patient references sealed beside their data keys");
+            Ok(())
+        }
     }
 }
 
@@ -143,5 +159,12 @@ async fn status(db: &PgPool, keys: &Keys) -> anyhow::Result<()> {
         .fetch_one(db)
         .await?;
     println!("{v1:>10} documents of format 1 (run keys migrate-v1)");
+    let unsealed = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM data_keys k
+           WHERE patient_ref_ct IS NULL AND EXISTS (SELECT FROM documents d WHERE d.data_key_id = k.id)"#
+    )
+    .fetch_one(db)
+    .await?;
+    println!("{unsealed:>10} data keys without their patient's reference (run keys seal-refs)");
     Ok(())
 }

@@ -284,8 +284,8 @@ async fn patient_concepts(
         r#"SELECT dc.cui, coalesce(n.pretty_name, dc.cui) AS "pretty_name!",
                   count(*) AS "documents!",
                   sum(CASE WHEN $2 THEN dc.mentions ELSE dc.mentions - dc.negated END)::int8 AS "mentions!",
-                  min(dc.document_date) AS first_date,
-                  max(dc.document_date) AS last_date
+                  min(coalesce(dc.document_date, dc.created_at::date)) AS first_date,
+                  max(coalesce(dc.document_date, dc.created_at::date)) AS last_date
            FROM document_concepts dc
            LEFT JOIN concept_names n ON n.cui = dc.cui
            WHERE dc.patient_index = $1 AND ($2 OR dc.mentions > dc.negated)
@@ -348,18 +348,16 @@ async fn concept_patients(
         Some(a) => Some(unhex(a).ok_or_else(|| ApiError::invalid("invalid_cursor", "after must be a next_cursor"))?),
     };
     let rows = sqlx::query!(
-        r#"SELECT s.patient_index AS "patient_index!", a.documents AS "documents!", a.first_date, a.last_date,
-                  d.id AS "sample!", d.patient_ref_ct AS "patient_ref_ct!"
+        r#"SELECT s.patient_index AS "patient_index!", a.documents AS "documents!", a.first_date, a.last_date
            FROM (SELECT patient_index FROM patients_in_scope($1)
                  WHERE $3::bytea IS NULL OR patient_index < $3
                  ORDER BY patient_index DESC) s
            CROSS JOIN LATERAL (SELECT count(*) AS documents,
-                                      min(dc.document_date) AS first_date, max(dc.document_date) AS last_date
+                                      min(coalesce(dc.document_date, dc.created_at::date)) AS first_date,
+                                      max(coalesce(dc.document_date, dc.created_at::date)) AS last_date
                                FROM document_concepts dc
                                WHERE dc.cui = $2 AND dc.patient_index = s.patient_index
                                  AND dc.mentions > dc.negated) a
-           CROSS JOIN LATERAL (SELECT id, patient_ref_ct FROM documents
-                               WHERE patient_index = s.patient_index LIMIT 1) d
            WHERE a.documents > 0
            ORDER BY s.patient_index DESC LIMIT $4"#,
         user.id,
@@ -370,14 +368,13 @@ async fn concept_patients(
     .fetch_all(&state.db)
     .await?;
     let more = rows.len() as i64 > limit;
-    let sealed: Vec<&[u8]> = rows.iter().map(|r| r.patient_ref_ct.as_slice()).collect();
-    let opener = state.keys.opener(&state.db, sealed).await?;
+    let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
+    let mut refs = patient_refs(&state, rows.iter().map(|r| r.patient_index.as_slice())).await?;
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
-    for r in rows.into_iter().take(limit as usize) {
-        let patient_ref = opener
-            .open_string(documents::patient_ref_field(r.sample), &r.patient_ref_ct)
-            .map_err(anyhow::Error::new)?;
+    for r in rows {
+        let patient_ref =
+            refs.remove(&r.patient_index).ok_or_else(|| anyhow::anyhow!("a patient without reference"))?;
         items.push(ConceptPatient {
             patient_ref,
             documents: r.documents,
@@ -439,17 +436,17 @@ async fn concept_documents(
         }
     };
     let rows = sqlx::query!(
-        r#"SELECT s.patient_index AS "patient_index!", d.id, d.patient_ref_ct, d.document_date, d.created_at,
+        r#"SELECT s.patient_index AS "patient_index!", x.document_id AS id, x.document_date, x.created_at,
                   x.mentions, x.negated, x.first_offset
            FROM (SELECT patient_index FROM patients_in_scope($1)
                  WHERE $3::bytea IS NULL OR patient_index <= $3
                  ORDER BY patient_index DESC) s
-           CROSS JOIN LATERAL (SELECT dc.document_id, dc.mentions, dc.negated, dc.first_offset
+           CROSS JOIN LATERAL (SELECT dc.document_id, dc.document_date, dc.created_at,
+                                      dc.mentions, dc.negated, dc.first_offset
                                FROM document_concepts dc
                                WHERE dc.cui = $2 AND dc.patient_index = s.patient_index
                                  AND ($3::bytea IS NULL OR dc.patient_index < $3 OR dc.document_id < $4)
                                ORDER BY dc.document_id DESC) x
-           JOIN documents d ON d.id = x.document_id
            ORDER BY s.patient_index DESC, x.document_id DESC LIMIT $5"#,
         user.id,
         cui,
@@ -460,13 +457,13 @@ async fn concept_documents(
     .fetch_all(&state.db)
     .await?;
     let more = rows.len() as i64 > limit;
-    let sealed: Vec<&[u8]> = rows.iter().map(|r| r.patient_ref_ct.as_slice()).collect();
-    let opener = state.keys.opener(&state.db, sealed).await?;
+    let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
+    let refs = patient_refs(&state, rows.iter().map(|r| r.patient_index.as_slice())).await?;
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
-    for r in rows.into_iter().take(limit as usize) {
+    for r in rows {
         let patient_ref =
-            opener.open_string(documents::patient_ref_field(r.id), &r.patient_ref_ct).map_err(anyhow::Error::new)?;
+            refs.get(&r.patient_index).cloned().ok_or_else(|| anyhow::anyhow!("a patient without reference"))?;
         last = Some((r.patient_index, r.id));
         items.push(ConceptDocument {
             id: r.id,
@@ -482,6 +479,19 @@ async fn concept_documents(
     let event = user.event(Action::ConceptRead, Outcome::Success).resource("concept", cui);
     state.audit(&event.reason(&format!("documents:{}", items.len()))).await?;
     Ok(Json(Page { items, next_cursor }))
+}
+
+/// The references of the patients of a page (blind indexes), opened from
+/// beside their data keys: the concept endpoints read nothing of `documents`
+/// (migration 20261130000001).
+async fn patient_refs<'a>(
+    state: &AppState,
+    patients: impl Iterator<Item = &'a [u8]>,
+) -> Result<std::collections::HashMap<Vec<u8>, String>, ApiError> {
+    let mut indexes: Vec<&[u8]> = patients.collect();
+    indexes.sort_unstable();
+    indexes.dedup();
+    Ok(state.keys.patient_refs(&state.db, &indexes).await?)
 }
 
 const SNOMED: &str = "http://snomed.info/sct";

@@ -11,7 +11,7 @@ use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::Keyring;
 use clinflow::documents;
 use clinflow::jobs::DocumentJob;
-use clinflow::keys::Keys;
+use clinflow::keys::{Keys, PatientRef};
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use sqlx::PgPool;
@@ -466,7 +466,9 @@ async fn prefill(
         let indexes: Vec<Vec<u8>> =
             notes.iter().map(|n| documents::patient_index(&index_key, &n.patient_ref)).collect();
         let mut tx = ctx.db.begin().await?;
-        let data_keys = keys.for_patients(&mut tx, &indexes.iter().map(Vec::as_slice).collect::<Vec<_>>()).await?;
+        let patients: Vec<PatientRef> =
+            indexes.iter().zip(&notes).map(|(i, n)| PatientRef::new(i, &n.patient_ref)).collect();
+        let data_keys = keys.for_patients(&mut tx, &patients).await?;
         let mut texts = Vec::with_capacity(notes.len());
         let mut patients = Vec::with_capacity(notes.len());
         let mut key_ids = Vec::with_capacity(notes.len());

@@ -146,6 +146,10 @@ pub enum Action {
     /// patients' data keys (one event per batch: resource `documents`/count).
     #[serde(rename = "keys.migrate_v1")]
     KeysMigrateV1,
+    /// An operator sealed patients' references beside their data keys (one
+    /// event per batch: resource `data_keys`/count).
+    #[serde(rename = "keys.seal_refs")]
+    KeysSealRefs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -186,6 +190,7 @@ impl Action {
             Action::KeysRotate => "keys.rotate",
             Action::KeysReencrypt => "keys.reencrypt",
             Action::KeysMigrateV1 => "keys.migrate_v1",
+            Action::KeysSealRefs => "keys.seal_refs",
         }
     }
 }
@@ -324,6 +329,7 @@ mod tests {
             Action::KeysRotate,
             Action::KeysReencrypt,
             Action::KeysMigrateV1,
+            Action::KeysSealRefs,
         ] {
             assert_eq!(serde_json::to_value(a).unwrap(), serde_json::Value::from(a.as_str()));
         }

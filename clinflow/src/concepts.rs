@@ -59,8 +59,9 @@ pub fn summarize(annotations: &[Annotation]) -> Vec<ConceptCount> {
 pub struct Indexed<'a> {
     pub document_id: Uuid,
     pub patient_index: &'a [u8],
-    /// The document's date, else its upload day.
-    pub document_date: time::Date,
+    /// The document's own date, if it has one, and its upload time.
+    pub document_date: Option<time::Date>,
+    pub created_at: time::OffsetDateTime,
     pub model_version: &'a str,
     /// The model version of the result this one replaces, if any: its rows go.
     pub replaces: Option<&'a str>,
@@ -95,6 +96,7 @@ pub async fn store(conn: &mut PgConnection, results: &[Indexed<'_>]) -> Result<(
     let mut documents = Vec::with_capacity(rows);
     let mut patients: Vec<&[u8]> = Vec::with_capacity(rows);
     let mut dates = Vec::with_capacity(rows);
+    let mut uploaded = Vec::with_capacity(rows);
     let mut models: Vec<&str> = Vec::with_capacity(rows);
     let mut cuis: Vec<&str> = Vec::with_capacity(rows);
     let mut mentions = Vec::with_capacity(rows);
@@ -106,6 +108,7 @@ pub async fn store(conn: &mut PgConnection, results: &[Indexed<'_>]) -> Result<(
             documents.push(r.document_id);
             patients.push(r.patient_index);
             dates.push(r.document_date);
+            uploaded.push(r.created_at);
             models.push(r.model_version);
             cuis.push(&c.cui);
             mentions.push(c.mentions);
@@ -126,12 +129,15 @@ pub async fn store(conn: &mut PgConnection, results: &[Indexed<'_>]) -> Result<(
     .execute(&mut *conn)
     .await?;
     sqlx::query!(
-        "INSERT INTO document_concepts (document_id, patient_index, document_date, model_version, cui, mentions, negated, first_offset)
-         SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::date[], $4::text[], $5::text[], $6::int[], $7::int[], $8::int[])
+        "INSERT INTO document_concepts (document_id, patient_index, document_date, created_at, model_version, cui,
+                                        mentions, negated, first_offset)
+         SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::date[], $4::timestamptz[], $5::text[], $6::text[],
+                              $7::int[], $8::int[], $9::int[])
          ON CONFLICT (patient_index, document_id, cui) DO NOTHING",
         &documents,
         &patients as &[&[u8]],
-        &dates,
+        &dates as &[Option<time::Date>],
+        &uploaded,
         &models as &[&str],
         &cuis as &[&str],
         &mentions,

@@ -250,8 +250,10 @@ pub struct ResultTarget {
     pub data_key_id: Option<Uuid>,
     /// None: a document from before blind indexes (it gets no concept rows).
     pub patient_index: Option<Vec<u8>>,
-    /// Its date, else its upload day.
-    pub effective_date: Date,
+    /// Its own date, if it has one, and its upload time (both go into its
+    /// concept rows).
+    pub document_date: Option<Date>,
+    pub created_at: OffsetDateTime,
     pub status: String,
     /// The model version of the result it currently shows.
     pub result_model: Option<String>,
@@ -264,8 +266,7 @@ pub struct ResultTarget {
 pub async fn result_targets(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<ResultTarget>, sqlx::Error> {
     sqlx::query_as!(
         ResultTarget,
-        r#"SELECT id, data_key_id, patient_index, coalesce(document_date, created_at::date) AS "effective_date!",
-                  status, result_model
+        r#"SELECT id, data_key_id, patient_index, document_date, created_at, status, result_model
            FROM documents WHERE id = ANY($1) FOR SHARE"#,
         ids
     )
@@ -292,7 +293,8 @@ pub struct NewResult {
     /// `done` is indexed.
     pub concepts: Vec<crate::concepts::ConceptCount>,
     pub patient_index: Option<Vec<u8>>,
-    pub document_date: Date,
+    pub document_date: Option<Date>,
+    pub created_at: OffsetDateTime,
     pub replaces: Option<String>,
 }
 
@@ -328,6 +330,7 @@ pub async fn store_results(conn: &mut PgConnection, results: &[NewResult]) -> Re
                 document_id: r.document_id,
                 patient_index: r.patient_index.as_deref()?,
                 document_date: r.document_date,
+                created_at: r.created_at,
                 model_version: &r.model_version,
                 replaces: r.replaces.as_deref(),
                 concepts: &r.concepts,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use crate::crypto::{CryptoError, DataKey, Envelope, Field, Keyring, WrappedKey, envelope};
@@ -33,6 +33,28 @@ pub enum KeyError {
 /// free text about them, shredded with them).
 pub fn break_glass_reason_field(id: Uuid) -> Field {
     Field { table: "break_glass_grants", column: "reason", row: id }
+}
+
+/// Where a patient's reference is sealed beside their data key, under it
+/// (the concept endpoints open it there rather than in `documents`).
+pub fn data_key_ref_field(key_id: Uuid) -> Field {
+    Field { table: "data_keys", column: "patient_ref", row: key_id }
+}
+
+/// A patient whose data key is wanted: their blind index, and their
+/// reference, sealed beside a key created for them. `None` only where the
+/// caller never had it in clear (`keys migrate-v1` for a patient known only
+/// by a break-glass grant).
+#[derive(Debug, Clone, Copy)]
+pub struct PatientRef<'a> {
+    pub index: &'a [u8],
+    pub reference: Option<&'a str>,
+}
+
+impl<'a> PatientRef<'a> {
+    pub fn new(index: &'a [u8], reference: &'a str) -> Self {
+        Self { index, reference: Some(reference) }
+    }
 }
 
 /// The key-encryption keys of this process and its cache of unwrapped data
@@ -61,46 +83,56 @@ impl Keys {
         &self.keyring
     }
 
-    /// The data key of a patient (by blind index), created if they have none,
-    /// in the caller's transaction.
-    pub async fn for_patient(&self, conn: &mut PgConnection, patient_index: &[u8]) -> Result<Arc<DataKey>, KeyError> {
-        let mut keys = self.for_patients(conn, &[patient_index]).await?;
-        keys.remove(patient_index).ok_or_else(|| KeyError::Database(sqlx::Error::RowNotFound))
+    /// The data key of a patient, created if they have none, in the caller's
+    /// transaction.
+    pub async fn for_patient(
+        &self,
+        conn: &mut PgConnection,
+        patient: PatientRef<'_>,
+    ) -> Result<Arc<DataKey>, KeyError> {
+        let mut keys = self.for_patients(conn, &[patient]).await?;
+        keys.remove(patient.index).ok_or_else(|| KeyError::Database(sqlx::Error::RowNotFound))
     }
 
-    /// The data key of each patient, those missing created in one statement
+    /// The data key of each patient (by blind index), those missing created
+    /// in one statement, each with the patient's reference sealed beside it
     /// (a key another transaction created meanwhile wins, and is used).
     pub async fn for_patients(
         &self,
         conn: &mut PgConnection,
-        patient_indexes: &[&[u8]],
+        patients: &[PatientRef<'_>],
     ) -> Result<HashMap<Vec<u8>, Arc<DataKey>>, KeyError> {
-        let mut wanted = patient_indexes.to_vec();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let mut found = self.select_for_patients(&mut *conn, &wanted).await?;
-        let missing: Vec<&[u8]> = wanted.into_iter().filter(|p| !found.contains_key(*p)).collect();
+        let mut wanted = patients.to_vec();
+        wanted.sort_unstable_by_key(|p| p.index);
+        wanted.dedup_by_key(|p| p.index);
+        let indexes: Vec<&[u8]> = wanted.iter().map(|p| p.index).collect();
+        let mut found = self.select_for_patients(&mut *conn, &indexes).await?;
+        let missing: Vec<PatientRef> = wanted.into_iter().filter(|p| !found.contains_key(p.index)).collect();
         if missing.is_empty() {
             return Ok(found);
         }
         let mut fresh = Vec::with_capacity(missing.len());
+        let mut refs = Vec::with_capacity(missing.len());
         for patient in &missing {
             let key = DataKey::generate();
-            let wrapped = self.keyring.wrap(&key, patient)?;
+            let wrapped = self.keyring.wrap(&key, patient.index)?;
+            refs.push(patient.reference.map(|r| key.seal_str(data_key_ref_field(key.id()), r)).transpose()?);
             fresh.push((key, wrapped));
         }
         let ids: Vec<Uuid> = fresh.iter().map(|(k, _)| k.id()).collect();
+        let missing: Vec<&[u8]> = missing.iter().map(|p| p.index).collect();
         let keks: Vec<&str> = fresh.iter().map(|(_, w)| w.kek_id.as_str()).collect();
         let wrapped: Vec<&[u8]> = fresh.iter().map(|(_, w)| w.wrapped.as_slice()).collect();
         let inserted: HashSet<Uuid> = sqlx::query_scalar!(
-            "INSERT INTO data_keys (id, patient_index, kek_id, wrapped)
-             SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::text[], $4::bytea[])
+            "INSERT INTO data_keys (id, patient_index, kek_id, wrapped, patient_ref_ct)
+             SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::text[], $4::bytea[], $5::bytea[])
              ON CONFLICT (patient_index) DO NOTHING
              RETURNING id",
             &ids,
             &missing as &[&[u8]],
             &keks as &[&str],
             &wrapped as &[&[u8]],
+            &refs as &[Option<Vec<u8>>],
         )
         .fetch_all(&mut *conn)
         .await?
@@ -140,6 +172,46 @@ impl Keys {
         .fetch_all(db)
         .await?;
         rows.into_iter().map(|w| Ok((w.patient_index.clone(), self.unwrap(&w)?))).collect()
+    }
+
+    /// The references of these patients (by blind index), opened: from
+    /// beside their data keys, or, for a key from before they were sealed
+    /// there (until `keys seal-refs`), from one of their documents. A patient
+    /// with neither is absent.
+    pub async fn patient_refs(&self, db: &PgPool, indexes: &[&[u8]]) -> Result<HashMap<Vec<u8>, String>, KeyError> {
+        let rows = sqlx::query!(
+            "SELECT id, patient_index, kek_id, wrapped, patient_ref_ct FROM data_keys WHERE patient_index = ANY($1)",
+            indexes as &[&[u8]],
+        )
+        .fetch_all(db)
+        .await?;
+        let mut refs = HashMap::with_capacity(rows.len());
+        let mut unsealed = Vec::new();
+        for r in rows {
+            let Some(sealed) = r.patient_ref_ct else {
+                unsealed.push(r.patient_index);
+                continue;
+            };
+            let stored = WrappedKey { id: r.id, patient_index: r.patient_index, kek_id: r.kek_id, wrapped: r.wrapped };
+            let key = self.unwrap(&stored)?;
+            let reference = key.open(data_key_ref_field(r.id), &sealed)?;
+            refs.insert(stored.patient_index, String::from_utf8(reference).map_err(|_| CryptoError::Malformed)?);
+        }
+        if !unsealed.is_empty() {
+            let docs = sqlx::query!(
+                r#"SELECT DISTINCT ON (patient_index) patient_index AS "patient_index!", id, patient_ref_ct
+                   FROM documents WHERE patient_index = ANY($1) ORDER BY patient_index, id"#,
+                &unsealed,
+            )
+            .fetch_all(db)
+            .await?;
+            let opener = self.opener(db, docs.iter().map(|d| d.patient_ref_ct.as_slice())).await?;
+            for d in docs {
+                let reference = opener.open_string(crate::documents::patient_ref_field(d.id), &d.patient_ref_ct)?;
+                refs.insert(d.patient_index, reference);
+            }
+        }
+        Ok(refs)
     }
 
     /// Unwraps a stored key, through the cache.

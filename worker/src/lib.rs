@@ -662,7 +662,8 @@ impl Worker {
                 annotations_ct,
                 concepts: if indexed { clinflow::concepts::summarize(&processed.annotations) } else { Vec::new() },
                 patient_index: target.patient_index.filter(|_| indexed),
-                document_date: target.effective_date,
+                document_date: target.document_date,
+                created_at: target.created_at,
                 replaces: target.result_model.filter(|_| indexed),
             });
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clinflow::audit::Actor;
 use clinflow::crypto::{CryptoError, Keyring};
 use clinflow::documents;
-use clinflow::keys::{KeyError, Keys, rotation};
+use clinflow::keys::{self, KeyError, Keys, rotation};
 use clinflow::testing;
 use clinflow_api::users::Role;
 use secrecy::SecretBox;
@@ -74,16 +74,31 @@ async fn run_pipeline(stack: &Stack) -> Vec<String> {
     ids
 }
 
-/// Every document as the doctor reads it (patient_ref, model, annotations).
+const METFORMIN: &str = "372567009";
+
+/// Every document as the doctor reads it (patient_ref, model, annotations),
+/// and their patients with metformin and those documents as the concept
+/// endpoints list them (patient references opened beside the data keys).
 async fn read_all(stack: &Stack, ids: &[String]) -> BTreeMap<String, Value> {
     let doctor = stack.login("doctor").await;
-    let mut read = BTreeMap::new();
+    let mut read = read_concepts(stack).await;
     for id in ids {
         let (status, body) = stack.get(&format!("/v1/documents/{id}"), Some(&doctor)).await;
         assert_eq!(status, 200, "{id}: {body}");
         assert_eq!(body["status"], "done");
         assert!(!body["annotations"].as_array().unwrap().is_empty(), "{body}");
         read.insert(id.clone(), json!([body["patient_ref"], body["model_version"], body["annotations"]]));
+    }
+    read
+}
+
+async fn read_concepts(stack: &Stack) -> BTreeMap<String, Value> {
+    let doctor = stack.login("doctor").await;
+    let mut read = BTreeMap::new();
+    for what in ["patients", "documents"] {
+        let (status, body) = stack.get(&format!("/v1/concepts/{METFORMIN}/{what}"), Some(&doctor)).await;
+        assert_eq!(status, 200, "{what}: {body}");
+        read.insert(format!("concept {what}"), body["items"].clone());
     }
     read
 }
@@ -106,6 +121,12 @@ async fn break_glass_reasons(stack: &Stack) -> Vec<Value> {
 /// Every ciphertext in the database: (table/column/row, bytes).
 async fn ciphertexts(stack: &Stack) -> BTreeMap<String, Vec<u8>> {
     let mut all = BTreeMap::new();
+    // Labelled by patient: re-encryption replaces the key row.
+    let refs: Vec<(Vec<u8>, Vec<u8>)> =
+        sqlx::query_as("SELECT patient_index, patient_ref_ct FROM data_keys").fetch_all(&stack.db.owner).await.unwrap();
+    for (patient, p) in refs {
+        all.insert(format!("data_keys/patient_ref/{}", hex(&patient)), p);
+    }
     let docs: Vec<(Uuid, Vec<u8>, Vec<u8>)> =
         sqlx::query_as("SELECT id, patient_ref_ct, text_ct FROM documents").fetch_all(&stack.db.owner).await.unwrap();
     for (id, p, t) in docs {
@@ -125,6 +146,10 @@ async fn ciphertexts(stack: &Stack) -> BTreeMap<String, Vec<u8>> {
         all.insert(format!("break_glass_grants/reason/{id}"), r);
     }
     all
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn audited(stack: &Stack, action: &str) -> Vec<(String, String, Option<String>)> {
@@ -150,7 +175,7 @@ async fn rotation_then_removal_of_the_old_key_leaves_everything_readable() {
     assert_eq!(keys.len(), 3);
     assert!(keys.iter().all(|(_, kek)| kek == "1"), "{keys:?}");
     let sealed = ciphertexts(&stack).await;
-    assert_eq!(sealed.len(), 5 * 3 + 1);
+    assert_eq!(sealed.len(), 5 * 3 + 1 + 3);
     for (what, ct) in &sealed {
         assert_eq!(ct[0], 2, "{what}");
         let key = Uuid::from_slice(&ct[1..17]).unwrap();
@@ -238,7 +263,7 @@ async fn reencryption_replaces_a_patients_key_and_moved_ciphertexts_fail() {
             assert_eq!(ct, was, "{what} is another patient's");
         }
     }
-    assert_eq!(changed, 2 * 3 + 1);
+    assert_eq!(changed, 2 * 3 + 1 + 1, "A's documents, results, grant and the reference beside the key");
     assert_eq!(read_all(&stack, &ids).await, before, "everything reads as before");
     assert_eq!(break_glass_reasons(&stack).await, vec![json!("unconscious in ED, no team on call")]);
 
@@ -266,11 +291,22 @@ async fn reencryption_replaces_a_patients_key_and_moved_ciphertexts_fail() {
         .unwrap();
     let mut relabelled = text_a.clone();
     relabelled[1..17].copy_from_slice(key_b.as_bytes());
+    let beside_key: Vec<u8> = sqlx::query_scalar("SELECT patient_ref_ct FROM data_keys WHERE id = $1")
+        .bind(done.new_key)
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.open_string(&stack.db.owner, keys::data_key_ref_field(done.new_key), &beside_key).await.unwrap(),
+        "KEYS-PAT-A"
+    );
     for (field, ct) in [
         (documents::text_field(doc_b), &text_a),
         (documents::text_field(doc_b), &relabelled),
         (documents::patient_ref_field(doc_a), &text_a),
         (documents::annotations_field(doc_a), &text_a),
+        (documents::patient_ref_field(doc_a), &beside_key),
+        (keys::data_key_ref_field(key_b), &beside_key),
     ] {
         let err = keys.open(&stack.db.owner, field, ct).await.unwrap_err();
         assert!(matches!(err, KeyError::Crypto(CryptoError::Authentication)), "{field:?}: {err}");
@@ -354,5 +390,47 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
     assert_eq!(read_all(&stack, &ids).await, before);
     let again = rotation::migrate_v1(&stack.db.owner, &keys, &index_key, &actor, 10, |_| {}).await.unwrap();
     assert_eq!(again, (0, 0), "nothing left");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn keys_from_before_references_beside_them_read_through_documents_until_sealed() {
+    let stack = Stack::start().await;
+    let ids = run_pipeline(&stack).await;
+    let before = read_all(&stack, &ids).await;
+    assert_eq!(
+        before["concept patients"].as_array().unwrap().len(),
+        2,
+        "A and B have metformin: {}",
+        before["concept patients"]
+    );
+    // As migration 20261130000001 leaves the keys that existed before it.
+    sqlx::query("UPDATE data_keys SET patient_ref_ct = NULL").execute(&stack.db.owner).await.unwrap();
+    assert_eq!(read_all(&stack, &ids).await, before, "the references come from the patients' documents");
+
+    let (keys, actor) = (testing::keys(), Actor::operator("clinflow-api"));
+    let mut progress = Vec::new();
+    let done = rotation::seal_refs(&stack.db.owner, &keys, &actor, 2, |n| progress.push(n)).await.unwrap();
+    assert_eq!((done, progress), (3, vec![2, 3]));
+    assert_eq!(rotation::seal_refs(&stack.db.owner, &keys, &actor, 2, |_| {}).await.unwrap(), 0, "nothing left");
+    let sealed: Vec<(Uuid, Vec<u8>, Vec<u8>)> =
+        sqlx::query_as("SELECT id, patient_index, patient_ref_ct FROM data_keys")
+            .fetch_all(&stack.db.owner)
+            .await
+            .unwrap();
+    for (id, index, ct) in sealed {
+        let patient = keys.open_string(&stack.db.owner, keys::data_key_ref_field(id), &ct).await.unwrap();
+        assert_eq!(documents::patient_index(&testing::index_key(), &patient), index);
+    }
+    // Documents' references no longer needed: the concept endpoints read
+    // only beside the keys.
+    sqlx::query("UPDATE documents SET patient_ref_ct = '\\x00'").execute(&stack.db.owner).await.unwrap();
+    let now = read_concepts(&stack).await;
+    assert_eq!(now["concept patients"], before["concept patients"]);
+    assert_eq!(now["concept documents"], before["concept documents"]);
+
+    let events = async || audited(&stack, "keys.seal_refs").await;
+    wait_until("the sealing audited", Duration::from_secs(30), async || events().await.len() == 2).await;
+    assert_eq!(events().await[0], ("data_keys".into(), "2".into(), None));
     stack.stop().await;
 }

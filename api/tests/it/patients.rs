@@ -105,6 +105,15 @@ async fn clinicians_query_patients_and_concepts_within_their_scope() {
     let (status, docs) = get(&format!("/v1/concepts/{AF}/documents")).await;
     assert_eq!(status, 200, "{docs}");
     assert_eq!(strings(&docs, "id"), BTreeSet::from([ids[0].clone(), ids[1].clone(), ids[3].clone()]));
+    // Each with its date and upload time as its patient's document list
+    // gives them (which reads `documents`; this reads the concept index).
+    for doc in docs["items"].as_array().unwrap() {
+        let patient = doc["patient_ref"].as_str().unwrap();
+        let (_, theirs) = get(&format!("/v1/patients/{patient}/documents")).await;
+        let same = theirs["items"].as_array().unwrap().iter().find(|d| d["id"] == doc["id"]).expect("listed");
+        assert_eq!((&doc["document_date"], &doc["created_at"]), (&same["document_date"], &same["created_at"]));
+        assert!(doc["document_date"].is_string(), "{doc}");
+    }
     // Paged one at a time: patient by patient, each one's newest first.
     let walked = walk_pages(&stack, &doctor, &format!("/v1/concepts/{AF}/documents")).await;
     let (a_newest, a_oldest) = (walked.iter().position(|d| *d == ids[1]), walked.iter().position(|d| *d == ids[0]));
@@ -180,8 +189,9 @@ async fn a_result_from_another_model_replaces_its_documents_concepts() {
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO document_concepts (document_id, patient_index, document_date, model_version, cui, mentions, negated, first_offset)
-         SELECT id, patient_index, document_date, 'model-0', $2, 1, 0, 0 FROM documents WHERE id = $1",
+        "INSERT INTO document_concepts (document_id, patient_index, document_date, created_at, model_version, cui,
+                                        mentions, negated, first_offset)
+         SELECT id, patient_index, document_date, created_at, 'model-0', $2, 1, 0, 0 FROM documents WHERE id = $1",
     )
     .bind(doc)
     .bind(OLD_ONLY)

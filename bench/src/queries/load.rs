@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clinflow::crypto::{DataKey, IndexKey, Keyring, WrappedKey};
-use clinflow::documents;
+use clinflow::{documents, keys};
 use sqlx::postgres::PgPoolCopyExt;
 use sqlx::{AssertSqlSafe, PgPool};
 use time::OffsetDateTime;
@@ -118,8 +118,15 @@ impl Generator {
         Document { id, patient: self.patient_of(j), at }
     }
 
-    fn data_keys(&self, keyring: &Keyring) -> anyhow::Result<Vec<WrappedKey>> {
-        self.keys.iter().zip(&self.indexes).map(|(k, i)| Ok(keyring.wrap(k, i)?)).collect()
+    /// Each patient's wrapped key and reference sealed beside it.
+    fn data_keys(&self, keyring: &Keyring) -> anyhow::Result<Vec<(WrappedKey, Vec<u8>)>> {
+        (0..self.set.patients)
+            .map(|p| {
+                let key = &self.keys[p];
+                let sealed = key.seal_str(keys::data_key_ref_field(key.id()), &Dataset::patient_ref(p))?;
+                Ok((keyring.wrap(key, &self.indexes[p])?, sealed))
+            })
+            .collect()
     }
 
     fn care_team_patients(&self, teams: &[Uuid], patients: Range<usize>) -> Vec<u8> {
@@ -172,7 +179,13 @@ impl Generator {
                 let negated = if rng.below(10) == 0 { mentions } else { 0 };
                 let _ = write!(out, "{}\t{MODEL}\t{}\t", d.id, concept.cui);
                 bytea(&mut out, &self.indexes[d.patient]);
-                let _ = writeln!(out, "\t{mentions}\t{negated}\t{}\t{}", rng.below(NOTE_BYTES as u64), d.at.date());
+                let _ = writeln!(
+                    out,
+                    "\t{mentions}\t{negated}\t{}\t{}\t{}",
+                    rng.below(NOTE_BYTES as u64),
+                    d.at.date(),
+                    ts(d.at)
+                );
             }
         }
         out
@@ -211,16 +224,18 @@ pub async fn load(
     let wrapped = Arc::new(generator.data_keys(keyring)?);
     let chunks = (0..wrapped.len()).step_by(CHUNK).map(move |first| {
         let mut out = Vec::new();
-        for w in &wrapped[first..(first + CHUNK).min(wrapped.len())] {
+        for (w, patient_ref) in &wrapped[first..(first + CHUNK).min(wrapped.len())] {
             write!(out, "{}\t", w.id)?;
             bytea(&mut out, &w.patient_index);
             write!(out, "\t{}\t", w.kek_id)?;
             bytea(&mut out, &w.wrapped);
+            out.push(b'\t');
+            bytea(&mut out, patient_ref);
             out.push(b'\n');
         }
         Ok(out)
     });
-    loads.push(copy_in(db, "data_keys", "(id, patient_index, kek_id, wrapped)", chunks).await?);
+    loads.push(copy_in(db, "data_keys", "(id, patient_index, kek_id, wrapped, patient_ref_ct)", chunks).await?);
 
     let teams: Vec<Uuid> = (0..set.teams).map(|_| Uuid::now_v7()).collect();
     let names: Vec<String> = (0..set.teams).map(|i| format!("bench-team-{i}")).collect();
@@ -249,7 +264,8 @@ pub async fn load(
     let g = Arc::clone(&generator);
     let chunks =
         (0..set.docs).step_by(CHUNK).map(move |first| Ok(g.document_concepts(first..(first + CHUNK).min(g.set.docs))));
-    let columns = "(document_id, model_version, cui, patient_index, mentions, negated, first_offset, document_date)";
+    let columns =
+        "(document_id, model_version, cui, patient_index, mentions, negated, first_offset, document_date, created_at)";
     loads.push(copy_in(db, "document_concepts", columns, chunks).await?);
 
     let all = generator.concepts.all();

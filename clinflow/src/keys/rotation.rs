@@ -10,11 +10,13 @@
 //! - [`migrate_v1`]: ciphertexts of format 1 (sealed directly under the
 //!   master key, before envelope keys) sealed again under their patients'
 //!   data keys, so KEK "1" can be retired.
+//! - [`seal_refs`]: each patient's reference sealed beside their data key,
+//!   for keys from before the concept endpoints read it there.
 
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{KeyError, Keys, break_glass_reason_field};
+use super::{KeyError, Keys, PatientRef, break_glass_reason_field, data_key_ref_field};
 use crate::audit::{Action, Actor, AuditEvent, Outcome};
 use crate::crypto::{CryptoError, DataKey, Envelope, Field, IndexKey, WrappedKey, envelope};
 use crate::documents::{annotations_field, patient_index, patient_ref_field, text_field};
@@ -116,14 +118,14 @@ fn open_with(keys: &Keys, old: &DataKey, field: Field, ct: &[u8]) -> Result<Vec<
 pub async fn reencrypt(db: &PgPool, keys: &Keys, actor: &Actor, old_key: Uuid) -> Result<Reencrypted, KeyError> {
     let mut tx = db.begin().await?;
     sqlx::query!("SET CONSTRAINTS documents_data_key_id_fkey DEFERRED").execute(&mut *tx).await?;
-    let stored = sqlx::query_as!(
-        WrappedKey,
-        "SELECT id, patient_index, kek_id, wrapped FROM data_keys WHERE id = $1 FOR UPDATE",
+    let row = sqlx::query!(
+        "SELECT id, patient_index, kek_id, wrapped, patient_ref_ct FROM data_keys WHERE id = $1 FOR UPDATE",
         old_key
     )
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(CryptoError::UnknownDataKey(old_key))?;
+    let stored = WrappedKey { id: row.id, patient_index: row.patient_index, kek_id: row.kek_id, wrapped: row.wrapped };
     let old = keys.keyring().unwrap(&stored)?;
     let docs = sqlx::query!(
         "SELECT id, patient_ref_ct, text_ct FROM documents WHERE data_key_id = $1 ORDER BY id FOR UPDATE",
@@ -146,26 +148,35 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, actor: &Actor, old_key: Uuid) -
     .fetch_all(&mut *tx)
     .await?;
 
-    sqlx::query!("DELETE FROM data_keys WHERE id = $1", old_key).execute(&mut *tx).await?;
     let new = DataKey::generate();
+    let (mut refs, mut texts) = (Vec::with_capacity(docs.len()), Vec::with_capacity(docs.len()));
+    let mut patient = match &row.patient_ref_ct {
+        Some(ct) => Some(old.open(data_key_ref_field(old_key), ct)?),
+        None => None,
+    };
+    for d in &docs {
+        let reference = open_with(keys, &old, patient_ref_field(d.id), &d.patient_ref_ct)?;
+        refs.push(new.seal(patient_ref_field(d.id), &reference)?);
+        let text = open_with(keys, &old, text_field(d.id), &d.text_ct)?;
+        texts.push(new.seal(text_field(d.id), &text)?);
+        // A key from before references were sealed beside keys gets one.
+        patient.get_or_insert(reference);
+    }
+
+    sqlx::query!("DELETE FROM data_keys WHERE id = $1", old_key).execute(&mut *tx).await?;
     let wrapped = keys.keyring().wrap(&new, &stored.patient_index)?;
+    let patient_ref = patient.map(|p| new.seal(data_key_ref_field(new.id()), &p)).transpose()?;
     sqlx::query!(
-        "INSERT INTO data_keys (id, patient_index, kek_id, wrapped) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO data_keys (id, patient_index, kek_id, wrapped, patient_ref_ct) VALUES ($1, $2, $3, $4, $5)",
         new.id(),
         wrapped.patient_index,
         wrapped.kek_id,
-        wrapped.wrapped
+        wrapped.wrapped,
+        patient_ref,
     )
     .execute(&mut *tx)
     .await?;
 
-    let (mut refs, mut texts) = (Vec::with_capacity(docs.len()), Vec::with_capacity(docs.len()));
-    for d in &docs {
-        let patient = open_with(keys, &old, patient_ref_field(d.id), &d.patient_ref_ct)?;
-        refs.push(new.seal(patient_ref_field(d.id), &patient)?);
-        let text = open_with(keys, &old, text_field(d.id), &d.text_ct)?;
-        texts.push(new.seal(text_field(d.id), &text)?);
-    }
     sqlx::query!(
         "UPDATE documents d SET data_key_id = $1, patient_ref_ct = u.p, text_ct = u.t
          FROM UNNEST($2::uuid[], $3::bytea[], $4::bytea[]) AS u(id, p, t) WHERE d.id = u.id",
@@ -199,6 +210,68 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, actor: &Actor, old_key: Uuid) -
     tx.commit().await?;
     keys.forget(old_key);
     Ok(Reencrypted { old_key, new_key: new.id(), documents: docs.len(), results: results.len(), grants: grants.len() })
+}
+
+/// Seals each patient's reference beside their data key where the key is
+/// from before that (migration 20261130000001), opened from one of their
+/// documents; `batch` keys per transaction, `progress(done)` after each.
+/// Resumable: it selects what is left. A key of a patient with no document
+/// (known only by a break-glass grant) stays without: nothing holds the
+/// reference, and no concept endpoint lists such a patient.
+pub async fn seal_refs(
+    db: &PgPool,
+    keys: &Keys,
+    actor: &Actor,
+    batch: i64,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, KeyError> {
+    let (mut done, mut after) = (0_u64, Uuid::nil());
+    loop {
+        let mut tx = db.begin().await?;
+        let rows = sqlx::query!(
+            r#"SELECT k.id, k.patient_index, k.kek_id, k.wrapped, d.id AS "document_id!", d.patient_ref_ct
+               FROM data_keys k
+               CROSS JOIN LATERAL (SELECT id, patient_ref_ct FROM documents
+                                   WHERE data_key_id = k.id ORDER BY id LIMIT 1) d
+               WHERE k.patient_ref_ct IS NULL AND k.id > $1
+               ORDER BY k.id LIMIT $2 FOR NO KEY UPDATE OF k"#,
+            after,
+            batch
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(done);
+        };
+        after = last.id;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut sealed = Vec::with_capacity(rows.len());
+        for r in rows {
+            let key = keys.unwrap(&WrappedKey {
+                id: r.id,
+                patient_index: r.patient_index,
+                kek_id: r.kek_id,
+                wrapped: r.wrapped,
+            })?;
+            let reference = key.open(patient_ref_field(r.document_id), &r.patient_ref_ct)?;
+            sealed.push(key.seal(data_key_ref_field(r.id), &reference)?);
+            ids.push(r.id);
+        }
+        sqlx::query!(
+            "UPDATE data_keys k SET patient_ref_ct = u.ct FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, ct)
+             WHERE k.id = u.id",
+            &ids,
+            &sealed,
+        )
+        .execute(&mut *tx)
+        .await?;
+        let event = AuditEvent::new(Action::KeysSealRefs, actor.clone(), Outcome::Success)
+            .resource("data_keys", &ids.len().to_string());
+        audit(&mut tx, event).await?;
+        tx.commit().await?;
+        done += ids.len() as u64;
+        progress(done);
+    }
 }
 
 /// Every data key id, oldest first, created before `before` (for
@@ -278,8 +351,8 @@ pub async fn migrate_v1(
             let text = ring.open_v1(text_field(d.id), &d.text_ct)?;
             plain.push((d.id, patient_index(index_key, &patient), patient, text));
         }
-        let indexes: Vec<&[u8]> = plain.iter().map(|p| p.1.as_slice()).collect();
-        let data_keys = keys.for_patients(&mut tx, &indexes).await?;
+        let patients: Vec<PatientRef> = plain.iter().map(|p| PatientRef::new(&p.1, &p.2)).collect();
+        let data_keys = keys.for_patients(&mut tx, &patients).await?;
         let key_of = |index: &[u8]| data_keys.get(index).ok_or(CryptoError::UnknownDataKey(Uuid::nil()));
         let ids: Vec<Uuid> = plain.iter().map(|p| p.0).collect();
         let (mut key_ids, mut pidx, mut refs, mut texts) = (vec![], vec![], vec![], vec![]);
@@ -347,8 +420,11 @@ async fn migrate_v1_reasons(db: &PgPool, keys: &Keys, actor: &Actor) -> Result<u
     if grants.is_empty() {
         return Ok(0);
     }
-    let indexes: Vec<&[u8]> = grants.iter().map(|g| g.patient_index.as_slice()).collect();
-    let data_keys = keys.for_patients(&mut tx, &indexes).await?;
+    // A patient known only by a grant (no document): their key holds no
+    // reference; the grant never had it in clear.
+    let patients: Vec<PatientRef> =
+        grants.iter().map(|g| PatientRef { index: &g.patient_index, reference: None }).collect();
+    let data_keys = keys.for_patients(&mut tx, &patients).await?;
     let mut sealed = Vec::with_capacity(grants.len());
     for g in &grants {
         let reason = keys.keyring().open_v1(break_glass_reason_field(g.id), &g.reason_ct)?;

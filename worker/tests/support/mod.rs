@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use backon::ExponentialBuilder;
 use clinflow::amqp::{Lane, Publisher, Topology};
 use clinflow::documents::{self, NewDocument};
-use clinflow::keys::Keys;
+use clinflow::keys::{Keys, PatientRef};
 use clinflow::link::LinkState;
 use clinflow::testing::{self, TestDb};
 use clinflow_worker::medcat::MedcatClient;
@@ -157,7 +157,7 @@ impl Setup {
         for text in texts {
             let id = Uuid::now_v7();
             let mut conn = self.db.api.acquire().await.unwrap();
-            let key = keys.for_patient(&mut conn, &patient_index).await.unwrap();
+            let key = keys.for_patient(&mut conn, PatientRef::new(&patient_index, "PAT-1")).await.unwrap();
             let doc = NewDocument {
                 id,
                 data_key_id: key.id(),
