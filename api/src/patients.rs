@@ -373,8 +373,9 @@ async fn concept_patients(
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
     for r in rows {
-        let patient_ref =
-            refs.remove(&r.patient_index).ok_or_else(|| anyhow::anyhow!("a patient without reference"))?;
+        let patient_ref = refs
+            .remove(&r.patient_index)
+            .ok_or_else(|| anyhow::anyhow!("a listed patient has no reference (erased meanwhile?)"))?;
         items.push(ConceptPatient {
             patient_ref,
             documents: r.documents,
@@ -462,8 +463,10 @@ async fn concept_documents(
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
     for r in rows {
-        let patient_ref =
-            refs.get(&r.patient_index).cloned().ok_or_else(|| anyhow::anyhow!("a patient without reference"))?;
+        let patient_ref = refs
+            .get(&r.patient_index)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("a listed patient has no reference (erased meanwhile?)"))?;
         last = Some((r.patient_index, r.id));
         items.push(ConceptDocument {
             id: r.id,

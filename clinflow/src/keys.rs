@@ -176,8 +176,9 @@ impl Keys {
 
     /// The references of these patients (by blind index), opened: from
     /// beside their data keys, or, for a key from before they were sealed
-    /// there (until `keys seal-refs`), from one of their documents. A patient
-    /// with neither is absent.
+    /// there (until `keys seal-refs`) or a patient whose documents are all of
+    /// format 1, from one of their documents. A patient with neither (erased
+    /// meanwhile) is absent.
     pub async fn patient_refs(&self, db: &PgPool, indexes: &[&[u8]]) -> Result<HashMap<Vec<u8>, String>, KeyError> {
         let rows = sqlx::query!(
             "SELECT id, patient_index, kek_id, wrapped, patient_ref_ct FROM data_keys WHERE patient_index = ANY($1)",
@@ -186,22 +187,20 @@ impl Keys {
         .fetch_all(db)
         .await?;
         let mut refs = HashMap::with_capacity(rows.len());
-        let mut unsealed = Vec::new();
         for r in rows {
-            let Some(sealed) = r.patient_ref_ct else {
-                unsealed.push(r.patient_index);
-                continue;
-            };
+            let Some(sealed) = r.patient_ref_ct else { continue };
             let stored = WrappedKey { id: r.id, patient_index: r.patient_index, kek_id: r.kek_id, wrapped: r.wrapped };
             let key = self.unwrap(&stored)?;
             let reference = key.open(data_key_ref_field(r.id), &sealed)?;
             refs.insert(stored.patient_index, String::from_utf8(reference).map_err(|_| CryptoError::Malformed)?);
         }
+        // Keys from before, and documents from before data keys (format 1).
+        let unsealed: Vec<&[u8]> = indexes.iter().copied().filter(|i| !refs.contains_key(*i)).collect();
         if !unsealed.is_empty() {
             let docs = sqlx::query!(
                 r#"SELECT DISTINCT ON (patient_index) patient_index AS "patient_index!", id, patient_ref_ct
                    FROM documents WHERE patient_index = ANY($1) ORDER BY patient_index, id"#,
-                &unsealed,
+                &unsealed as &[&[u8]],
             )
             .fetch_all(db)
             .await?;

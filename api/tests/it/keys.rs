@@ -363,9 +363,22 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
     .execute(&stack.db.owner)
     .await
     .unwrap();
+    sqlx::query(
+        "INSERT INTO document_concepts (document_id, patient_index, created_at, model_version, cui,
+                                        mentions, negated, first_offset)
+         VALUES ($1, $2, now(), 'old-model', $3, 1, 0, 8)",
+    )
+    .bind(id)
+    .bind(&index)
+    .bind(METFORMIN)
+    .execute(&stack.db.owner)
+    .await
+    .unwrap();
     let ids = [id.to_string()];
     let before = read_all(&stack, &ids).await;
     assert_eq!(before[&ids[0]], json!(["KEYS-PAT-V1", "old-model", annotations]));
+    // No data key yet: the concept endpoints open the document's reference.
+    assert_eq!(before["concept documents"][0]["patient_ref"], "KEYS-PAT-V1", "{before:?}");
 
     let (keys, index_key, actor) = (testing::keys(), testing::index_key(), Actor::operator("t"));
     let moved = rotation::migrate_v1(&stack.db.owner, &keys, &index_key, &actor, 10, |_| {}).await.unwrap();
@@ -378,6 +391,13 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
             .unwrap();
     let key = key.expect("a data key now");
     assert_eq!(rotation::key_of_patient(&stack.db.owner, &index).await.unwrap(), Some(key));
+    let beside: Option<Vec<u8>> = sqlx::query_scalar("SELECT patient_ref_ct FROM data_keys WHERE id = $1")
+        .bind(key)
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    let beside = beside.expect("the reference sealed beside the new key");
+    assert_eq!(keys.open_string(&stack.db.owner, keys::data_key_ref_field(key), &beside).await.unwrap(), "KEYS-PAT-V1");
     let a: Vec<u8> = sqlx::query_scalar("SELECT annotations_ct FROM document_results WHERE document_id = $1")
         .bind(id)
         .fetch_one(&stack.db.owner)
