@@ -12,8 +12,9 @@
 -- 1. A patient's reference is sealed once more, beside their data key, under
 --    that key (field `data_keys`/`patient_ref`/{key id}): the concept
 --    endpoints open one per patient of the page, from the table they read
---    for the key anyway (100 bytes a patient, where `documents` has a 1.1 KB
---    row a note). Keys created before this migration hold none until
+--    for the key anyway (a row of about 215 bytes a patient, where a
+--    `documents` row carries the sealed note: 1.1 KB in the benchmark).
+--    Keys created before this migration hold none until
 --    `clinflow-api keys seal-refs`; until then the readers open the
 --    reference of one of the patient's documents. Erasure and re-encryption
 --    deal with it with the key (it is shredded with it).
