@@ -247,7 +247,8 @@ pub async fn seal_refs(
         let mut ids = Vec::with_capacity(rows.len());
         let mut sealed = Vec::with_capacity(rows.len());
         for r in rows {
-            let key = keys.unwrap(&WrappedKey {
+            // Not through the process's cache: each key is used once here.
+            let key = keys.keyring().unwrap(&WrappedKey {
                 id: r.id,
                 patient_index: r.patient_index,
                 kek_id: r.kek_id,
