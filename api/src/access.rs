@@ -1,123 +1,148 @@
-//! Deny by default, at the router: every endpoint is declared here with the
-//! roles allowed to call it (or [`Access::Public`]), and the router is built
-//! from these declarations only, so a route cannot exist without one. One
-//! guard authenticates the caller and checks the role before any handler
-//! runs; a refusal is audited with the endpoint's action. Handlers get the
-//! caller as [`AuthUser`], which only the guard can provide.
-//!
-//! docs/access-control.md is the same matrix for people; a test holds the two
-//! equal and walks every route with every role.
+//! The route table: every operation of the api, declared once. Each line
+//! names the handler, whose `#[utoipa::path]` gives its method, path and
+//! OpenAPI description (utoipa-axum's `routes!`), and beside it who may
+//! call it. The router, the OpenAPI document (`openapi::spec`) and the
+//! matrix in docs/access-control.md (held equal by a test) all come from
+//! [`endpoints`]; a route cannot exist without its access rule, and every
+//! protected one runs behind the guard (deny by default).
 
 use axum::Router;
-use axum::extract::{FromRequestParts, RawPathParams, Request, State};
-use axum::handler::Handler;
+use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodFilter, MethodRouter, on};
-use clinflow::audit::{Action, Outcome};
-use uuid::Uuid;
+use clinflow::audit::Action;
+use utoipa::openapi::path::PathItem;
+use utoipa_axum::router::UtoipaMethodRouter;
+use utoipa_axum::routes;
 
-use crate::AppState;
-use crate::auth;
+pub use crate::guard::Access;
+use crate::state::AppState;
 use crate::users::Role;
+use crate::{admin, audit_api, batch, care, docs, documents, guard, health, login, ops, patients};
 
-/// Who may call an endpoint.
-#[derive(Debug, Clone, Copy)]
-pub enum Access {
-    /// Anyone, without credentials (login, health).
-    Public,
-    /// An authenticated user holding one of these roles. A refusal is
-    /// audited as `action`, with the `{id}` path parameter as a resource of
-    /// kind `resource` when there is one.
-    Roles { roles: &'static [Role], action: Action, resource: Option<&'static str> },
+const ANY_USER: &[Role] = &[Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor];
+/// Admin manages accounts and sees no PHI; ops and auditors see none either.
+const UPLOADERS: &[Role] = &[Role::Ingest, Role::Clinician];
+const BATCH_UPLOADERS: &[Role] = &[Role::Ingest];
+/// Status reads carry no PHI: not audited. Ingest and clinician accounts see
+/// the documents they uploaded; ops and admin see all.
+const STATUS_READERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Ops, Role::Admin];
+/// Clinicians, within their care teams or under break-glass.
+const CLINICIANS: &[Role] = &[Role::Clinician];
+const ADMINS: &[Role] = &[Role::Admin];
+const OPERATORS: &[Role] = &[Role::Ops];
+const AUDITORS: &[Role] = &[Role::Auditor];
+
+/// Every endpoint of the api.
+pub fn endpoints() -> Vec<Endpoint> {
+    use Access as A;
+    use Action as Do;
+    let public = || A::Public;
+    let admin_read = || A::roles(ADMINS, Do::AdminRead);
+    let admin_user = || A::on(ADMINS, Do::AdminUser, "user");
+    let admin_team = || A::on(ADMINS, Do::AdminTeam, "care_team");
+    vec![
+        Endpoint::new(public(), routes!(login::login)),
+        Endpoint::new(A::roles(ANY_USER, Do::Logout), routes!(login::logout)),
+        // Documents
+        Endpoint::new(A::roles(UPLOADERS, Do::DocumentUpload), routes!(documents::upload)),
+        Endpoint::new(A::roles(STATUS_READERS, Do::DocumentStatus), routes!(documents::statuses)),
+        Endpoint::new(A::on(CLINICIANS, Do::DocumentRead, "document"), routes!(documents::read)),
+        Endpoint::new(A::on(STATUS_READERS, Do::DocumentStatus, "document"), routes!(documents::status)),
+        Endpoint::new(A::roles(BATCH_UPLOADERS, Do::DocumentUpload), routes!(batch::upload_batch)),
+        // Clinicians
+        Endpoint::new(A::roles(CLINICIANS, Do::BreakGlass), routes!(care::break_glass)),
+        Endpoint::new(A::roles(CLINICIANS, Do::PatientRead), routes!(patients::reads::patient_documents)),
+        Endpoint::new(A::roles(CLINICIANS, Do::PatientRead), routes!(patients::reads::patient_concepts)),
+        Endpoint::new(A::roles(CLINICIANS, Do::ConceptRead), routes!(patients::concepts::concept_patients)),
+        Endpoint::new(A::roles(CLINICIANS, Do::ConceptRead), routes!(patients::concepts::concept_documents)),
+        Endpoint::new(A::roles(&[Role::Clinician, Role::Admin], Do::PatientExport), routes!(patients::fhir::export)),
+        Endpoint::new(A::roles(ADMINS, Do::PatientErase), routes!(patients::erasure::erase)),
+        // Administration
+        Endpoint::new(admin_read(), routes!(admin::users::list_users)),
+        Endpoint::new(A::roles(ADMINS, Do::AdminUser), routes!(admin::users::create_user)),
+        Endpoint::new(admin_user(), routes!(admin::users::update_user)),
+        Endpoint::new(admin_user(), routes!(admin::users::reset_password)),
+        Endpoint::new(A::on(ADMINS, Do::AdminRead, "user"), routes!(admin::users::sessions)),
+        Endpoint::new(A::on(ADMINS, Do::AdminSessionsRevoke, "user"), routes!(admin::users::revoke_sessions)),
+        Endpoint::new(A::roles(ADMINS, Do::AdminUser), routes!(admin::service_accounts::create_service_account)),
+        Endpoint::new(A::on(ADMINS, Do::AdminRead, "user"), routes!(admin::service_accounts::api_keys)),
+        Endpoint::new(A::on(ADMINS, Do::AdminApiKey, "user"), routes!(admin::service_accounts::create_api_key)),
+        Endpoint::new(A::on(ADMINS, Do::AdminApiKey, "api_key"), routes!(admin::service_accounts::revoke_api_key)),
+        Endpoint::new(admin_read(), routes!(admin::teams::list_teams)),
+        Endpoint::new(A::roles(ADMINS, Do::AdminTeam), routes!(admin::teams::create_team)),
+        Endpoint::new(admin_team(), routes!(admin::teams::add_member)),
+        Endpoint::new(admin_team(), routes!(admin::teams::remove_member)),
+        Endpoint::new(admin_team(), routes!(admin::teams::add_patient)),
+        Endpoint::new(admin_team(), routes!(admin::teams::remove_patient)),
+        Endpoint::new(admin_read(), routes!(admin::break_glass::break_glass_grants)),
+        // Operations and audit
+        Endpoint::new(A::roles(OPERATORS, Do::DeadLettersList), routes!(ops::list)),
+        Endpoint::new(A::roles(OPERATORS, Do::DeadLettersReplay), routes!(ops::replay)),
+        Endpoint::new(A::roles(OPERATORS, Do::Reprocess), routes!(ops::reprocess)),
+        Endpoint::new(A::roles(AUDITORS, Do::AuditRead), routes!(audit_api::events)),
+        Endpoint::new(A::roles(AUDITORS, Do::AuditVerify), routes!(audit_api::verify)),
+        // Public: health and this description
+        Endpoint::new(public(), routes!(health::live)),
+        Endpoint::new(public(), routes!(health::ready)),
+        Endpoint::new(public(), routes!(docs::openapi_json)),
+        Endpoint::new(public(), routes!(docs::docs)),
+    ]
 }
 
-impl Access {
-    pub const fn roles(roles: &'static [Role], action: Action) -> Self {
-        Self::Roles { roles, action, resource: None }
-    }
-
-    /// As [`roles`](Self::roles); the `{id}` in the path names a `resource`.
-    pub const fn on(roles: &'static [Role], action: Action, resource: &'static str) -> Self {
-        Self::Roles { roles, action, resource: Some(resource) }
-    }
-
-    pub fn allows(&self, role: Role) -> bool {
-        match self {
-            Self::Public => true,
-            Self::Roles { roles, .. } => roles.contains(&role),
-        }
-    }
-}
-
-/// One route: method, path template, who may call it, and its handler.
+/// One operation: its method and path (from its `#[utoipa::path]`), who may
+/// call it, and its handler with its part of the OpenAPI document.
 pub struct Endpoint {
     pub method: Method,
     pub path: &'static str,
     pub access: Access,
-    handler: MethodRouter<AppState>,
+    pub(crate) route: UtoipaMethodRouter<AppState>,
 }
 
 impl Endpoint {
-    pub fn new<H, T>(method: Method, path: &'static str, access: Access, handler: H) -> Self
-    where
-        H: Handler<T, AppState>,
-        T: 'static,
-    {
-        let filter = MethodFilter::try_from(method.clone()).unwrap_or_else(|_| panic!("no method filter for {method}"));
-        Self { method, path, access, handler: on(filter, handler) }
+    /// `route` is `routes!(handler)` of one handler with one method.
+    fn new(access: Access, route: UtoipaMethodRouter<AppState>) -> Self {
+        let mut operations = route.1.paths.iter();
+        let (Some((path, item)), None) = (operations.next(), operations.next()) else {
+            panic!("an endpoint is one handler on one path")
+        };
+        let method = method_of(item).unwrap_or_else(|| panic!("{path}: an endpoint is one method"));
+        // A route template, as static as the attribute it comes from. The
+        // table is built a few times per process (router, OpenAPI
+        // document), never per request: what this keeps is bounded.
+        let path = String::leak(path.clone());
+        Self { method, path, access, route }
     }
 }
 
-/// Every endpoint of the api.
-pub fn endpoints() -> Vec<Endpoint> {
-    let mut all = Vec::new();
-    all.extend(auth::endpoints());
-    all.extend(crate::documents::endpoints());
-    all.extend(crate::batch::endpoints());
-    all.extend(crate::care::endpoints());
-    all.extend(crate::patients::endpoints());
-    all.extend(crate::admin::endpoints());
-    all.extend(crate::ops::endpoints());
-    all.extend(crate::audit_api::endpoints());
-    all.extend(crate::health_endpoints());
-    all.extend(crate::openapi::endpoints());
-    all
+/// The method of a path item with exactly one operation.
+fn method_of(item: &PathItem) -> Option<Method> {
+    let methods = [
+        (Method::GET, item.get.is_some()),
+        (Method::POST, item.post.is_some()),
+        (Method::PUT, item.put.is_some()),
+        (Method::PATCH, item.patch.is_some()),
+        (Method::DELETE, item.delete.is_some()),
+        (Method::HEAD, item.head.is_some()),
+        (Method::OPTIONS, item.options.is_some()),
+        (Method::TRACE, item.trace.is_some()),
+    ];
+    let mut present = methods.into_iter().filter(|(_, present)| *present).map(|(m, _)| m);
+    match (present.next(), present.next()) {
+        (Some(method), None) => Some(method),
+        _ => None,
+    }
 }
 
-/// The router of [`endpoints`], each behind its guard.
+/// The router of [`endpoints`], each behind the guard.
 pub fn router(state: &AppState) -> Router<AppState> {
     endpoints().into_iter().fold(Router::new(), |router, e| {
         let access = e.access;
         let guard =
             middleware::from_fn_with_state(state.clone(), move |s: State<AppState>, req: Request, next: Next| {
-                guard(s, access, req, next)
+                guard::guard(s, access, req, next)
             });
-        router.route(e.path, e.handler.layer(guard))
+        let (_, _, handler) = e.route;
+        router.route(e.path, handler.layer(guard))
     })
-}
-
-async fn guard(State(state): State<AppState>, access: Access, req: Request, next: Next) -> Response {
-    let Access::Roles { roles, action, resource } = access else { return next.run(req).await };
-    let (mut parts, body) = req.into_parts();
-    let user = match auth::authenticate(&mut parts, &state).await {
-        Ok(user) => user,
-        Err(e) => return e.into_response(),
-    };
-    if !roles.contains(&user.role) {
-        let mut event = user.event(action, Outcome::Denied).reason("role_forbidden");
-        if let Some(kind) = resource
-            && let Ok(params) = RawPathParams::from_request_parts(&mut parts, &state).await
-            && let Some((_, id)) = params.iter().find(|(name, _)| *name == "id")
-            && let Ok(id) = id.parse::<Uuid>()
-        {
-            event = event.resource(kind, &id.to_string());
-        }
-        metrics::counter!("clinflow_api_forbidden_total", "reason" => "role_forbidden").increment(1);
-        state.audit_denial(event).await;
-        return crate::error::ApiError::Forbidden.into_response();
-    }
-    parts.extensions.insert(user);
-    next.run(Request::from_parts(parts, body)).await
 }

@@ -6,7 +6,6 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::Method;
 use clinflow::audit::{Action, Outcome};
 use clinflow::chain::{self, ChainError};
 use clinflow::checkpoint;
@@ -15,25 +14,12 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::AppState;
-use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, QueryParams};
+use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::users::Role;
+use crate::extract::QueryParams;
+use crate::state::AppState;
 
-const AUDITORS: &[Role] = &[Role::Auditor];
 const MAX_PAGE: i64 = 1_000;
-
-#[derive(utoipa::OpenApi)]
-#[openapi(paths(events, verify))]
-pub(crate) struct Doc;
-
-pub fn endpoints() -> Vec<Endpoint> {
-    vec![
-        Endpoint::new(Method::GET, "/v1/audit/events", Access::roles(AUDITORS, Action::AuditRead), events),
-        Endpoint::new(Method::POST, "/v1/audit/verify", Access::roles(AUDITORS, Action::AuditVerify), verify),
-    ]
-}
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -102,7 +88,8 @@ pub struct StoredEvent {
         (status = 503, description = "- `unavailable`: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`)", body = ErrorBody),
     ),
 )]
-async fn events(
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn events(
     State(state): State<AppState>,
     user: AuthUser,
     QueryParams(q): QueryParams<EventQuery>,
@@ -195,7 +182,8 @@ pub struct Verified {
         (status = 503, description = "- `unavailable`: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`) or no `AUDIT_HMAC_KEY`", body = ErrorBody),
     ),
 )]
-async fn verify(State(state): State<AppState>, user: AuthUser) -> Result<Json<Verified>, ApiError> {
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn verify(State(state): State<AppState>, user: AuthUser) -> Result<Json<Verified>, ApiError> {
     let db = audit_db(&state)?;
     let Some(key) = &state.audit_key else {
         return Err(ApiError::Unavailable("audit verification (AUDIT_HMAC_KEY is not set for the api)"));

@@ -9,7 +9,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use clinflow::amqp::Lane;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted};
@@ -19,25 +19,18 @@ use clinflow::wire::{BATCH_PATH, BatchResponse, ErrorBody, LineOutcome, UploadRe
 use futures_util::StreamExt;
 use uuid::Uuid;
 
-use crate::AppState;
-use crate::access::{Access, Endpoint};
 use crate::auth::AuthUser;
-use crate::care;
-use crate::documents::{ValidUpload, check_care_team, seal, validate};
-use crate::error::{ApiError, describe_json_error};
-use crate::users::Role;
+use crate::scope;
+use crate::seal::seal;
+use crate::state::AppState;
+use crate::validate::{ValidUpload, check_care_team, validate};
 
-const BATCH_UPLOADERS: &[Role] = &[Role::Ingest];
+use crate::error::{ApiError, describe_json_error};
+/// The limits this endpoint applies (`BATCH_MAX_LINES`, `BATCH_MAX_BYTES`).
+pub use crate::state::BatchLimits;
+
 /// Documents per transaction.
 const CHUNK: usize = 500;
-
-#[derive(utoipa::OpenApi)]
-#[openapi(paths(upload_batch))]
-pub(crate) struct Doc;
-
-pub fn endpoints() -> Vec<Endpoint> {
-    vec![Endpoint::new(Method::POST, BATCH_PATH, Access::roles(BATCH_UPLOADERS, Action::DocumentUpload), upload_batch)]
-}
 
 /// A valid line, not yet sealed (its patient's data key is fetched or
 /// created with the chunk's transaction).
@@ -46,22 +39,6 @@ struct Pending {
     id: Uuid,
     patient_index: Vec<u8>,
     upload: ValidUpload,
-}
-
-/// Limits of one batch request (`BATCH_MAX_LINES`, `BATCH_MAX_BYTES`).
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
-    pub max_lines: usize,
-    pub max_bytes: usize,
-    /// Longest line kept: by default the largest single upload (text plus
-    /// JSON overhead).
-    pub max_line_bytes: usize,
-}
-
-impl Default for BatchLimits {
-    fn default() -> Self {
-        Self { max_lines: 10_000, max_bytes: 64 * 1024 * 1024, max_line_bytes: 2 * crate::documents::MAX_TEXT_BYTES }
-    }
 }
 
 /// Upload many notes as NDJSON: one `UploadRequest` object per line, read
@@ -90,7 +67,7 @@ impl Default for BatchLimits {
     ),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, lines))]
-async fn upload_batch(
+pub(crate) async fn upload_batch(
     State(state): State<AppState>,
     user: AuthUser,
     headers: HeaderMap,
@@ -160,7 +137,7 @@ async fn store(
     let mut names: Vec<String> = pending.iter().filter_map(|p| p.upload.care_team.clone()).collect();
     names.sort_unstable();
     names.dedup();
-    let teams = care::team_ids(&mut *tx, &names).await?;
+    let teams = scope::team_ids(&mut *tx, &names).await?;
     let patients: Vec<PatientRef> =
         pending.iter().map(|p| PatientRef::new(&p.patient_index, &p.upload.patient_ref)).collect();
     let keys = state.keys.for_patients(&mut tx, &patients).await?;
@@ -200,7 +177,7 @@ async fn store(
         }
     }
     outbox::enqueue(&mut tx, &messages).await?;
-    care::add_patients(&mut tx, &memberships).await?;
+    scope::add_patients(&mut tx, &memberships).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(())

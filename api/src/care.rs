@@ -1,111 +1,26 @@
-//! Care-team scope and break-glass.
-//!
-//! A clinician reads the patients of the care teams they belong to. Outside
-//! them, `POST /v1/break-glass` (patient reference, a reason, and their
-//! password again) grants one patient for `BREAK_GLASS_MINUTES`; every read
-//! under a grant says so on the audit trail. Patients are held by their blind
-//! index (`clinflow::documents::patient_index`), never in clear.
-
-use std::collections::HashMap;
+//! Break-glass: a clinician reads the patients of their care teams
+//! (`scope`). Outside them, `POST /v1/break-glass` (patient reference, a
+//! reason, and their password again) grants one patient for
+//! `BREAK_GLASS_MINUTES`; every read under a grant says so on the audit
+//! trail.
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
-use clinflow::crypto::Field;
-use clinflow::keys::PatientRef;
+use clinflow::keys::{PatientRef, break_glass_reason_field};
 use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::AppState;
-use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, JsonBody};
+use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::users::Role;
+use crate::extract::JsonBody;
+use crate::state::{AppState, audit_in};
+use crate::validate::valid_patient_ref;
 
-#[derive(utoipa::OpenApi)]
-#[openapi(paths(break_glass))]
-pub(crate) struct Doc;
-
-pub fn endpoints() -> Vec<Endpoint> {
-    vec![Endpoint::new(
-        Method::POST,
-        "/v1/break-glass",
-        Access::roles(&[Role::Clinician], Action::BreakGlass),
-        break_glass,
-    )]
-}
-
-/// Why a clinician may read a patient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
-    CareTeam,
-    BreakGlass(Uuid),
-}
-
-impl Grant {
-    /// The audit `reason` of a read under this grant: reads under
-    /// break-glass are marked with their grant.
-    pub fn audit_reason(self) -> Option<String> {
-        match self {
-            Grant::CareTeam => None,
-            Grant::BreakGlass(id) => Some(format!("break_glass:{id}")),
-        }
-    }
-}
-
-/// Whether `user` may read the patient with this blind index: through a care
-/// team, else through a live break-glass grant.
-pub async fn patient_grant(
-    db: impl PgExecutor<'_>,
-    user: Uuid,
-    patient_index: &[u8],
-) -> Result<Option<Grant>, sqlx::Error> {
-    let row = sqlx::query!(
-        r#"SELECT EXISTS (SELECT 1 FROM care_team_members m
-                          JOIN care_team_patients p ON p.team_id = m.team_id
-                          WHERE m.user_id = $1 AND p.patient_index = $2) AS "team!",
-                  (SELECT id FROM break_glass_grants
-                   WHERE user_id = $1 AND patient_index = $2 AND expires_at > now()
-                   ORDER BY expires_at DESC LIMIT 1) AS glass"#,
-        user,
-        patient_index,
-    )
-    .fetch_one(db)
-    .await?;
-    Ok(if row.team { Some(Grant::CareTeam) } else { row.glass.map(Grant::BreakGlass) })
-}
-
-/// The ids of these care teams, by name.
-pub async fn team_ids(db: impl PgExecutor<'_>, names: &[String]) -> Result<HashMap<String, Uuid>, sqlx::Error> {
-    if names.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows = sqlx::query!("SELECT id, name FROM care_teams WHERE name = ANY($1)", names).fetch_all(db).await?;
-    Ok(rows.into_iter().map(|r| (r.name, r.id)).collect())
-}
-
-/// Puts patients (blind indexes) in teams; pairs already there are kept.
-pub async fn add_patients(conn: &mut PgConnection, pairs: &[(Uuid, Vec<u8>)]) -> Result<(), sqlx::Error> {
-    if pairs.is_empty() {
-        return Ok(());
-    }
-    let (teams, patients): (Vec<Uuid>, Vec<Vec<u8>>) = pairs.iter().cloned().unzip();
-    sqlx::query!(
-        "INSERT INTO care_team_patients (team_id, patient_index)
-         SELECT * FROM UNNEST($1::uuid[], $2::bytea[]) ON CONFLICT DO NOTHING",
-        &teams,
-        &patients,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-pub const MIN_REASON_CHARS: usize = 10;
+const MIN_REASON_CHARS: usize = 10;
 const MAX_REASON_CHARS: usize = 1000;
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -126,10 +41,6 @@ pub struct BreakGlassResponse {
     pub expires_at: OffsetDateTime,
 }
 
-pub fn reason_field(id: Uuid) -> Field {
-    clinflow::keys::break_glass_reason_field(id)
-}
-
 /// Break the glass: read one patient outside the caller's care teams for
 /// `BREAK_GLASS_MINUTES` (60 by default).
 ///
@@ -147,12 +58,13 @@ pub fn reason_field(id: Uuid) -> Field {
         (status = 503, description = "- `login_busy`: too many password checks waiting; retry after `Retry-After`", body = ErrorBody),
     ),
 )]
-async fn break_glass(
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn break_glass(
     State(state): State<AppState>,
     user: AuthUser,
     JsonBody(req): JsonBody<BreakGlassRequest>,
 ) -> Result<(StatusCode, Json<BreakGlassResponse>), ApiError> {
-    let patient_ref = crate::documents::valid_patient_ref(&req.patient_ref)?;
+    let patient_ref = valid_patient_ref(&req.patient_ref)?;
     let reason = req.reason.trim();
     if reason.chars().count() < MIN_REASON_CHARS || reason.chars().count() > MAX_REASON_CHARS {
         return Err(ApiError::invalid(
@@ -176,7 +88,7 @@ async fn break_glass(
     // The reason is free text about the patient: sealed under their data
     // key (created here if they have none yet), shredded with it.
     let key = state.keys.for_patient(&mut tx, PatientRef::new(&patient_index, &patient_ref)).await?;
-    let reason_ct = key.seal_str(reason_field(id), reason).map_err(anyhow::Error::new)?;
+    let reason_ct = key.seal_str(break_glass_reason_field(id), reason).map_err(anyhow::Error::new)?;
     let expires_at = sqlx::query_scalar!(
         "INSERT INTO break_glass_grants (id, user_id, patient_index, reason_ct, expires_at)
          VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) RETURNING expires_at",
@@ -188,7 +100,7 @@ async fn break_glass(
     )
     .fetch_one(&mut *tx)
     .await?;
-    crate::audit_in(&mut tx, &[event]).await?;
+    audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.relay.wake();
     metrics::counter!("clinflow_break_glass_grants_total").increment(1);

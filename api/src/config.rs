@@ -12,8 +12,8 @@ pub struct ApiConfig {
     pub keyring: clinflow::crypto::Keyring,
     pub jwt_secret: SecretBox<Vec<u8>>,
     pub index_key: SecretBox<Vec<u8>>,
-    pub limits: crate::UploadLimits,
-    pub batch_limits: crate::batch::BatchLimits,
+    pub limits: crate::state::UploadLimits,
+    pub batch_limits: crate::state::BatchLimits,
     /// How long an Idempotency-Key is remembered.
     pub idempotency_retention: std::time::Duration,
     pub audit_key: Option<SecretBox<Vec<u8>>>,
@@ -21,7 +21,7 @@ pub struct ApiConfig {
     /// Refusals audited one by one per source address and minute.
     pub denials_per_minute: u32,
     pub audit_checkpoints: Option<std::path::PathBuf>,
-    pub lockout: crate::auth::LockoutPolicy,
+    pub lockout: crate::lockout::LockoutPolicy,
     /// Login attempts per source address and minute.
     pub logins_per_minute: u32,
     /// Password checks that may wait for a core before logins are shed.
@@ -40,13 +40,13 @@ impl ApiConfig {
             keyring: config::master_keys()?,
             jwt_secret: config::secret_bytes("JWT_SECRET")?,
             index_key: config::secret_bytes("CLINFLOW_INDEX_KEY")?,
-            limits: crate::UploadLimits {
-                max_outbox: count("UPLOAD_MAX_OUTBOX", crate::UploadLimits::default().max_outbox)?,
-                max_queued: count("UPLOAD_MAX_QUEUED", crate::UploadLimits::default().max_queued)?,
+            limits: crate::state::UploadLimits {
+                max_outbox: count("UPLOAD_MAX_OUTBOX", crate::state::UploadLimits::default().max_outbox)?,
+                max_queued: count("UPLOAD_MAX_QUEUED", crate::state::UploadLimits::default().max_queued)?,
             },
             batch_limits: {
-                let d = crate::batch::BatchLimits::default();
-                crate::batch::BatchLimits {
+                let d = crate::state::BatchLimits::default();
+                crate::state::BatchLimits {
                     max_lines: usize::try_from(count("BATCH_MAX_LINES", d.max_lines as u64)?).unwrap_or(d.max_lines),
                     max_bytes: usize::try_from(count("BATCH_MAX_BYTES", d.max_bytes as u64)?).unwrap_or(d.max_bytes),
                     ..d
@@ -64,11 +64,11 @@ impl ApiConfig {
             denials_per_minute: u32::try_from(count("AUTH_DENIALS_AUDITED_PER_MINUTE", 60)?.max(1)).unwrap_or(60),
             idempotency_retention: std::time::Duration::from_secs(3600 * count("IDEMPOTENCY_KEY_HOURS", 24)?.max(1)),
             lockout: {
-                let d = crate::auth::LockoutPolicy::default();
+                let d = crate::lockout::LockoutPolicy::default();
                 let secs = |name, default: std::time::Duration| {
                     count(name, default.as_secs()).map(|s| std::time::Duration::from_secs(s.max(1)))
                 };
-                crate::auth::LockoutPolicy {
+                crate::lockout::LockoutPolicy {
                     threshold: u32::try_from(count("LOGIN_LOCKOUT_THRESHOLD", u64::from(d.threshold))?.max(1))
                         .unwrap_or(d.threshold),
                     window: secs("LOGIN_LOCKOUT_WINDOW_SECONDS", d.window)?,

@@ -2,12 +2,11 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use clinflow::amqp::Lane;
 use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
-use clinflow::crypto::DataKey;
-use clinflow::documents::{self, Inserted, NewDocument, StatusRow};
+use clinflow::documents::{self, Inserted, StatusRow};
 use clinflow::keys::PatientRef;
 use clinflow::outbox;
 use clinflow::telemetry::{timed, timed_sync};
@@ -19,47 +18,18 @@ use serde::Serialize;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use crate::AppState;
-use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, JsonBody, PathParams, QueryParams};
-use crate::care;
+use crate::auth::AuthUser;
 use crate::error::ApiError;
+use crate::extract::{JsonBody, PathParams, QueryParams};
 use crate::idempotency;
+use crate::scope;
+use crate::seal::seal;
+use crate::state::AppState;
 use crate::users::Role;
+use crate::validate::{check_care_team, validate};
 
-/// Largest accepted note, in bytes of UTF-8.
-pub const MAX_TEXT_BYTES: usize = 1_000_000;
-const MAX_PATIENT_REF_CHARS: usize = 128;
-const MAX_SOURCE_REF_CHARS: usize = 256;
-
-/// Admin manages accounts and sees no PHI; ops and auditors see none either.
-const UPLOADERS: &[Role] = &[Role::Ingest, Role::Clinician];
-/// Clinicians, within their care teams or under break-glass.
-const READERS: &[Role] = &[Role::Clinician];
 /// Per-stage timings of the request path (see BENCHMARKS.md).
 const STAGE: &str = "clinflow_api_stage_seconds";
-
-/// Status reads carry no PHI: not audited. Ingest and clinician accounts see
-/// the documents they uploaded; ops and admin see all.
-const STATUS_READERS: &[Role] = &[Role::Ingest, Role::Clinician, Role::Ops, Role::Admin];
-
-#[derive(utoipa::OpenApi)]
-#[openapi(paths(upload, statuses, read, status))]
-pub(crate) struct Doc;
-
-pub fn endpoints() -> Vec<Endpoint> {
-    vec![
-        Endpoint::new(Method::POST, DOCUMENTS_PATH, Access::roles(UPLOADERS, Action::DocumentUpload), upload),
-        Endpoint::new(Method::POST, STATUSES_PATH, Access::roles(STATUS_READERS, Action::DocumentStatus), statuses),
-        Endpoint::new(Method::GET, "/v1/documents/{id}", Access::on(READERS, Action::DocumentRead, "document"), read),
-        Endpoint::new(
-            Method::GET,
-            "/v1/documents/{id}/status",
-            Access::on(STATUS_READERS, Action::DocumentStatus, "document"),
-            status,
-        ),
-    ]
-}
 
 async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Result<StatusesResponse, ApiError> {
     let all = matches!(user.role, Role::Ops | Role::Admin);
@@ -89,7 +59,8 @@ async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Re
         (status = 404, description = "- `not_found`: no such document, or not one the caller may see", body = ErrorBody),
     ),
 )]
-async fn status(
+#[tracing::instrument(skip_all, fields(user_id = %user.id, document_id = %id))]
+pub(crate) async fn status(
     State(state): State<AppState>,
     user: AuthUser,
     PathParams(id): PathParams<Uuid>,
@@ -112,7 +83,8 @@ async fn status(
         (status = 422, description = "- `too_many_ids`: more than 1000 ids", body = ErrorBody),
     ),
 )]
-async fn statuses(
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn statuses(
     State(state): State<AppState>,
     user: AuthUser,
     JsonBody(req): JsonBody<StatusRequest>,
@@ -121,74 +93,6 @@ async fn statuses(
         return Err(ApiError::invalid("too_many_ids", format!("ask for at most {MAX_STATUS_IDS} ids at a time")));
     }
     Ok(Json(visible_statuses(&state, &user, &req.ids).await?))
-}
-
-pub(crate) struct ValidUpload {
-    pub(crate) patient_ref: String,
-    pub(crate) text: String,
-    pub(crate) source_ref: Option<String>,
-    pub(crate) document_date: Option<Date>,
-    pub(crate) care_team: Option<String>,
-}
-
-/// A patient reference, trimmed, or a message that does not echo it.
-pub(crate) fn valid_patient_ref(patient_ref: &str) -> Result<String, ApiError> {
-    let patient_ref = patient_ref.trim().to_owned();
-    if patient_ref.is_empty() || patient_ref.chars().count() > MAX_PATIENT_REF_CHARS {
-        return Err(ApiError::invalid(
-            "invalid_patient_ref",
-            format!("patient_ref must be 1-{MAX_PATIENT_REF_CHARS} characters"),
-        ));
-    }
-    if patient_ref.chars().any(char::is_control) {
-        return Err(ApiError::invalid("invalid_patient_ref", "patient_ref must not contain control characters"));
-    }
-    Ok(patient_ref)
-}
-
-/// Only ingest accounts may put a patient in a care team with an upload: a
-/// clinician who could would widen their own scope.
-pub(crate) fn check_care_team(user: &AuthUser, upload: &ValidUpload) -> Result<(), ApiError> {
-    if upload.care_team.is_some() && user.role != Role::Ingest {
-        return Err(ApiError::BadRequest {
-            status: StatusCode::FORBIDDEN,
-            code: "care_team_forbidden",
-            message: "only ingest accounts may name a care team; an admin adds patients to teams".into(),
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
-    let patient_ref = valid_patient_ref(&req.patient_ref)?;
-    if req.text.trim().is_empty() {
-        return Err(ApiError::invalid("empty_text", "text must not be empty"));
-    }
-    if req.text.len() > MAX_TEXT_BYTES {
-        return Err(ApiError::BadRequest {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            code: "text_too_large",
-            message: format!("text must be at most {MAX_TEXT_BYTES} bytes, got {}", req.text.len()),
-        });
-    }
-    let source_ref = req.source_ref.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
-    if source_ref.as_ref().is_some_and(|s| s.chars().count() > MAX_SOURCE_REF_CHARS || s.chars().any(char::is_control))
-    {
-        return Err(ApiError::invalid(
-            "invalid_source_ref",
-            format!("source_ref must be at most {MAX_SOURCE_REF_CHARS} characters, without control characters"),
-        ));
-    }
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    let document_date =
-        match req.document_date.as_deref().map(str::trim).filter(|d| !d.is_empty()) {
-            None => None,
-            Some(d) => Some(Date::parse(d, &format).map_err(|_| {
-                ApiError::invalid("invalid_document_date", "document_date must be a date as YYYY-MM-DD")
-            })?),
-        };
-    let care_team = req.care_team.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
-    Ok(ValidUpload { patient_ref, text: req.text, source_ref, document_date, care_team })
 }
 
 /// Upload one note.
@@ -213,7 +117,7 @@ pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
     ),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id))]
-async fn upload(
+pub(crate) async fn upload(
     State(state): State<AppState>,
     user: AuthUser,
     headers: HeaderMap,
@@ -246,7 +150,7 @@ async fn upload_one(
     let team = match &upload.care_team {
         None => None,
         Some(name) => Some(
-            *care::team_ids(&state.db, std::slice::from_ref(name))
+            *scope::team_ids(&state.db, std::slice::from_ref(name))
                 .await?
                 .get(name)
                 .ok_or_else(|| ApiError::invalid("unknown_care_team", "no care team has this name"))?,
@@ -270,7 +174,7 @@ async fn upload_one(
     }
     timed(STAGE, "outbox", outbox::enqueue(&mut tx, &messages)).await?;
     if let Some(team) = team {
-        care::add_patients(&mut tx, &[(team, doc.patient_index.clone())]).await?;
+        scope::add_patients(&mut tx, &[(team, doc.patient_index.clone())]).await?;
     }
     if let Some(key) = &idempotency
         && !key.record(&mut tx, user.id, id).await?
@@ -286,31 +190,6 @@ async fn upload_one(
     Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })))
 }
 
-/// The row for an upload: note and patient reference sealed under the
-/// patient's data key `key` (whose blind index is `patient_index`), source
-/// ref as its keyed hash.
-pub(crate) fn seal(
-    state: &AppState,
-    key: &DataKey,
-    patient_index: Vec<u8>,
-    uploader: Uuid,
-    id: Uuid,
-    upload: ValidUpload,
-) -> Result<NewDocument, ApiError> {
-    Ok(NewDocument {
-        id,
-        data_key_id: key.id(),
-        patient_ref_ct: key
-            .seal_str(documents::patient_ref_field(id), &upload.patient_ref)
-            .map_err(anyhow::Error::new)?,
-        patient_index,
-        text_ct: key.seal_str(documents::text_field(id), &upload.text).map_err(anyhow::Error::new)?,
-        source_ref_hmac: upload.source_ref.map(|s| state.index_key.hash(documents::SOURCE_REF_DOMAIN, s.as_bytes())),
-        document_date: upload.document_date,
-        uploaded_by: uploader,
-    })
-}
-
 /// A document and, once `done`, the concepts coded in it.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct DocumentResponse {
@@ -319,7 +198,7 @@ pub struct DocumentResponse {
     patient_ref: String,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
-    #[serde(skip_serializing_if = "Option::is_none", with = "crate::ymd::option")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "crate::dates::ymd::option")]
     document_date: Option<Date>,
     #[serde(skip_serializing_if = "Option::is_none")]
     failure_code: Option<String>,
@@ -357,7 +236,7 @@ pub struct ReadParams {
     ),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id = %id))]
-async fn read(
+pub(crate) async fn read(
     State(state): State<AppState>,
     user: AuthUser,
     PathParams(id): PathParams<Uuid>,
@@ -374,7 +253,7 @@ async fn read(
     };
     // Care-team scope (or break-glass): checked before anything is decrypted.
     let grant = match &row.patient_index {
-        Some(patient) => care::patient_grant(&state.db, user.id, patient).await?,
+        Some(patient) => scope::patient_grant(&state.db, user.id, patient).await?,
         None => None,
     };
     let Some(grant) = grant else {
@@ -431,36 +310,4 @@ async fn read(
         annotations,
         text,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn req(patient_ref: &str, text: &str, date: Option<&str>) -> UploadRequest {
-        UploadRequest {
-            patient_ref: patient_ref.into(),
-            text: text.into(),
-            source_ref: None,
-            document_date: date.map(Into::into),
-            care_team: None,
-        }
-    }
-
-    #[test]
-    fn validation_messages_never_echo_the_input() {
-        for bad in [
-            req("", "x", None),
-            req("PAT-1", "  ", None),
-            req("PAT-1", "x", Some("14/02/2026")),
-            req("PAT\u{7}", "x", None),
-        ] {
-            let err = validate(bad).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(!err.is_empty());
-            assert!(!err.contains("14/02") && !err.contains("PAT"), "{err}");
-        }
-        let ok = validate(req(" PAT-1 ", "metformin", Some("2026-02-14"))).unwrap();
-        assert_eq!(ok.patient_ref, "PAT-1");
-        assert_eq!(ok.document_date, Some(time::macros::date!(2026 - 02 - 14)));
-    }
 }

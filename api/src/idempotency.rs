@@ -9,9 +9,9 @@ use axum::http::HeaderMap;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::AppState;
-use crate::documents::ValidUpload;
 use crate::error::ApiError;
+use crate::state::AppState;
+use crate::validate::ValidUpload;
 
 const HEADER: &str = "idempotency-key";
 const MAX_KEY_LEN: usize = 255;

@@ -2,10 +2,9 @@
 //! `GET /openapi.json` with an interactive page at `GET /docs`.
 //!
 //! Each handler carries `#[utoipa::path]`: its request body, parameters,
-//! success answer and the errors of its own. Each module lists its handlers
-//! in a `Doc` beside its `endpoints()`. [`spec`] merges those, then walks
-//! [`access::endpoints`] and adds to every operation what the router gives
-//! it, so that the two cannot disagree: the bearer security requirement and
+//! success answer and the errors of its own. [`spec`] gathers those from
+//! the route table ([`access::endpoints`]) and adds to every operation what
+//! the router gives it, so that the two cannot disagree: the bearer security requirement and
 //! the roles allowed (`x-roles` and a line of the description), the guard's
 //! 401 and 403, the errors of a path or query parameter (400), of a JSON
 //! body (400, 413, 415, 422) and of an unreachable database (503), each with
@@ -14,9 +13,7 @@
 
 use std::sync::LazyLock;
 
-use axum::Json;
 use axum::http::Method;
-use axum::response::Html;
 use clinflow::wire::{ErrorBody, ErrorDetail};
 use utoipa::OpenApi;
 use utoipa::openapi::path::{Operation, ParameterIn};
@@ -25,19 +22,10 @@ use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{Content, Header, RefOr};
 
-use crate::access::{self, Access, Endpoint};
+use crate::access::{self, Access};
 
 /// The name of the security scheme every protected operation requires.
 pub const BEARER: &str = "bearer";
-pub const SPEC_PATH: &str = "/openapi.json";
-pub const DOCS_PATH: &str = "/docs";
-
-pub fn endpoints() -> Vec<Endpoint> {
-    vec![
-        Endpoint::new(Method::GET, SPEC_PATH, Access::Public, openapi_json),
-        Endpoint::new(Method::GET, DOCS_PATH, Access::Public, docs),
-    ]
-}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -49,7 +37,6 @@ pub fn endpoints() -> Vec<Endpoint> {
             or a service account's API key (`cfk_…`) in the same header. Each operation names the roles allowed \
             (`x-roles`; `public` needs no credentials), as docs/access-control.md does.",
     ),
-    paths(openapi_json, docs),
     components(schemas(ErrorBody, ErrorDetail)),
     tags(
         (name = "auth", description = "Log in and out."),
@@ -65,8 +52,6 @@ pub fn endpoints() -> Vec<Endpoint> {
 struct ApiDoc;
 
 static SPEC: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(build);
-static DOCS_HTML: LazyLock<String> =
-    LazyLock::new(|| utoipa_scalar::Scalar::new(SPEC.clone()).title("clinflow API").to_html());
 
 /// The description of every endpoint of [`access::endpoints`].
 pub fn spec() -> &'static utoipa::openapi::OpenApi {
@@ -75,18 +60,18 @@ pub fn spec() -> &'static utoipa::openapi::OpenApi {
 
 fn build() -> utoipa::openapi::OpenApi {
     let mut spec = ApiDoc::openapi();
-    for part in [
-        crate::auth::Doc::openapi(),
-        crate::documents::Doc::openapi(),
-        crate::batch::Doc::openapi(),
-        crate::care::Doc::openapi(),
-        crate::patients::Doc::openapi(),
-        crate::admin::Doc::openapi(),
-        crate::ops::Doc::openapi(),
-        crate::audit_api::Doc::openapi(),
-        crate::HealthDoc::openapi(),
-    ] {
-        spec.merge(part);
+    let endpoints = access::endpoints();
+    for endpoint in &endpoints {
+        let (schemas, paths, _) = &endpoint.route;
+        for (path, item) in &paths.paths {
+            match spec.paths.paths.get_mut(path) {
+                Some(known) => known.merge_operations(item.clone()),
+                None => {
+                    spec.paths.paths.insert(path.clone(), item.clone());
+                }
+            }
+        }
+        spec.components.get_or_insert_with(Default::default).schemas.extend(schemas.iter().cloned());
     }
     let scheme = HttpBuilder::new()
         .scheme(HttpAuthScheme::Bearer)
@@ -97,7 +82,7 @@ fn build() -> utoipa::openapi::OpenApi {
         ))
         .build();
     spec.components.get_or_insert_with(Default::default).add_security_scheme(BEARER, SecurityScheme::Http(scheme));
-    for endpoint in access::endpoints() {
+    for endpoint in &endpoints {
         if let Some(operation) = operation_mut(&mut spec, &endpoint.method, endpoint.path) {
             describe_access(operation, &endpoint.access);
         }
@@ -207,27 +192,4 @@ fn add_retry_after(operation: &mut Operation) {
             response.headers.insert("Retry-After".into(), RefOr::T(header));
         }
     }
-}
-
-/// This description, as OpenAPI 3.1 JSON.
-#[utoipa::path(
-    get,
-    path = SPEC_PATH,
-    tag = "docs",
-    responses((status = 200, description = "The OpenAPI 3.1 document of this api", body = Object)),
-)]
-async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
-    Json(spec())
-}
-
-/// An interactive page over this description (Scalar). The page is served
-/// from here; the browser loads Scalar's script from its CDN (jsDelivr).
-#[utoipa::path(
-    get,
-    path = DOCS_PATH,
-    tag = "docs",
-    responses((status = 200, description = "An HTML page", content_type = "text/html", body = String)),
-)]
-async fn docs() -> Html<&'static str> {
-    Html(DOCS_HTML.as_str())
 }

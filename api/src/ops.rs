@@ -5,38 +5,16 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::Method;
-use clinflow::audit::Action;
 use clinflow::deadletters::{self, Listing, OpsError, Replayed, Reprocess, Selection};
 use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::Date;
 use uuid::Uuid;
 
-use crate::AppState;
-use crate::access::{Access, Endpoint};
-use crate::auth::{AuthUser, JsonBody};
+use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::users::Role;
-
-const OPERATORS: &[Role] = &[Role::Ops];
-
-#[derive(utoipa::OpenApi)]
-#[openapi(paths(list, replay, reprocess))]
-pub(crate) struct Doc;
-
-pub fn endpoints() -> Vec<Endpoint> {
-    vec![
-        Endpoint::new(Method::GET, "/v1/ops/dead-letters", Access::roles(OPERATORS, Action::DeadLettersList), list),
-        Endpoint::new(
-            Method::POST,
-            "/v1/ops/dead-letters/replay",
-            Access::roles(OPERATORS, Action::DeadLettersReplay),
-            replay,
-        ),
-        Endpoint::new(Method::POST, "/v1/ops/reprocess", Access::roles(OPERATORS, Action::Reprocess), reprocess),
-    ]
-}
+use crate::extract::JsonBody;
+use crate::state::AppState;
 
 /// Either `ids` or `"all": true`.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -95,7 +73,8 @@ fn ops_error(e: OpsError) -> ApiError {
         (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
     ),
 )]
-async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Listing>, ApiError> {
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Listing>, ApiError> {
     let connection = connection(&state).await?;
     let listing = deadletters::list(&connection, &state.topology, &user.actor()).await.map_err(ops_error);
     let _ = connection.close(200, "done".into()).await;
@@ -115,7 +94,8 @@ async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<List
         (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
     ),
 )]
-async fn replay(
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn replay(
     State(state): State<AppState>,
     user: AuthUser,
     JsonBody(req): JsonBody<ReplayRequest>,
@@ -146,7 +126,8 @@ async fn replay(
         (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
     ),
 )]
-async fn reprocess(
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn reprocess(
     State(state): State<AppState>,
     user: AuthUser,
     JsonBody(req): JsonBody<ReprocessRequest>,

@@ -1,0 +1,201 @@
+//! Service accounts and their API keys: a key is shown once, stored as its
+//! keyed hash, and revoked by an admin.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use clinflow::audit::{Action, Outcome};
+use clinflow::wire::ErrorBody;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{Created, user_error};
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::extract::{JsonBody, PathParams};
+use crate::state::{AppState, audit_in};
+use crate::users::UserError;
+use crate::users::{self};
+use crate::validate::plain_name;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewServiceAccount {
+    username: String,
+}
+
+/// A service account: role ingest, no password (it cannot log in), used
+/// only with API keys.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/service-accounts",
+    tag = "admin",
+    request_body = NewServiceAccount,
+    responses(
+        (status = 201, description = "Created", body = Created),
+        (status = 409, description = "- `user_exists`: a user with this username exists", body = ErrorBody),
+        (status = 422, description = "- `invalid_username`: not 1-64 characters of letters, digits and . _ @ -", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id))]
+pub(crate) async fn create_service_account(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    JsonBody(req): JsonBody<NewServiceAccount>,
+) -> Result<(StatusCode, Json<Created>), ApiError> {
+    if !users::valid_username(&req.username) {
+        return Err(user_error(UserError::BadUsername));
+    }
+    let id = Uuid::now_v7();
+    let inserted = sqlx::query_scalar!(
+        "INSERT INTO users (id, username, password_hash, role, kind) VALUES ($1, $2, '!', 'ingest', 'service')
+         ON CONFLICT (username) DO NOTHING RETURNING id",
+        id,
+        req.username,
+    )
+    .fetch_optional(&state.db)
+    .await?;
+    let id = inserted.ok_or_else(|| user_error(UserError::Exists(String::new())))?;
+    let event = admin.event(Action::AdminUser, Outcome::Success).resource("user", &id.to_string());
+    state.audit(&event.reason("create_service_account")).await?;
+    Ok((StatusCode::CREATED, Json(Created { id })))
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewApiKey {
+    #[serde(default)]
+    label: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ApiKeyCreated {
+    id: Uuid,
+    /// Shown once: only its keyed hash is stored.
+    key: String,
+}
+
+/// A new API key for a service account, shown once.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users/{id}/api-keys",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    request_body = NewApiKey,
+    responses(
+        (status = 201, description = "The key, shown this once", body = ApiKeyCreated),
+        (status = 404, description = "- `not_found`: no such enabled user", body = ErrorBody),
+        (status = 422, description = "- `invalid_label`: not up to 64 characters of letters, digits and ._@ -\n- `not_a_service_account`: API keys are for service accounts only", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
+pub(crate) async fn create_api_key(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    PathParams(id): PathParams<Uuid>,
+    JsonBody(body): JsonBody<NewApiKey>,
+) -> Result<(StatusCode, Json<ApiKeyCreated>), ApiError> {
+    let label = body.label.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
+    if label.as_ref().is_some_and(|l| !plain_name(l)) {
+        return Err(ApiError::invalid(
+            "invalid_label",
+            "label must be up to 64 characters of letters, digits and ._@ -",
+        ));
+    }
+    let kind = sqlx::query_scalar!("SELECT kind FROM users WHERE id = $1 AND disabled_at IS NULL", id)
+        .fetch_optional(&state.db)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if kind != "service" {
+        return Err(ApiError::invalid("not_a_service_account", "API keys are for service accounts only"));
+    }
+    let (key_id, key, hash) = crate::auth::new_api_key(&state.index_key);
+    let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &key_id.to_string());
+    let mut tx = state.db.begin().await?;
+    sqlx::query!(
+        "INSERT INTO api_keys (id, user_id, secret_hash, label) VALUES ($1, $2, $3, $4)",
+        key_id,
+        id,
+        hash,
+        label
+    )
+    .execute(&mut *tx)
+    .await?;
+    audit_in(&mut tx, &[event.reason("create")]).await?;
+    tx.commit().await?;
+    state.relay.wake();
+    Ok((StatusCode::CREATED, Json(ApiKeyCreated { id: key_id, key })))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ApiKeyView {
+    id: Uuid,
+    label: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    last_used_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    revoked_at: Option<OffsetDateTime>,
+}
+
+/// A service account's API keys (never the keys themselves).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users/{id}/api-keys",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "Its keys", body = Vec<ApiKeyView>),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
+pub(crate) async fn api_keys(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    PathParams(id): PathParams<Uuid>,
+) -> Result<Json<Vec<ApiKeyView>>, ApiError> {
+    let keys = sqlx::query_as!(
+        ApiKeyView,
+        "SELECT id, label, created_at, last_used_at, revoked_at FROM api_keys WHERE user_id = $1 ORDER BY created_at",
+        id
+    )
+    .fetch_all(&state.db)
+    .await?;
+    state
+        .audit(&admin.event(Action::AdminRead, Outcome::Success).resource("api_keys_of_user", &id.to_string()))
+        .await?;
+    Ok(Json(keys))
+}
+
+/// Revoke an API key: requests with it are refused from now on.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/api-keys/{id}",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The API key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "- `not_found`: no such key", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id, api_key_id = %id))]
+pub(crate) async fn revoke_api_key(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    PathParams(id): PathParams<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &id.to_string());
+    let mut tx = state.db.begin().await?;
+    let found = sqlx::query!("UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1", id)
+        .execute(&mut *tx)
+        .await?;
+    if found.rows_affected() == 0 {
+        return Err(ApiError::NotFound);
+    }
+    audit_in(&mut tx, &[event.reason("revoke")]).await?;
+    tx.commit().await?;
+    state.relay.wake();
+    Ok(StatusCode::NO_CONTENT)
+}

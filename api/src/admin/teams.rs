@@ -1,0 +1,250 @@
+//! Care teams: their clinicians and their patients (by blind index).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use clinflow::audit::{Action, Outcome};
+use clinflow::wire::ErrorBody;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::Created;
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::extract::{JsonBody, PathParams};
+use crate::scope;
+use crate::state::AppState;
+use crate::users::Role;
+use crate::validate::{plain_name, valid_patient_ref};
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct TeamView {
+    id: Uuid,
+    name: String,
+    members: Vec<Uuid>,
+    patients: i64,
+}
+
+/// Every care team: its members and how many patients it holds.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/teams",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The teams", body = Vec<TeamView>),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id))]
+pub(crate) async fn list_teams(
+    State(state): State<AppState>,
+    admin: AuthUser,
+) -> Result<Json<Vec<TeamView>>, ApiError> {
+    let rows = sqlx::query!(
+        r#"SELECT t.id, t.name,
+                  coalesce((SELECT array_agg(user_id ORDER BY user_id) FROM care_team_members m WHERE m.team_id = t.id),
+                           '{}') AS "members!",
+                  (SELECT count(*) FROM care_team_patients p WHERE p.team_id = t.id) AS "patients!"
+           FROM care_teams t ORDER BY t.name"#
+    )
+    .fetch_all(&state.db)
+    .await?;
+    state.audit(&admin.event(Action::AdminRead, Outcome::Success).resource("care_teams", "all")).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| TeamView { id: r.id, name: r.name, members: r.members, patients: r.patients })
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewTeam {
+    name: String,
+}
+
+/// Create a care team.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/teams",
+    tag = "admin",
+    request_body = NewTeam,
+    responses(
+        (status = 201, description = "Created", body = Created),
+        (status = 409, description = "- `team_exists`: a care team with this name exists", body = ErrorBody),
+        (status = 422, description = "- `invalid_team_name`: not 1-64 characters of letters, digits and ._@ -", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id))]
+pub(crate) async fn create_team(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    JsonBody(req): JsonBody<NewTeam>,
+) -> Result<(StatusCode, Json<Created>), ApiError> {
+    let name = req.name.trim();
+    if !plain_name(name) {
+        return Err(ApiError::invalid(
+            "invalid_team_name",
+            "name must be 1-64 characters of letters, digits and ._@ -",
+        ));
+    }
+    let id = Uuid::now_v7();
+    let inserted = sqlx::query_scalar!(
+        "INSERT INTO care_teams (id, name) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING id",
+        id,
+        name
+    )
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or(ApiError::BadRequest {
+        status: StatusCode::CONFLICT,
+        code: "team_exists",
+        message: "a care team with this name exists".into(),
+    })?;
+    let event = admin.event(Action::AdminTeam, Outcome::Success).resource("care_team", &id.to_string());
+    state.audit(&event.reason("create")).await?;
+    Ok((StatusCode::CREATED, Json(Created { id: inserted })))
+}
+
+async fn team_change(state: &AppState, admin: &AuthUser, team: Uuid, change: &str) -> Result<(), ApiError> {
+    let event = admin.event(Action::AdminTeam, Outcome::Success).resource("care_team", &team.to_string());
+    state.audit(&event.reason(change)).await
+}
+
+/// Adds a clinician to a team (members must be clinicians).
+#[utoipa::path(
+    put,
+    path = "/v1/admin/teams/{id}/members/{user_id}",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
+    responses(
+        (status = 204, description = "A member (already or now)"),
+        (status = 404, description = "- `not_found`: no such team or user", body = ErrorBody),
+        (status = 422, description = "- `not_a_clinician`: care team members are clinicians", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team, member_id = %user))]
+pub(crate) async fn add_member(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
+) -> Result<StatusCode, ApiError> {
+    let role = sqlx::query_scalar!("SELECT role FROM users WHERE id = $1", user)
+        .fetch_optional(&state.db)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if role != Role::Clinician.as_str() {
+        return Err(ApiError::invalid("not_a_clinician", "care team members are clinicians"));
+    }
+    let added = sqlx::query!(
+        "INSERT INTO care_team_members (team_id, user_id) SELECT id, $2 FROM care_teams WHERE id = $1
+         ON CONFLICT DO NOTHING",
+        team,
+        user
+    )
+    .execute(&state.db)
+    .await?;
+    if added.rows_affected() == 0 && !team_exists(&state, team).await? {
+        return Err(ApiError::NotFound);
+    }
+    team_change(&state, &admin, team, &format!("member_add:{user}")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Remove a clinician from a team.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/teams/{id}/members/{user_id}",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "- `not_found`: not a member of this team", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team, member_id = %user))]
+pub(crate) async fn remove_member(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
+) -> Result<StatusCode, ApiError> {
+    let removed = sqlx::query!("DELETE FROM care_team_members WHERE team_id = $1 AND user_id = $2", team, user)
+        .execute(&state.db)
+        .await?;
+    if removed.rows_affected() == 0 {
+        return Err(ApiError::NotFound);
+    }
+    team_change(&state, &admin, team, &format!("member_remove:{user}")).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn team_exists(state: &AppState, team: Uuid) -> Result<bool, ApiError> {
+    Ok(sqlx::query_scalar!("SELECT id FROM care_teams WHERE id = $1", team).fetch_optional(&state.db).await?.is_some())
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatientRef {
+    patient_ref: String,
+}
+
+/// Puts a patient (by reference; stored as its blind index) in a team.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/teams/{id}/patients",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The care team's id")),
+    request_body = PatientRef,
+    responses(
+        (status = 204, description = "In the team (already or now)"),
+        (status = 404, description = "- `not_found`: no such team", body = ErrorBody),
+        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team))]
+pub(crate) async fn add_patient(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    PathParams(team): PathParams<Uuid>,
+    JsonBody(req): JsonBody<PatientRef>,
+) -> Result<StatusCode, ApiError> {
+    let patient_ref = valid_patient_ref(&req.patient_ref)?;
+    if !team_exists(&state, team).await? {
+        return Err(ApiError::NotFound);
+    }
+    let index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
+    scope::add_patients(&mut *state.db.acquire().await?, &[(team, index)]).await?;
+    team_change(&state, &admin, team, "patient_add").await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Take a patient (by reference) out of a team.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/teams/{id}/patients/remove",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The care team's id")),
+    request_body = PatientRef,
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "- `not_found`: the patient is not in this team", body = ErrorBody),
+        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team))]
+pub(crate) async fn remove_patient(
+    State(state): State<AppState>,
+    admin: AuthUser,
+    PathParams(team): PathParams<Uuid>,
+    JsonBody(req): JsonBody<PatientRef>,
+) -> Result<StatusCode, ApiError> {
+    let patient_ref = valid_patient_ref(&req.patient_ref)?;
+    let index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
+    let removed = sqlx::query!("DELETE FROM care_team_patients WHERE team_id = $1 AND patient_index = $2", team, index)
+        .execute(&state.db)
+        .await?;
+    if removed.rows_affected() == 0 {
+        return Err(ApiError::NotFound);
+    }
+    team_change(&state, &admin, team, "patient_remove").await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,156 @@
+//! `POST /v1/auth/login` and `/v1/auth/logout`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use clinflow::audit::{Action, Actor, ActorKind, Outcome};
+use clinflow::wire::{ErrorBody, LOGIN_PATH, LoginRequest, LoginResponse};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::auth::{AuthUser, RequestMeta, TOKEN_LIFETIME};
+use crate::error::ApiError;
+use crate::extract::JsonBody;
+use crate::lockout;
+use crate::state::AppState;
+use crate::users;
+
+/// Log in with a username and password.
+///
+/// The token lasts 8 hours at most and ends after 15 idle minutes, at
+/// logout, or when an admin disables the user, resets their password or
+/// forces a logout. Service accounts cannot log in: they use API keys.
+#[utoipa::path(
+    post,
+    path = LOGIN_PATH,
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "A session token", body = LoginResponse),
+        (status = 401, description = "- `invalid_credentials`: wrong username or password, or a locked, disabled or service account (the same answer for each)", body = ErrorBody),
+        (status = 429, description = "- `too_many_logins`: too many attempts from this address; retry after `Retry-After`", body = ErrorBody),
+        (status = 500, description = "- `internal`: an unexpected failure; the `x-request-id` header identifies it", body = ErrorBody),
+        (status = 503, description = "- `login_busy`: too many password checks waiting; retry after `Retry-After`\n- `unavailable`: the database is unreachable", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id))]
+pub(crate) async fn login(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    JsonBody(req): JsonBody<LoginRequest>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    // An over-long or malformed name cannot exist; still spend the hashing time.
+    let attempted = users::valid_username(&req.username).then_some(req.username.as_str());
+    let outcome = |o: &'static str| metrics::counter!("clinflow_logins_total", "outcome" => o).increment(1);
+    if let Some(wait) = state.login.throttled(meta.source_ip) {
+        outcome("throttled");
+        let event = meta.event(Action::Login, Actor::anonymous(attempted), Outcome::Denied).reason("rate_limited");
+        state.audit_denial(event).await;
+        return Err(ApiError::LoginThrottled(wait));
+    }
+    let Ok(admitted) = state.passwords.admit() else {
+        outcome("shed");
+        return Err(ApiError::LoginBusy);
+    };
+    let policy = state.login.lockout;
+    // The attempt is counted before the password is checked, so concurrent
+    // guesses cannot pass the threshold; a locked, disabled, unknown or
+    // service account gets no attempt and is checked against a dummy hash:
+    // every refusal is the same 401 after the same work.
+    let attempt = match attempted {
+        Some(name) => lockout::begin_attempt(&state.db, name, &policy).await?,
+        None => None,
+    };
+    let over = attempt.as_ref().is_some_and(|a| a.failures > i64::from(policy.threshold));
+    let hash = attempt.as_ref().filter(|_| !over).map(|a| a.password_hash.clone());
+    let ok = state.passwords.verify(&admitted, req.password.clone(), hash).await;
+    drop(admitted);
+    let attempt = match attempt {
+        Some(a) if ok => a,
+        attempt => {
+            let reason = match (&attempt, attempted) {
+                (Some(_), _) if over => "locked",
+                (Some(a), _) => {
+                    if a.failures >= i64::from(policy.threshold) && lockout::lock(&state.db, a.id, &policy).await? {
+                        metrics::counter!("clinflow_account_lockouts_total").increment(1);
+                        let actor = Actor::anonymous(attempted);
+                        state
+                            .audit(
+                                &meta
+                                    .event(Action::Lockout, actor, Outcome::Success)
+                                    .resource("user", &a.id.to_string()),
+                            )
+                            .await?;
+                    }
+                    "bad_credentials"
+                }
+                (None, Some(name)) => lockout::refusal_reason(&state.db, name).await?,
+                (None, None) => "bad_credentials",
+            };
+            outcome(if reason == "locked" { "locked" } else { "failure" });
+            let event = meta.event(Action::Login, Actor::anonymous(attempted), Outcome::Failure).reason(reason);
+            state.audit(&event).await?;
+            return Err(ApiError::InvalidCredentials);
+        }
+    };
+    tracing::Span::current().record("user_id", tracing::field::display(attempt.id));
+    let rehash = if users::needs_rehash(&attempt.password_hash) {
+        Some(state.passwords.hash(req.password.clone()).await.map_err(anyhow::Error::new)?)
+    } else {
+        None
+    };
+    lockout::login_succeeded(&state.db, attempt.id, rehash.as_deref()).await?;
+
+    let now = OffsetDateTime::now_utc();
+    let expires_at = now + TOKEN_LIFETIME;
+    let session_id = Uuid::now_v7();
+    sqlx::query!(
+        "INSERT INTO sessions (id, user_id, expires_at, source_ip) VALUES ($1, $2, $3, $4)",
+        session_id,
+        attempt.id,
+        expires_at,
+        meta.source_ip.map(sqlx::types::ipnet::IpNet::from),
+    )
+    .execute(&state.db)
+    .await?;
+    let token = state.jwt.sign(attempt.id, session_id, now, expires_at)?;
+    let actor = Actor {
+        kind: ActorKind::User,
+        id: Some(attempt.id),
+        name: attempted.map(str::to_owned),
+        role: Some(attempt.role),
+    };
+    if let Err(e) = state.audit(&meta.event(Action::Login, actor, Outcome::Success)).await {
+        revoke(&state, session_id).await?;
+        return Err(e);
+    }
+    outcome("success");
+    Ok(Json(LoginResponse { access_token: token, token_type: "bearer".into(), expires_at }))
+}
+
+/// End the caller's session (its token is refused from now on).
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout",
+    tag = "auth",
+    responses(
+        (status = 204, description = "The session has ended"),
+        (status = 422, description = "- `not_a_session`: an API key has no session (an admin revokes keys)", body = ErrorBody),
+    ),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {
+    let Some(session_id) = user.session_id else {
+        return Err(ApiError::invalid("not_a_session", "an API key has no session: an admin revokes it"));
+    };
+    revoke(&state, session_id).await?;
+    state.audit(&user.event(Action::Logout, Outcome::Success)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn revoke(state: &AppState, session_id: Uuid) -> Result<(), ApiError> {
+    sqlx::query!("UPDATE sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", session_id)
+        .execute(&state.db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! A patient's documents and problem list.
+
+use axum::Json;
+use axum::extract::State;
+use clinflow::audit::Action;
+use clinflow::wire::{ErrorBody, Status};
+use serde::{Deserialize, Serialize};
+use time::{Date, OffsetDateTime};
+use uuid::Uuid;
+
+use super::{Page, Patient, audit_read, cursor_id, date_param, in_scope, page_size};
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::extract::{PathParams, QueryParams};
+use crate::state::AppState;
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentFilter {
+    /// Document date (or upload date when the note has none) from,
+    /// inclusive, as YYYY-MM-DD.
+    from: Option<String>,
+    /// … until, inclusive.
+    until: Option<String>,
+    status: Option<Status>,
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DocumentSummary {
+    id: Uuid,
+    status: Status,
+    #[serde(skip_serializing_if = "Option::is_none", with = "crate::dates::ymd::option")]
+    document_date: Option<Date>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_version: Option<String>,
+}
+
+/// `GET /v1/patients/{patient_ref}/documents`: newest first, no text.
+#[utoipa::path(get, path = "/v1/patients/{patient_ref}/documents", tag = "patients",
+    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), DocumentFilter),
+    responses((status = 200, description = "The patient's documents, newest first", body = Page<DocumentSummary>),
+              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
+              (status = 422, description = "- `invalid_patient_ref`\n- `invalid_date`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn patient_documents(
+    State(state): State<AppState>,
+    user: AuthUser,
+    PathParams(patient_ref): PathParams<String>,
+    QueryParams(filter): QueryParams<DocumentFilter>,
+) -> Result<Json<Page<DocumentSummary>>, ApiError> {
+    let patient = Patient::parse(&state, &patient_ref)?;
+    let limit = page_size(filter.limit)?;
+    let after = cursor_id(filter.after.as_deref())?;
+    let (from, until) = (date_param("from", filter.from.as_deref())?, date_param("until", filter.until.as_deref())?);
+    let grant = in_scope(&state, &user, &patient, Action::PatientRead).await?;
+    let rows = sqlx::query!(
+        r#"SELECT id, status, document_date, created_at, result_model
+           FROM documents
+           WHERE patient_index = $1
+             AND ($2::uuid IS NULL OR id < $2)
+             AND ($3::date IS NULL OR coalesce(document_date, created_at::date) >= $3)
+             AND ($4::date IS NULL OR coalesce(document_date, created_at::date) <= $4)
+             AND ($5::text IS NULL OR status = $5)
+           ORDER BY id DESC LIMIT $6"#,
+        patient.index,
+        after,
+        from,
+        until,
+        filter.status.map(Status::as_str),
+        limit + 1,
+    )
+    .fetch_all(&state.db)
+    .await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for r in rows.into_iter().take(limit as usize) {
+        let status = Status::parse(&r.status).ok_or_else(|| anyhow::anyhow!("unknown document status"))?;
+        items.push(DocumentSummary {
+            id: r.id,
+            status,
+            document_date: r.document_date,
+            created_at: r.created_at,
+            model_version: r.result_model,
+        });
+    }
+    let next_cursor = (items.len() as i64 == limit).then(|| items.last().map(|d| d.id.to_string())).flatten();
+    audit_read(&state, &user, Action::PatientRead, "patient", &patient.audit_id(), Some(grant)).await?;
+    Ok(Json(Page { items, next_cursor }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ConceptFilter {
+    /// Count negated / hypothetical mentions too (default: only affirmed).
+    #[serde(default)]
+    include_negated: bool,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ProblemListEntry {
+    cui: String,
+    pretty_name: String,
+    documents: i64,
+    mentions: i64,
+    #[serde(with = "crate::dates::ymd::option")]
+    first_date: Option<Date>,
+    #[serde(with = "crate::dates::ymd::option")]
+    last_date: Option<Date>,
+}
+
+/// `GET /v1/patients/{patient_ref}/concepts`: the problem list — each
+/// concept in the patient's current results with its number of documents and
+/// first and last document date; concepts only ever mentioned negated (by
+/// MetaCAT) are left out unless `include_negated=true`.
+#[utoipa::path(get, path = "/v1/patients/{patient_ref}/concepts", tag = "patients",
+    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), ConceptFilter),
+    responses((status = 200, description = "The patient's problem list", body = Page<ProblemListEntry>),
+              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
+              (status = 422, description = "- `invalid_patient_ref`", body = ErrorBody)))]
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn patient_concepts(
+    State(state): State<AppState>,
+    user: AuthUser,
+    PathParams(patient_ref): PathParams<String>,
+    QueryParams(filter): QueryParams<ConceptFilter>,
+) -> Result<Json<Page<ProblemListEntry>>, ApiError> {
+    let patient = Patient::parse(&state, &patient_ref)?;
+    let grant = in_scope(&state, &user, &patient, Action::PatientRead).await?;
+    let items = sqlx::query_as!(
+        ProblemListEntry,
+        r#"SELECT dc.cui, coalesce(n.pretty_name, dc.cui) AS "pretty_name!",
+                  count(*) AS "documents!",
+                  sum(CASE WHEN $2 THEN dc.mentions ELSE dc.mentions - dc.negated END)::int8 AS "mentions!",
+                  min(coalesce(dc.document_date, dc.created_at::date)) AS first_date,
+                  max(coalesce(dc.document_date, dc.created_at::date)) AS last_date
+           FROM document_concepts dc
+           LEFT JOIN concept_names n ON n.cui = dc.cui
+           WHERE dc.patient_index = $1 AND ($2 OR dc.mentions > dc.negated)
+           GROUP BY dc.cui, n.pretty_name
+           ORDER BY count(*) DESC, dc.cui"#,
+        patient.index,
+        filter.include_negated,
+    )
+    .fetch_all(&state.db)
+    .await?;
+    audit_read(&state, &user, Action::PatientRead, "patient", &patient.audit_id(), Some(grant)).await?;
+    Ok(Json(Page { items, next_cursor: None }))
+}
