@@ -170,30 +170,28 @@ def run_checks(client: Client, ready_timeout: float, fail_marker: Optional[str])
             expect(key in data["model_card_info"], f"model_card_info lacks {key!r}")
         state["info"] = data
 
-    def process_metformin():
-        status, _, data = client.post("/api/process", {"content": {"text": METFORMIN_TEXT, "footer": "doc-42"}})
+    def process_one(text, name, span, footer=None):
+        """/api/process on `text`: a valid result whose entities include `name` at `span`."""
+        content = {"text": text} if footer is None else {"text": text, "footer": footer}
+        status, _, data = client.post("/api/process", {"content": content})
         expect(status == 200, f"status {status}: {str(data)[:300]}")
-        expect(data.get("medcat_info") == state.get("info"), "medcat_info differs from /api/info")
         res = data["result"]
-        check_result(res, METFORMIN_TEXT, footer="doc-42")
+        check_result(res, text, footer=footer)
         mode, ents = entities_of(res["annotations"])
-        state["mode"] = mode
         for ent in ents:
-            check_entity(ent, METFORMIN_TEXT)
-        met = find(ents, "metformin")
-        expect(met is not None, f"no metformin annotation in {[e['source_value'] for e in ents]}")
-        expect((met["start"], met["end"]) == (19, 28), f"metformin at {met['start']}..{met['end']}, expected 19..28")
+            check_entity(ent, text)
+        found = find(ents, name)
+        expect(found is not None, f"{name} not linked; found {[e['source_value'] for e in ents]}")
+        got = (found["start"], found["end"])
+        expect(got == span, f"{name} at {got[0]}..{got[1]}, expected {span[0]}..{span[1]}")
+        return data, mode
+
+    def process_metformin():
+        data, state["mode"] = process_one(METFORMIN_TEXT, "metformin", (19, 28), footer="doc-42")
+        expect(data.get("medcat_info") == state.get("info"), "medcat_info differs from /api/info")
 
     def process_abbreviation():
-        status, _, data = client.post("/api/process", {"content": {"text": AF_TEXT}})
-        expect(status == 200, f"status {status}")
-        check_result(data["result"], AF_TEXT)
-        _, ents = entities_of(data["result"]["annotations"])
-        for ent in ents:
-            check_entity(ent, AF_TEXT)
-        af = find(ents, "AF")
-        expect(af is not None, f"abbreviation AF not linked; found {[e['source_value'] for e in ents]}")
-        expect((af["start"], af["end"]) == (6, 8), f"AF at {af['start']}..{af['end']}, expected 6..8")
+        process_one(AF_TEXT, "AF", (6, 8))
 
     def footer_object():
         footer = {"doc_id": "doc-43", "n": 7}
