@@ -5,7 +5,8 @@
 
 use axum::Json;
 use axum::extract::State;
-use clinflow::deadletters::{self, Listing, OpsError, Replayed, Reprocess, Selection};
+use clinflow::deadletters::{self, Listing, OpsError, Replayed, Selection};
+use clinflow::documents::Reprocess;
 use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::Date;

@@ -149,14 +149,6 @@ impl Topology {
         self.work_queue(self.audit_exchange(), AUDIT)
     }
 
-    /// The work queue an outbox topic is published to.
-    pub fn route(&self, topic: crate::outbox::Topic) -> WorkQueue {
-        match topic {
-            crate::outbox::Topic::Documents(lane) => self.lane(lane),
-            crate::outbox::Topic::Audit => self.audit(),
-        }
-    }
-
     pub fn work_queues(&self) -> Vec<WorkQueue> {
         vec![self.documents_live(), self.documents_backfill(), self.audit()]
     }

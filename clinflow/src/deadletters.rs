@@ -18,11 +18,11 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 use sqlx::PgPool;
-use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::amqp::{self, AmqpError, Lane, Publisher, Topology};
 use crate::audit::{self, Action, Actor, AuditEvent, Outcome};
+use crate::documents::Reprocess;
 use crate::jobs::DocumentJob;
 
 /// One parked job, without anything of the document's content.
@@ -144,16 +144,6 @@ pub async fn replay(
     }
     publisher.channel().close(200, "done".into()).await?;
     Ok(outcome)
-}
-
-/// Which documents `reprocess` puts through the pipeline again.
-#[derive(Debug, Clone)]
-pub enum Reprocess {
-    All,
-    /// Uploaded in `[from, to)`.
-    UploadedBetween(OffsetDateTime, OffsetDateTime),
-    /// Without a result from this model version.
-    WithoutResultFrom(String),
 }
 
 /// Sets the selected documents back to `queued` and publishes their jobs on

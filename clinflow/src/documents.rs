@@ -401,14 +401,23 @@ pub async fn requeue_any(db: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::E
     .await
 }
 
+/// Which documents a reprocess puts through the pipeline again.
+#[derive(Debug, Clone)]
+pub enum Reprocess {
+    All,
+    /// Uploaded in `[from, to)`.
+    UploadedBetween(OffsetDateTime, OffsetDateTime),
+    /// Without a result from this model version.
+    WithoutResultFrom(String),
+}
+
 /// The next `limit` ids after `after` (in id order) that `which` selects.
 pub async fn select_for_reprocess(
     db: &PgPool,
-    which: &crate::deadletters::Reprocess,
+    which: &Reprocess,
     after: Uuid,
     limit: i64,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    use crate::deadletters::Reprocess;
     match which {
         Reprocess::All => {
             sqlx::query_scalar!("SELECT id FROM documents WHERE id > $1 ORDER BY id LIMIT $2", after, limit)

@@ -1,13 +1,29 @@
-//! What more than one clinflow binary needs: configuration from the
-//! environment, PHI encryption, the RabbitMQ topology and publisher, the audit
-//! event, the document tables, telemetry and shutdown.
+//! What more than one clinflow binary needs, defined once: the HTTP API's
+//! JSON bodies ([`wire`]) and shutdown on a signal ([`shutdown`]); with the
+//! `server` feature also configuration from the environment (`config`), PHI
+//! encryption and patients' data keys (`crypto`, `keys`), the RabbitMQ
+//! topology, publisher and supervised connection (`amqp`, `link`), the
+//! document job and the audit event (`jobs`, `audit`), the transactional
+//! outbox and its relay (`outbox`, `relay`), the document, result and concept
+//! tables (`documents`, `annotation`, `concepts`), dead-lettered jobs and
+//! reprocessing (`deadletters`), the audit table's hash chain and its external
+//! checkpoints (`chain`, `checkpoint`: the audit sink appends, the api
+//! verifies), and telemetry.
 //!
-//! Nothing in here knows about HTTP handlers, MedCAT or the audit hash chain:
-//! those belong to the one binary that owns them.
+//! HTTP handlers and the MedCAT client are not here: each belongs to the one
+//! binary that owns it.
 //!
-//! Without the `server` feature only [`wire`] (the HTTP API's JSON bodies) and
-//! [`shutdown`] are built, so an API client such as clinflow-ingest shares
-//! those definitions without pulling in sqlx or lapin.
+//! Modules import in one direction only (`tests/module_graph.rs` fails on an
+//! import circle): `wire`, `crypto`, `amqp` and `annotation` import nothing
+//! of the crate; `config` builds on `crypto`; `audit`, `jobs` and `link` on
+//! `amqp`; `outbox` on `audit` and `jobs`, `relay` on `outbox`; `documents` on
+//! `crypto`, `concepts` and `amqp`'s lanes; `keys` on `documents`;
+//! `deadletters` and key rotation on what they run; `chain` on `audit`,
+//! `checkpoint` on `chain`.
+//!
+//! Without the `server` feature only [`wire`] and [`shutdown`] are built, so
+//! an API client such as clinflow-ingest shares those definitions without
+//! pulling in sqlx or lapin.
 
 pub mod shutdown;
 pub mod wire;

@@ -5,7 +5,8 @@
 //!
 //! This replaces lapin's built-in recovery, which was seen here to stay in
 //! `Reconnecting` for good, or to spin at 100 % CPU, after broker restarts
-//! (../shared/CRATES.md). Rebuilding everything is simple and always the
+//! under load (upstream: amqp-rs/lapin issue 450; docs/reliability.md,
+//! "Broker connections"). Rebuilding everything is simple and always the
 //! same path: connect, declare, open channels, consume again.
 
 use std::sync::Arc;

@@ -8,12 +8,12 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::amqp::Lane;
+use crate::amqp::{Lane, Topology, WorkQueue};
 use crate::audit::AuditEvent;
 use crate::jobs::DocumentJob;
 
-/// Where an outbox message goes; the relay maps it to an exchange and a
-/// routing key of the [`Topology`](crate::amqp::Topology).
+/// Where an outbox message goes: the relay publishes it to the work queue
+/// of the [`Topology`] that [`Topic::queue`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
     Documents(Lane),
@@ -32,6 +32,14 @@ impl Topic {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The work queue of `topology` this topic is published to.
+    pub fn queue(self, topology: &Topology) -> WorkQueue {
+        match self {
+            Topic::Documents(lane) => topology.lane(lane),
+            Topic::Audit => topology.audit(),
+        }
     }
 }
 

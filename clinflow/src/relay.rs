@@ -215,7 +215,7 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
-        let queues: Vec<_> = rows.iter().map(|r| Topic::parse(&r.topic).map(|t| self.topology.route(t))).collect();
+        let queues: Vec<_> = rows.iter().map(|r| Topic::parse(&r.topic).map(|t| t.queue(&self.topology))).collect();
         let mut outgoing = Vec::with_capacity(rows.len());
         let mut audits = 0;
         for (row, queue) in rows.iter().zip(&queues) {
