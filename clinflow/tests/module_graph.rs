@@ -293,7 +293,6 @@ fn audit_sink_has_no_import_cycles() {
 }
 
 #[test]
-#[ignore = "ingest/src has two import circles (load <-> progress, source <-> its readers); enabled when they are broken"]
 fn ingest_has_no_import_cycles() {
     assert_no_cycles("../ingest/src");
 }

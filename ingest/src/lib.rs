@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod counts;
 pub mod credentials;
 pub mod load;
 pub mod progress;

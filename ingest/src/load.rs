@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ApiClient, ClientError};
+use crate::counts::LoadCounts;
 use crate::progress::Progress;
 use crate::rejects::RejectsFile;
 use crate::source::{self, Document, Record, Rejection};
@@ -44,32 +45,6 @@ pub struct LoadOptions {
     /// Most bytes of NDJSON per batch request (a single larger note still
     /// goes alone).
     pub batch_bytes: usize,
-}
-
-/// Every record read ends in exactly one of these.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct LoadCounts {
-    pub read: u64,
-    /// In the state file from an earlier run: not sent again.
-    pub skipped: u64,
-    /// Rejected here, before sending (reason in the rejects file).
-    pub rejected_here: u64,
-    pub accepted: u64,
-    pub duplicate: u64,
-    pub rejected_by_api: u64,
-    /// Sent, but no answer came (the run stopped): a rerun sends them again.
-    pub unanswered: u64,
-}
-
-impl LoadCounts {
-    pub fn sent(&self) -> u64 {
-        self.accepted + self.duplicate + self.rejected_by_api + self.unanswered
-    }
-
-    /// Every record read is accounted for exactly once.
-    pub fn reconciles(&self) -> bool {
-        self.read == self.skipped + self.rejected_here + self.sent()
-    }
 }
 
 #[derive(Debug)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::load::LoadCounts;
+use crate::counts::LoadCounts;
 
 #[derive(Clone)]
 pub struct Progress {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use csv::{ByteRecord, ReaderBuilder};
 
-use super::{RawFields, Record, RecordResult, SourceError, file_label, validate};
+use super::record::{RawFields, Record, RecordResult, SourceError, file_label, validate};
 
 #[derive(Debug, Clone, Copy)]
 struct Columns {

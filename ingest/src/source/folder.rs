@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::front_matter;
-use super::{RawFields, Record, RecordResult, SourceError, validate};
+use super::record::{RawFields, Record, RecordResult, SourceError, validate};
 
 pub struct FolderSource {
     walk: TxtWalk,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::error::Category;
 use serde_json::{Map, Value};
 
-use super::{RawFields, Record, RecordResult, SourceError, file_label, validate};
+use super::record::{RawFields, Record, RecordResult, SourceError, file_label, validate};
 
 pub struct JsonlSource {
     path: PathBuf,
