@@ -6,6 +6,7 @@ mod audit_api;
 pub mod auth;
 pub mod batch;
 pub mod care;
+pub mod cli;
 pub mod config;
 pub mod denials;
 pub mod documents;
