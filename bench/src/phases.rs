@@ -18,10 +18,11 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::notes::{Note, Vocabulary};
+use crate::plan::Plan;
+use crate::poll::wait_for;
 use crate::prom::{self, Snapshot};
 use crate::report;
 use crate::stack::{self, API, SINK, Stack, WORKER};
-use crate::{Plan, wait_for};
 
 const POLL: Duration = Duration::from_millis(20);
 /// For checks that count rows: often enough, without loading the database.

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::cli::Mode;
 use crate::phases::{Observation, PipelineRun};
+use crate::plan::Plan;
 use crate::stack::{self, API, SINK, Stack, WORKER};
-use crate::{Mode, Plan};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Figures {
