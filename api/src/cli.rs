@@ -206,5 +206,5 @@ async fn reindex_patients() -> anyhow::Result<()> {
         .context("connecting to PostgreSQL")?;
     let keys = Keys::new(config.keyring);
     let index_key = IndexKey::new(config.index_key);
-    clinflow::documents::reindex::run(&db, &keys, &index_key).await
+    clinflow::keys::reindex::run(&db, &keys, &index_key).await
 }

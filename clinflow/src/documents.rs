@@ -1,8 +1,5 @@
 //! The documents and document_results tables: plain functions over sqlx.
 //! Callers own the transaction; PHI goes in and out only as ciphertext here.
-//! Filling the patient blind index of older documents: [`reindex`].
-
-pub mod reindex;
 
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use time::{Date, OffsetDateTime};

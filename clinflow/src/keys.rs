@@ -2,9 +2,11 @@
 //! ciphertext in the caller's transaction, unwrapped through a bounded,
 //! time-limited cache shared by the process, and used to open any
 //! ciphertext (format 1 or 2). Rotation and re-encryption: [`rotation`];
-//! the `keys` command over them: [`command`].
+//! the `keys` command over them: [`command`]; filling the patient blind
+//! index of documents stored before it existed: [`reindex`].
 
 pub mod command;
+pub mod reindex;
 pub mod rotation;
 
 use std::collections::{HashMap, HashSet};
