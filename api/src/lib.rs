@@ -19,6 +19,7 @@ mod audit_api;
 pub mod auth;
 pub mod batch;
 mod care;
+pub mod cli;
 pub mod config;
 mod dates;
 pub mod denials;

@@ -1,7 +1,6 @@
 //! The measurements: direct MedCAT, the pipeline, the audit sink, the
 //! backlog drain.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,10 +17,12 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::notes::{Note, Vocabulary};
-use crate::prom::{self, Snapshot};
+use crate::observe::{PipelineRun, THROTTLED};
+use crate::plan::Plan;
+use crate::poll::wait_for;
+use crate::prom::{self};
 use crate::report;
 use crate::stack::{self, API, SINK, Stack, WORKER};
-use crate::{Plan, wait_for};
 
 const POLL: Duration = Duration::from_millis(20);
 /// For checks that count rows: often enough, without loading the database.
@@ -43,9 +44,6 @@ impl<'a> Context<'a> {
         (first..first + n as u64).map(|i| self.vocabulary.note(i, self.note_bytes)).collect()
     }
 }
-
-/// Uploads answered 429 (backpressure) and sent again after `Retry-After`.
-pub static THROTTLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How the pipeline runs get their notes into the API.
 #[derive(Debug, Clone, Copy)]
@@ -182,22 +180,6 @@ pub async fn direct(medcat_url: &str, notes: &[Note], batch: usize) -> anyhow::R
         anyhow::ensure!(results == chunk.len(), "process_bulk answered {results} results for {} notes", chunk.len());
     }
     Ok(notes.len() as f64 / started.elapsed().as_secs_f64())
-}
-
-pub struct PipelineRun {
-    pub docs: usize,
-    pub upload_latencies: Vec<Duration>,
-    /// From the first upload sent until the last one answered.
-    pub uploaded_after: Duration,
-    /// From the first upload sent until every document is `done` and every
-    /// audit event of the run is in the audit table.
-    pub done_after: Duration,
-}
-
-impl PipelineRun {
-    pub fn docs_per_s(&self) -> f64 {
-        self.docs as f64 / self.done_after.as_secs_f64()
-    }
 }
 
 /// Uploads `notes` and waits until every document is done and every audit
@@ -341,33 +323,6 @@ async fn audit_progress(db: &PgPool, stack: &Stack, http: &reqwest::Client) -> a
     }
     let rows: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_events").fetch_one(db).await?;
     Ok((rows as f64, published))
-}
-
-/// Metrics and CPU time of every process at one instant.
-pub struct Observation {
-    pub at: Instant,
-    pub metrics: BTreeMap<&'static str, Snapshot>,
-    pub cpu_seconds: BTreeMap<String, f64>,
-}
-
-impl Observation {
-    pub async fn take(stack: &Stack) -> anyhow::Result<Self> {
-        let http = reqwest::Client::new();
-        let mut metrics = BTreeMap::new();
-        let mut cpu_seconds = BTreeMap::new();
-        for (name, pid) in stack.pids() {
-            if let Some(service) = stack.service(name) {
-                metrics.insert(name, prom::scrape(&http, &service.metrics_url).await?);
-            }
-            cpu_seconds.insert(format!("clinflow-{name}"), stack::cpu_seconds(pid).unwrap_or(0.0));
-        }
-        cpu_seconds.insert("postgresql (all backends)".into(), stack::cpu_seconds_of(&["postgres"]));
-        cpu_seconds.insert("rabbitmq".into(), stack::cpu_seconds_of(&["beam.smp"]));
-        let medcat = stack.medcat_pids().into_iter().filter_map(stack::cpu_seconds).sum();
-        cpu_seconds.insert("medcat (python)".into(), medcat);
-        cpu_seconds.insert("bench client + stand-in".into(), stack::cpu_seconds(std::process::id()).unwrap_or(0.0));
-        Ok(Self { at: Instant::now(), metrics, cpu_seconds })
-    }
 }
 
 /// The audit sink alone, draining `events` events published while it was

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use uuid::Uuid;
 
-use crate::Plan;
 use crate::disk::{self, FlushProbe};
 use crate::notes::{SplitMix64, Vocabulary};
-use crate::phases::{self, Client, Observation};
+use crate::observe::Observation;
+use crate::phases::{self, Client};
+use crate::plan::Plan;
 use crate::report::{self, EndpointRun, QuerySaturation};
 use crate::stack::Stack;
 use concepts::Concepts;

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::phases::{Observation, PipelineRun};
+use crate::cli::Mode;
+use crate::observe::{Observation, PipelineRun};
+use crate::plan::Plan;
 use crate::stack::{self, API, SINK, Stack, WORKER};
-use crate::{Mode, Plan};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Figures {
@@ -415,7 +416,7 @@ pub fn print_and_save(
     let saturated_p99 = figures.saturation.as_ref().map_or(0.0, |l| l.upload_p99_ms);
     let live_p99 = figures.lanes.as_ref().map_or(0.0, |l| l.live_p99_ms);
     let sink_rate = sink.map_or(0.0, |s| s.events_per_s);
-    let throttled = crate::phases::THROTTLED.load(std::sync::atomic::Ordering::Relaxed);
+    let throttled = crate::observe::THROTTLED.load(std::sync::atomic::Ordering::Relaxed);
     let query_p99 = figures.queries.as_ref().map_or(0.0, Queries::p99_ms);
 
     println!();

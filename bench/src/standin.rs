@@ -1,8 +1,9 @@
 //! STAND-IN for MedCAT, used by the benchmark's ceiling and backlog runs
-//! only: it speaks the medcat-service HTTP contract (../shared/MEDCAT.md) and
-//! answers at once with a fixed, plausible set of annotations, so what is
-//! measured is clinflow's own cost (upload, queues, encryption, database,
-//! audit) with the NLP stage taken out. It finds nothing in the text.
+//! only: it speaks the medcat-service HTTP contract (the one
+//! dev/medcat/check_contract.py checks) and answers at once with a fixed,
+//! plausible set of annotations, so what is measured is clinflow's own cost
+//! (upload, queues, encryption, database, audit) with the NLP stage taken
+//! out. It finds nothing in the text.
 
 use axum::routing::{get, post};
 use axum::{Json, Router};

@@ -9,6 +9,11 @@
 //! then acks the dead message; a crash in between leaves the message in the
 //! dead queue to be replayed again (a job twice is harmless: the worker's
 //! claim and the one result per model version absorb it).
+//!
+//! The `dead-letters` command of the worker and of the audit sink (whose
+//! queue `list_audit` and `replay_audit` serve) is one: [`command`].
+
+pub mod command;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;

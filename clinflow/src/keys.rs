@@ -1,8 +1,12 @@
 //! Patients' data keys (table `data_keys`): created with a patient's first
 //! ciphertext in the caller's transaction, unwrapped through a bounded,
 //! time-limited cache shared by the process, and used to open any
-//! ciphertext (format 1 or 2). Rotation and re-encryption: [`rotation`].
+//! ciphertext (format 1 or 2). Rotation and re-encryption: [`rotation`];
+//! the `keys` command over them: [`command`]; filling the patient blind
+//! index of documents stored before it existed: [`reindex`].
 
+pub mod command;
+pub mod reindex;
 pub mod rotation;
 
 use std::collections::{HashMap, HashSet};
@@ -17,7 +21,7 @@ use uuid::Uuid;
 use crate::crypto::{CryptoError, DataKey, Envelope, Field, Keyring, WrappedKey, envelope};
 
 /// Unwrapped data keys a process keeps by default, and for how long (the
-/// api keeps more: `KEY_CACHE_ENTRIES` in api/src/main.rs).
+/// api keeps more: `KEY_CACHE_ENTRIES` in api/src/cli.rs).
 pub const CACHE_CAPACITY: usize = 10_000;
 pub const CACHE_TTL: Duration = Duration::from_secs(300);
 

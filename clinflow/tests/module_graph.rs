@@ -298,9 +298,13 @@ fn ingest_has_no_import_cycles() {
 }
 
 #[test]
-#[ignore = "api/src is being restructured; enabled when that lands"]
 fn api_has_no_import_cycles() {
     assert_no_cycles("../api/src");
+}
+
+#[test]
+fn bench_has_no_import_cycles() {
+    assert_no_cycles("../bench/src");
 }
 
 // The checker itself, on small module trees.

@@ -1,4 +1,5 @@
-//! Client for the medcat-service HTTP contract (see ../shared/MEDCAT.md).
+//! Client for the medcat-service HTTP contract (dev/medcat/check_contract.py
+//! checks a service against it).
 //!
 //! Response bodies are never logged or put into errors: MedCAT echoes the
 //! document text back, and a 422 body may quote it.

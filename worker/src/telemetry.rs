@@ -16,6 +16,8 @@ pub const IN_FLIGHT: &str = "clinflow_worker_batches_in_flight";
 pub const PAUSED: &str = "clinflow_worker_paused";
 pub const MEDCAT_READY: &str = "clinflow_medcat_ready";
 pub const MEDCAT_SECONDS: &str = "clinflow_medcat_request_seconds";
+/// Per-stage timings of a batch (see BENCHMARKS.md).
+pub const STAGE: &str = "clinflow_worker_stage_seconds";
 
 /// What becomes of a document: `done`, or its failure code.
 const OUTCOMES: [&str; 8] = [

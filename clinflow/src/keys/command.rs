@@ -1,20 +1,21 @@
-//! `clinflow-api keys …`: the operator's side of envelope encryption. The
-//! work is in `clinflow::keys::rotation`; this reads the environment,
-//! connects as the schema owner and reports progress on stderr.
+//! `keys …`, the operator's side of envelope encryption (the api offers it
+//! as `clinflow-api keys`). The work is in [`rotation`]; this reads the
+//! environment, connects as the schema owner and reports progress on
+//! stderr, the outcome on stdout.
 
 use std::io::BufRead;
 
 use anyhow::Context;
 use clap::{ArgGroup, Subcommand};
-use clinflow::audit::Actor;
-use clinflow::crypto::IndexKey;
-use clinflow::keys::{Keys, rotation};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-const TOOL: &str = "clinflow-api";
+use crate::audit::Actor;
+use crate::config;
+use crate::crypto::IndexKey;
+use crate::keys::{Keys, rotation};
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
@@ -63,10 +64,12 @@ pub enum KeysCommand {
     },
 }
 
-pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
-    let keys = Keys::new(clinflow::config::master_keys()?);
+/// Runs `command`; each step is audited as the operator's, through `tool`
+/// (the binary that runs it).
+pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
+    let keys = Keys::new(config::master_keys()?);
     let db = owner_pool().await?;
-    let actor = Actor::operator(TOOL);
+    let actor = Actor::operator(tool);
     match command {
         KeysCommand::Status => status(&db, &keys).await,
         KeysCommand::Rotate { batch } => {
@@ -106,7 +109,7 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::MigrateV1 { batch } => {
-            let index_key = IndexKey::new(clinflow::config::secret_bytes("CLINFLOW_INDEX_KEY")?);
+            let index_key = IndexKey::new(config::secret_bytes("CLINFLOW_INDEX_KEY")?);
             let (documents, grants) = rotation::migrate_v1(&db, &keys, &index_key, &actor, batch.max(1), |done| {
                 eprintln!("migrated {done} documents");
             })
@@ -125,21 +128,22 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     }
 }
 
+/// As the schema owner: `MIGRATION_DATABASE_URL`, or `DATABASE_URL` if unset.
 async fn owner_pool() -> anyhow::Result<PgPool> {
-    let url = match clinflow::config::optional("MIGRATION_DATABASE_URL")? {
-        Some(_) => clinflow::config::url("MIGRATION_DATABASE_URL", &["postgres", "postgresql"])?,
-        None => crate::config::database_url()?,
+    let url = match config::optional("MIGRATION_DATABASE_URL")? {
+        Some(_) => config::url("MIGRATION_DATABASE_URL", &["postgres", "postgresql"])?,
+        None => config::url("DATABASE_URL", &["postgres", "postgresql"])?,
     };
     PgPoolOptions::new().max_connections(2).connect(url.expose_secret()).await.context("connecting to PostgreSQL")
 }
 
 async fn patient_key(db: &PgPool) -> anyhow::Result<Uuid> {
-    let index_key = IndexKey::new(clinflow::config::secret_bytes("CLINFLOW_INDEX_KEY")?);
+    let index_key = IndexKey::new(config::secret_bytes("CLINFLOW_INDEX_KEY")?);
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).context("reading the patient reference from stdin")?;
     let patient_ref = line.trim();
     anyhow::ensure!(!patient_ref.is_empty(), "no patient reference on stdin");
-    let index = clinflow::documents::patient_index(&index_key, patient_ref);
+    let index = crate::documents::patient_index(&index_key, patient_ref);
     rotation::key_of_patient(db, &index).await?.context("this patient has no data key (nothing stored for them)")
 }
 

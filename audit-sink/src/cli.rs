@@ -1,0 +1,160 @@
+//! The `clinflow-audit-sink` command line: consume audit events (the
+//! default), `verify` the chain, or work on its `dead-letters`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use clinflow::amqp::Topology;
+use clinflow::audit::Actor;
+use clinflow::chain::{self, ChainKey};
+use clinflow::checkpoint::{self, CheckpointConfig, Checkpointer};
+use clinflow::config;
+use clinflow::deadletters::command::{AuditMessages, DeadLetters};
+use clinflow::link::LinkState;
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::sink::{SERVICE_NAME, Sink};
+use crate::telemetry::Verifier;
+
+/// Writes audit events to the append-only, hash-chained audit table.
+#[derive(Parser)]
+#[command(version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Consume audit events (the default).
+    Run,
+    /// Walk the hash chain and report the first broken row, if any; with
+    /// checkpoints (default: AUDIT_CHECKPOINT_FILE), also that the table
+    /// still holds every checkpointed row.
+    Verify {
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<std::path::PathBuf>,
+    },
+    /// Audit messages the sink could not store (ids, reasons and sizes only)
+    #[command(subcommand)]
+    DeadLetters(DeadLetters<AuditMessages>),
+}
+
+/// Runs what `cli` asks for.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => consume().await,
+        Command::Verify { checkpoints } => verify(checkpoints).await,
+        Command::DeadLetters(command) => dead_letters(command).await,
+    }
+}
+
+async fn connect_db() -> anyhow::Result<PgPool> {
+    connect_as("DATABASE_URL").await
+}
+
+async fn connect_as(variable: &'static str) -> anyhow::Result<PgPool> {
+    let url = config::url(variable, &["postgres", "postgresql"])?;
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(clinflow::batch_connect_options(url.expose_secret())?)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL ({variable})"))
+}
+
+/// The sink itself, configured by environment variables, until SIGTERM.
+async fn consume() -> anyhow::Result<()> {
+    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
+    let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
+    let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
+    let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9103")?;
+    clinflow::telemetry::recorder()?;
+    crate::telemetry::register();
+    let db = connect_db().await?;
+    let verify_every = config::optional("AUDIT_VERIFY_SECONDS")?
+        .map(|v| v.trim().parse::<u64>())
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("AUDIT_VERIFY_SECONDS must be a whole number of seconds (0: never)"))?
+        .unwrap_or(60);
+    let batch_size = usize::from(config::positive("AUDIT_BATCH_SIZE", 256)?);
+    let max_wait = std::time::Duration::from_millis(config::positive("AUDIT_BATCH_WAIT_MS", 50)?.into());
+    let checkpoints = checkpointer()?;
+    let verifier = Verifier {
+        db: db.clone(),
+        key: ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?),
+        checkpoints: config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
+        every: (verify_every > 0).then(|| std::time::Duration::from_secs(verify_every)),
+    };
+    let link = LinkState::default();
+    let shutdown = clinflow::shutdown::on_signal();
+    clinflow::telemetry::serve_ops(metrics_addr, probes(&db, &link)).await?;
+    tokio::spawn(verifier.run(shutdown.clone()));
+    let sink = Sink { db, key, topology: Topology::new(prefix), batch_size, max_wait, checkpoints };
+    // RabbitMQ is connected (and reconnected) inside `run`.
+    sink.run(&amqp_url, &link, shutdown).await
+}
+
+/// The checkpoint writer of `AUDIT_CHECKPOINT_FILE`, if it is set.
+fn checkpointer() -> anyhow::Result<Option<tokio::sync::Mutex<Checkpointer>>> {
+    match config::optional("AUDIT_CHECKPOINT_FILE")? {
+        Some(path) => Ok(Some(tokio::sync::Mutex::new(Checkpointer::new(CheckpointConfig {
+            path: path.into(),
+            every_events: config::positive("AUDIT_CHECKPOINT_EVERY", 1000)?.into(),
+            every: std::time::Duration::from_secs(config::positive("AUDIT_CHECKPOINT_SECONDS", 60)?.into()),
+        })))),
+        None => {
+            tracing::warn!(
+                "AUDIT_CHECKPOINT_FILE is not set: no external checkpoints, so deleting the newest audit rows \
+                 would go unnoticed by verify"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Ready = PostgreSQL answers and RabbitMQ is connected.
+fn probes(db: &PgPool, link: &LinkState) -> clinflow::telemetry::Probes {
+    let (db, link) = (db.clone(), link.clone());
+    clinflow::telemetry::Probes::new(move || {
+        let (db, link) = (db.clone(), link.clone());
+        async move { vec![("postgres", clinflow::telemetry::database_ready(&db).await), ("rabbitmq", link.connected())] }
+    })
+}
+
+async fn verify(checkpoints: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
+    let checkpoints = match checkpoints {
+        Some(path) => Some(path),
+        None => config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
+    };
+    // Verifying only reads: as the read-only audit role when one is given.
+    let db = match config::optional("AUDIT_READER_DATABASE_URL")? {
+        Some(_) => connect_as("AUDIT_READER_DATABASE_URL").await?,
+        None => connect_db().await?,
+    };
+    let rows = chain::verify(&db, &key).await?;
+    match checkpoints {
+        Some(path) => {
+            let read = checkpoint::read(&path, &key)?;
+            checkpoint::check(&db, rows, &read).await?;
+            let newest = read.iter().map(|c| c.seq).max().unwrap_or(0);
+            println!("audit chain intact: {rows} events; {} checkpoints hold (newest at seq {newest})", read.len());
+        }
+        None => println!("audit chain intact: {rows} events (no checkpoints given: the newest rows are not anchored)"),
+    }
+    Ok(())
+}
+
+async fn dead_letters(command: DeadLetters<AuditMessages>) -> anyhow::Result<()> {
+    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
+    let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
+    let topology = Topology::new(prefix);
+    let connection = clinflow::amqp::connect(&amqp_url, "clinflow-audit-sink-cli").await?;
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    channel.close(200, "declared".into()).await?;
+    command.run(&connection, &topology, &Actor::operator(SERVICE_NAME)).await?;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! The harness's flags (`./bench/run` passes them).
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(about = "clinflow benchmark harness; run it through ./bench/run")]
+pub struct Cli {
+    #[arg(value_enum)]
+    pub mode: Mode,
+    /// The real MedCAT (medcat-service contract) to compare against.
+    #[arg(long)]
+    pub medcat_url: String,
+    /// Its process: with it, each ratio round is measured a second time with
+    /// MedCAT alone on core 0 (see `pin`).
+    #[arg(long)]
+    pub medcat_pid: Option<u32>,
+    /// Where the clinflow-api, -worker and -audit-sink binaries are.
+    #[arg(long)]
+    pub bin_dir: PathBuf,
+    #[arg(long)]
+    pub results_dir: PathBuf,
+    /// Where the services' logs go.
+    #[arg(long)]
+    pub log_dir: PathBuf,
+    #[arg(long)]
+    pub concepts: PathBuf,
+    /// A PostgreSQL superuser on the maintenance database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub admin_url: String,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// The bench's own database (dropped and created afresh) and queue
+    /// prefix; another name lets two runs share a machine.
+    #[arg(long, default_value = "clinflow_bench", value_parser = plain_name)]
+    pub database: String,
+    #[arg(long, default_value = "clinflow-bench", value_parser = plain_name)]
+    pub queue_prefix: String,
+    /// Leave the database in place at the end (to inspect plans on the
+    /// loaded data); the next run drops it.
+    #[arg(long)]
+    pub keep_database: bool,
+    /// Documents queued for the backlog drain (full mode).
+    #[arg(long)]
+    pub backlog: Option<usize>,
+    /// Documents bulk-loaded for the clinician queries (0 skips them).
+    #[arg(long)]
+    pub query_docs: Option<usize>,
+    /// Requests per second each clinician client sends in the paced query runs.
+    #[arg(long)]
+    pub query_rate: Option<f64>,
+    /// Run this phase alone.
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
+    /// Recorded with the results: the cargo profile the binaries were built with.
+    #[arg(long, default_value = "release")]
+    pub profile: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A few hundred documents, for CI: proves the harness runs, asserts nothing.
+    Tiny,
+    /// At most 4 minutes here.
+    Quick,
+    /// Larger runs and the 1,000,000-document backlog drain.
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Only {
+    /// The clinician queries over bulk-loaded documents.
+    Queries,
+    /// The warm-up and the ratio rounds.
+    Ratio,
+}
+
+/// A database name or queue prefix: lowercase letters, digits, `_` and `-`
+/// (the database name is put into SQL as is).
+fn plain_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok { Ok(s.to_owned()) } else { Err("use lowercase letters, digits, _ and -".into()) }
+}

@@ -1,0 +1,258 @@
+//! The phases of a run, in order: the ratio rounds against the real
+//! MedCAT, then the runs with the STAND-IN (ceiling, upload latency and
+//! saturation, lanes, audit sink, backlog), then the clinician queries;
+//! `--only` runs one of the first and the last.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use clinflow::amqp::Topology;
+
+use crate::cli::{Cli, Only};
+use crate::notes::Note;
+use crate::observe::Observation;
+use crate::phases;
+use crate::pin;
+use crate::plan::Plan;
+use crate::report::{self, Figures};
+use crate::stack::{self, API, SINK, Stack, WORKER};
+use crate::standin;
+
+/// What every phase reads.
+pub(crate) struct Bench<'a> {
+    pub(crate) cli: &'a Cli,
+    pub(crate) plan: &'a Plan,
+    pub(crate) ctx: &'a phases::Context<'a>,
+    pub(crate) amqp: &'a lapin::Connection,
+    pub(crate) topology: &'a Topology,
+    /// Of the `bench-ingest` user.
+    pub(crate) password: &'a str,
+}
+
+/// Runs the phases, with the services of `stack`; `master_key` is theirs.
+pub(crate) async fn measure(b: &Bench<'_>, master_key: &[u8; 32], stack: &mut Stack) -> anyhow::Result<Figures> {
+    let mut figures = Figures::default();
+    if b.cli.only == Some(Only::Queries) {
+        stack.start(SINK, &[]).await?;
+        stack.start(API, &[]).await?;
+        figures.queries = queries_phase(b, stack).await?;
+        return Ok(figures);
+    }
+    let real = [("MEDCAT_URL", b.cli.medcat_url.as_str())];
+    stack.start(SINK, &[]).await?;
+    stack.start(WORKER, &real).await?;
+    stack.start(API, &[]).await?;
+    let client = phases::Client::login(&stack.api_url, "bench-ingest", b.password).await?;
+    ratio(b, stack, &client, &mut figures).await?;
+    if b.cli.only == Some(Only::Ratio) {
+        return Ok(figures);
+    }
+    with_standin(b, master_key, stack, &client, &mut figures).await?;
+    figures.queries = queries_phase(b, stack).await?;
+    Ok(figures)
+}
+
+/// Batch uploads, as a bulk loader sends them.
+fn bulk(plan: &Plan) -> phases::Upload {
+    phases::Upload::Batch { lines: plan.batch_lines, clients: plan.batch_clients }
+}
+
+/// The warm-up, then the rounds: the same notes straight to MedCAT and
+/// through the pipeline, with every process sharing every core and, given
+/// MedCAT's process, again with MedCAT alone on core 0.
+async fn ratio(b: &Bench<'_>, stack: &Stack, client: &phases::Client, figures: &mut Figures) -> anyhow::Result<()> {
+    let (cli, plan, ctx) = (b.cli, b.plan, b.ctx);
+    eprintln!("== warm-up");
+    phases::direct(&cli.medcat_url, &ctx.notes(0, plan.bulk_batch), plan.bulk_batch).await?;
+    phases::pipeline(ctx, stack, client, &ctx.notes(1_000_000_000, 50), bulk(plan)).await?;
+
+    let round_notes = ctx.notes(0, plan.notes);
+    let mut pipeline_busy = Duration::ZERO;
+    let mut cpu_before = None;
+    let mut stages = Vec::new();
+    for round in 1..=plan.rounds {
+        for own_core in [false, true] {
+            let Some(pinned) = place_medcat(own_core, cli.medcat_pid, stack) else { break };
+            let r = one_round(b, stack, client, &round_notes, pinned).await?;
+            if !own_core {
+                // The breakdown and CPU table describe the shared rounds.
+                pipeline_busy += r.after.at - r.before.at;
+                report::add_stages(&mut stages, report::stages(&r.before, &r.after));
+                let cpu = cpu_before.get_or_insert_with(BTreeMap::new);
+                for (name, s) in &r.after.cpu_seconds {
+                    *cpu.entry(name.clone()).or_insert(0.0) +=
+                        s - r.before.cpu_seconds.get(name).copied().unwrap_or(0.0);
+                }
+            }
+            eprintln!(
+                "== round {round}{}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3} \
+                 (MedCAT waiting for a CPU: {:.0} % of direct, {:.0} % of pipeline)",
+                if own_core { ", MedCAT alone on core 0" } else { ", all sharing every core" },
+                r.direct,
+                r.pipeline,
+                r.pipeline / r.direct,
+                r.direct_wait * 100.0,
+                r.pipeline_wait * 100.0
+            );
+            figures.rounds.push(report::Round {
+                medcat_own_core: own_core,
+                direct_docs_per_s: r.direct,
+                pipeline_docs_per_s: r.pipeline,
+                direct_medcat_cpu_wait: r.direct_wait,
+                pipeline_medcat_cpu_wait: r.pipeline_wait,
+            });
+        }
+    }
+    figures.pipeline_cpu_seconds = cpu_before.unwrap_or_default();
+    figures.pipeline_stages = stages;
+    figures.pipeline_wall_s = pipeline_busy.as_secs_f64();
+    Ok(())
+}
+
+/// Where MedCAT runs in a round: `Some(None)` sharing every core,
+/// `Some(Some(_))` alone on core 0 (`own_core`), `None` when it cannot be
+/// (no MedCAT process given, too few cores, or not allowed to move the
+/// others): that round is measured shared only.
+fn place_medcat(own_core: bool, medcat_pid: Option<u32>, stack: &Stack) -> Option<Option<pin::Pinned>> {
+    match (own_core, medcat_pid) {
+        (false, _) => Some(None),
+        (true, None) => None,
+        (true, Some(pid)) => {
+            let services = stack.pids().into_iter().map(|(_, pid)| pid).collect();
+            match pin::Pinned::medcat_alone(pid, services) {
+                Ok(Some(pinned)) => Some(Some(pinned)),
+                Ok(None) => None,
+                // E.g. not allowed to move PostgreSQL's processes
+                // (another user's): measured shared only.
+                Err(e) => {
+                    eprintln!("   MedCAT not placed on its own core ({e:#}); this round shared only");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// One round's measurements: docs/s, and the share of the time MedCAT
+/// waited for a CPU, straight and through the pipeline.
+struct Round {
+    direct: f64,
+    direct_wait: f64,
+    pipeline: f64,
+    pipeline_wait: f64,
+    before: Observation,
+    after: Observation,
+}
+
+async fn one_round(
+    b: &Bench<'_>,
+    stack: &Stack,
+    client: &phases::Client,
+    notes: &[Note],
+    pinned: Option<pin::Pinned>,
+) -> anyhow::Result<Round> {
+    // MedCAT's time runnable but without a CPU, per second of each run: on a
+    // machine the whole pipeline shares, what it loses to the rest.
+    let medcat_wait = || stack::cpu_wait_seconds(&stack.medcat_pids());
+    let (wait_0, started) = (medcat_wait(), Instant::now());
+    let direct = phases::direct(&b.cli.medcat_url, notes, b.plan.bulk_batch).await?;
+    // A thread that exits takes its wait with it: lower bounds.
+    let direct_wait = ((medcat_wait() - wait_0) / started.elapsed().as_secs_f64()).max(0.0);
+    let before = Observation::take(stack).await?;
+    let wait_0 = medcat_wait();
+    let pipeline = phases::pipeline(b.ctx, stack, client, notes, bulk(b.plan)).await?;
+    let after = Observation::take(stack).await?;
+    let pipeline_wait = ((medcat_wait() - wait_0) / (after.at - before.at).as_secs_f64()).max(0.0);
+    if let Some(pinned) = pinned {
+        pinned.release();
+    }
+    Ok(Round { direct, direct_wait, pipeline: pipeline.docs_per_s(), pipeline_wait, before, after })
+}
+
+/// The runs with the STAND-IN in MedCAT's place: the ceiling, upload
+/// latency and saturation, the lanes, the audit sink and (full mode) the
+/// backlog.
+async fn with_standin(
+    b: &Bench<'_>,
+    master_key: &[u8; 32],
+    stack: &mut Stack,
+    client: &phases::Client,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    let (plan, ctx, amqp, topology) = (b.plan, b.ctx, b.amqp, b.topology);
+    eprintln!("== ceiling: the pipeline with the NLP STAND-IN, batch uploads");
+    let standin = standin::start().await?;
+    stack.stop(WORKER).await?;
+    stack.start(WORKER, &[("MEDCAT_URL", standin.as_str())]).await?;
+    phases::pipeline(ctx, stack, client, &ctx.notes(2_000_000_000, 1_000), bulk(plan)).await?;
+    let before = Observation::take(stack).await?;
+    let ceiling =
+        phases::pipeline(ctx, stack, client, &ctx.notes(3_000_000_000, plan.ceiling_notes), bulk(plan)).await?;
+    let after = Observation::take(stack).await?;
+    figures.ceiling = Some(report::Run::new(&ceiling, &before, &after));
+
+    uploads(b, stack, client, figures).await?;
+
+    eprintln!(
+        "== lanes: live uploads at {}/s while {} backfill documents drain with the STAND-IN",
+        plan.live_rate, plan.lanes_backfill
+    );
+    figures.lanes = Some(
+        phases::lanes(ctx, stack, client, amqp, topology, master_key, &standin, plan.lanes_backfill, plan.live_rate)
+            .await?,
+    );
+
+    eprintln!("== audit sink: draining {} pre-filled events", plan.sink_events);
+    figures.sink = Some(phases::sink(ctx, stack, amqp, topology, plan.sink_events).await?);
+
+    if plan.backlog > 0 {
+        eprintln!("== backlog: {} queued documents drained with the STAND-IN", plan.backlog);
+        figures.peak_rss_mib.extend(report::peak_rss(stack));
+        figures.backlog = Some(phases::backlog(ctx, stack, amqp, topology, master_key, &standin, plan.backlog).await?);
+    }
+    Ok(())
+}
+
+/// Single uploads: at a steady offered load (latency), then back to back
+/// (saturation).
+async fn uploads(b: &Bench<'_>, stack: &Stack, client: &phases::Client, figures: &mut Figures) -> anyhow::Result<()> {
+    let (plan, ctx) = (b.plan, b.ctx);
+    let paced = phases::Upload::Paced {
+        clients: plan.upload_clients,
+        interval: Duration::from_secs_f64(1.0 / plan.upload_rate_per_client),
+    };
+    eprintln!(
+        "== upload latency: {} single uploads, {} clients each sending {}/s",
+        plan.latency_uploads, plan.upload_clients, plan.upload_rate_per_client
+    );
+    let before = Observation::take(stack).await?;
+    let latency = phases::pipeline(ctx, stack, client, &ctx.notes(3_500_000_000, plan.latency_uploads), paced).await?;
+    let after = Observation::take(stack).await?;
+    figures.latency = Some(report::Run::new(&latency, &before, &after));
+
+    eprintln!(
+        "== upload saturation: {} single uploads, {} clients back to back",
+        plan.latency_uploads, plan.upload_clients
+    );
+    let single = phases::Upload::Single { clients: plan.upload_clients };
+    let before = Observation::take(stack).await?;
+    let saturated =
+        phases::pipeline(ctx, stack, client, &ctx.notes(3_700_000_000, plan.latency_uploads), single).await?;
+    let after = Observation::take(stack).await?;
+    figures.saturation = Some(report::Run::new(&saturated, &before, &after));
+    Ok(())
+}
+
+/// The clinician queries over bulk-loaded documents (none with
+/// `--query-docs 0`).
+async fn queries_phase(b: &Bench<'_>, stack: &Stack) -> anyhow::Result<Option<report::Queries>> {
+    let plan = b.plan;
+    if plan.query_docs == 0 {
+        return Ok(None);
+    }
+    eprintln!(
+        "== clinician queries: {} documents loaded, {} clients × {}/s per endpoint",
+        plan.query_docs, plan.query_clients, plan.query_rate_per_client
+    );
+    Ok(Some(crate::queries::run(b.ctx, stack, plan, &b.cli.concepts).await?))
+}
