@@ -6,7 +6,7 @@
 use axum::Json;
 use axum::extract::State;
 use clinflow::deadletters::{self, Listing, OpsError, Replayed, Selection};
-use clinflow::documents::Reprocess;
+use clinflow::documents::reprocess::Reprocess;
 use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::Date;

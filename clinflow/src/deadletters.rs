@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::amqp::{self, AmqpError, Lane, Publisher, Topology};
 use crate::audit::{self, Action, Actor, AuditEvent, Outcome};
-use crate::documents::Reprocess;
+use crate::documents::reprocess::Reprocess;
 use crate::jobs::DocumentJob;
 
 /// One parked job, without anything of the document's content.
@@ -125,8 +125,8 @@ pub async fn replay(
             }
         }
         let ids: Vec<Uuid> = chosen.iter().map(|(id, _)| *id).collect();
-        let requeued: HashSet<Uuid> = crate::documents::requeue(db, &ids).await?.into_iter().collect();
-        let done: HashSet<Uuid> = crate::documents::done_among(db, &ids).await?.into_iter().collect();
+        let requeued: HashSet<Uuid> = crate::documents::reprocess::requeue(db, &ids).await?.into_iter().collect();
+        let done: HashSet<Uuid> = crate::documents::reprocess::done_among(db, &ids).await?.into_iter().collect();
         let events: Vec<AuditEvent> = requeued
             .iter()
             .map(|id| AuditEvent::new(Action::DeadLettersReplay, actor.clone(), Outcome::Success).document(*id))
@@ -174,10 +174,10 @@ pub async fn reprocess(
     audit::publish_many(&publisher, topology, &[event]).await?;
     let (mut after, mut total) = (Uuid::nil(), 0);
     loop {
-        let ids = crate::documents::select_for_reprocess(db, which, after, CHUNK).await?;
+        let ids = crate::documents::reprocess::select_for_reprocess(db, which, after, CHUNK).await?;
         let Some(last) = ids.last() else { break };
         after = *last;
-        let requeued = crate::documents::requeue_any(db, &ids).await?;
+        let requeued = crate::documents::reprocess::requeue_any(db, &ids).await?;
         publish_jobs(&publisher, topology, Lane::Backfill, &requeued).await?;
         total += requeued.len();
         progress(total);

@@ -12,7 +12,7 @@ use clinflow::audit::Actor;
 use clinflow::config;
 use clinflow::deadletters;
 use clinflow::deadletters::command::{DeadLetters, DocumentJobs};
-use clinflow::documents::Reprocess;
+use clinflow::documents::reprocess::Reprocess;
 use clinflow::keys::Keys;
 use clinflow::link::LinkState;
 use secrecy::ExposeSecret;

@@ -272,7 +272,7 @@ impl Worker {
     ) -> Result<(), SessionEnd> {
         let mut pause = Duration::from_millis(250);
         while !failed.is_empty() {
-            match documents::mark_failed(&self.db, failed).await {
+            match documents::results::mark_failed(&self.db, failed).await {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot mark documents failed; holding the batch");

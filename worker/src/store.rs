@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use clinflow::amqp::Publisher;
 use clinflow::audit::{self, Action, Actor, AuditEvent, Outcome};
 use clinflow::crypto::CryptoError;
-use clinflow::documents::{self, NewResult, ResultTarget};
+use clinflow::documents::{self, results::NewResult, results::ResultTarget};
 use clinflow::telemetry::{timed, timed_sync};
 use sqlx::PgConnection;
 use tracing::Span;
@@ -70,13 +70,13 @@ impl Worker {
     /// job) is neither: its job is acked.
     #[tracing::instrument(skip_all, fields(documents = ids.len(), claimed, finished, missing))]
     async fn claim(&self, ids: &[Uuid]) -> Result<(Vec<Claimed>, HashSet<Uuid>), BatchError> {
-        let claimed = timed(STAGE, "claim", documents::claim_many(&self.db, ids)).await?;
+        let claimed = timed(STAGE, "claim", documents::results::claim_many(&self.db, ids)).await?;
         Span::current().record("claimed", claimed.len());
         let unclaimed: Vec<Uuid> = ids.iter().filter(|id| !claimed.iter().any(|(c, _)| c == *id)).copied().collect();
         if unclaimed.is_empty() {
             return Ok((claimed, HashSet::new()));
         }
-        let existing = documents::existing(&self.db, &unclaimed).await?;
+        let existing = documents::results::existing(&self.db, &unclaimed).await?;
         let finished = unclaimed.iter().filter(|id| existing.contains(id)).count();
         metrics::counter!("clinflow_worker_jobs_skipped_total").increment(finished as u64);
         let missing: HashSet<Uuid> = unclaimed.into_iter().filter(|id| !existing.contains(id)).collect();
@@ -124,8 +124,8 @@ impl Worker {
         let Sorted { done, mut failed, requeue } = sort(docs, outcomes);
         let mut tx = self.db.begin().await?;
         let results = self.seal(&mut tx, done, &mut failed).await?;
-        let done = documents::store_results(&mut tx, &results).await?;
-        documents::mark_failed(&mut *tx, &failed).await?;
+        let done = documents::results::store_results(&mut tx, &results).await?;
+        documents::results::mark_failed(&mut *tx, &failed).await?;
         tx.commit().await?;
         telemetry::record_done(&done);
         metrics::counter!(telemetry::DOCUMENTS, "outcome" => "done").increment(results.len() as u64);
@@ -147,7 +147,7 @@ impl Worker {
     ) -> Result<Vec<NewResult>, BatchError> {
         let ids: Vec<Uuid> = done.iter().map(|(id, _)| *id).collect();
         let mut targets: HashMap<Uuid, ResultTarget> =
-            documents::result_targets(conn, &ids).await?.into_iter().map(|t| (t.id, t)).collect();
+            documents::results::result_targets(conn, &ids).await?.into_iter().map(|t| (t.id, t)).collect();
         let wanted: Vec<Uuid> = targets.values().filter_map(|t| t.data_key_id).collect();
         let keys = self.keys.by_id(&mut *conn, &wanted).await.map_err(key_error)?;
         let mut results = Vec::with_capacity(done.len());

@@ -7,26 +7,22 @@
 //! - [`reencrypt`]: a patient's data key is suspected compromised: a new key,
 //!   every ciphertext of the patient opened and sealed again under it, the
 //!   old key deleted, in one transaction.
-//! - [`migrate_v1`]: ciphertexts of format 1 (sealed directly under the
-//!   master key, before envelope keys) sealed again under their patients'
-//!   data keys, so KEK "1" can be retired.
+//! - `migrate_v1` (its own module): ciphertexts of format 1 sealed again
+//!   under data keys.
 //! - [`seal_refs`]: each patient's reference sealed beside their data key,
 //!   for keys from before the concept endpoints read it there.
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{KeyError, Keys, PatientRef, break_glass_reason_field, data_key_ref_field};
-use crate::audit::{Action, Actor, AuditEvent, Outcome};
-use crate::crypto::{CryptoError, DataKey, Envelope, Field, IndexKey, WrappedKey, envelope};
-use crate::documents::{annotations_field, patient_index, patient_ref_field, text_field};
-use crate::outbox;
+use super::reseal::{audit, results_for_update, store_reasons, store_results};
+use super::{KeyError, Keys, break_glass_reason_field, data_key_ref_field};
 
-async fn audit(conn: &mut PgConnection, event: AuditEvent) -> Result<(), KeyError> {
-    let message = outbox::Message::audit(&event).map_err(|e| KeyError::Database(sqlx::Error::Encode(Box::new(e))))?;
-    outbox::enqueue(conn, &[message]).await?;
-    Ok(())
-}
+/// `keys migrate-v1` lives in its own module.
+pub use super::migrate_v1::migrate_v1;
+use crate::audit::{Action, Actor, AuditEvent, Outcome};
+use crate::crypto::{CryptoError, DataKey, Envelope, Field, WrappedKey, envelope};
+use crate::documents::{annotations_field, patient_ref_field, text_field};
 
 /// How many data keys are not under the primary KEK, by KEK id.
 pub async fn pending_rotation(db: &PgPool, keys: &Keys) -> Result<Vec<(String, i64)>, KeyError> {
@@ -134,13 +130,7 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, actor: &Actor, old_key: Uuid) -
     .fetch_all(&mut *tx)
     .await?;
     let doc_ids: Vec<Uuid> = docs.iter().map(|d| d.id).collect();
-    let results = sqlx::query!(
-        "SELECT document_id, model_version, annotations_ct FROM document_results
-         WHERE document_id = ANY($1) FOR UPDATE",
-        &doc_ids
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    let results = results_for_update(&mut tx, &doc_ids).await?;
     let grants = sqlx::query!(
         "SELECT id, reason_ct FROM break_glass_grants WHERE patient_index = $1 FOR UPDATE",
         stored.patient_index
@@ -286,157 +276,4 @@ pub async fn key_of_patient(db: &PgPool, patient_index: &[u8]) -> Result<Option<
     Ok(sqlx::query_scalar!("SELECT id FROM data_keys WHERE patient_index = $1", patient_index)
         .fetch_optional(db)
         .await?)
-}
-
-async fn store_results(
-    conn: &mut PgConnection,
-    docs: &[Uuid],
-    models: &[String],
-    sealed: &[Vec<u8>],
-) -> Result<(), KeyError> {
-    sqlx::query!(
-        "UPDATE document_results r SET annotations_ct = u.ct
-         FROM UNNEST($1::uuid[], $2::text[], $3::bytea[]) AS u(id, model, ct)
-         WHERE r.document_id = u.id AND r.model_version = u.model",
-        docs,
-        models,
-        sealed,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-async fn store_reasons(conn: &mut PgConnection, ids: &[Uuid], sealed: &[Vec<u8>]) -> Result<(), KeyError> {
-    sqlx::query!(
-        "UPDATE break_glass_grants g SET reason_ct = u.ct
-         FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, ct) WHERE g.id = u.id",
-        ids,
-        sealed,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Seals every format-1 ciphertext again under its patient's data key
-/// (created where missing), `batch` documents per transaction, then the
-/// break-glass reasons; fills the patient index of rows from before it.
-/// Returns (documents, grants) moved. Resumable: it selects what is left.
-pub async fn migrate_v1(
-    db: &PgPool,
-    keys: &Keys,
-    index_key: &IndexKey,
-    actor: &Actor,
-    batch: i64,
-    mut progress: impl FnMut(u64),
-) -> Result<(u64, u64), KeyError> {
-    let mut documents = 0_u64;
-    loop {
-        let mut tx = db.begin().await?;
-        let docs = sqlx::query!(
-            "SELECT id, patient_ref_ct, text_ct FROM documents WHERE data_key_id IS NULL
-             ORDER BY id LIMIT $1 FOR UPDATE",
-            batch
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        if docs.is_empty() {
-            break;
-        }
-        let ring = keys.keyring();
-        let mut plain = Vec::with_capacity(docs.len());
-        for d in &docs {
-            let patient = String::from_utf8(ring.open_v1(patient_ref_field(d.id), &d.patient_ref_ct)?)
-                .map_err(|_| CryptoError::Malformed)?;
-            let text = ring.open_v1(text_field(d.id), &d.text_ct)?;
-            plain.push((d.id, patient_index(index_key, &patient), patient, text));
-        }
-        let patients: Vec<PatientRef> = plain.iter().map(|p| PatientRef::new(&p.1, &p.2)).collect();
-        let data_keys = keys.for_patients(&mut tx, &patients).await?;
-        let key_of = |index: &[u8]| data_keys.get(index).ok_or(CryptoError::UnknownDataKey(Uuid::nil()));
-        let ids: Vec<Uuid> = plain.iter().map(|p| p.0).collect();
-        let (mut key_ids, mut pidx, mut refs, mut texts) = (vec![], vec![], vec![], vec![]);
-        for (id, index, patient, text) in &plain {
-            let key = key_of(index)?;
-            key_ids.push(key.id());
-            pidx.push(index.clone());
-            refs.push(key.seal_str(patient_ref_field(*id), patient)?);
-            texts.push(key.seal(text_field(*id), text)?);
-        }
-        sqlx::query!(
-            "UPDATE documents d SET data_key_id = u.k, patient_index = u.pi, patient_ref_ct = u.p, text_ct = u.t
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[]) AS u(id, k, pi, p, t)
-             WHERE d.id = u.id",
-            &ids,
-            &key_ids,
-            &pidx,
-            &refs,
-            &texts,
-        )
-        .execute(&mut *tx)
-        .await?;
-        let results = sqlx::query!(
-            "SELECT document_id, model_version, annotations_ct FROM document_results
-             WHERE document_id = ANY($1) FOR UPDATE",
-            &ids
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut sealed = Vec::with_capacity(results.len());
-        for r in &results {
-            let index = &plain.iter().find(|p| p.0 == r.document_id).ok_or(CryptoError::Malformed)?.1;
-            let annotations = match envelope(&r.annotations_ct)? {
-                Envelope::V1 => ring.open_v1(annotations_field(r.document_id), &r.annotations_ct)?,
-                Envelope::V2(_) => keys
-                    .opener(&mut *tx, [r.annotations_ct.as_slice()])
-                    .await?
-                    .open(annotations_field(r.document_id), &r.annotations_ct)?,
-            };
-            sealed.push(key_of(index)?.seal(annotations_field(r.document_id), &annotations)?);
-        }
-        let result_docs: Vec<Uuid> = results.iter().map(|r| r.document_id).collect();
-        let models: Vec<String> = results.iter().map(|r| r.model_version.clone()).collect();
-        store_results(&mut tx, &result_docs, &models, &sealed).await?;
-        let event = AuditEvent::new(Action::KeysMigrateV1, actor.clone(), Outcome::Success)
-            .resource("documents", &ids.len().to_string());
-        audit(&mut tx, event).await?;
-        tx.commit().await?;
-        documents += ids.len() as u64;
-        progress(documents);
-    }
-    let grants = migrate_v1_reasons(db, keys, actor).await?;
-    Ok((documents, grants))
-}
-
-/// Break-glass reasons of format 1, under their patients' data keys.
-async fn migrate_v1_reasons(db: &PgPool, keys: &Keys, actor: &Actor) -> Result<u64, KeyError> {
-    let mut tx = db.begin().await?;
-    let grants = sqlx::query!(
-        "SELECT id, patient_index, reason_ct FROM break_glass_grants
-         WHERE get_byte(reason_ct, 0) = 1 FOR UPDATE"
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    if grants.is_empty() {
-        return Ok(0);
-    }
-    // A patient known only by a grant (no document): their key holds no
-    // reference; the grant never had it in clear.
-    let patients: Vec<PatientRef> =
-        grants.iter().map(|g| PatientRef { index: &g.patient_index, reference: None }).collect();
-    let data_keys = keys.for_patients(&mut tx, &patients).await?;
-    let mut sealed = Vec::with_capacity(grants.len());
-    for g in &grants {
-        let reason = keys.keyring().open_v1(break_glass_reason_field(g.id), &g.reason_ct)?;
-        let key = data_keys.get(&g.patient_index).ok_or(CryptoError::UnknownDataKey(Uuid::nil()))?;
-        sealed.push(key.seal(break_glass_reason_field(g.id), &reason)?);
-    }
-    let ids: Vec<Uuid> = grants.iter().map(|g| g.id).collect();
-    store_reasons(&mut tx, &ids, &sealed).await?;
-    let event = AuditEvent::new(Action::KeysMigrateV1, actor.clone(), Outcome::Success)
-        .resource("break_glass_grants", &ids.len().to_string());
-    audit(&mut tx, event).await?;
-    tx.commit().await?;
-    Ok(ids.len() as u64)
 }
