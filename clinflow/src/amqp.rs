@@ -22,7 +22,7 @@
 //! prefix lets tests run beside a live stack on the same broker without
 //! touching its queues.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use lapin::Confirmation;
 use lapin::options::{
@@ -32,6 +32,10 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
+
+// The headers a publish sets, read back through these (see `headers`).
+use crate::headers::unix_micros;
+pub use crate::headers::{ATTEMPTS_HEADER, PUBLISHED_AT_HEADER, REASON_HEADER, header_int, header_str, queue_wait};
 
 /// How many times a quorum queue redelivers a message before dead-lettering it.
 pub const DELIVERY_LIMIT: i64 = 5;
@@ -219,24 +223,6 @@ fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(s.into())
 }
 
-/// Header carrying the publish time (µs since the Unix epoch), so a consumer
-/// can tell how long a message waited in the queue.
-pub const PUBLISHED_AT_HEADER: &str = "x-published-at-us";
-
-fn unix_micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-/// How long ago a message was published (from [`PUBLISHED_AT_HEADER`]).
-pub fn queue_wait(properties: &BasicProperties) -> Option<Duration> {
-    let published = match properties.headers().as_ref()?.inner().get(PUBLISHED_AT_HEADER)? {
-        AMQPValue::LongLongInt(us) => *us,
-        _ => return None,
-    };
-    let age = unix_micros(SystemTime::now()).checked_sub(published)?;
-    u64::try_from(age).ok().map(Duration::from_micros)
-}
-
 /// Connects, without lapin's built-in recovery: services run their
 /// connections under [`link::supervise`](crate::link::supervise), which
 /// rebuilds the whole connection after any error.
@@ -365,34 +351,6 @@ impl<'a> Outgoing<'a> {
         Self { exchange, routing_key, message_id, body, reason: None, attempts: 0, expiration: None }
     }
 }
-
-/// Header counting the attempts made at a document job that went through
-/// a retry queue (absent on a first delivery).
-pub const ATTEMPTS_HEADER: &str = "x-clinflow-attempts";
-
-/// The value of an integer header, if present.
-pub fn header_int(properties: &BasicProperties, name: &str) -> Option<i64> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
-        _ => None,
-    }
-}
-
-/// The value of a string header, if present.
-pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(v) => Some(v.to_string()),
-        AMQPValue::ShortString(v) => Some(v.to_string()),
-        _ => None,
-    }
-}
-
-/// Header naming, as a short code, why a message was parked in a `.dead`
-/// queue by clinflow itself (the broker's own dead-lettering adds `x-death`).
-pub const REASON_HEADER: &str = "x-clinflow-reason";
 
 /// How long a publish waits for the broker's confirmation before the
 /// connection is taken for dead. Confirms of a healthy broker take

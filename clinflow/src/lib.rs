@@ -49,6 +49,8 @@ pub mod deadletters;
 #[cfg(feature = "server")]
 pub mod documents;
 #[cfg(feature = "server")]
+pub mod headers;
+#[cfg(feature = "server")]
 pub mod jobs;
 #[cfg(feature = "server")]
 pub mod keys;
