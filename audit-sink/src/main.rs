@@ -7,11 +7,5 @@ use clinflow_audit_sink::cli::{self, Cli};
 #[tokio::main]
 async fn main() -> ExitCode {
     clinflow::telemetry::init_tracing();
-    match cli::run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{SERVICE_NAME}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    clinflow::telemetry::exit_code(SERVICE_NAME, cli::run(Cli::parse()).await)
 }

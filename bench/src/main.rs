@@ -5,12 +5,5 @@ use clinflow_bench::cli::Cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match clinflow_bench::run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("clinflow-bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    clinflow::telemetry::exit_code("clinflow-bench", clinflow_bench::run(Cli::parse()).await)
 }

@@ -24,6 +24,19 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
+/// How a binary's `main` ends: success, or the error with its causes on one
+/// line of stderr, after the binary's name (a start-up error names the
+/// variable; nothing here logs a secret).
+pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn init_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let text = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "text");

@@ -4,9 +4,9 @@
 Run with the venv's python (./run does this):
     .venv/bin/python service.py
 
-It implements the medcat-service HTTP contract described in
-shared/MEDCAT.md (same paths, JSON shapes and status codes as the FastAPI
-version of cogstacksystems/medcat-service), so the clinflow workers can be
+It implements the medcat-service HTTP contract (README.md here, "HTTP
+contract"; check_contract.py checks it): the same paths, JSON shapes and
+status codes as the FastAPI version of cogstacksystems/medcat-service, so the clinflow workers can be
 developed and tested against it unchanged. Every annotation comes from
 MedCAT itself (CAT.get_entities on the loaded model pack).
 

@@ -7,12 +7,5 @@ use clinflow_worker::cli::{self, Cli};
 #[tokio::main]
 async fn main() -> ExitCode {
     clinflow::telemetry::init_tracing();
-    let cli = Cli::parse();
-    match cli::run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{SERVICE_NAME}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    clinflow::telemetry::exit_code(SERVICE_NAME, cli::run(Cli::parse()).await)
 }
