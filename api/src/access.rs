@@ -11,10 +11,13 @@ use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::{self, Next};
 use clinflow::audit::Action;
+use clinflow::wire::BATCH_PATH;
+use tower_http::timeout::TimeoutLayer;
 use utoipa::openapi::path::PathItem;
 use utoipa_axum::router::UtoipaMethodRouter;
 use utoipa_axum::routes;
 
+use crate::error::ApiError;
 pub use crate::guard::Access;
 use crate::state::AppState;
 use crate::users::Role;
@@ -87,6 +90,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::new(public(), routes!(health::ready)),
         Endpoint::new(public(), routes!(docs::openapi_json)),
         Endpoint::new(public(), routes!(docs::docs)),
+        Endpoint::new(public(), routes!(docs::scalar_script)),
     ]
 }
 
@@ -134,7 +138,8 @@ fn method_of(item: &PathItem) -> Option<Method> {
     }
 }
 
-/// The router of [`endpoints`], each behind the guard.
+/// The router of [`endpoints`], each behind the guard and within its time
+/// limit (guard and body included; `server` answers the timeout as JSON).
 pub fn router(state: &AppState) -> Router<AppState> {
     endpoints().into_iter().fold(Router::new(), |router, e| {
         let access = e.access;
@@ -142,7 +147,16 @@ pub fn router(state: &AppState) -> Router<AppState> {
             middleware::from_fn_with_state(state.clone(), move |s: State<AppState>, req: Request, next: Next| {
                 guard::guard(s, access, req, next)
             });
+        // A batch streams a body of up to BATCH_MAX_BYTES: its own, longer limit.
+        let limit = if e.path == BATCH_PATH { state.edge.batch_timeout } else { state.edge.request_timeout };
         let (_, _, handler) = e.route;
-        router.route(e.path, handler.layer(guard))
+        router.route(e.path, handler.layer::<_, std::convert::Infallible>(guard).layer(time_limit(limit)))
     })
+}
+
+/// tower-http's timeout: past `limit` the request is dropped (a transaction
+/// in progress rolls back) and answered with an empty 503, which `server`
+/// turns into the JSON `timeout` error.
+pub(crate) fn time_limit(limit: std::time::Duration) -> TimeoutLayer {
+    TimeoutLayer::with_status_code(ApiError::Timeout.status(), limit)
 }

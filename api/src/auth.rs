@@ -8,10 +8,10 @@
 //! once; the role is read from the database on every request, never
 //! trusted from the token.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use clinflow::audit::{Action, Actor, ActorKind, AuditEvent, Outcome};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 pub use crate::lockout::{LockoutPolicy, LoginGuard};
+use crate::proxies::ClientAddr;
 use crate::users::Role;
 
 const ISSUER: &str = "clinflow";
@@ -97,6 +98,8 @@ impl JwtKeys {
 /// Where a request came from, for the audit trail.
 #[derive(Debug, Clone)]
 pub struct RequestMeta {
+    /// The client's address: the TCP peer, or behind a trusted proxy the
+    /// address it forwarded (`proxies`).
     pub source_ip: Option<IpAddr>,
     pub request_id: Option<String>,
 }
@@ -105,7 +108,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let source_ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let source_ip = parts.extensions.get::<ClientAddr>().map(|c| c.0);
         let request_id =
             parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(|v| v.chars().take(64).collect());
         Ok(Self { source_ip, request_id })

@@ -131,11 +131,13 @@ async fn run_server() -> anyhow::Result<()> {
             std::num::NonZeroU32::new(config.logins_per_minute).unwrap_or(std::num::NonZeroU32::MIN),
         )),
         break_glass_for: config.break_glass_for,
+        edge: config.edge,
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
         .with_context(|| format!("API_ADDR {}", config.api_addr))?;
     tracing::info!(addr = %config.api_addr, "clinflow-api listening");
+    crate::telemetry::log_panics_without_their_message();
     // The relay starts at once and keeps trying while RabbitMQ is away:
     // uploads are accepted meanwhile and published when it returns.
     let shutdown = clinflow::shutdown::on_signal();

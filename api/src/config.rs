@@ -29,6 +29,7 @@ pub struct ApiConfig {
     pub break_glass_for: std::time::Duration,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub edge: crate::state::Edge,
 }
 
 impl ApiConfig {
@@ -82,8 +83,29 @@ impl ApiConfig {
             break_glass_for: std::time::Duration::from_secs(60 * count("BREAK_GLASS_MINUTES", 60)?.max(1)),
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,
+            edge: edge()?,
         })
     }
+}
+
+fn edge() -> Result<crate::state::Edge, ConfigError> {
+    let d = crate::state::Edge::default();
+    let secs = |name, default: std::time::Duration| {
+        count(name, default.as_secs()).map(|s| std::time::Duration::from_secs(s.max(1)))
+    };
+    Ok(crate::state::Edge {
+        request_timeout: secs("API_REQUEST_TIMEOUT_SECONDS", d.request_timeout)?,
+        batch_timeout: secs("API_BATCH_TIMEOUT_SECONDS", d.batch_timeout)?,
+        docs: match config::optional("API_DOCS")?.as_deref().map(str::trim) {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(_) => return Err(ConfigError { name: "API_DOCS", problem: "must be on or off".into() }),
+        },
+        trusted_proxies: match config::optional("TRUSTED_PROXIES")? {
+            None => d.trusted_proxies,
+            Some(list) => list.parse().map_err(|problem| ConfigError { name: "TRUSTED_PROXIES", problem })?,
+        },
+    })
 }
 
 pub fn database_url() -> Result<SecretString, ConfigError> {

@@ -34,6 +34,10 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("the pipeline is busy; retry after the time in Retry-After")]
     Busy,
+    /// The request took longer than its limit (`API_REQUEST_TIMEOUT_SECONDS`,
+    /// for a batch `API_BATCH_TIMEOUT_SECONDS`), its body included.
+    #[error("the request took longer than this api allows; try again")]
+    Timeout,
     /// Too many login attempts from this address: retry after this many seconds.
     #[error("too many login attempts from this address; retry after the time in Retry-After")]
     LoginThrottled(u64),
@@ -77,6 +81,9 @@ impl ApiError {
             Self::DuplicateSourceRef(_) => (StatusCode::CONFLICT, "duplicate_source_ref"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Busy => (StatusCode::TOO_MANY_REQUESTS, "busy"),
+            // 503, not 408: most often the api or its database is slow, and
+            // a 5xx is what alerts on the api's error rate count.
+            Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::LoginThrottled(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_logins"),
             Self::LoginBusy => (StatusCode::SERVICE_UNAVAILABLE, "login_busy"),
             Self::WrongPassword => (StatusCode::FORBIDDEN, "wrong_password"),

@@ -9,7 +9,8 @@
 //!   `care` (break-glass), `patients/`, `admin/`, `ops`, `audit_api`,
 //!   `health`, `docs`;
 //! - the pieces they share: `guard` (authentication and the role check),
-//!   `state`, `auth`, `lockout`, `denials`, `users`, `extract`, `validate`,
+//!   `state`, `auth`, `proxies` (the client's address behind a load
+//!   balancer), `lockout`, `denials`, `users`, `extract`, `validate`,
 //!   `seal`, `scope` (care teams), `idempotency`, `dates`, `telemetry`,
 //!   `error`, `config`.
 
@@ -35,6 +36,7 @@ mod login;
 pub mod openapi;
 mod ops;
 mod patients;
+pub mod proxies;
 mod scope;
 mod seal;
 mod server;
@@ -44,4 +46,4 @@ pub mod users;
 mod validate;
 
 pub use server::{app, serve};
-pub use state::{AppState, UploadLimits};
+pub use state::{AppState, Edge, UploadLimits};

@@ -7,9 +7,9 @@
 //! the router gives it, so that the two cannot disagree: the bearer security requirement and
 //! the roles allowed (`x-roles` and a line of the description), the guard's
 //! 401 and 403, the errors of a path or query parameter (400), of a JSON
-//! body (400, 413, 415, 422) and of an unreachable database (503), each with
-//! the one error body. A test holds
-//! the operations equal to the routes.
+//! body (400, 413, 415, 422), of an unreachable database (503) and of the
+//! time limit every route has (503 `timeout`), each with the one error
+//! body. A test holds the operations equal to the routes.
 
 use std::sync::LazyLock;
 
@@ -152,21 +152,29 @@ fn describe_access(operation: &mut Operation, access: &Access) {
         add_error(operation, 415, "unsupported_media_type", "the body is not sent as `application/json`");
         add_error(operation, 422, "invalid_body", "a field is missing, unknown or of the wrong type");
     }
+    add_error(
+        operation,
+        503,
+        "timeout",
+        "no answer within the time limit (`API_REQUEST_TIMEOUT_SECONDS`, for a batch `API_BATCH_TIMEOUT_SECONDS`), \
+         the body's upload included",
+    );
     add_retry_after(operation);
 }
 
 /// Adds `- `code`: text` to the operation's answer `status` (created as an
-/// error answer with [`ErrorBody`] if the handler declared none).
+/// error answer with [`ErrorBody`] if the handler declared none; left alone
+/// if the handler declared it with another body, as health does).
 fn add_error(operation: &mut Operation, status: u16, code: &str, text: &str) {
     let key = status.to_string();
     let item = format!("- `{code}`: {text}");
     match operation.responses.responses.get_mut(&key) {
-        Some(RefOr::T(response)) => {
+        Some(RefOr::T(response)) if is_error_body(response) => {
             if !response.description.contains(&format!("`{code}`")) {
                 response.description = format!("{}\n{item}", response.description);
             }
         }
-        Some(RefOr::Ref(_)) => {}
+        Some(_) => {}
         None => {
             operation.responses.responses.insert(key, RefOr::T(error_response(item)));
         }
@@ -178,15 +186,18 @@ fn error_response(description: String) -> Response {
     ResponseBuilder::new().description(description).content("application/json", body).build()
 }
 
+fn is_error_body(response: &Response) -> bool {
+    matches!(
+        response.content.get("application/json"),
+        Some(RefOr::T(Content { schema: Some(RefOr::Ref(r)), .. })) if r.ref_location == "#/components/schemas/ErrorBody"
+    )
+}
+
 /// Every 429 and 503 error answer (an [`ErrorBody`]) carries `Retry-After`.
 fn add_retry_after(operation: &mut Operation) {
     for (status, response) in &mut operation.responses.responses {
         let RefOr::T(response) = response else { continue };
-        let is_error_body = matches!(
-            response.content.get("application/json"),
-            Some(RefOr::T(Content { schema: Some(RefOr::Ref(r)), .. })) if r.ref_location == "#/components/schemas/ErrorBody"
-        );
-        if (status == "429" || status == "503") && is_error_body {
+        if (status == "429" || status == "503") && is_error_body(response) {
             let mut header = Header::new(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)));
             header.description = Some("Seconds to wait before retrying".into());
             response.headers.insert("Retry-After".into(), RefOr::T(header));

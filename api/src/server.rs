@@ -1,36 +1,72 @@
-//! The api as a service: the route table ([`access::router`]) with the
-//! layers every request passes (request id, trace span, metrics, body
-//! limit), served until shutdown.
+//! The api as a service: the route table ([`access::router`], where each
+//! route has its timeout) with the layers every request passes (request
+//! id, trace span, security headers, metrics, panics and timeouts as JSON,
+//! the client's address, body limit), served until shutdown.
 
+use std::any::Any;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderName;
+use axum::extract::{ConnectInfo, MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::access;
 use crate::error::ApiError;
 use crate::openapi;
-use crate::state::AppState;
+use crate::proxies::{ClientAddr, TrustedProxies};
+use crate::state::{AppState, Edge};
 
 /// Request bodies above this are refused with 413 before they are parsed.
 const MAX_BODY_BYTES: usize = 2 * crate::validate::MAX_TEXT_BYTES;
 
+/// The policy of every answer but the `/docs` page (which sets its own):
+/// JSON needs nothing loaded, and nothing may frame it.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; frame-ancestors 'none'";
+
 pub fn app(state: AppState) -> Router {
-    let request_id = HeaderName::from_static("x-request-id");
-    access::router(&state)
+    let edge = state.edge.clone();
+    let routes = access::router(&state)
         .fallback(|| async { ApiError::NotFound })
         // The description of this router, for `GET /openapi.json` and `/docs`.
         .layer(Extension(openapi::spec()))
+        .with_state(state);
+    with_layers(routes, &edge)
+}
+
+/// The layers around every route (axum applies them to each route and the
+/// fallback, after routing: the route template is known). The last added
+/// is the outermost.
+fn with_layers(routes: Router, edge: &Edge) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let proxies = edge.trusted_proxies.clone();
+    routes
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(move |req: Request, next: Next| client_addr(proxies.clone(), req, next)))
+        .layer(middleware::map_response(timeout_as_json))
+        // Inside the metrics, so that a panic is counted as the 500 it becomes.
+        .layer(CatchPanicLayer::custom(panic_as_json))
         .layer(middleware::from_fn(record_metrics))
+        // On every answer, unless its handler set its own (the `/docs`
+        // page's policy, its script's caching). `no-store` on everything:
+        // most answers carry PHI or credentials, and the few that do not
+        // (health, the OpenAPI document) are cheap to answer again.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
+        .layer(SetResponseHeaderLayer::overriding(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")))
+        .layer(SetResponseHeaderLayer::if_not_present(header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
+        // Outside the panic and timeout answers, so that they carry the id.
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
@@ -42,7 +78,36 @@ pub fn app(state: AppState) -> Router {
         // Outermost: a client's request id reaches spans, logs and audit
         // events only if it is a plain token; anything else is replaced.
         .layer(middleware::from_fn(drop_unsafe_request_id))
-        .with_state(state)
+}
+
+/// The client's address ([`ClientAddr`]) for `RequestMeta`: the TCP peer,
+/// or the address a trusted proxy forwarded.
+async fn client_addr(proxies: TrustedProxies, mut req: Request, next: Next) -> Response {
+    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+        let client = proxies.client(peer.ip(), req.headers());
+        req.extensions_mut().insert(ClientAddr(client));
+    }
+    next.run(req).await
+}
+
+/// tower-http's timeout (each route's, in `access::router`) answers an
+/// empty 503; every answer of this api has a content type, so an empty
+/// 503 is the timeout's, and becomes the JSON error.
+async fn timeout_as_json(response: Response) -> Response {
+    let timed_out =
+        response.status() == ApiError::Timeout.status() && !response.headers().contains_key(header::CONTENT_TYPE);
+    if !timed_out {
+        return response;
+    }
+    tracing::warn!("request timed out");
+    ApiError::Timeout.into_response()
+}
+
+/// A handler's panic is a JSON 500 that says only that the request id
+/// identifies it. The payload is dropped unread: its message may quote
+/// what the handler held, a note or a patient reference.
+fn panic_as_json(_payload: Box<dyn Any + Send + 'static>) -> Response {
+    ApiError::Unexpected(anyhow::anyhow!("a handler panicked")).into_response()
 }
 
 /// Longest client-supplied request id kept.
@@ -88,4 +153,83 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use serde_json::Value;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    /// The layers of [`app`] around a router of routes no production table has.
+    fn layered(routes: Router) -> Router {
+        with_layers(routes, &Edge::default())
+    }
+
+    async fn call(app: Router, path: &str) -> (StatusCode, axum::http::HeaderMap, String) {
+        let request = Request::get(path).header("x-request-id", "edge-test-42").body(Body::empty()).unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (parts.status, parts.headers, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    fn error_code(body: &str) -> String {
+        let value: Value = serde_json::from_str(body).unwrap();
+        value["error"]["code"].as_str().unwrap().to_owned()
+    }
+
+    /// A handler that fails the way a bug would, with PHI in the message.
+    async fn boom() -> &'static str {
+        let note = "PAT-100234 note: known AF";
+        panic!("cannot slice {note}")
+    }
+
+    #[tokio::test]
+    async fn edge_a_panicking_handler_answers_a_json_500_with_the_request_id_and_nothing_of_the_panic() {
+        let app = layered(Router::new().route("/v1/boom", get(boom)).route("/v1/fine", get(|| async { "fine" })));
+        let (status, headers, body) = call(app.clone(), "/v1/boom").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(error_code(&body), "internal");
+        assert!(!body.contains("PAT-100234") && !body.contains("panicked") && !body.contains(".rs"), "{body}");
+        assert_eq!(headers["x-request-id"], "edge-test-42");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["content-security-policy"], CONTENT_SECURITY_POLICY);
+        assert_eq!(headers["cache-control"], "no-store");
+        // The router is still whole: the next request is answered.
+        let (status, _, body) = call(app, "/v1/fine").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
+    }
+
+    #[tokio::test]
+    async fn edge_a_handler_past_its_time_limit_answers_the_json_timeout_error() {
+        let limit = Duration::from_millis(200);
+        let app = layered(
+            Router::new()
+                .route("/v1/stuck", get(std::future::pending::<&'static str>).layer(access::time_limit(limit)))
+                .route("/v1/prompt", get(|| async { "prompt" }).layer(access::time_limit(limit)))
+                .route(
+                    "/v1/away",
+                    get(|| async { ApiError::Unavailable("the database") }).layer(access::time_limit(limit)),
+                ),
+        );
+        let started = Instant::now();
+        let (status, headers, body) = call(app.clone(), "/v1/stuck").await;
+        assert!(started.elapsed() >= limit);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error_code(&body), "timeout");
+        assert_eq!(headers["x-request-id"], "edge-test-42");
+        assert_eq!(headers["retry-after"], "2");
+        // Within the limit: the handler's own answer, and its own 503 stays its own.
+        let (status, _, body) = call(app.clone(), "/v1/prompt").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "prompt"));
+        let (status, _, body) = call(app, "/v1/away").await;
+        assert_eq!((status, error_code(&body).as_str()), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"));
+    }
 }

@@ -50,6 +50,34 @@ pub struct AppState {
     pub login: Arc<LoginGuard>,
     /// How long a break-glass grant lasts (`BREAK_GLASS_MINUTES`).
     pub break_glass_for: Duration,
+    /// Request timeouts, `/docs`, trusted proxies.
+    pub edge: Edge,
+}
+
+/// The HTTP edge (README, Configuration; docs/operations.md).
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// Longest a request may take, body included (`API_REQUEST_TIMEOUT_SECONDS`).
+    pub request_timeout: Duration,
+    /// The same for a batch upload, whose body may be `BATCH_MAX_BYTES`
+    /// (`API_BATCH_TIMEOUT_SECONDS`).
+    pub batch_timeout: Duration,
+    /// Whether `/docs` and its script are served (`API_DOCS`).
+    pub docs: bool,
+    /// Whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
+    pub trusted_proxies: crate::proxies::TrustedProxies,
+}
+
+impl Default for Edge {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            // 64 MiB in five minutes: about 1.8 Mbit/s, a slow WAN link.
+            batch_timeout: Duration::from_secs(300),
+            docs: true,
+            trusted_proxies: crate::proxies::TrustedProxies::default(),
+        }
+    }
 }
 
 /// Backpressure: uploads answer 429 while the outbox or the live queue holds

@@ -16,7 +16,7 @@ use clinflow::testing::{self, TestDb};
 use clinflow_api::auth::{IDLE_TIMEOUT, JwtKeys, LockoutPolicy, LoginGuard};
 use clinflow_api::batch::BatchLimits;
 use clinflow_api::users::{self, Passwords, Role};
-use clinflow_api::{AppState, UploadLimits};
+use clinflow_api::{AppState, Edge, UploadLimits};
 use clinflow_audit_sink::Sink;
 use clinflow_audit_sink::chain::ChainKey;
 use clinflow_audit_sink::checkpoint::{CheckpointConfig, Checkpointer};
@@ -149,6 +149,7 @@ impl Stack {
             denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(std::num::NonZeroU32::new(60).unwrap())),
             login: Arc::new(LoginGuard::new(lockout, std::num::NonZeroU32::new(logins_per_minute).unwrap())),
             break_glass_for,
+            edge: Edge::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -217,6 +218,18 @@ impl Stack {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(clinflow_api::serve(listener, state, self.shutdown.clone()));
+    }
+
+    /// Serves another api beside the first, on the same database, keys and
+    /// relay, with `change` made to its state (another edge, other login
+    /// limits); returns its base URL. It stops with the stack.
+    pub async fn serve_another_api(&self, change: impl FnOnce(&mut AppState)) -> String {
+        let mut state = self.state.clone();
+        change(&mut state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(clinflow_api::serve(listener, state, self.shutdown.clone()));
+        base
     }
 
     /// Starts the outbox relay of the in-process api.

@@ -11,6 +11,7 @@ mod batch;
 mod broker;
 mod common;
 mod database;
+mod edge;
 mod health;
 mod ingest;
 mod jobs;
