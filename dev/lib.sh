@@ -44,17 +44,20 @@ rabbitmq_up() {
 }
 
 medcat_ready() {
-  curl -fsS -m 2 "http://127.0.0.1:$1/api/health/ready" >/dev/null 2>&1
+  curl -fsS -m 2 --cacert "$CA_FILE" "https://127.0.0.1:$1/api/health/ready" >/dev/null 2>&1
 }
 
-# ensure_medcat PORT LOGFILE PIDFILE — starts dev/medcat/run on PORT unless a
-# MedCAT already answers there. The first start builds the venv (~1 min).
+# ensure_medcat PORT LOGFILE PIDFILE — starts dev/medcat/run on PORT, over
+# HTTPS with the development certificate, unless a MedCAT already answers
+# there. The first start builds the venv (~1 minute).
 ensure_medcat() {
   local port=$1 log=$2 pidfile=$3
   if medcat_ready "$port"; then return 0; fi
-  say "starting MedCAT on 127.0.0.1:$port (the first start builds its venv, ~1 minute)"
+  ensure_tls_certs
+  say "starting MedCAT on https://127.0.0.1:$port (the first start builds its venv, ~1 minute)"
   mkdir -p "$(dirname "$log")" "$(dirname "$pidfile")"
-  SERVER_PORT="$port" setsid "$CLINFLOW_ROOT/dev/medcat/run" >"$log" 2>&1 < /dev/null &
+  SERVER_PORT="$port" SERVER_TLS_CERT="$TLS_DIR/server.pem" SERVER_TLS_KEY="$TLS_DIR/server.key" \
+    setsid "$CLINFLOW_ROOT/dev/medcat/run" >"$log" 2>&1 < /dev/null &
   echo $! > "$pidfile"
   for _ in $(seq 1 600); do
     medcat_ready "$port" && return 0
@@ -109,3 +112,5 @@ ensure_debian_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300 install -y --no-install-recommends \
     "${need[@]}" >/dev/null
 }
+
+source "$CLINFLOW_ROOT/dev/tls.sh"

@@ -81,6 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_server() -> anyhow::Result<()> {
     let config = ApiConfig::from_env()?;
+    clinflow::tls::warn_if_plaintext_allowed()?;
     clinflow::telemetry::recorder()?;
     crate::telemetry::register();
     let db = PgPoolOptions::new()
@@ -168,7 +169,7 @@ async fn run_server() -> anyhow::Result<()> {
 
 async fn migrate() -> anyhow::Result<()> {
     let url = match clinflow::config::optional("MIGRATION_DATABASE_URL")? {
-        Some(_) => clinflow::config::url("MIGRATION_DATABASE_URL", &["postgres", "postgresql"])?,
+        Some(_) => clinflow::tls::postgres_url("MIGRATION_DATABASE_URL")?,
         None => config::database_url()?,
     };
     let db = PgPoolOptions::new()

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use clinflow::config::{self, ConfigError};
-use secrecy::{SecretBox, SecretString};
+use secrecy::{ExposeSecret, SecretBox, SecretString};
 
 pub struct ApiConfig {
     pub database_url: SecretString,
@@ -34,9 +34,9 @@ pub struct ApiConfig {
 
 impl ApiConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
-        Ok(Self {
+        let config = Self {
             database_url: database_url()?,
-            amqp_url: config::url("AMQP_URL", &["amqp", "amqps"])?,
+            amqp_url: clinflow::tls::amqp_url("AMQP_URL")?,
             queue_prefix: config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into()),
             keyring: config::master_keys()?,
             jwt_secret: config::secret_bytes("JWT_SECRET")?,
@@ -59,7 +59,7 @@ impl ApiConfig {
             },
             audit_checkpoints: config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
             audit_reader_url: match config::optional("AUDIT_READER_DATABASE_URL")? {
-                Some(_) => Some(config::url("AUDIT_READER_DATABASE_URL", &["postgres", "postgresql"])?),
+                Some(_) => Some(clinflow::tls::postgres_url("AUDIT_READER_DATABASE_URL")?),
                 None => None,
             },
             denials_per_minute: u32::try_from(count("AUTH_DENIALS_AUDITED_PER_MINUTE", 60)?.max(1)).unwrap_or(60),
@@ -84,7 +84,16 @@ impl ApiConfig {
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,
             edge: edge()?,
-        })
+        };
+        let mut secrets: Vec<(&'static str, &[u8])> = vec![
+            ("JWT_SECRET", config.jwt_secret.expose_secret()),
+            ("CLINFLOW_INDEX_KEY", config.index_key.expose_secret()),
+        ];
+        if let Some(key) = &config.audit_key {
+            secrets.push(("AUDIT_HMAC_KEY", key.expose_secret()));
+        }
+        config::distinct(&secrets)?;
+        Ok(config)
     }
 }
 
@@ -109,7 +118,7 @@ fn edge() -> Result<crate::state::Edge, ConfigError> {
 }
 
 pub fn database_url() -> Result<SecretString, ConfigError> {
-    config::url("DATABASE_URL", &["postgres", "postgresql"])
+    clinflow::tls::postgres_url("DATABASE_URL")
 }
 
 fn count(name: &'static str, default: u64) -> Result<u64, ConfigError> {

@@ -55,7 +55,7 @@ async fn connect_db() -> anyhow::Result<PgPool> {
 }
 
 async fn connect_as(variable: &'static str) -> anyhow::Result<PgPool> {
-    let url = config::url(variable, &["postgres", "postgresql"])?;
+    let url = clinflow::tls::postgres_url(variable)?;
     PgPoolOptions::new()
         .max_connections(4)
         .connect_with(clinflow::batch_connect_options(url.expose_secret())?)
@@ -65,7 +65,8 @@ async fn connect_as(variable: &'static str) -> anyhow::Result<PgPool> {
 
 /// The sink itself, configured by environment variables, until SIGTERM.
 async fn consume() -> anyhow::Result<()> {
-    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
+    let amqp_url = clinflow::tls::amqp_url("AMQP_URL")?;
+    clinflow::tls::warn_if_plaintext_allowed()?;
     let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
     let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9103")?;
@@ -147,7 +148,7 @@ async fn verify(checkpoints: Option<std::path::PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn dead_letters(command: DeadLetters<AuditMessages>) -> anyhow::Result<()> {
-    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
+    let amqp_url = clinflow::tls::amqp_url("AMQP_URL")?;
     let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
     let topology = Topology::new(prefix);
     let connection = clinflow::amqp::connect(&amqp_url, "clinflow-audit-sink-cli").await?;

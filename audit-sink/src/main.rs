@@ -7,5 +7,6 @@ use clinflow_audit_sink::cli::{self, Cli};
 #[tokio::main]
 async fn main() -> ExitCode {
     clinflow::telemetry::init_tracing();
+    clinflow::tls::install_crypto_provider();
     clinflow::telemetry::exit_code(SERVICE_NAME, cli::run(Cli::parse()).await)
 }

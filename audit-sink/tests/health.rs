@@ -58,7 +58,7 @@ async fn the_metrics_port_answers_and_the_periodic_verification_catches_a_rewrit
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db.url_as(testing::SINK_ROLE))
-        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+        .env("AMQP_URL", testing::amqp_url_string())
         .env("AUDIT_HMAC_KEY", KEY)
         .env("AUDIT_CHECKPOINT_FILE", &checkpoints)
         .env("AUDIT_VERIFY_SECONDS", "1")
@@ -69,7 +69,7 @@ async fn the_metrics_port_answers_and_the_periodic_verification_catches_a_rewrit
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let http = reqwest::Client::new();
+    let http = clinflow::testing::http();
     let base = format!("http://{metrics}");
 
     wait_until("the sink ready", Duration::from_secs(30), async || {

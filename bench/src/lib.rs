@@ -18,6 +18,7 @@
 
 pub mod cli;
 mod disk;
+mod http;
 mod measure;
 mod notes;
 mod observe;

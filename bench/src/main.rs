@@ -5,5 +5,6 @@ use clinflow_bench::cli::Cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    clinflow::tls::install_crypto_provider();
     clinflow::telemetry::exit_code("clinflow-bench", clinflow_bench::run(Cli::parse()).await)
 }

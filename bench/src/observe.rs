@@ -35,7 +35,7 @@ pub struct Observation {
 
 impl Observation {
     pub async fn take(stack: &Stack) -> anyhow::Result<Self> {
-        let http = reqwest::Client::new();
+        let http = crate::http::client();
         let mut metrics = BTreeMap::new();
         let mut cpu_seconds = BTreeMap::new();
         for (name, pid) in stack.pids() {

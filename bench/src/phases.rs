@@ -70,7 +70,7 @@ pub struct Client {
 
 impl Client {
     pub async fn login(base: &str, username: &str, password: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+        let http = crate::http::builder().pool_max_idle_per_host(256).build()?;
         let response = http
             .post(format!("{base}/v1/auth/login"))
             .json(&json!({"username": username, "password": password}))
@@ -164,7 +164,7 @@ impl Client {
 /// The notes straight to MedCAT's `/api/process_bulk`, `batch` at a time, one
 /// request after another: what a user's own loop would get. Returns docs/s.
 pub async fn direct(medcat_url: &str, notes: &[Note], batch: usize) -> anyhow::Result<f64> {
-    let http = reqwest::Client::new();
+    let http = crate::http::client();
     let started = Instant::now();
     for chunk in notes.chunks(batch) {
         let content: Vec<_> = chunk.iter().map(|n| json!({"text": n.text})).collect();
@@ -191,7 +191,7 @@ pub async fn pipeline(
     notes: &[Note],
     upload: Upload,
 ) -> anyhow::Result<PipelineRun> {
-    let http = reqwest::Client::new();
+    let http = crate::http::client();
     let (_, failed_before) = document_counts(ctx.db).await?;
     let finished_before = worker_finished(stack, &http).await?;
     let audit_before = audit_progress(ctx.db, stack, &http).await?;
@@ -483,7 +483,7 @@ pub async fn lanes(
     };
     // The backfill's progress from the worker's counter (free for the
     // database, which is what is measured here).
-    let http = reqwest::Client::new();
+    let http = crate::http::client();
     let worker = stack.service(WORKER).ok_or_else(|| anyhow::anyhow!("the worker is not running"))?.metrics_url.clone();
     let backfill_done = async || -> anyhow::Result<f64> {
         let m = prom::scrape(&http, &worker).await?;

@@ -117,7 +117,7 @@ impl Stack {
         // The api serves metrics before it listens: wait for its readiness.
         let ready_url = if name == API { format!("{}/readyz", self.api_url) } else { metrics_url.clone() };
         self.services.insert(name, Service { child, metrics_url });
-        let http = reqwest::Client::new();
+        let http = crate::http::client();
         let deadline = Instant::now() + Duration::from_secs(60);
         let log = self.log_dir.join(format!("{name}.log"));
         loop {

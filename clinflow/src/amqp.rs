@@ -28,6 +28,7 @@ use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use secrecy::{ExposeSecret, SecretString};
@@ -90,6 +91,8 @@ pub enum AmqpError {
     Timeout,
     #[error("RabbitMQ connection closed")]
     Closed,
+    #[error("RabbitMQ (AMQP_URL): TLS settings: {0}")]
+    Tls(String),
 }
 
 /// Names of exchanges and queues under one prefix (`clinflow` in production).
@@ -226,9 +229,35 @@ fn long_string(s: &str) -> AMQPValue {
 /// Connects, without lapin's built-in recovery: services run their
 /// connections under [`link::supervise`](crate::link::supervise), which
 /// rebuilds the whole connection after any error.
+///
+/// An `amqps://` URL is verified against its `cacertfile` only (and may log
+/// in with a client certificate, `certfile` and `keyfile`); an error of the
+/// handshake says so, naming RabbitMQ.
 pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, AmqpError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(url.expose_secret(), properties).await?)
+    let tls = tls_config(url.expose_secret()).map_err(AmqpError::Tls)?;
+    let runtime = lapin::runtime::default_runtime()?;
+    Ok(Connection::connect_with_config(url.expose_secret(), properties, tls, runtime).await?)
+}
+
+/// The TLS settings an `amqps://` URL names (RabbitMQ's URI query
+/// parameters `cacertfile`, `certfile`, `keyfile`); none for `amqp://`.
+fn tls_config(url: &str) -> Result<OwnedTLSConfig, String> {
+    if !url.starts_with("amqps://") {
+        return Ok(OwnedTLSConfig::default());
+    }
+    let read = |key: &str| -> Result<Option<String>, String> {
+        crate::tls::query_param(url, key)
+            .map(|path| std::fs::read_to_string(&path).map_err(|e| format!("{key} {path:?}: {e}")))
+            .transpose()
+    };
+    let cert_chain = read("cacertfile")?.ok_or("amqps:// needs ?cacertfile=PATH")?;
+    let identity = match (read("certfile")?, read("keyfile")?) {
+        (Some(pem), Some(key)) => Some(OwnedIdentity::PKCS8 { pem: pem.into_bytes(), key: key.into_bytes() }),
+        (None, None) => None,
+        _ => return Err("certfile and keyfile go together".into()),
+    };
+    Ok(OwnedTLSConfig { identity, cert_chain: Some(cert_chain) })
 }
 
 /// A channel in confirm mode: `publish` returns only once the broker has

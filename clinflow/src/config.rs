@@ -21,29 +21,54 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(name: &'static str, problem: impl Into<String>) -> Self {
+    pub(crate) fn new(name: &'static str, problem: impl Into<String>) -> Self {
         Self { name, problem: problem.into() }
     }
 }
 
 /// A required variable; empty counts as missing.
 pub fn required(name: &'static str) -> Result<String, ConfigError> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => Ok(v),
-        Ok(_) => Err(ConfigError::new(name, "is set but empty")),
-        Err(std::env::VarError::NotPresent) => Err(ConfigError::new(name, "is not set")),
-        Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::new(name, "is not valid UTF-8")),
+    match read(name)? {
+        Some(v) if !v.trim().is_empty() => Ok(v),
+        Some(_) => Err(ConfigError::new(name, "is set but empty")),
+        None => Err(ConfigError::new(name, "is not set")),
     }
 }
 
 /// An optional variable; empty counts as unset.
 pub fn optional(name: &'static str) -> Result<Option<String>, ConfigError> {
-    match std::env::var(name) {
-        Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) => Ok(Some(v)),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::new(name, "is not valid UTF-8")),
+    Ok(read(name)?.filter(|v| !v.trim().is_empty()))
+}
+
+/// `NAME`, or the content of the file `NAME_FILE` names (how Docker and
+/// Kubernetes hand over secrets; one trailing newline is dropped). Setting
+/// both is an error: which one counts would be a guess.
+fn read(name: &'static str) -> Result<Option<String>, ConfigError> {
+    let file_var = format!("{name}_FILE");
+    let direct = match std::env::var(name) {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => return Err(ConfigError::new(name, "is not valid UTF-8")),
+    };
+    let Some(path) = std::env::var_os(&file_var).filter(|p| !p.is_empty()) else { return Ok(direct) };
+    if direct.is_some() {
+        return Err(ConfigError::new(name, format!("is set and so is {file_var}: set one of them")));
     }
+    let content = std::fs::read_to_string(&path)
+        .map_err(|e| ConfigError::new(name, format!("{file_var} {:?}: {e}", std::path::Path::new(&path))))?;
+    let content = content.strip_suffix('\n').map(|c| c.strip_suffix('\r').unwrap_or(c)).unwrap_or(&content);
+    Ok(Some(content.to_owned()))
+}
+
+/// Refuses to start when two secrets that must differ are the same (one
+/// leaked would give away the other's use too); never echoes them.
+pub fn distinct(secrets: &[(&'static str, &[u8])]) -> Result<(), ConfigError> {
+    for (i, (a, a_value)) in secrets.iter().enumerate() {
+        if let Some((b, _)) = secrets[i + 1..].iter().find(|(_, b_value)| b_value == a_value) {
+            return Err(ConfigError::new(a, format!("is the same as {b}: each key must be its own")));
+        }
+    }
+    Ok(())
 }
 
 /// A URL that may carry a password: kept secret, checked only for its scheme.

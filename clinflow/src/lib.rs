@@ -62,6 +62,8 @@ pub mod outbox;
 pub mod relay;
 #[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
+pub mod tls;
 
 /// The schema migrations in `migrations/`, embedded at build time.
 #[cfg(feature = "server")]

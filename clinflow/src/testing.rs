@@ -4,7 +4,10 @@
 //!
 //! Environment (all optional): `CLINFLOW_TEST_ADMIN_URL` (a superuser on the
 //! maintenance database, default `postgres://postgres@127.0.0.1:5432/postgres`),
-//! `CLINFLOW_TEST_AMQP_URL` (default guest on 127.0.0.1:5672), `MEDCAT_URL`.
+//! `CLINFLOW_TEST_AMQP_URL` (default guest on 127.0.0.1:5672), `MEDCAT_URL`
+//! and `MEDCAT_CA_FILE`, and `CLINFLOW_TEST_TLS_DIR`: the development CA and
+//! server certificate (dev/tls.sh), with which the servers a test starts
+//! itself serve TLS too. `./dev/test` sets them all, with TLS on every hop.
 
 #![allow(clippy::expect_used)] // test support: a failed set-up should stop the test loudly
 
@@ -13,6 +16,8 @@ use secrecy::{SecretBox, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 use uuid::Uuid;
+
+pub mod tls;
 
 use crate::amqp::Topology;
 use crate::crypto::{IndexKey, Keyring};
@@ -30,6 +35,67 @@ pub fn amqp_url() -> SecretString {
 
 pub fn medcat_url() -> String {
     std::env::var("MEDCAT_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".to_owned())
+}
+
+/// The CA of the test MedCAT's certificate (`MEDCAT_CA_FILE`), if any.
+pub fn medcat_ca_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("MEDCAT_CA_FILE").map(Into::into)
+}
+
+/// An HTTP client for tests, trusting the development CA (as well as the
+/// system's roots) when the tests run with TLS.
+pub fn http() -> reqwest::Client {
+    crate::tls::install_crypto_provider();
+    let mut builder = reqwest::Client::builder();
+    if let Some(dir) = tls_dir() {
+        let pem = std::fs::read(dir.join("ca.pem")).expect("the development CA");
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).expect("the development CA") {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().expect("an HTTP client")
+}
+
+/// The environment a service a test starts needs to reach the MedCAT at
+/// `url`: its CA (`MEDCAT_CA_FILE`), or, for a test's own fault-injecting
+/// proxy (plain HTTP on loopback), `CLINFLOW_ALLOW_PLAINTEXT=1`.
+pub fn medcat_env(url: &str) -> Vec<(&'static str, String)> {
+    let mut env = vec![("MEDCAT_URL", url.to_owned())];
+    if url.starts_with("http://") {
+        env.push((crate::tls::ALLOW_PLAINTEXT, "1".to_owned()));
+    } else if let Some(ca) = medcat_ca_file() {
+        env.push(("MEDCAT_CA_FILE", ca.display().to_string()));
+    }
+    env
+}
+
+/// A broker URL nothing answers at (port 1), over TLS when the tests are:
+/// RabbitMQ away from the start.
+pub fn unreachable_amqp_url() -> String {
+    match tls_dir() {
+        Some(tls) => format!("amqps://guest:guest@127.0.0.1:1/%2f?cacertfile={}", tls.join("ca.pem").display()),
+        None => "amqp://guest:guest@127.0.0.1:1/%2f".to_owned(),
+    }
+}
+
+/// `amqp_url()` as a string, for a service a test starts.
+pub fn amqp_url_string() -> String {
+    secrecy::ExposeSecret::expose_secret(&amqp_url()).to_owned()
+}
+
+/// The development CA and server certificate (`CLINFLOW_TEST_TLS_DIR`:
+/// `ca.pem`, `server.pem`, `server.key`), if the tests run with TLS.
+pub fn tls_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("CLINFLOW_TEST_TLS_DIR").map(Into::into)
+}
+
+/// The query that asks PostgreSQL for a verified TLS connection with the
+/// development CA (empty without it).
+fn pg_tls_query() -> String {
+    match tls_dir() {
+        Some(dir) => format!("?sslmode=verify-full&sslrootcert={}", dir.join("ca.pem").display()),
+        None => String::new(),
+    }
 }
 
 /// The services' login roles (migrations/20261126000003_service_roles.sql).
@@ -99,7 +165,9 @@ impl TestDb {
     /// A database URL for `role`, for tests that start a binary.
     pub fn url_as(&self, role: &str) -> String {
         let admin: PgConnectOptions = self.admin.parse().expect("admin URL");
-        format!("postgres://{role}@{}:{}/{}", admin.get_host(), admin.get_port(), self.name)
+        // The admin URL's query (its TLS settings) goes with it.
+        let query = self.admin.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+        format!("postgres://{role}@{}:{}/{}{query}", admin.get_host(), admin.get_port(), self.name)
     }
 
     /// Drops the database. Tests that fail before this leave theirs behind;
@@ -195,7 +263,7 @@ impl RabbitNode {
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.join(sub)).expect("node directory");
         }
-        std::fs::write(dir.join("rabbitmq.conf"), format!("listeners.tcp.local = 127.0.0.1:{port}\n")).expect("conf");
+        std::fs::write(dir.join("rabbitmq.conf"), rabbit_listener_conf(port, &dir)).expect("conf");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins");
         let chown = tokio::process::Command::new("chown").arg("-R").arg("rabbitmq:rabbitmq").arg(&dir).status().await;
         assert!(chown.is_ok_and(|s| s.success()), "chown the node directory to the rabbitmq user");
@@ -221,7 +289,13 @@ impl RabbitNode {
     }
 
     pub fn amqp_url(&self) -> SecretString {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port).into()
+        match tls_dir() {
+            Some(tls) => {
+                format!("amqps://guest:guest@127.0.0.1:{}/%2f?cacertfile={}", self.port, tls.join("ca.pem").display())
+                    .into()
+            }
+            None => format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port).into(),
+        }
     }
 
     /// The fault: the broker stops serving (connections are closed) while
@@ -246,6 +320,22 @@ impl RabbitNode {
             .await
             .is_ok_and(|s| s.success())
     }
+}
+
+/// The node's listener: TLS only with the development certificate (copies
+/// the `rabbitmq` user can read, in the node's directory), else plain TCP.
+fn rabbit_listener_conf(port: u16, dir: &std::path::Path) -> String {
+    let Some(tls) = tls_dir() else { return format!("listeners.tcp.local = 127.0.0.1:{port}\n") };
+    for file in ["ca.pem", "server.pem", "server.key"] {
+        std::fs::copy(tls.join(file), dir.join(file)).expect("copy the development certificate");
+    }
+    format!(
+        "listeners.tcp = none\nlisteners.ssl.local = 127.0.0.1:{port}\n\
+         ssl_options.cacertfile = {d}/ca.pem\nssl_options.certfile = {d}/server.pem\n\
+         ssl_options.keyfile = {d}/server.key\nssl_options.verify = verify_none\n\
+         ssl_options.fail_if_no_peer_cert = false\n",
+        d = dir.display()
+    )
 }
 
 impl Drop for RabbitNode {
@@ -305,13 +395,28 @@ impl Postgres {
         let pg = Self { port: free_port(), dir, bin };
         let initdb = format!("{}/initdb -D {}/data -A trust -U postgres", pg.bin.display(), pg.dir.display());
         assert!(pg.as_postgres(&initdb).await, "initdb");
+        if let Some(tls) = tls_dir() {
+            // ssl = on with the development certificate; the key must be
+            // the server's own (postgres, 0600).
+            let data = pg.dir.join("data");
+            std::fs::copy(tls.join("server.pem"), data.join("server.crt")).expect("server certificate");
+            std::fs::copy(tls.join("server.key"), data.join("server.key")).expect("server key");
+            let own = format!(
+                "chown postgres:postgres {d}/server.crt {d}/server.key && chmod 600 {d}/server.key",
+                d = data.display()
+            );
+            assert!(pg.as_postgres_root(&own).await, "the server key for postgres");
+            let conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"));
+            std::io::Write::write_all(&mut conf.expect("postgresql.conf"), b"ssl = on\n").expect("ssl = on");
+        }
         pg.start_server().await;
         pg
     }
 
-    /// Superuser URL of the maintenance database.
+    /// Superuser URL of the maintenance database (over TLS when the tests
+    /// run with it).
     pub fn admin_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://postgres@127.0.0.1:{}/postgres{}", self.port, pg_tls_query())
     }
 
     /// The fault: a fast shutdown (connections are cut, nothing is lost).
@@ -328,6 +433,10 @@ impl Postgres {
             d = self.dir.display()
         );
         assert!(self.as_postgres(&start).await, "pg_ctl start");
+    }
+
+    async fn as_postgres_root(&self, command: &str) -> bool {
+        tokio::process::Command::new("sh").args(["-c", command]).status().await.is_ok_and(|s| s.success())
     }
 
     async fn as_postgres(&self, command: &str) -> bool {

@@ -18,6 +18,7 @@ Prints one line per check and "N passed, N failed"; exits 0 only if all pass.
 from __future__ import annotations
 
 import argparse
+import ssl
 import http.client
 import json
 import sys
@@ -49,11 +50,13 @@ def expect(cond: bool, msg: str) -> None:
 
 
 class Client:
-    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 60.0, ca_file: Optional[str] = None) -> None:
         u = urllib.parse.urlsplit(base_url)
-        if u.scheme != "http" or not u.hostname:
-            raise SystemExit(f"base URL must be http://host[:port], got {base_url!r}")
-        self.host, self.port = u.hostname, u.port or 80
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise SystemExit(f"base URL must be http(s)://host[:port], got {base_url!r}")
+        self.host, self.port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+        # https: the server is verified against ca_file (or the system's roots).
+        self.tls = ssl.create_default_context(cafile=ca_file) if u.scheme == "https" else None
         self.prefix = u.path.rstrip("/")
         self.timeout = timeout
         self.conn: Optional[http.client.HTTPConnection] = None
@@ -65,7 +68,8 @@ class Client:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         for attempt in (1, 2):  # one retry on a dropped keep-alive connection
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self.conn = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls)
+                             if self.tls else http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
             try:
                 self.conn.request(method, self.prefix + path, body=data, headers=headers)
                 resp = self.conn.getresponse()
@@ -296,11 +300,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base_url", nargs="?", default="http://127.0.0.1:5000")
     ap.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for /api/health/ready")
+    ap.add_argument("--ca-file", help="the CA of an https:// service's certificate")
     ap.add_argument("--fail-marker", help="the service's MEDCAT_DEV_FAIL_MARKER, to test failure paths")
     ap.add_argument("--bench", type=int, metavar="N", help="also measure throughput with N documents")
     args = ap.parse_args()
 
-    client = Client(args.base_url)
+    client = Client(args.base_url, ca_file=args.ca_file)
     passed = failed = 0
     for name, fn in run_checks(client, args.ready_timeout, args.fail_marker):
         try:

@@ -22,6 +22,7 @@ Environment (names as in the real service where one exists):
     ANNOTATIONS_ENTITY_OUTPUT_MODE  "dict" (default) or "list"
     SERVER_HOST            default 127.0.0.1
     SERVER_PORT            default 5000
+    SERVER_TLS_CERT, SERVER_TLS_KEY  serve HTTPS with this certificate and key (PEM)
     SERVER_ACCESS_LOG      1 to log every request (default off)
     MEDCAT_MODEL_DIR       where build_model.py put the model (default ./model)
     MEDCAT_DEV_FAIL_MARKER dev/test only: any text containing this string
@@ -67,6 +68,8 @@ class Settings:
     def __init__(self) -> None:
         self.host = _env("SERVER_HOST", "127.0.0.1")
         self.port = int(_env("SERVER_PORT", "5000"))
+        self.tls_cert = _env("SERVER_TLS_CERT", "") or None
+        self.tls_key = _env("SERVER_TLS_KEY", "") or None
         self.access_log = _env("SERVER_ACCESS_LOG", "0").lower() in ("1", "true", "yes")
         self.app_name = _env("APP_NAME", "MedCAT")
         self.language = _env("APP_MODEL_LANGUAGE", "en")
@@ -372,11 +375,13 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001
         log.error("%s", exc)
         return 1
-    log.info("starting on http://%s:%d (pack %s, bulk nproc %d, output mode %s)",
-             settings.host, settings.port, pack, settings.bulk_nproc, settings.output_mode)
+    scheme = "https" if settings.tls_cert else "http"
+    log.info("starting on %s://%s:%d (pack %s, bulk nproc %d, output mode %s)",
+             scheme, settings.host, settings.port, pack, settings.bulk_nproc, settings.output_mode)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1,
                             access_log=settings.access_log, log_level="info",
-                            timeout_keep_alive=30)
+                            timeout_keep_alive=30,
+                            ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
     _server = uvicorn.Server(config)
     _server.run()  # uvicorn exits the process with status 1 if it cannot bind
     if medcat.failed:

@@ -90,6 +90,10 @@ enum Attempt<T> {
 
 impl ApiClient {
     pub fn new(config: ClientConfig) -> Result<Self, reqwest::Error> {
+        // reqwest's TLS needs the process's rustls provider: ring, as in
+        // every clinflow binary (an error: one is installed already).
+        #[allow(deprecated)] // ring lacks post-quantum key exchange; see clinflow::tls
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))

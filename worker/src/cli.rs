@@ -73,15 +73,19 @@ fn topology() -> anyhow::Result<Topology> {
 }
 
 async fn database() -> anyhow::Result<PgPool> {
-    let url = config::url("DATABASE_URL", &["postgres", "postgresql"])?;
-    PgPoolOptions::new().max_connections(2).connect(url.expose_secret()).await.context("connecting to PostgreSQL")
+    let url = clinflow::tls::postgres_url("DATABASE_URL")?;
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect(url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL (DATABASE_URL)")
 }
 
 async fn operate(command: Command) -> anyhow::Result<()> {
-    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
+    let amqp_url = clinflow::tls::amqp_url("AMQP_URL")?;
     let topology = topology()?;
     let connection =
-        clinflow::amqp::connect(&amqp_url, "clinflow-worker-cli").await.context("connecting to RabbitMQ")?;
+        clinflow::amqp::connect(&amqp_url, "clinflow-worker-cli").await.context("connecting to RabbitMQ (AMQP_URL)")?;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
     channel.close(200, "declared".into()).await?;
@@ -95,8 +99,7 @@ async fn operate(command: Command) -> anyhow::Result<()> {
                     Reprocess::UploadedBetween(from.midnight().assume_utc(), to.midnight().assume_utc())
                 }
                 (false, None, true) => {
-                    let medcat_url = config::url("MEDCAT_URL", &["http", "https"])?;
-                    let medcat = MedcatClient::new(medcat_url.expose_secret(), MedcatClient::default_backoff())?;
+                    let medcat = medcat_client()?;
                     let model = medcat.model_version().await.context("asking MedCAT for its model (MEDCAT_URL)")?;
                     println!("current model: {model}");
                     Reprocess::WithoutResultFrom(model)
@@ -120,9 +123,10 @@ async fn operate(command: Command) -> anyhow::Result<()> {
 /// SIGTERM, then finishes the batches in flight, for at most
 /// `WORKER_SHUTDOWN_GRACE_S`.
 async fn work() -> anyhow::Result<()> {
-    let database_url = config::url("DATABASE_URL", &["postgres", "postgresql"])?;
-    let amqp_url = config::url("AMQP_URL", &["amqp", "amqps"])?;
-    let medcat_url = config::url("MEDCAT_URL", &["http", "https"])?;
+    let database_url = clinflow::tls::postgres_url("DATABASE_URL")?;
+    let amqp_url = clinflow::tls::amqp_url("AMQP_URL")?;
+    let medcat = medcat_client()?;
+    clinflow::tls::warn_if_plaintext_allowed()?;
     let keyring = config::master_keys()?;
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9102")?;
     let batch = BatchConfig::from_env()?;
@@ -131,7 +135,6 @@ async fn work() -> anyhow::Result<()> {
     clinflow::telemetry::recorder()?;
     crate::telemetry::register();
 
-    let medcat = MedcatClient::new(medcat_url.expose_secret(), MedcatClient::default_backoff())?;
     let model_version = medcat.model_version().await.context("asking MedCAT for its model (MEDCAT_URL)")?;
     let db = PgPoolOptions::new()
         .max_connections(u32::from(batch.in_flight) * 2 + 2)
@@ -167,4 +170,14 @@ fn probes(db: &PgPool, link: &LinkState, medcat: &MedcatHealth) -> clinflow::tel
             ]
         }
     })
+}
+
+/// The MedCAT of `MEDCAT_URL`, verified against `MEDCAT_CA_FILE` when set.
+fn medcat_client() -> anyhow::Result<MedcatClient> {
+    let (url, protection) = clinflow::tls::https_url("MEDCAT_URL", "MEDCAT_CA_FILE")?;
+    let ca_file = match protection {
+        clinflow::tls::Protection::Verified { ca_file } => ca_file,
+        clinflow::tls::Protection::Plaintext => None,
+    };
+    Ok(MedcatClient::new(url.expose_secret(), ca_file.as_deref(), MedcatClient::default_backoff())?)
 }

@@ -4,6 +4,7 @@
 //! Response bodies are never logged or put into errors: MedCAT echoes the
 //! document text back, and a 422 body may quote it.
 
+use std::path::Path;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -37,6 +38,26 @@ impl MedcatError {
             Self::Status(s, _) => matches!(s.as_u16(), 408 | 429 | 502 | 503 | 504),
             Self::NotSuccessful | Self::Decode(_) => false,
         }
+    }
+
+    /// The TLS handshake failed (a certificate not from MedCAT's CA, or not
+    /// for its name): a configuration error, not an outage.
+    pub fn is_tls(&self) -> bool {
+        let Self::Transport(e) = self else { return false };
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = source {
+            if err.downcast_ref::<rustls::Error>().is_some() {
+                return true;
+            }
+            // An io::Error answers `source()` with its payload's source,
+            // skipping the payload: step into it instead.
+            let payload = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+            source = match payload {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => err.source(),
+            };
+        }
+        false
     }
 
     /// A short, fixed code for the document's `failure_code` (no PHI).
@@ -79,12 +100,19 @@ pub struct MedcatClient {
 }
 
 impl MedcatClient {
-    pub fn new(base_url: &str, backoff: ExponentialBuilder) -> Result<Self, MedcatError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(120))
-            .build()
-            .map_err(MedcatError::Transport)?;
+    /// A client of the MedCAT at `base_url`. An `https://` server is
+    /// verified against `ca_file` alone when one is given (`MEDCAT_CA_FILE`),
+    /// else against the system's roots.
+    pub fn new(base_url: &str, ca_file: Option<&Path>, backoff: ExponentialBuilder) -> Result<Self, MedcatError> {
+        clinflow::tls::install_crypto_provider();
+        let mut builder =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(120));
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path).map_err(|e| MedcatError::Decode(format!("MEDCAT_CA_FILE: {e}")))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(MedcatError::Transport)?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder.build().map_err(MedcatError::Transport)?;
         Ok(Self { http, base: base_url.trim_end_matches('/').to_owned(), backoff })
     }
 
@@ -111,7 +139,9 @@ impl MedcatClient {
             let info: Info = json(response).await?;
             value_to_string(&info.service_model).ok_or_else(|| MedcatError::Decode("service_model is missing".into()))
         };
-        fetch.retry(self.backoff).when(MedcatError::is_transient).notify(notify).adjust(adjust).await
+        // A certificate MedCAT's CA did not sign will not sign itself: no retry.
+        let retry = |e: &MedcatError| e.is_transient() && !e.is_tls();
+        fetch.retry(self.backoff).when(retry).notify(notify).adjust(adjust).await
     }
 
     /// `GET /api/health/ready` answers 200.

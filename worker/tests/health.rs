@@ -18,8 +18,8 @@ fn spawn_worker(setup: &Setup, medcat_url: &str, metrics: &str) -> tokio::proces
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", setup.db.url_as(testing::WORKER_ROLE))
-        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
-        .env("MEDCAT_URL", medcat_url)
+        .env("AMQP_URL", testing::amqp_url_string())
+        .envs(testing::medcat_env(medcat_url))
         .env("CLINFLOW_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(testing::master_key()))
         .env("CLINFLOW_QUEUE_PREFIX", setup.topology.prefix())
         .env("METRICS_ADDR", metrics)
@@ -41,7 +41,7 @@ async fn the_metrics_port_answers_healthz_readyz_and_metrics_and_readyz_follows_
     let proxy = fault_proxy(0, StatusCode::SERVICE_UNAVAILABLE).await;
     let metrics = clinflow::testing::free_addr();
     let _worker = spawn_worker(&setup, &proxy.url, &metrics);
-    let http = reqwest::Client::new();
+    let http = clinflow::testing::http();
     let base = format!("http://{metrics}");
 
     wait_until("the worker ready", Duration::from_secs(30), async || {
@@ -96,7 +96,7 @@ async fn documents_processed_show_as_real_histograms_of_upload_to_done_and_medca
     let finals = setup.wait_final(&ids).await;
     assert!(finals.iter().all(|(status, _, results)| status == "done" && *results == 1), "{finals:?}");
 
-    let http = reqwest::Client::new();
+    let http = clinflow::testing::http();
     let url = format!("http://{metrics}/metrics");
     // The counters move after the commit; the scrape may come first.
     wait_until("two documents counted done", Duration::from_secs(10), async || {

@@ -19,7 +19,7 @@ fn fast() -> ExponentialBuilder {
 
 #[tokio::test]
 async fn real_medcat_finds_concepts_at_their_offsets() {
-    let client = MedcatClient::new(&testing::medcat_url(), fast()).unwrap();
+    let client = MedcatClient::new(&testing::medcat_url(), testing::medcat_ca_file().as_deref(), fast()).unwrap();
     let model = client.model_version().await.unwrap();
     assert!(model.starts_with("clinflow-dev-"), "{model}");
 
@@ -41,16 +41,56 @@ async fn real_medcat_finds_concepts_at_their_offsets() {
 async fn transient_failures_are_retried_with_backoff_then_give_up() {
     let proxy = fault_proxy(2, StatusCode::SERVICE_UNAVAILABLE).await;
     let (url, calls) = (proxy.url, proxy.posts);
-    let client = MedcatClient::new(&url, fast()).unwrap();
+    let client = MedcatClient::new(&url, None, fast()).unwrap();
     let got = client.process("Known HTN.", "doc-3").await.unwrap();
     assert!(got.annotations.iter().any(|a| a.cui == "38341003"));
     assert_eq!(calls.load(Ordering::SeqCst), 3, "two 503s, then success");
 
     let proxy = fault_proxy(usize::MAX, StatusCode::SERVICE_UNAVAILABLE).await;
     let (url, calls) = (proxy.url, proxy.posts);
-    let client = MedcatClient::new(&url, fast()).unwrap();
+    let client = MedcatClient::new(&url, None, fast()).unwrap();
     let err = client.process("Known HTN.", "doc-4").await.unwrap_err();
     assert!(matches!(err, MedcatError::Status(StatusCode::SERVICE_UNAVAILABLE, _)), "{err}");
     assert!(err.is_transient());
     assert_eq!(calls.load(Ordering::SeqCst), 4, "one try and three retries");
+}
+
+/// The error and its causes, as `{:#}` of anyhow prints them (one line).
+fn chain(err: &MedcatError) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        text = format!("{text}: {e}");
+        source = e.source();
+    }
+    text
+}
+
+/// MedCAT's hop from the wrong side: an IMPOSTOR (clinflow::testing::tls)
+/// with a certificate from another CA, or from MedCAT's CA for another name,
+/// is refused at once (no retry: a certificate does not fix itself), and an
+/// https:// URL to a plain HTTP server fails instead of falling back.
+#[tokio::test]
+async fn medcat_refuses_a_server_it_cannot_verify_and_never_falls_back_to_http() {
+    use clinflow::testing::tls::{Preamble, TestCa, impostor};
+    let trusted = TestCa::new("MedCAT's CA");
+    let other = TestCa::new("another CA");
+    for ((cert, key), why) in
+        [(other.leaf(&["127.0.0.1"]), "unknownissuer"), (trusted.leaf(&["medcat.example"]), "not valid for name")]
+    {
+        let port = impostor(cert, key, Preamble::None).await;
+        let url = format!("https://127.0.0.1:{port}");
+        let client = MedcatClient::new(&url, Some(trusted.pem_path()), fast()).unwrap();
+        let err = client.model_version().await.unwrap_err();
+        let text = chain(&err);
+        assert!(err.is_tls(), "a TLS refusal: {text}");
+        assert!(text.to_lowercase().contains(why) && !text.contains('\n'), "{text}");
+    }
+    // A plain HTTP server (the fault proxy) behind an https:// URL.
+    let proxy = fault_proxy(0, StatusCode::OK).await;
+    let url = proxy.url.replacen("http://", "https://", 1);
+    let client = MedcatClient::new(&url, Some(trusted.pem_path()), fast()).unwrap();
+    let err = client.model_version().await.unwrap_err();
+    assert!(matches!(err, MedcatError::Transport(_)), "{}", chain(&err));
+    assert_eq!(proxy.posts.load(Ordering::SeqCst), 0);
 }

@@ -187,7 +187,9 @@ async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_int
     // checkpoints the sink wrote while the pipeline ran.
     let verify = Path::new(env!("CARGO_BIN_EXE_clinflow-api")).with_file_name("clinflow-audit-sink");
     assert!(verify.exists(), "{} is not built (cargo build --workspace; ./dev/test builds it)", verify.display());
-    let reader_url = url(testing::AUDIT_READER_ROLE, &restored);
+    // As the services connect: over TLS when the tests do (the admin URL's query).
+    let tls = testing::admin_url().split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let reader_url = format!("{}{tls}", url(testing::AUDIT_READER_ROLE, &restored));
     let checkpoints = stack.checkpoints.to_str().unwrap().to_owned();
     let verify_env = |key: &'static str| {
         [

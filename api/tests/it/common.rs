@@ -156,7 +156,7 @@ impl Stack {
         let api = tokio::spawn(clinflow_api::serve(listener, state.clone(), shutdown.clone()));
 
         let backoff = ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(3);
-        let medcat = MedcatClient::new(&testing::medcat_url(), backoff).unwrap();
+        let medcat = MedcatClient::new(&testing::medcat_url(), testing::medcat_ca_file().as_deref(), backoff).unwrap();
         let model_version = medcat.model_version().await.expect("MedCAT at MEDCAT_URL (./dev/test starts one)");
         let worker = Arc::new(Worker {
             db: db.worker.clone(),
@@ -194,7 +194,7 @@ impl Stack {
             topology,
             amqp,
             base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
+            http: clinflow::testing::http(),
             passwords,
             shutdown,
             worker,

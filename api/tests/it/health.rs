@@ -18,7 +18,7 @@ async fn the_metrics_port_answers_healthz_readyz_and_metrics_by_route_and_status
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db.url_as(testing::API_ROLE))
-        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+        .env("AMQP_URL", testing::amqp_url_string())
         .env("CLINFLOW_QUEUE_PREFIX", topology.prefix())
         .env("CLINFLOW_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(testing::master_key()))
         .env("JWT_SECRET", "the health test's jwt secret, long enough!!")
@@ -30,7 +30,7 @@ async fn the_metrics_port_answers_healthz_readyz_and_metrics_by_route_and_status
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let http = reqwest::Client::new();
+    let http = clinflow::testing::http();
     let ops = format!("http://{metrics_addr}");
 
     wait_until("the api ready on its metrics port", Duration::from_secs(30), async || {

@@ -40,7 +40,7 @@ impl ApiProcess {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let this = Self { child, base: format!("http://{api_addr}"), http: reqwest::Client::new() };
+        let this = Self { child, base: format!("http://{api_addr}"), http: clinflow::testing::http() };
         let deadline = Instant::now() + Duration::from_secs(20);
         while this.http.get(format!("{}/healthz", this.base)).send().await.is_err() {
             assert!(Instant::now() < deadline, "the api process did not start");
@@ -67,7 +67,7 @@ async fn uploads_accepted_while_the_broker_is_away_survive_a_kill_9_and_are_proc
     let mut stack = Stack::start_without_relay().await;
     stack.user("ing", Role::Ingest).await;
     // RabbitMQ unreachable (nothing listens on port 1) for this api process.
-    let mut api = ApiProcess::spawn(&stack, "amqp://guest:guest@127.0.0.1:1/%2f", &[]).await;
+    let mut api = ApiProcess::spawn(&stack, &testing::unreachable_amqp_url(), &[]).await;
     // Ready (uploads and reads need only PostgreSQL), with the broker shown down.
     let (status, ready) = api.call("/readyz", None, None).await;
     assert_eq!((status, ready["postgres"].as_str(), ready["rabbitmq"].as_str()), (200, Some("up"), Some("down")));
@@ -129,7 +129,7 @@ async fn uploads_are_throttled_with_retry_after_while_the_outbox_is_over_its_lim
     let stack = Stack::start_without_relay().await;
     stack.user("ing", Role::Ingest).await;
     // The broker is away, so the outbox only grows; its limit is 5 rows.
-    let api = ApiProcess::spawn(&stack, "amqp://guest:guest@127.0.0.1:1/%2f", &[("UPLOAD_MAX_OUTBOX", "5")]).await;
+    let api = ApiProcess::spawn(&stack, &testing::unreachable_amqp_url(), &[("UPLOAD_MAX_OUTBOX", "5")]).await;
     let (_, login) = api.call("/v1/auth/login", None, Some(&json!({"username": "ing", "password": PASSWORD}))).await;
     let token = login["access_token"].as_str().unwrap().to_owned();
     let doc = json!({"patient_ref": "PAT-1", "text": "Known AF."});

@@ -15,8 +15,10 @@ fn run_api(envs: &[(&str, &str)]) -> (bool, String) {
 
 const GOOD_KEY: &str = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0wMTIzNDU="; // 32 bytes
 
-/// A configuration that would start (were the database there).
-const BASE: [(&str, &str); 5] = [
+/// A configuration that would start (were the database there), over
+/// plaintext hops (allowed for these tests of other variables).
+const BASE: [(&str, &str); 6] = [
+    ("CLINFLOW_ALLOW_PLAINTEXT", "1"),
     ("DATABASE_URL", "postgres://clinflow_app@127.0.0.1:5432/nowhere"),
     ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
     ("CLINFLOW_MASTER_KEY", GOOD_KEY),
@@ -81,4 +83,135 @@ fn edge_malformed_http_edge_settings_stop_the_api_with_one_line() {
     envs.extend([("TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.10, fd00::/8"), ("API_DOCS", "off")]);
     let (ok, stderr) = run_api(&envs);
     assert!(!ok && stderr.contains("PostgreSQL"), "{stderr}");
+}
+
+/// A URL that does not ask for a verified TLS connection stops the api with
+/// one line naming the variable (never echoing the URL's password), unless
+/// `CLINFLOW_ALLOW_PLAINTEXT=1`; so does an amqps:// URL without its CA or a
+/// CA file that is not there.
+#[test]
+fn a_hop_without_verified_tls_stops_the_api_with_one_line_unless_plaintext_is_allowed() {
+    let verified_db = "postgres://clinflow_app:hunter2@127.0.0.1:5432/nowhere?sslmode=verify-full";
+    let verified_amqp = "amqps://guest:hunter2@127.0.0.1:5671/%2f?cacertfile=/etc/ssl/certs/ca-certificates.crt";
+    let refused = "is not a verified TLS connection";
+    let cases: [(&str, &str, &str); 7] = [
+        ("DATABASE_URL", "postgres://clinflow_app:hunter2@127.0.0.1:5432/nowhere", refused),
+        ("DATABASE_URL", "postgres://clinflow_app:hunter2@127.0.0.1:5432/nowhere?sslmode=require", refused),
+        ("DATABASE_URL", "postgres://clinflow_app:hunter2@127.0.0.1:5432/nowhere?sslmode=verify-ca", refused),
+        ("AMQP_URL", "amqp://guest:hunter2@127.0.0.1:5672/%2f", refused),
+        ("AMQP_URL", "amqps://guest:hunter2@127.0.0.1:5671/%2f", "amqps:// needs ?cacertfile=PATH"),
+        (
+            "AMQP_URL",
+            "amqps://guest:hunter2@127.0.0.1:5671/%2f?cacertfile=/nonexistent/ca.pem",
+            "cacertfile \"/nonexistent/ca.pem\"",
+        ),
+        (
+            "DATABASE_URL",
+            "postgres://clinflow_app:hunter2@127.0.0.1:5432/nowhere?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "sslrootcert \"/nonexistent/ca.pem\"",
+        ),
+    ];
+    let keys =
+        BASE.iter().copied().filter(|(n, _)| !["CLINFLOW_ALLOW_PLAINTEXT", "DATABASE_URL", "AMQP_URL"].contains(n));
+    for (name, value, expected) in cases {
+        let mut envs: Vec<(&str, &str)> = keys.clone().collect();
+        envs.extend(
+            [("DATABASE_URL", verified_db), ("AMQP_URL", verified_amqp)].into_iter().filter(|(n, _)| *n != name),
+        );
+        envs.push((name, value));
+        let (ok, stderr) = run_api(&envs);
+        assert!(!ok, "{name}={value} should stop the api");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+        assert!(lines[0].contains(&format!("{name}: ")) && lines[0].contains(expected), "{name}={value}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{name}'s password leaked: {stderr}");
+    }
+    // With the flag, a plaintext URL passes the check (and the api goes on to
+    // connect, which fails here for another reason: no such database).
+    let mut envs: Vec<(&str, &str)> = BASE.to_vec();
+    envs.retain(|(n, _)| *n != "DATABASE_URL");
+    envs.push(("DATABASE_URL", "postgres://clinflow_app:hunter2@127.0.0.1:5432/nowhere"));
+    let (ok, stderr) = run_api(&envs);
+    assert!(!ok);
+    assert!(!stderr.contains(refused) && stderr.contains("connecting to PostgreSQL (DATABASE_URL)"), "{stderr}");
+    assert!(stderr.contains("CLINFLOW_ALLOW_PLAINTEXT=1"), "the api warns that plaintext is allowed: {stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// PostgreSQL's hop from the wrong side: a server whose certificate comes
+/// from another CA, or from the trusted CA for another name (an IMPOSTOR,
+/// clinflow::testing::tls), stops the api with one line naming the hop.
+#[tokio::test]
+async fn a_database_it_cannot_verify_stops_the_api_with_one_line_naming_the_hop() {
+    use clinflow::testing::tls::{Preamble, TestCa, impostor};
+    let trusted = TestCa::new("the database's CA");
+    let other = TestCa::new("another CA");
+    for ((cert, key), why) in
+        [(other.leaf(&["127.0.0.1"]), "unknownissuer"), (trusted.leaf(&["db.example"]), "not valid for name")]
+    {
+        let port = impostor(cert, key, Preamble::Postgres).await;
+        let url = format!(
+            "postgres://clinflow_api@127.0.0.1:{port}/clinflow?sslmode=verify-full&sslrootcert={}",
+            trusted.pem_path().display()
+        );
+        let mut envs: Vec<(String, String)> = BASE
+            .iter()
+            .filter(|(n, _)| *n != "DATABASE_URL")
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        envs.push(("DATABASE_URL".into(), url));
+        let (ok, stderr) = tokio::task::spawn_blocking(move || {
+            let envs: Vec<(&str, &str)> = envs.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            run_api(&envs)
+        })
+        .await
+        .unwrap();
+        assert!(!ok, "the api must not start");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("CLINFLOW_ALLOW_PLAINTEXT")).collect();
+        assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+        assert!(lines[0].contains("connecting to PostgreSQL (DATABASE_URL)"), "{stderr}");
+        assert!(lines[0].to_lowercase().contains(why), "{stderr}");
+    }
+}
+
+/// Secrets as deployments hand them over: from a file (`NAME_FILE`), never
+/// from both places at once; and two keys that must differ may not be the
+/// same. Each refusal is one line naming the variable, never the value.
+#[test]
+fn secrets_come_from_files_and_two_keys_that_must_differ_are_refused_when_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = BASE.iter().find(|(n, _)| *n == "JWT_SECRET").unwrap().1;
+    let file = dir.path().join("jwt_secret");
+    std::fs::write(&file, format!("{jwt}\n")).unwrap();
+    let file = file.to_str().unwrap();
+    let without_jwt = || BASE.iter().copied().filter(|(n, _)| *n != "JWT_SECRET").collect::<Vec<_>>();
+
+    let mut envs = without_jwt();
+    envs.push(("JWT_SECRET_FILE", file));
+    let (ok, stderr) = run_api(&envs);
+    assert!(!ok && stderr.contains("connecting to PostgreSQL"), "read from the file, the api goes on: {stderr}");
+
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        ([BASE.to_vec(), vec![("JWT_SECRET_FILE", file)]].concat(), "JWT_SECRET: is set and so is JWT_SECRET_FILE"),
+        (
+            [without_jwt(), vec![("JWT_SECRET_FILE", "/nonexistent/jwt")]].concat(),
+            "JWT_SECRET: JWT_SECRET_FILE \"/nonexistent/jwt\"",
+        ),
+        (
+            [
+                BASE.iter().copied().filter(|(n, _)| *n != "CLINFLOW_INDEX_KEY").collect(),
+                vec![("CLINFLOW_INDEX_KEY", jwt)],
+            ]
+            .concat(),
+            "JWT_SECRET: is the same as CLINFLOW_INDEX_KEY",
+        ),
+    ];
+    for (envs, expected) in cases {
+        let (ok, stderr) = run_api(&envs);
+        assert!(!ok);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+        assert!(lines[0].contains(expected), "{stderr}");
+        assert!(!stderr.contains(jwt), "a secret leaked: {stderr}");
+    }
 }

@@ -131,8 +131,8 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
 /// As the schema owner: `MIGRATION_DATABASE_URL`, or `DATABASE_URL` if unset.
 async fn owner_pool() -> anyhow::Result<PgPool> {
     let url = match config::optional("MIGRATION_DATABASE_URL")? {
-        Some(_) => config::url("MIGRATION_DATABASE_URL", &["postgres", "postgresql"])?,
-        None => config::url("DATABASE_URL", &["postgres", "postgresql"])?,
+        Some(_) => crate::tls::postgres_url("MIGRATION_DATABASE_URL")?,
+        None => crate::tls::postgres_url("DATABASE_URL")?,
     };
     PgPoolOptions::new().max_connections(2).connect(url.expose_secret()).await.context("connecting to PostgreSQL")
 }

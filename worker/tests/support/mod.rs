@@ -68,7 +68,7 @@ pub async fn fault_proxy(failures: usize, status: StatusCode) -> FaultProxy {
         Arc::clone(&down),
         Arc::clone(&refused),
         status,
-        reqwest::Client::new(),
+        clinflow::testing::http(),
     );
     async fn forward(
         State((posts, failures, down, refused, status, http)): State<ProxyState>,
@@ -98,7 +98,7 @@ pub async fn fault_proxy(failures: usize, status: StatusCode) -> FaultProxy {
 /// FAULT-INJECTING PROXY: forwards to the real MedCAT, holding every POST
 /// for `delay` first, so a test can act while a batch is in flight.
 pub async fn slow_proxy(delay: Duration) -> String {
-    let http = reqwest::Client::new();
+    let http = clinflow::testing::http();
     async fn forward(
         State((delay, http)): State<(Duration, reqwest::Client)>,
         uri: Uri,
@@ -192,7 +192,7 @@ impl Setup {
         retry: RetryConfig,
     ) -> JoinHandle<anyhow::Result<()>> {
         let backoff = ExponentialBuilder::default().with_min_delay(Duration::from_millis(20)).with_max_times(2);
-        let medcat = MedcatClient::new(medcat_url, backoff).unwrap();
+        let medcat = MedcatClient::new(medcat_url, testing::medcat_ca_file().as_deref(), backoff).unwrap();
         let worker = Arc::new(Worker {
             db: self.db.worker.clone(),
             keys: Arc::new(testing::keys()),
