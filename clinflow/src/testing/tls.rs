@@ -96,3 +96,18 @@ pub async fn impostor(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>
     });
     port
 }
+
+/// The development CA and server certificate (`CLINFLOW_TEST_TLS_DIR`:
+/// `ca.pem`, `server.pem`, `server.key`), if the tests run with TLS.
+pub fn tls_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("CLINFLOW_TEST_TLS_DIR").map(Into::into)
+}
+
+/// The query that asks PostgreSQL for a verified TLS connection with the
+/// development CA (empty without it).
+pub(crate) fn pg_tls_query() -> String {
+    match tls_dir() {
+        Some(dir) => format!("?sslmode=verify-full&sslrootcert={}", dir.join("ca.pem").display()),
+        None => String::new(),
+    }
+}

@@ -1,0 +1,48 @@
+//! Unit tests of the MedCAT client's parsing.
+
+use super::*;
+use serde_json::json;
+
+fn ent(cui: &str, start: u32, end: u32) -> Value {
+    json!({"pretty_name": "X", "cui": cui, "type_ids": ["T047"], "acc": 1, "start": start, "end": end, "meta_anns": {}})
+}
+
+#[test]
+fn accepts_dict_list_and_empty_shapes() {
+    let dict = json!([{"1": ent("b", 10, 12), "0": ent("a", 0, 3)}]);
+    let got = parse_annotations(&dict).unwrap();
+    assert_eq!(got.iter().map(|a| a.cui.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(got[0].acc, 1.0);
+    assert_eq!(parse_annotations(&json!([[ent("a", 0, 3), ent("b", 4, 5)]])).unwrap().len(), 2);
+    for empty in [json!([{}]), json!([[]]), json!([]), Value::Null] {
+        assert!(parse_annotations(&empty).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn rejects_entities_without_offsets() {
+    assert!(parse_annotations(&json!([{"0": {"cui": "a", "start": -1, "end": 2}}])).is_err());
+    assert!(parse_annotations(&json!([{"0": {"cui": "a", "start": 5, "end": 2}}])).is_err());
+    assert!(parse_annotations(&json!("nope")).is_err());
+}
+
+#[test]
+fn transient_classification() {
+    for code in [408, 429, 502, 503, 504] {
+        assert!(MedcatError::Status(StatusCode::from_u16(code).unwrap(), None).is_transient(), "{code}");
+    }
+    for code in [400, 404, 422, 500, 501] {
+        assert!(!MedcatError::Status(StatusCode::from_u16(code).unwrap(), None).is_transient(), "{code}");
+    }
+    assert!(!MedcatError::Decode("x".into()).is_transient());
+    assert!(!MedcatError::NotSuccessful.is_transient());
+}
+
+#[test]
+fn retry_after_replaces_the_backoff_delay_but_not_the_budget() {
+    let busy = MedcatError::Status(StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(7)));
+    assert_eq!(adjust(&busy, Some(Duration::from_millis(500))), Some(Duration::from_secs(7)));
+    assert_eq!(adjust(&busy, None), None, "no retries left");
+    let long = MedcatError::Status(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(3600)));
+    assert_eq!(adjust(&long, Some(Duration::from_millis(500))), Some(Duration::from_secs(60)));
+}
