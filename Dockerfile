@@ -13,8 +13,10 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS chef
-# cargo-chef from crates.io, pinned; --locked uses its own Cargo.lock.
-RUN cargo install cargo-chef --version 0.1.78 --locked
+# cargo-chef and cargo-auditable from crates.io, pinned; --locked uses their
+# own Cargo.lock.
+RUN cargo install cargo-chef --version 0.1.78 --locked \
+ && cargo install cargo-auditable --version 0.7.7 --locked
 WORKDIR /build
 
 FROM chef AS planner
@@ -27,7 +29,10 @@ COPY --from=planner /build/recipe.json recipe.json
 # The dependency layer: rebuilt only when a manifest or Cargo.lock changes.
 RUN cargo chef cook --release --recipe-path recipe.json
 COPY . .
-RUN cargo build --release --locked \
+# cargo auditable: each binary carries its dependency list (a linker section
+# that stripping keeps), so `cargo audit bin` or a scanner can check a
+# deployed binary against advisories without its source.
+RUN cargo auditable build --release --locked \
       --bin clinflow-api --bin clinflow-worker --bin clinflow-audit-sink --bin clinflow-ingest \
  && mkdir -p /out \
  && cp target/release/clinflow-api target/release/clinflow-worker \
@@ -35,8 +40,9 @@ RUN cargo build --release --locked \
  && strip /out/*
 
 # The runtime: glibc of the same Debian release as the builder, CA
-# certificates (for amqps:// and https:// when configured) and curl for the
-# health checks. Nothing else: TLS is rustls, compiled in.
+# certificates (the system roots, for an https:// server given no CA file)
+# and curl for the health checks. Nothing else: TLS is rustls with ring,
+# compiled in (deny.toml bans OpenSSL and any other provider).
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
