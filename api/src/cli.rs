@@ -138,7 +138,7 @@ async fn run_server() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("API_ADDR {}", config.api_addr))?;
     tracing::info!(addr = %config.api_addr, "clinflow-api listening");
-    crate::telemetry::log_panics_without_their_message();
+    clinflow::telemetry::log_panics_without_their_message();
     // The relay starts at once and keeps trying while RabbitMQ is away:
     // uploads are accepted meanwhile and published when it returns.
     let shutdown = clinflow::shutdown::on_signal();

@@ -82,16 +82,3 @@ pub(crate) fn count_batch(response: &BatchResponse) {
         metrics::counter!(UPLOADS, "via" => "batch", "outcome" => outcome).increment(n as u64);
     }
 }
-
-/// Replaces the default panic hook, which prints the panic's message:
-/// a message can quote what the code was holding (a failed slice of a
-/// string prints the string), and here that may be a note. The hook logs
-/// where, never what; the request's own answer is the JSON 500 of
-/// `server` (request id only).
-pub fn log_panics_without_their_message() {
-    std::panic::set_hook(Box::new(|info| {
-        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
-        let thread = std::thread::current().name().map(str::to_owned);
-        tracing::error!(location, thread, "panicked (the message is not logged: it may quote PHI)");
-    }));
-}

@@ -8,5 +8,6 @@ use clinflow_audit_sink::cli::{self, Cli};
 async fn main() -> ExitCode {
     clinflow::telemetry::init_tracing();
     clinflow::tls::install_crypto_provider();
+    clinflow::telemetry::log_panics_without_their_message();
     clinflow::telemetry::exit_code(SERVICE_NAME, cli::run(Cli::parse()).await)
 }

@@ -37,6 +37,19 @@ pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::Exit
     }
 }
 
+/// Replaces the default panic hook, which prints the panic's message:
+/// a message can quote what the code was holding (a failed slice of a
+/// string prints the string), and here that may be a note. The hook logs
+/// where, never what; the api answers the request with its JSON 500
+/// (request id only); the worker and sink end or retry the batch.
+pub fn log_panics_without_their_message() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+        let thread = std::thread::current().name().map(str::to_owned);
+        tracing::error!(location, thread, "panicked (the message is not logged: it may quote PHI)");
+    }));
+}
+
 pub fn init_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let text = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "text");
