@@ -43,7 +43,7 @@ pub fn install_crypto_provider() {
 }
 
 /// Whether plaintext hops are allowed (`CLINFLOW_ALLOW_PLAINTEXT=1`).
-pub fn plaintext_allowed() -> Result<bool, ConfigError> {
+fn plaintext_allowed() -> Result<bool, ConfigError> {
     match optional(ALLOW_PLAINTEXT)?.as_deref().map(str::trim) {
         None | Some("0") => Ok(false),
         Some("1") => Ok(true),
@@ -119,7 +119,7 @@ fn check_ca_file(name: &'static str, what: &str, path: &str) -> Result<PathBuf, 
 /// (with `sslrootcert`, if given, a readable CA file), or plaintext for any
 /// other `sslmode` (`require` and `verify-ca` encrypt, but do not prove
 /// whom to).
-pub fn postgres_protection(name: &'static str, url: &SecretString) -> Result<Protection, ConfigError> {
+fn postgres_protection(name: &'static str, url: &SecretString) -> Result<Protection, ConfigError> {
     let url = url.expose_secret();
     let mode = query_param(url, "sslmode").map(|m| m.to_ascii_lowercase());
     if mode.as_deref() != Some("verify-full") {
@@ -131,7 +131,7 @@ pub fn postgres_protection(name: &'static str, url: &SecretString) -> Result<Pro
 
 /// How the RabbitMQ URL in variable `name` is protected: `amqps://` needs a
 /// `cacertfile` (the broker is verified against it and nothing else).
-pub fn amqp_protection(name: &'static str, url: &SecretString) -> Result<Protection, ConfigError> {
+fn amqp_protection(name: &'static str, url: &SecretString) -> Result<Protection, ConfigError> {
     let url = url.expose_secret();
     if !url.starts_with("amqps://") {
         return Ok(Protection::Plaintext);
@@ -153,7 +153,7 @@ pub fn amqp_protection(name: &'static str, url: &SecretString) -> Result<Protect
 /// How an HTTP URL in variable `name` is protected: `https://`, verified
 /// against the CA file in variable `ca_name` when set, else the built-in
 /// roots.
-pub fn https_protection(url: &SecretString, ca_name: &'static str) -> Result<Protection, ConfigError> {
+fn https_protection(url: &SecretString, ca_name: &'static str) -> Result<Protection, ConfigError> {
     if !url.expose_secret().starts_with("https://") {
         return Ok(Protection::Plaintext);
     }
@@ -162,7 +162,7 @@ pub fn https_protection(url: &SecretString, ca_name: &'static str) -> Result<Pro
 }
 
 /// Refuses a plaintext hop unless `CLINFLOW_ALLOW_PLAINTEXT=1`.
-pub fn require_verified(name: &'static str, protection: &Protection, how: &str) -> Result<(), ConfigError> {
+fn require_verified(name: &'static str, protection: &Protection, how: &str) -> Result<(), ConfigError> {
     if *protection == Protection::Plaintext && !plaintext_allowed()? {
         return Err(ConfigError::new(
             name,
@@ -196,11 +196,6 @@ pub fn https_url(name: &'static str, ca_name: &'static str) -> Result<(SecretStr
     let protection = https_protection(&url, ca_name)?;
     require_verified(name, &protection, &format!("use https:// (its CA in {ca_name})"))?;
     Ok((url, protection))
-}
-
-/// The PEM of a CA file, for a TLS client.
-pub fn read_pem(path: &std::path::Path) -> std::io::Result<String> {
-    std::fs::read_to_string(path)
 }
 
 #[cfg(test)]
