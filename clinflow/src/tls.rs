@@ -91,10 +91,6 @@ fn percent_decode(s: &str) -> String {
                 out.push(b);
                 i += 3;
             }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
             (c, _) => {
                 out.push(c);
                 i += 1;
