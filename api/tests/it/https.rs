@@ -52,11 +52,16 @@ impl ApiCert {
     /// place as a renewal tool does (the key first); returns it.
     pub fn issue(&self) -> CertificateDer<'static> {
         let (cert, key) = self.ca.leaf_pem(&["127.0.0.1", "localhost"]);
-        for (path, pem) in [(&self.key, &key), (&self.cert, &cert)] {
-            let next = path.with_extension("next");
-            std::fs::write(&next, pem).unwrap();
-            std::fs::rename(&next, path).unwrap();
-        }
+        put(&self.key, &key);
+        put(&self.cert, &cert);
+        CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()
+    }
+
+    /// A new certificate in its file, without its key (which a renewal
+    /// has not written yet); returns it.
+    pub fn issue_without_key(&self) -> CertificateDer<'static> {
+        let (cert, _key) = self.ca.leaf_pem(&["127.0.0.1"]);
+        put(&self.cert, &cert);
         CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()
     }
 
@@ -68,6 +73,13 @@ impl ApiCert {
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![("API_TLS_CERT", self.cert.display().to_string()), ("API_TLS_KEY", self.key.display().to_string())]
     }
+}
+
+/// Writes `pem` to `path` with a rename, as a renewal tool does.
+fn put(path: &std::path::Path, pem: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, pem).unwrap();
+    std::fs::rename(&next, path).unwrap();
 }
 
 /// A `clinflow-api` process on its own ports and the test's database; its
@@ -313,12 +325,10 @@ async fn https_a_certificate_swapped_on_disk_is_served_to_the_next_connection_wh
     assert_eq!(open.get("/healthz").await.unwrap().0, 200);
     assert!(open.certificate() == first);
 
-    // A key that is not the new certificate's: logged, and the certificate
-    // in service stays.
-    let key = std::fs::read(&cert.key).unwrap();
+    // A certificate whose key is not written yet: logged, and the
+    // certificate in service stays.
     let logged = api.log().len();
-    let third = cert.issue();
-    std::fs::write(&cert.key, key).unwrap();
+    let third = cert.issue_without_key();
     wait_until("the failed reload logged", Duration::from_secs(20), async || {
         api.log()[logged..].contains("could not reload the api's TLS certificate")
     })
