@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import ssl
 import sys
 import time
 import urllib.error
@@ -86,6 +87,11 @@ KEYWORDS = {
 }
 
 
+# The api serves HTTPS with the development certificate (./dev/up); its CA
+# (--api-ca-file) verifies it. Prometheus and the metrics ports are plain HTTP.
+TLS = ssl.create_default_context()
+
+
 def http(method, url, body=None, token=None, content_type="application/json", timeout=10):
     headers = {"content-type": content_type}
     if token:
@@ -93,7 +99,7 @@ def http(method, url, body=None, token=None, content_type="application/json", ti
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=TLS) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -254,7 +260,12 @@ def main():
     ap.add_argument("--password", required=True)
     ap.add_argument("--metrics", nargs="+", required=True, help="every /metrics URL Prometheus scrapes")
     ap.add_argument("--uploads", type=int, default=10)
+    ap.add_argument("--api-ca-file", default=os.environ.get("CLINFLOW_API_CA_FILE"),
+                    help="CA of an https:// api's certificate (default: $CLINFLOW_API_CA_FILE, else the system's)")
     args = ap.parse_args()
+    global TLS
+    if args.api_ca_file:
+        TLS = ssl.create_default_context(cafile=args.api_ca_file)
     prom = args.prometheus.rstrip("/")
 
     # Every target up in Prometheus before the load, so rates see it.

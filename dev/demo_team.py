@@ -3,16 +3,19 @@
 demo-clinician in it, through the admin API (idempotent), so that the quick
 start's clinician can read the sample results. Stdlib only.
 
-usage: demo_team.py API_URL NOTES_DIR   (password in CLINFLOW_PASSWORD)
+usage: demo_team.py API_URL NOTES_DIR   (password in CLINFLOW_PASSWORD; an
+https:// API is verified against CLINFLOW_API_CA_FILE, else the system's CAs)
 """
 import json
 import os
 import pathlib
+import ssl
 import sys
 import urllib.error
 import urllib.request
 
 TEAM, CLINICIAN, ADMIN = "demo-ward", "demo-clinician", "demo-admin"
+TLS = ssl.create_default_context(cafile=os.environ.get("CLINFLOW_API_CA_FILE") or None)
 
 
 def call(base, method, path, body=None, token=None, ok=(200, 201, 204)):
@@ -22,7 +25,7 @@ def call(base, method, path, body=None, token=None, ok=(200, 201, 204)):
         req.add_header("authorization", "Bearer " + token)
     data = None if body is None else json.dumps(body).encode()
     try:
-        with urllib.request.urlopen(req, data, timeout=30) as resp:
+        with urllib.request.urlopen(req, data, timeout=30, context=TLS) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()

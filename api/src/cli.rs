@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{IDLE_TIMEOUT, JwtKeys};
 use crate::config::{self, ApiConfig};
-use crate::server::serve;
+use crate::server::{serve, serve_tls};
 use crate::state::AppState;
 use crate::users::{self, Passwords, Role, UserError};
 
@@ -137,7 +137,15 @@ async fn run_server() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
         .with_context(|| format!("API_ADDR {}", config.api_addr))?;
-    tracing::info!(addr = %config.api_addr, "clinflow-api listening");
+    match &config.tls {
+        None => tracing::info!(addr = %config.api_addr, "clinflow-api listening (HTTP)"),
+        Some(tls) => tracing::info!(
+            addr = %config.api_addr,
+            min_tls_version = tls.min_version().as_str(),
+            certificate_sha256 = %tls.fingerprint,
+            "clinflow-api listening (HTTPS)"
+        ),
+    }
     clinflow::telemetry::log_panics_without_their_message();
     // The relay starts at once and keeps trying while RabbitMQ is away:
     // uploads are accepted meanwhile and published when it returns.
@@ -159,7 +167,10 @@ async fn run_server() -> anyhow::Result<()> {
         std::time::Duration::from_secs(600),
         shutdown.clone(),
     ));
-    let served = serve(listener, state, shutdown).await;
+    let served = match config.tls {
+        None => serve(listener, state, shutdown).await,
+        Some(tls) => serve_tls(listener, state, tls, shutdown).await,
+    };
     // Requests are finished: publish what they committed, then stop.
     stop_relay.cancel();
     relay.await.context("the outbox relay panicked")?;

@@ -30,6 +30,8 @@ pub struct ApiConfig {
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub edge: crate::state::Edge,
+    /// HTTPS on `api_addr` (`API_TLS_CERT`, `API_TLS_KEY`); plain HTTP without.
+    pub tls: Option<crate::https::ApiTls>,
 }
 
 impl ApiConfig {
@@ -84,6 +86,7 @@ impl ApiConfig {
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,
             edge: edge()?,
+            tls: tls()?,
         };
         let mut secrets: Vec<(&'static str, &[u8])> = vec![
             ("JWT_SECRET", config.jwt_secret.expose_secret()),
@@ -115,6 +118,44 @@ fn edge() -> Result<crate::state::Edge, ConfigError> {
             Some(list) => list.parse().map_err(|problem| ConfigError { name: "TRUSTED_PROXIES", problem })?,
         },
     })
+}
+
+/// `API_TLS_CERT` and `API_TLS_KEY` (both or neither), the files loaded
+/// and checked; `API_TLS_MIN_VERSION` (1.3 by default, or 1.2) and
+/// `API_TLS_RELOAD_SECONDS` (5) only with them.
+fn tls() -> Result<Option<crate::https::ApiTls>, ConfigError> {
+    use crate::https::{ApiTls, CERT, KEY, MinVersion, TlsFiles};
+    const MIN_VERSION: &str = "API_TLS_MIN_VERSION";
+    const RELOAD: &str = "API_TLS_RELOAD_SECONDS";
+    let both = format!("set both {CERT} and {KEY} (HTTPS), or neither (plain HTTP)");
+    let (cert, key) = match (config::optional(CERT)?, config::optional(KEY)?) {
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => {
+            return Err(ConfigError { name: KEY, problem: format!("is not set, but {CERT} is: {both}") });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError { name: CERT, problem: format!("is not set, but {KEY} is: {both}") });
+        }
+        (None, None) => {
+            for name in [MIN_VERSION, RELOAD] {
+                if config::optional(name)?.is_some() {
+                    return Err(ConfigError {
+                        name,
+                        problem: format!("is set, but the api serves plain HTTP: {both}"),
+                    });
+                }
+            }
+            return Ok(None);
+        }
+    };
+    let min_version = match config::optional(MIN_VERSION)?.as_deref().map(str::trim) {
+        None | Some("1.3") => MinVersion::Tls13,
+        Some("1.2") => MinVersion::Tls12,
+        Some(_) => return Err(ConfigError { name: MIN_VERSION, problem: "must be 1.3 (the default) or 1.2".into() }),
+    };
+    let reload_every = std::time::Duration::from_secs(count(RELOAD, 5)?.max(1));
+    let files = TlsFiles { cert: cert.trim().into(), key: key.trim().into(), min_version, reload_every };
+    ApiTls::load(files).map(Some)
 }
 
 pub fn database_url() -> Result<SecretString, ConfigError> {

@@ -12,7 +12,8 @@
 //!   `state`, `auth`, `proxies` (the client's address behind a load
 //!   balancer), `lockout`, `denials`, `users`, `extract`, `validate`,
 //!   `seal`, `scope` (care teams), `idempotency`, `dates`, `telemetry`,
-//!   `error`, `config`.
+//!   `error`, `https` (the api's own TLS: certificate, versions, reload),
+//!   `config`.
 
 pub mod access;
 mod admin;
@@ -30,6 +31,7 @@ pub mod error;
 mod extract;
 mod guard;
 mod health;
+pub mod https;
 pub mod idempotency;
 mod lockout;
 mod login;

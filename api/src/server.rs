@@ -1,11 +1,12 @@
 //! The api as a service: the route table ([`access::router`], where each
 //! route has its timeout) with the layers every request passes (request
 //! id, trace span, security headers, metrics, panics and timeouts as JSON,
-//! the client's address, body limit), served until shutdown.
+//! the client's address, body limit), served until shutdown over plain
+//! HTTP or, with its own certificate, HTTPS (with HSTS).
 
 use std::any::Any;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, header};
@@ -21,6 +22,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::access;
 use crate::error::ApiError;
+use crate::https::ApiTls;
 use crate::openapi;
 use crate::proxies::{ClientAddr, TrustedProxies};
 use crate::state::{AppState, Edge};
@@ -153,6 +155,60 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+/// HSTS on every answer over TLS: browsers use HTTPS only for this host
+/// for a year. Without `includeSubDomains`: a hospital's other hosts under
+/// the api's name are not this service's to decide.
+const STRICT_TRANSPORT_SECURITY: &str = "max-age=31536000";
+
+/// Serves HTTPS with `tls` until `shutdown` fires, then finishes in-flight
+/// requests. While it serves, the certificate is reloaded when its files
+/// change ([`ApiTls::watch`]): new connections get the new one, open ones
+/// keep theirs.
+pub async fn serve_tls(
+    listener: TcpListener,
+    state: AppState,
+    tls: ApiTls,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = app(state).layer(SetResponseHeaderLayer::overriding(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static(STRICT_TRANSPORT_SECURITY),
+    ));
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener.into_std()?, tls.rustls())?
+        .handle(handle.clone())
+        .serve(app.into_make_service_with_connect_info::<SocketAddr>());
+    let stop_watching = shutdown.child_token();
+    tokio::spawn(tls.watch(stop_watching.clone()));
+    let served = until_shut_down(server, &handle, &shutdown).await;
+    stop_watching.cancel();
+    served
+}
+
+/// Runs `server` until `shutdown`, then until its connections are done.
+/// axum-server's graceful shutdown reaches only the accept loop and the
+/// connections waiting at that moment (a notification, not a state): one
+/// being set up then would miss it and keep the server open, so it is
+/// asked again until the server has stopped.
+async fn until_shut_down(
+    server: impl Future<Output = std::io::Result<()>>,
+    handle: &axum_server::Handle<SocketAddr>,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => return served,
+        () = shutdown.cancelled() => {}
+    }
+    loop {
+        handle.graceful_shutdown(None);
+        tokio::select! {
+            served = &mut server => return served,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub struct ApiArgs {
     /// Base URL of the clinflow API
     #[arg(long, env = "CLINFLOW_API_URL", default_value = "http://127.0.0.1:8080", value_parser = parse_api_url)]
     pub api_url: Url,
+    /// PEM file of the CA that signed an https:// API's certificate (else the system's roots)
+    #[arg(long, value_name = "FILE", env = "CLINFLOW_API_CA_FILE")]
+    pub api_ca_file: Option<PathBuf>,
     /// User to log in as (not needed with an API key in CLINFLOW_API_KEY)
     #[arg(long, env = "CLINFLOW_USERNAME")]
     pub username: Option<String>,
@@ -157,10 +160,8 @@ impl WaitArgs {
 
 fn parse_api_url(value: &str) -> Result<Url, String> {
     let url = Url::parse(value).map_err(|e| e.to_string())?;
-    // reqwest is built without TLS (the API is plain HTTP on this host);
-    // accepting https:// would only fail later, at the first request.
-    if url.scheme() != "http" {
-        return Err("expected an http:// URL (this build has no TLS support)".into());
+    if !["http", "https"].contains(&url.scheme()) {
+        return Err("expected an https:// (or http://) URL".into());
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err("expected a base URL without ?query or #fragment".into());
@@ -191,9 +192,19 @@ async fn connect(api: &ApiArgs, care_team: Option<String>, shutdown: &Cancellati
         care_team,
         retry: RetryPolicy::default(),
         timeout: Duration::from_secs(api.request_timeout),
+        ca_certs: api.api_ca_file.as_deref().map(ca_certs).transpose()?.unwrap_or_default(),
     })?;
     client.login(shutdown).await.with_context(|| format!("cannot log in to {} as {username}", api.api_url))?;
     Ok(client)
+}
+
+/// The certificates of the CA file `--api-ca-file` (`CLINFLOW_API_CA_FILE`) names.
+fn ca_certs(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let what = || format!("--api-ca-file (CLINFLOW_API_CA_FILE) {path:?}");
+    let pem = std::fs::read(path).with_context(what)?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(what)?;
+    anyhow::ensure!(!certs.is_empty(), "{}: holds no PEM certificate", what());
+    Ok(certs)
 }
 
 fn progress(quiet: bool, logs: &LogSink) -> Progress {
@@ -270,9 +281,21 @@ mod tests {
 
     #[test]
     fn rejects_bad_urls_and_concurrency() {
-        for url in ["ftp://x", "https://x", "http://x/?a=1"] {
+        for url in ["ftp://x", "https://x/?a=1", "http://x/?a=1"] {
             assert!(Cli::try_parse_from(["clinflow-ingest", "wait", "--username", "u", "--api-url", url]).is_err());
         }
         assert!(Cli::try_parse_from(["clinflow-ingest", "wait", "--username", "u", "--concurrency", "0"]).is_err());
+        let https = ["clinflow-ingest", "wait", "--username", "u", "--api-url", "https://api.example:8443"];
+        assert!(Cli::try_parse_from(https).is_ok());
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_naming_the_option() {
+        let dir = crate::test_support::TempDir::new("ca-file");
+        let empty = dir.write("ca.pem", "not a certificate\n");
+        for path in [empty, dir.path().join("missing.pem")] {
+            let err = format!("{:#}", ca_certs(&path).unwrap_err());
+            assert!(err.starts_with("--api-ca-file (CLINFLOW_API_CA_FILE)"), "{err}");
+        }
     }
 }

@@ -50,6 +50,9 @@ pub struct ClientConfig {
     pub retry: RetryPolicy,
     /// Per request, connecting included.
     pub timeout: Duration,
+    /// The CAs an `https://` API is verified against (`CLINFLOW_API_CA_FILE`);
+    /// empty: the system's roots.
+    pub ca_certs: Vec<reqwest::Certificate>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,11 +97,14 @@ impl ApiClient {
         // every clinflow binary (an error: one is installed already).
         #[allow(deprecated)] // ring lacks post-quantum key exchange; see clinflow::tls
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("clinflow-ingest/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("clinflow-ingest/", env!("CARGO_PKG_VERSION")));
+        if !config.ca_certs.is_empty() {
+            http = http.tls_certs_only(config.ca_certs);
+        }
+        let http = http.build()?;
         Ok(Self {
             http,
             base: config.base_url,

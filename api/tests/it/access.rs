@@ -657,6 +657,7 @@ async fn clinflow_ingest_loads_with_an_api_key_and_names_a_care_team() {
         care_team: Some("renal".into()),
         retry: clinflow_ingest::client::RetryPolicy::default(),
         timeout: Duration::from_secs(30),
+        ca_certs: Vec::new(),
     })
     .unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();

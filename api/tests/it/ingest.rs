@@ -30,6 +30,7 @@ pub fn ingest_client(stack: &Stack, user: &str) -> ApiClient {
         care_team: None,
         retry: RetryPolicy { max_tries: 4, min_delay: Duration::from_millis(50), max_delay: Duration::from_secs(1) },
         timeout: Duration::from_secs(30),
+        ca_certs: Vec::new(),
     })
     .unwrap()
 }

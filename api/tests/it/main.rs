@@ -13,6 +13,7 @@ mod common;
 mod database;
 mod edge;
 mod health;
+mod https;
 mod ingest;
 mod jobs;
 mod keys;

@@ -215,3 +215,55 @@ fn secrets_come_from_files_and_two_keys_that_must_differ_are_refused_when_equal(
         assert!(!stderr.contains(jwt), "a secret leaked: {stderr}");
     }
 }
+
+/// HTTPS settings the api cannot serve with stop it at start with one line
+/// naming the variable, and never echo a key: one of the two files without
+/// the other, a file it cannot read or that holds no certificate or key, a
+/// key that is not the certificate's, a TLS version it does not offer.
+#[test]
+fn https_settings_it_cannot_serve_with_stop_the_api_with_one_line_naming_the_variable() {
+    let good = crate::https::ApiCert::new();
+    let other = crate::https::ApiCert::new();
+    let (cert, key, other_key) = (good.cert.to_str().unwrap(), good.key.to_str().unwrap(), other.key.to_str().unwrap());
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("API_TLS_CERT", cert)], "API_TLS_KEY: is not set, but API_TLS_CERT is"),
+        (vec![("API_TLS_KEY", key)], "API_TLS_CERT: is not set, but API_TLS_KEY is"),
+        (vec![("API_TLS_MIN_VERSION", "1.2")], "API_TLS_MIN_VERSION: is set, but the api serves plain HTTP"),
+        (
+            vec![("API_TLS_CERT", "/nonexistent/api.pem"), ("API_TLS_KEY", key)],
+            "API_TLS_CERT: \"/nonexistent/api.pem\": ",
+        ),
+        (
+            vec![("API_TLS_CERT", cert), ("API_TLS_KEY", "/nonexistent/api.key")],
+            "API_TLS_KEY: \"/nonexistent/api.key\": ",
+        ),
+        (vec![("API_TLS_CERT", "/tmp"), ("API_TLS_KEY", key)], "API_TLS_CERT: \"/tmp\": "),
+        (vec![("API_TLS_CERT", key), ("API_TLS_KEY", key)], "API_TLS_CERT: "),
+        (vec![("API_TLS_CERT", cert), ("API_TLS_KEY", cert)], "API_TLS_KEY: "),
+        (
+            vec![("API_TLS_CERT", cert), ("API_TLS_KEY", other_key)],
+            "API_TLS_KEY: is not the key of the certificate in API_TLS_CERT",
+        ),
+        (
+            vec![("API_TLS_CERT", cert), ("API_TLS_KEY", key), ("API_TLS_MIN_VERSION", "1.1")],
+            "API_TLS_MIN_VERSION: must be 1.3 (the default) or 1.2",
+        ),
+    ];
+    let secret = |path: &std::path::Path| std::fs::read_to_string(path).unwrap().lines().nth(1).unwrap().to_owned();
+    let (key_line, other_key_line) = (secret(&good.key), secret(&other.key));
+    for (tls, expected) in cases {
+        let envs = [BASE.to_vec(), tls.clone()].concat();
+        let (ok, stderr) = run_api(&envs);
+        assert!(!ok, "{tls:?} should stop the api");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+        assert!(lines[0].contains(expected), "{tls:?}: {stderr}");
+        assert!(!stderr.contains(&key_line) && !stderr.contains(&other_key_line), "a key leaked: {stderr}");
+    }
+    // Both files, and they match: the api goes on (to stop at the database
+    // that is not there).
+    let envs =
+        [BASE.to_vec(), vec![("API_TLS_CERT", cert), ("API_TLS_KEY", key), ("API_TLS_MIN_VERSION", "1.2")]].concat();
+    let (ok, stderr) = run_api(&envs);
+    assert!(!ok && stderr.contains("connecting to PostgreSQL"), "{stderr}");
+}

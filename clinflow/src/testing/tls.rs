@@ -41,6 +41,15 @@ impl TestCa {
         (cert.der().clone(), PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 
+    /// The same as [`leaf`](Self::leaf), as PEM: the certificate and its
+    /// key (PKCS#8), as a server reads them from files.
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).expect("params");
+        let key = KeyPair::generate().expect("server key");
+        let cert = params.signed_by(&key, &self.issuer).expect("server certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+
     pub fn pem_path(&self) -> &Path {
         &self.pem_file
     }
