@@ -429,7 +429,8 @@ class RealFile(unittest.TestCase):
             if svc.get("build", {}).get("context") == ".":
                 self.assertIn(command(svc)[0], wanted, name)
         self.assertIn("SQLX_OFFLINE=true", dockerfile)
-        self.assertIn("cargo build --release --locked", dockerfile)
+        # cargo auditable: each binary carries its dependency list (docs/security.md).
+        self.assertIn("cargo auditable build --release --locked", dockerfile)
         self.assertIn("cargo chef cook --release", dockerfile)
 
     def test_medcat_context_holds_its_sources_and_not_the_venv(self):
