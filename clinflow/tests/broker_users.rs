@@ -101,7 +101,7 @@ fn refused(result: Result<(), String>, what: &str) {
 #[tokio::test]
 async fn each_service_user_may_do_its_work_and_is_refused_the_rest() {
     let (t, admin) = testing::topology().await;
-    let users = BrokerUsers::create(&t).await;
+    let users = BrokerUsers::create(&t, testing::amqp_url()).await;
     let (jobs, audit, dead, retry) =
         (t.jobs_exchange(), t.audit_exchange(), t.dead_letter_exchange(), t.retry_exchange());
     let (live, backfill, audit_q) = (t.documents_live(), t.documents_backfill(), t.audit());

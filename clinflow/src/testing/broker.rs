@@ -44,6 +44,8 @@ impl BrokerUser {
 pub struct BrokerUsers {
     prefix: String,
     password: String,
+    /// The broker URL the users' URLs are made from.
+    base: SecretString,
 }
 
 fn script() -> std::path::PathBuf {
@@ -52,11 +54,12 @@ fn script() -> std::path::PathBuf {
 
 impl BrokerUsers {
     /// Runs `scripts/broker-users` for `topology`'s prefix (rabbitmqctl of
-    /// this machine; a few seconds).
-    pub async fn create(topology: &Topology) -> Self {
+    /// this machine; a few seconds), whose broker `base` is a URL of.
+    pub async fn create(topology: &Topology, base: SecretString) -> Self {
         // One random password for the four: what matters here is each user's
         // permissions, not its password.
-        let users = Self { prefix: topology.prefix().to_owned(), password: Uuid::new_v4().simple().to_string() };
+        let password = Uuid::new_v4().simple().to_string();
+        let users = Self { prefix: topology.prefix().to_owned(), password, base };
         let mut command = tokio::process::Command::new(script());
         command.arg(&users.prefix);
         for user in BrokerUser::ALL {
@@ -71,10 +74,9 @@ impl BrokerUsers {
         format!("{}-{}", self.prefix, user.name())
     }
 
-    /// The tests' broker URL ([`amqp_url`](super::amqp_url)), logged in as `user`.
+    /// The base URL, logged in as `user`.
     pub fn url(&self, user: BrokerUser) -> SecretString {
-        let url = super::amqp_url();
-        let url = url.expose_secret();
+        let url = self.base.expose_secret();
         let (scheme, rest) = url.split_once("://").expect("a URL");
         let host = rest.split_once('@').map_or(rest, |(_, host)| host);
         format!("{scheme}://{}:{}@{host}", self.username(user), self.password).into()
