@@ -100,12 +100,10 @@ pub enum AmqpError {
     Closed,
     #[error("RabbitMQ (AMQP_URL): TLS settings: {0}")]
     Tls(String),
-    #[error("RabbitMQ: {what} is missing or out of reach (`clinflow-api broker setup` declares it): {source}")]
-    Missing {
-        what: String,
-        #[source]
-        source: lapin::Error,
-    },
+    /// Not a `#[source]`: the broker's reason is in the one line already,
+    /// and lapin's error would repeat it in a chain.
+    #[error("RabbitMQ: {what} is missing or out of reach (`clinflow-api broker setup` declares it): {cause}")]
+    Missing { what: String, cause: lapin::Error },
 }
 
 /// Names of exchanges and queues under one prefix (`clinflow` in production).
@@ -187,7 +185,7 @@ impl Topology {
         // A failed passive declare closes its channel: one channel for the
         // lot, as the first failure ends the check.
         let channel = connection.create_channel().await?;
-        let missing = |what: String| move |source| AmqpError::Missing { what, source };
+        let missing = |what: String| move |cause| AmqpError::Missing { what, cause };
         let exchange = ExchangeDeclareOptions { passive: true, ..Default::default() };
         for name in self.exchanges() {
             channel
