@@ -36,7 +36,8 @@ SECRETS = {
     "POSTGRES_PASSWORD", "CLINFLOW_API_DB_PASSWORD", "CLINFLOW_WORKER_DB_PASSWORD",
     "CLINFLOW_SINK_DB_PASSWORD", "CLINFLOW_AUDIT_READER_DB_PASSWORD", "RABBITMQ_PASSWORD",
     "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY", "AUDIT_HMAC_KEY",
-    "GRAFANA_ADMIN_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD", "CLINFLOW_API_AMQP_PASSWORD", "CLINFLOW_WORKER_AMQP_PASSWORD",
+    "CLINFLOW_SINK_AMQP_PASSWORD", "CLINFLOW_OPS_AMQP_PASSWORD",
 }
 # A name that looks like it holds a secret (environment keys and ${VARS}).
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|(^|_)KEY$|_KEY_|PASS$")
@@ -55,6 +56,7 @@ BINARY_SOURCES = {
 REQUIRED_ENV = {
     ("clinflow-api",): {"DATABASE_URL", "AMQP_URL", "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY"},
     ("clinflow-api", "migrate"): {"MIGRATION_DATABASE_URL"},
+    ("clinflow-api", "broker"): {"AMQP_URL"},
     ("clinflow-worker",): {"DATABASE_URL", "AMQP_URL", "MEDCAT_URL", "CLINFLOW_MASTER_KEY"},
     ("clinflow-audit-sink",): {"DATABASE_URL", "AMQP_URL", "AUDIT_HMAC_KEY"},
 }
@@ -317,7 +319,7 @@ def check_metrics_ports(doc: dict, text: str) -> list:
     problems = []
     for name, svc in services(doc).items():
         cmd = command(svc)
-        if cmd[:1] not in (["clinflow-api"], ["clinflow-worker"], ["clinflow-audit-sink"]) or cmd[1:2] == ["migrate"]:
+        if cmd[:1] not in (["clinflow-api"], ["clinflow-worker"], ["clinflow-audit-sink"]) or cmd[1:2] in (["migrate"], ["broker"]):
             continue
         addr = environment(svc).get("METRICS_ADDR", "")
         if not addr.startswith("0.0.0.0:"):
@@ -331,10 +333,36 @@ def check_metrics_ports(doc: dict, text: str) -> list:
     return problems
 
 
+# Each clinflow service's broker user (scripts/broker-users).
+BROKER_USERS = {"clinflow-api": "clinflow-api", "clinflow-worker": "clinflow-worker",
+                "clinflow-audit-sink": "clinflow-audit-sink"}
+URL_USER = re.compile(r"^amqps?://([^:@/]+)[:@]")
+
+
+def check_broker_users(doc: dict, text: str) -> list:
+    """Each service logs in to RabbitMQ as its own user (least privilege);
+    the administrator (the management UI's user) only declares the topology
+    (`clinflow-api broker setup`)."""
+    problems = []
+    admin = environment(services(doc).get("rabbitmq", {})).get("RABBITMQ_DEFAULT_USER")
+    for name, svc in services(doc).items():
+        cmd = command(svc)
+        url = environment(svc).get("AMQP_URL")
+        if not cmd or cmd[0] not in BROKER_USERS or url is None:
+            continue
+        m = URL_USER.match(url)
+        user = m.group(1) if m else None
+        if cmd[1:2] == ["broker"]:
+            continue
+        if user == admin or user != BROKER_USERS[cmd[0]]:
+            problems.append(f"{name}: AMQP_URL must log in as {BROKER_USERS[cmd[0]]}, not {user}")
+    return problems
+
+
 CHECKS = [
     check_healthchecks, check_depends_on, check_no_hardcoded_secrets, check_secret_interpolations,
     check_published_ports, check_non_root, check_read_only, check_private_network,
-    check_worker_scales, check_env_names, check_metrics_ports,
+    check_worker_scales, check_env_names, check_metrics_ports, check_broker_users,
 ]
 
 
@@ -377,7 +405,7 @@ class RealFile(unittest.TestCase):
     def test_expected_services(self):
         self.assertTrue({"postgres", "rabbitmq", "medcat", "migrate", "db-roles", "api", "worker",
                          "audit-sink", "prometheus", "grafana"} <= set(services(self.doc)))
-        self.assertEqual(one_shots(self.doc), {"migrate", "db-roles"})
+        self.assertEqual(one_shots(self.doc), {"migrate", "db-roles", "broker-users", "broker-setup"})
 
     def test_docker_compose_accepts_it(self):
         exe = shutil.which("docker-compose")
@@ -462,6 +490,14 @@ class EachCheckCanFail(unittest.TestCase):
     def assertReports(self, results, check, fragment):
         self.assertTrue(any(fragment in p for p in results[check.__name__]),
                         f"{check.__name__} missed it: {results[check.__name__]}")
+
+    def test_service_as_the_broker_administrator(self):
+        admin_url = services(self.doc)["broker-setup"]["environment"]["AMQP_URL"]
+        r = self.broken(lambda s, d: s["audit-sink"]["environment"].update(AMQP_URL=admin_url))
+        self.assertReports(r, check_broker_users, "audit-sink: AMQP_URL must log in as clinflow-audit-sink, not clinflow")
+        api_url = services(self.doc)["api"]["environment"]["AMQP_URL"]
+        r = self.broken(lambda s, d: s["worker"]["environment"].update(AMQP_URL=api_url))
+        self.assertReports(r, check_broker_users, "worker: AMQP_URL must log in as clinflow-worker, not clinflow-api")
 
     def test_missing_health_check(self):
         r = self.broken(lambda s, d: s["api"].pop("healthcheck"))

@@ -1,6 +1,7 @@
 //! The `clinflow-api` command line: serve the API (the default), and the
-//! operators' commands `migrate`, `create-user`, `reindex-patients` and
-//! `keys` (the last two live in the shared crate, beside what they work on).
+//! operators' commands `migrate`, `create-user`, `reindex-patients`, `keys`
+//! and `broker` (the last three live in the shared crate, beside what they
+//! work on).
 
 use std::io::BufRead;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clinflow::amqp::Topology;
+use clinflow::amqp::command::BrokerCommand;
 use clinflow::crypto::IndexKey;
 use clinflow::keys::Keys;
 use clinflow::keys::command::KeysCommand;
@@ -66,6 +68,10 @@ pub enum Command {
     /// DATABASE_URL if unset); each step audited.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The RabbitMQ topology: `setup` declares it as the broker's
+    /// administrator (AMQP_URL), before the services start; `check` looks.
+    #[command(subcommand)]
+    Broker(BrokerCommand),
 }
 
 /// Runs what `cli` asks for.
@@ -76,6 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CreateUser { username, role, if_not_exists } => create_user(&username, role, if_not_exists).await,
         Command::ReindexPatients => reindex_patients().await,
         Command::Keys(command) => clinflow::keys::command::run(command, "clinflow-api").await,
+        Command::Broker(command) => clinflow::amqp::command::run(command, "clinflow-api-broker").await,
     }
 }
 

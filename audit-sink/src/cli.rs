@@ -152,9 +152,7 @@ async fn dead_letters(command: DeadLetters<AuditMessages>) -> anyhow::Result<()>
     let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
     let topology = Topology::new(prefix);
     let connection = clinflow::amqp::connect(&amqp_url, "clinflow-audit-sink-cli").await?;
-    let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
-    channel.close(200, "declared".into()).await?;
+    topology.check(&connection).await?;
     command.run(&connection, &topology, &Actor::operator(SERVICE_NAME)).await?;
     let _ = connection.close(200, "done".into()).await;
     Ok(())

@@ -28,6 +28,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let topology = clinflow::amqp::Topology::new(&cli.queue_prefix);
     let amqp = clinflow::amqp::connect(&cli.amqp_url.clone().into(), "clinflow-bench").await?;
     phases::delete_queues(&amqp, &topology).await;
+    // As deployed: declared once by an administrator (the bench's broker
+    // user), then only checked by the services it starts.
+    topology.declare(&amqp.create_channel().await?).await?;
 
     let mut master_key = [0u8; 32];
     master_key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());

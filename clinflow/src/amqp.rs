@@ -21,6 +21,13 @@
 //! per-message TTL, then the broker dead-letters it back onto its lane. The
 //! prefix lets tests run beside a live stack on the same broker without
 //! touching its queues.
+//!
+//! The topology is declared once, by `clinflow-api broker setup` as the
+//! broker's administrator ([`command`]); each service logs in as its own
+//! user, which may not declare anything (no configure permission,
+//! `scripts/broker-users`), and only [`check`](Topology::check)s it.
+
+pub mod command;
 
 use std::time::{Duration, SystemTime};
 
@@ -93,6 +100,10 @@ pub enum AmqpError {
     Closed,
     #[error("RabbitMQ (AMQP_URL): TLS settings: {0}")]
     Tls(String),
+    /// Not a `#[source]`: the broker's reason is in the one line already,
+    /// and lapin's error would repeat it in a chain.
+    #[error("RabbitMQ: {what} is missing or out of reach (`clinflow-api broker setup` declares it): {cause}")]
+    Missing { what: String, cause: lapin::Error },
 }
 
 /// Names of exchanges and queues under one prefix (`clinflow` in production).
@@ -165,12 +176,55 @@ impl Topology {
         WorkQueue { exchange, key, dead_queue: format!("{queue}.dead"), queue, retry_queue: None }
     }
 
-    /// Declares everything; idempotent, so every process calls it at start-up.
+    /// Checks, with passive declares (which need no permission), that every
+    /// exchange and queue exists: what a service does on each connection,
+    /// logged in as a user that may not declare. The first missing one is
+    /// named. Bindings cannot be checked so; a missing one makes a publish
+    /// [`Unroutable`](AmqpError::Unroutable) (every publish is mandatory).
+    pub async fn check(&self, connection: &Connection) -> Result<(), AmqpError> {
+        // A failed passive declare closes its channel: one channel for the
+        // lot, as the first failure ends the check.
+        let channel = connection.create_channel().await?;
+        let missing = |what: String| move |cause| AmqpError::Missing { what, cause };
+        let exchange = ExchangeDeclareOptions { passive: true, ..Default::default() };
+        for name in self.exchanges() {
+            channel
+                .exchange_declare(name.as_str().into(), ExchangeKind::Direct, exchange, FieldTable::default())
+                .await
+                .map_err(missing(format!("exchange {name}")))?;
+        }
+        let queue = QueueDeclareOptions { passive: true, ..Default::default() };
+        for name in self.queues() {
+            channel
+                .queue_declare(name.as_str().into(), queue, FieldTable::default())
+                .await
+                .map_err(missing(format!("queue {name}")))?;
+        }
+        // Best effort: the connection is what matters.
+        let _ = channel.close(200, "checked".into()).await;
+        Ok(())
+    }
+
+    /// Every exchange of the topology.
+    pub fn exchanges(&self) -> [String; 4] {
+        [self.jobs_exchange(), self.audit_exchange(), self.dead_letter_exchange(), self.retry_exchange()]
+    }
+
+    /// Every queue of the topology: work queues, their `.dead` and `.retry` queues.
+    pub fn queues(&self) -> Vec<String> {
+        self.work_queues()
+            .into_iter()
+            .flat_map(|wq| [Some(wq.queue), Some(wq.dead_queue), wq.retry_queue])
+            .flatten()
+            .collect()
+    }
+
+    /// Declares everything; idempotent. Needs configure permission on every
+    /// name, so only the set-up step ([`command`]) and the tests' fixtures
+    /// call it, as an administrator.
     pub async fn declare(&self, channel: &Channel) -> Result<(), AmqpError> {
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        for exchange in
-            [self.jobs_exchange(), self.audit_exchange(), self.dead_letter_exchange(), self.retry_exchange()]
-        {
+        for exchange in self.exchanges() {
             channel
                 .exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
                 .await?;

@@ -1,5 +1,5 @@
 //! One supervised broker connection per service: a *session* runs on a fresh
-//! connection (topology declared) until it ends; after a broker error the
+//! connection (topology checked) until it ends; after a broker error the
 //! connection is dropped and a new session starts, with backoff capped at
 //! 2 s, so a broker restart never needs a process restart.
 //!
@@ -7,7 +7,12 @@
 //! `Reconnecting` for good, or to spin at 100 % CPU, after broker restarts
 //! under load (upstream: amqp-rs/lapin issue 450; docs/reliability.md,
 //! "Broker connections"). Rebuilding everything is simple and always the
-//! same path: connect, declare, open channels, consume again.
+//! same path: connect, check the topology, open channels, consume again.
+//!
+//! The services do not declare the topology: their broker users may not
+//! (`scripts/broker-users`); `clinflow-api broker setup` has declared it.
+//! A missing exchange or queue is named in the reconnection warning, and
+//! readiness fails until it exists.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,14 +116,11 @@ where
     Ok(())
 }
 
-/// Connects and declares the topology, within 15 s.
+/// Connects and checks the topology, within 15 s.
 async fn connect(url: &SecretString, service: &str, topology: &Topology) -> anyhow::Result<Connection> {
     let connect = async {
         let connection = amqp::connect(url, service).await?;
-        let channel = connection.create_channel().await.map_err(amqp::AmqpError::from)?;
-        topology.declare(&channel).await?;
-        // Closing the declaring channel is best effort: the connection is what matters.
-        let _ = channel.close(200, "declared".into()).await;
+        topology.check(&connection).await?;
         Ok::<_, amqp::AmqpError>(connection)
     };
     Ok(tokio::time::timeout(Duration::from_secs(15), connect)

@@ -17,9 +17,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+mod broker;
 mod servers;
 pub mod tls;
 
+pub use broker::{BrokerUser, BrokerUsers};
 pub use servers::{Postgres, RabbitNode, free_addr, free_port};
 pub use tls::tls_dir;
 

@@ -86,9 +86,7 @@ async fn operate(command: Command) -> anyhow::Result<()> {
     let topology = topology()?;
     let connection =
         clinflow::amqp::connect(&amqp_url, "clinflow-worker-cli").await.context("connecting to RabbitMQ (AMQP_URL)")?;
-    let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
-    channel.close(200, "declared".into()).await?;
+    topology.check(&connection).await?;
     let operator = Actor::operator(SERVICE_NAME);
     match command {
         Command::DeadLetters(command) => command.run(&connection, &topology, &operator, database).await?,
