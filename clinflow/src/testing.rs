@@ -17,9 +17,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+mod audit_keys;
 mod servers;
 pub mod tls;
 
+pub use audit_keys::{AuditKeys, audit_keys};
 pub use servers::{Postgres, RabbitNode, free_addr, free_port};
 pub use tls::tls_dir;
 
