@@ -35,7 +35,7 @@ PUBLISHED = {"api": 8080, "grafana": 3000, "rabbitmq": 15672}
 SECRETS = {
     "POSTGRES_PASSWORD", "CLINFLOW_API_DB_PASSWORD", "CLINFLOW_WORKER_DB_PASSWORD",
     "CLINFLOW_SINK_DB_PASSWORD", "CLINFLOW_AUDIT_READER_DB_PASSWORD", "RABBITMQ_PASSWORD",
-    "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY", "AUDIT_HMAC_KEY",
+    "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY",
     "GRAFANA_ADMIN_PASSWORD", "CLINFLOW_API_AMQP_PASSWORD", "CLINFLOW_WORKER_AMQP_PASSWORD",
     "CLINFLOW_SINK_AMQP_PASSWORD", "CLINFLOW_OPS_AMQP_PASSWORD",
 }
@@ -54,11 +54,13 @@ BINARY_SOURCES = {
     "clinflow-audit-sink": ["audit-sink/src", "clinflow/src"],
 }
 REQUIRED_ENV = {
-    ("clinflow-api",): {"DATABASE_URL", "AMQP_URL", "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY"},
+    ("clinflow-api",): {
+        "DATABASE_URL", "AMQP_URL", "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY", "AUDIT_SIGNING_KEY_FILE",
+    },
     ("clinflow-api", "migrate"): {"MIGRATION_DATABASE_URL"},
     ("clinflow-api", "broker"): {"AMQP_URL"},
-    ("clinflow-worker",): {"DATABASE_URL", "AMQP_URL", "MEDCAT_URL", "CLINFLOW_MASTER_KEY"},
-    ("clinflow-audit-sink",): {"DATABASE_URL", "AMQP_URL", "AUDIT_HMAC_KEY"},
+    ("clinflow-worker",): {"DATABASE_URL", "AMQP_URL", "MEDCAT_URL", "CLINFLOW_MASTER_KEY", "AUDIT_SIGNING_KEY_FILE"},
+    ("clinflow-audit-sink",): {"DATABASE_URL", "AMQP_URL", "AUDIT_SIGNING_KEY_FILE", "AUDIT_PUBLIC_KEYS"},
 }
 # Read by the tracing set-up (tracing-subscriber's EnvFilter reads RUST_LOG).
 ALWAYS_READ = {"RUST_LOG", "LOG_FORMAT"}
@@ -180,7 +182,14 @@ def check_depends_on(doc: dict, text: str) -> list:
 def check_no_hardcoded_secrets(doc: dict, text: str) -> list:
     problems = []
     for name, svc in services(doc).items():
+        mounted = {m if isinstance(m, str) else m.get("source") for m in svc.get("secrets") or []}
         for key, value in environment(svc).items():
+            # NAME_FILE pointing at a compose secret this service mounts:
+            # the secret never enters the environment.
+            if key.endswith("_FILE") and value.startswith("/run/secrets/"):
+                if value.removeprefix("/run/secrets/") not in mounted:
+                    problems.append(f"{name}: {key} names a secret the service does not mount")
+                continue
             if SECRET_NAME.search(key) and not REQUIRED_ONLY.match(value):
                 problems.append(f"{name}: {key} must be exactly ${{VAR:?message}}, not a value written here")
             for password in URL_PASSWORD.findall(value):
@@ -290,7 +299,8 @@ def _crate_names(binary: str) -> set:
     for rel in BINARY_SOURCES[binary]:
         for path in (ROOT / rel).rglob("*.rs"):
             names |= set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', path.read_text()))
-    return names
+    # clinflow::config reads any variable from the file NAME_FILE names too.
+    return names | {f"{n}_FILE" for n in names}
 
 
 def check_env_names(doc: dict, text: str) -> list:
@@ -546,8 +556,8 @@ class EachCheckCanFail(unittest.TestCase):
         self.assertReports(self.broken(text=text), check_secret_interpolations, "${GRAFANA_ADMIN_PASSWORD} is a secret")
 
     def test_secret_never_asked_for(self):
-        text = re.sub(r"\$\{AUDIT_HMAC_KEY:\?[^}]*\}", "literal", self.text)
-        self.assertReports(self.broken(text=text), check_secret_interpolations, "secret AUDIT_HMAC_KEY is never asked for")
+        text = re.sub(r"\$\{CLINFLOW_INDEX_KEY:\?[^}]*\}", "literal", self.text)
+        self.assertReports(self.broken(text=text), check_secret_interpolations, "secret CLINFLOW_INDEX_KEY is never asked for")
 
     def test_published_database_port(self):
         r = self.broken(lambda s, d: s["postgres"].update(ports=["127.0.0.1:5432:5432"]))
@@ -600,8 +610,10 @@ class EachCheckCanFail(unittest.TestCase):
     def test_env_name_no_binary_reads(self):
         r = self.broken(lambda s, d: s["worker"]["environment"].update(WORKER_BATCHSIZE="50"))
         self.assertReports(r, check_env_names, "worker: clinflow-worker never reads WORKER_BATCHSIZE")
-        r = self.broken(lambda s, d: s["audit-sink"]["environment"].pop("AUDIT_HMAC_KEY"))
-        self.assertReports(r, check_env_names, "audit-sink: clinflow-audit-sink needs AUDIT_HMAC_KEY")
+        r = self.broken(lambda s, d: s["api"].pop("secrets"))
+        self.assertReports(r, check_no_hardcoded_secrets, "api: AUDIT_SIGNING_KEY_FILE names a secret the service does not mount")
+        r = self.broken(lambda s, d: s["audit-sink"]["environment"].pop("AUDIT_PUBLIC_KEYS"))
+        self.assertReports(r, check_env_names, "audit-sink: clinflow-audit-sink needs AUDIT_PUBLIC_KEYS")
         r = self.broken(lambda s, d: s["migrate"]["environment"].pop("MIGRATION_DATABASE_URL"))
         self.assertReports(r, check_env_names, "migrate: clinflow-api migrate needs MIGRATION_DATABASE_URL")
 

@@ -114,3 +114,17 @@ ensure_debian_packages() {
 }
 
 source "$CLINFLOW_ROOT/dev/tls.sh"
+
+# One Ed25519 audit signing key per service in DIR (<service>.key, mode
+# 600), made once, and its public key in DIR/public (<service>.pem).
+ensure_audit_keys() {
+  local dir=$1 service
+  mkdir -p "$dir/public"
+  chmod 700 "$dir"
+  for service in api worker audit-sink; do
+    if [ ! -s "$dir/$service.key" ]; then
+      (umask 077; openssl genpkey -algorithm ed25519 -out "$dir/$service.key")
+    fi
+    openssl pkey -in "$dir/$service.key" -pubout -out "$dir/public/$service.pem"
+  done
+}

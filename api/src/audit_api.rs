@@ -170,7 +170,9 @@ pub struct Verified {
     problem: Option<String>,
 }
 
-/// Walk the audit hash chain with `AUDIT_HMAC_KEY`, then check it against
+/// Walk the audit hash chain with the public keys of `AUDIT_PUBLIC_KEYS`
+/// (every event's signature, link and hash, and the sink's signed heads),
+/// then check it against
 /// the sink's checkpoint file when this api can read it. Audited
 /// (`audit.verify`).
 #[utoipa::path(
@@ -179,21 +181,21 @@ pub struct Verified {
     tag = "audit",
     responses(
         (status = 200, description = "Whether the chain is intact, and where it broke if not", body = Verified),
-        (status = 503, description = "- `unavailable`: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`) or no `AUDIT_HMAC_KEY`", body = ErrorBody),
+        (status = 503, description = "- `unavailable`: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`) or no `AUDIT_PUBLIC_KEYS`", body = ErrorBody),
     ),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn verify(State(state): State<AppState>, user: AuthUser) -> Result<Json<Verified>, ApiError> {
     let db = audit_db(&state)?;
-    let Some(key) = &state.audit_key else {
-        return Err(ApiError::Unavailable("audit verification (AUDIT_HMAC_KEY is not set for the api)"));
+    let Some(trust) = &state.audit_trust else {
+        return Err(ApiError::Unavailable("audit verification (AUDIT_PUBLIC_KEYS is not set for the api)"));
     };
     let mut answer =
         Verified { intact: true, rows: 0, checkpoints: 0, newest_checkpoint: None, broken_at: None, problem: None };
     let outcome = async {
-        answer.rows = chain::verify(db, key).await?;
+        answer.rows = chain::verify(db, trust).await?;
         if let Some(path) = &state.audit_checkpoints {
-            let read = checkpoint::read(path, key)?;
+            let read = checkpoint::read(path, trust)?;
             answer.checkpoints = read.len();
             answer.newest_checkpoint = read.iter().map(|c| c.seq).max();
             checkpoint::check(db, answer.rows, &read).await?;

@@ -170,7 +170,7 @@ async fn store(
             Inserted::New => {
                 let event = user.event(Action::DocumentUpload, Outcome::Success).document(doc.id);
                 messages.push(outbox::Message::job(doc.id, Lane::Backfill));
-                messages.push(outbox::Message::audit(&event).map_err(anyhow::Error::new)?);
+                messages.push(outbox::Message::audit(&state.audit_signer, &event).map_err(anyhow::Error::new)?);
                 response.push(LineOutcome::Accepted { line: *number, id: doc.id });
             }
             Inserted::DuplicateSourceRef(id) => response.push(LineOutcome::Duplicate { line: *number, id: *id }),

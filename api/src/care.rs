@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
-use crate::state::{AppState, audit_in};
+use crate::state::AppState;
 use crate::validate::valid_patient_ref;
 
 const MIN_REASON_CHARS: usize = 10;
@@ -100,7 +100,7 @@ pub(crate) async fn break_glass(
     )
     .fetch_one(&mut *tx)
     .await?;
-    audit_in(&mut tx, &[event]).await?;
+    state.audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.relay.wake();
     metrics::counter!("clinflow_break_glass_grants_total").increment(1);

@@ -129,7 +129,8 @@ async fn run_server() -> anyhow::Result<()> {
             ),
             None => None,
         },
-        audit_key: config.audit_key.map(|k| Arc::new(clinflow::chain::ChainKey::new(k))),
+        audit_signer: Arc::new(config.audit_signer),
+        audit_trust: config.audit_keys.map(|keys| Arc::new(clinflow::chain::Trust::new(keys))),
         audit_checkpoints: config.audit_checkpoints,
         denials: Arc::new(crate::denials::DenialLimiter::per_minute(
             std::num::NonZeroU32::new(config.denials_per_minute).unwrap_or(std::num::NonZeroU32::MIN),

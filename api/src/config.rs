@@ -16,7 +16,8 @@ pub struct ApiConfig {
     pub batch_limits: crate::state::BatchLimits,
     /// How long an Idempotency-Key is remembered.
     pub idempotency_retention: std::time::Duration,
-    pub audit_key: Option<SecretBox<Vec<u8>>>,
+    pub audit_signer: clinflow::audit::Signer,
+    pub audit_keys: Option<clinflow::audit::signing::PublicKeys>,
     pub audit_reader_url: Option<SecretString>,
     /// Refusals audited one by one per source address and minute.
     pub denials_per_minute: u32,
@@ -55,10 +56,8 @@ impl ApiConfig {
                     ..d
                 }
             },
-            audit_key: match config::optional("AUDIT_HMAC_KEY")? {
-                Some(_) => Some(config::secret_bytes("AUDIT_HMAC_KEY")?),
-                None => None,
-            },
+            audit_signer: clinflow::audit::Signer::from_env("api")?,
+            audit_keys: clinflow::audit::signing::PublicKeys::from_env("AUDIT_PUBLIC_KEYS")?,
             audit_checkpoints: config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
             audit_reader_url: match config::optional("AUDIT_READER_DATABASE_URL")? {
                 Some(_) => Some(clinflow::tls::postgres_url("AUDIT_READER_DATABASE_URL")?),
@@ -88,14 +87,19 @@ impl ApiConfig {
             edge: edge()?,
             tls: tls()?,
         };
-        let mut secrets: Vec<(&'static str, &[u8])> = vec![
+        let secrets: Vec<(&'static str, &[u8])> = vec![
             ("JWT_SECRET", config.jwt_secret.expose_secret()),
             ("CLINFLOW_INDEX_KEY", config.index_key.expose_secret()),
         ];
-        if let Some(key) = &config.audit_key {
-            secrets.push(("AUDIT_HMAC_KEY", key.expose_secret()));
-        }
         config::distinct(&secrets)?;
+        // Whoever holds it could rewrite format-1 audit rows and checkpoints.
+        if config::optional("AUDIT_HMAC_KEY")?.is_some() {
+            return Err(ConfigError {
+                name: "AUDIT_HMAC_KEY",
+                problem: "is the audit sink's alone; the api verifies with public keys (AUDIT_PUBLIC_KEYS): remove it"
+                    .into(),
+            });
+        }
         Ok(config)
     }
 }

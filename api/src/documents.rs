@@ -157,7 +157,10 @@ async fn upload_one(
         ),
     };
     let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
-    let messages = [outbox::Message::job(id, Lane::Live), outbox::Message::audit(&event).map_err(anyhow::Error::new)?];
+    let messages = [
+        outbox::Message::job(id, Lane::Live),
+        outbox::Message::audit(&state.audit_signer, &event).map_err(anyhow::Error::new)?,
+    ];
 
     // The document, its job and its audit event commit together: a 2xx
     // document always has a job (the relay publishes it, now or after an

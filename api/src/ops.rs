@@ -16,6 +16,7 @@ use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::state::AppState;
+use clinflow::audit::Operator;
 
 /// Either `ids` or `"all": true`.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -77,7 +78,7 @@ fn ops_error(e: OpsError) -> ApiError {
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Listing>, ApiError> {
     let connection = connection(&state).await?;
-    let listing = deadletters::list(&connection, &state.topology, &user.actor()).await.map_err(ops_error);
+    let listing = deadletters::list(&connection, &state.topology, &operator(&state, &user)).await.map_err(ops_error);
     let _ = connection.close(200, "done".into()).await;
     Ok(Json(listing?))
 }
@@ -107,7 +108,7 @@ pub(crate) async fn replay(
         _ => return Err(ApiError::invalid("invalid_selection", "give either \"ids\" or \"all\": true")),
     };
     let connection = connection(&state).await?;
-    let replayed = deadletters::replay(&connection, &state.db, &state.topology, &selection, &user.actor())
+    let replayed = deadletters::replay(&connection, &state.db, &state.topology, &selection, &operator(&state, &user))
         .await
         .map_err(ops_error);
     let _ = connection.close(200, "done".into()).await;
@@ -147,9 +148,15 @@ pub(crate) async fn reprocess(
         }
     };
     let connection = connection(&state).await?;
-    let queued = deadletters::reprocess(&connection, &state.db, &state.topology, &which, &user.actor(), |_| {})
-        .await
-        .map_err(ops_error);
+    let queued =
+        deadletters::reprocess(&connection, &state.db, &state.topology, &which, &operator(&state, &user), |_| {})
+            .await
+            .map_err(ops_error);
     let _ = connection.close(200, "done".into()).await;
     Ok(Json(ReprocessResponse { queued: queued? }))
+}
+
+/// The caller, signing with the api's key.
+fn operator(state: &AppState, user: &AuthUser) -> Operator {
+    Operator { actor: user.actor(), signer: state.audit_signer.clone() }
 }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clinflow::audit::AuditEvent;
+use clinflow::audit::Signer;
+use clinflow::chain::Trust;
 use clinflow::crypto::IndexKey;
 use clinflow::keys::Keys;
 use clinflow::outbox;
@@ -40,8 +42,13 @@ pub struct AppState {
     /// `clinflow_audit_reader` role (`AUDIT_READER_DATABASE_URL`): the
     /// api's own role cannot touch `audit_events`.
     pub audit_db: Option<PgPool>,
-    /// For `POST /v1/audit/verify` (`AUDIT_HMAC_KEY`, optional for the api).
-    pub audit_key: Option<Arc<clinflow::chain::ChainKey>>,
+    /// Signs every audit event this api writes (`AUDIT_SIGNING_KEY`, key
+    /// id `api` by default).
+    pub audit_signer: Arc<Signer>,
+    /// For `POST /v1/audit/verify`: the producers' and the sink's public
+    /// keys (`AUDIT_PUBLIC_KEYS`, optional for the api). The api holds no
+    /// key that can write the chain or a checkpoint.
+    pub audit_trust: Option<Arc<Trust>>,
     /// The sink's checkpoint file, if this api can read it.
     pub audit_checkpoints: Option<std::path::PathBuf>,
     /// How many refusals per source address are audited one by one.
@@ -100,7 +107,7 @@ impl AppState {
     /// shown. Where the audited action itself writes, use
     /// `outbox::enqueue` in its transaction instead.
     pub async fn audit(&self, event: &AuditEvent) -> Result<(), ApiError> {
-        let message = outbox::Message::audit(event).map_err(anyhow::Error::new)?;
+        let message = outbox::Message::audit(&self.audit_signer, event).map_err(anyhow::Error::new)?;
         let mut conn = self.db.acquire().await.map_err(|e| audit_unavailable(event, &e))?;
         outbox::enqueue(&mut conn, &[message]).await.map_err(|e| audit_unavailable(event, &e))?;
         self.relay.wake();
@@ -120,9 +127,9 @@ impl AppState {
             )
             .from_request(event.source_ip, None)
             .resource("count", &suppressed.to_string());
-            messages.extend(outbox::Message::audit(&summary));
+            messages.extend(outbox::Message::audit(&self.audit_signer, &summary));
         }
-        messages.extend(outbox::Message::audit(&event));
+        messages.extend(outbox::Message::audit(&self.audit_signer, &event));
         let stored = async {
             let mut conn = self.db.acquire().await?;
             outbox::enqueue(&mut conn, &messages).await
@@ -131,6 +138,19 @@ impl AppState {
             Ok(()) => self.relay.wake(),
             Err(e) => tracing::warn!(error = %e, action = event.action.as_str(), "refusal not audited"),
         }
+    }
+
+    /// Writes audit events to the outbox in the caller's transaction, so
+    /// they commit with the change they record (wake the relay after the
+    /// commit).
+    pub(crate) async fn audit_in(&self, conn: &mut sqlx::PgConnection, events: &[AuditEvent]) -> Result<(), ApiError> {
+        let messages = events
+            .iter()
+            .map(|e| outbox::Message::audit(&self.audit_signer, e))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::new)?;
+        outbox::enqueue(conn, &messages).await?;
+        Ok(())
     }
 
     /// 429 while the pipeline is this far behind.
@@ -146,15 +166,6 @@ impl AppState {
     pub(crate) fn check_backpressure_quietly(&self) -> bool {
         self.relay.backlog() > self.limits.max_outbox || self.relay.queue_depth() > self.limits.max_queued
     }
-}
-
-/// Writes audit events to the outbox in the caller's transaction, so they
-/// commit with the change they record (wake the relay after the commit).
-pub(crate) async fn audit_in(conn: &mut sqlx::PgConnection, events: &[AuditEvent]) -> Result<(), ApiError> {
-    let messages =
-        events.iter().map(outbox::Message::audit).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::new)?;
-    outbox::enqueue(conn, &messages).await?;
-    Ok(())
 }
 
 fn audit_unavailable(event: &AuditEvent, e: &sqlx::Error) -> ApiError {

@@ -4,8 +4,9 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clinflow::amqp::Topology;
-use clinflow::audit::Actor;
-use clinflow::chain::{self, ChainKey};
+use clinflow::audit::Operator;
+use clinflow::audit::signing::{PublicKeys, Signer};
+use clinflow::chain::{self, ChainKey, Trust};
 use clinflow::checkpoint::{self, CheckpointConfig, Checkpointer};
 use clinflow::config;
 use clinflow::deadletters::command::{AuditMessages, DeadLetters};
@@ -29,12 +30,17 @@ pub struct Cli {
 pub enum Command {
     /// Consume audit events (the default).
     Run,
-    /// Walk the hash chain and report the first broken row, if any; with
+    /// Walk the hash chain and report the first broken row, if any: every
+    /// event's signature, every link and hash, the sink's signed heads; with
     /// checkpoints (default: AUDIT_CHECKPOINT_FILE), also that the table
-    /// still holds every checkpointed row.
+    /// still holds every checkpointed row. Needs public keys only.
     Verify {
         #[arg(long, value_name = "FILE")]
         checkpoints: Option<std::path::PathBuf>,
+        /// The directory of `<key id>.pem` public keys, the producers' and
+        /// the sink's (default: AUDIT_PUBLIC_KEYS).
+        #[arg(long, visible_alias = "public-key", value_name = "DIR")]
+        public_keys: Option<std::path::PathBuf>,
     },
     /// Audit messages the sink could not store (ids, reasons and sizes only)
     #[command(subcommand)]
@@ -45,7 +51,7 @@ pub enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => consume().await,
-        Command::Verify { checkpoints } => verify(checkpoints).await,
+        Command::Verify { checkpoints, public_keys } => verify(checkpoints, public_keys).await,
         Command::DeadLetters(command) => dead_letters(command).await,
     }
 }
@@ -67,7 +73,10 @@ async fn connect_as(variable: &'static str) -> anyhow::Result<PgPool> {
 async fn consume() -> anyhow::Result<()> {
     let amqp_url = clinflow::tls::amqp_url("AMQP_URL")?;
     clinflow::tls::warn_if_plaintext_allowed()?;
-    let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
+    let signer = Signer::from_env(chain::SINK_PRODUCER)?;
+    let mut keys = PublicKeys::from_env(PUBLIC_KEYS)?
+        .ok_or_else(|| anyhow::anyhow!("{PUBLIC_KEYS}: is not set (the directory of the producers' public keys)"))?;
+    keys.insert(signer.key_id(), signer.verifying_key());
     let prefix = config::optional("CLINFLOW_QUEUE_PREFIX")?.unwrap_or_else(|| "clinflow".into());
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9103")?;
     clinflow::telemetry::recorder()?;
@@ -83,7 +92,7 @@ async fn consume() -> anyhow::Result<()> {
     let checkpoints = checkpointer()?;
     let verifier = Verifier {
         db: db.clone(),
-        key: ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?),
+        trust: Trust { keys: keys.clone(), legacy: legacy_key()? },
         checkpoints: config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
         every: (verify_every > 0).then(|| std::time::Duration::from_secs(verify_every)),
     };
@@ -91,7 +100,15 @@ async fn consume() -> anyhow::Result<()> {
     let shutdown = clinflow::shutdown::on_signal();
     clinflow::telemetry::serve_ops(metrics_addr, probes(&db, &link)).await?;
     tokio::spawn(verifier.run(shutdown.clone()));
-    let sink = Sink { db, key, topology: Topology::new(prefix), batch_size, max_wait, checkpoints };
+    let sink = Sink {
+        db,
+        signer: std::sync::Arc::new(signer),
+        keys,
+        topology: Topology::new(prefix),
+        batch_size,
+        max_wait,
+        checkpoints,
+    };
     // RabbitMQ is connected (and reconnected) inside `run`.
     sink.run(&amqp_url, &link, shutdown).await
 }
@@ -123,8 +140,28 @@ fn probes(db: &PgPool, link: &LinkState) -> clinflow::telemetry::Probes {
     })
 }
 
-async fn verify(checkpoints: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let key = ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?);
+/// Where the public keys are: a directory of `<key id>.pem`.
+const PUBLIC_KEYS: &str = "AUDIT_PUBLIC_KEYS";
+
+/// The HMAC key of format-1 rows and checkpoints, written before events
+/// were signed (`AUDIT_HMAC_KEY`, needed only where such rows exist).
+fn legacy_key() -> anyhow::Result<Option<ChainKey>> {
+    Ok(match config::optional("AUDIT_HMAC_KEY")? {
+        Some(_) => Some(ChainKey::new(config::secret_bytes("AUDIT_HMAC_KEY")?)),
+        None => None,
+    })
+}
+
+async fn verify(
+    checkpoints: Option<std::path::PathBuf>,
+    public_keys: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let keys = match public_keys {
+        Some(dir) => PublicKeys::from_dir(&dir).map_err(anyhow::Error::msg)?,
+        None => PublicKeys::from_env(PUBLIC_KEYS)?
+            .ok_or_else(|| anyhow::anyhow!("give --public-keys DIR or set {PUBLIC_KEYS}"))?,
+    };
+    let trust = Trust { keys, legacy: legacy_key()? };
     let checkpoints = match checkpoints {
         Some(path) => Some(path),
         None => config::optional("AUDIT_CHECKPOINT_FILE")?.map(Into::into),
@@ -134,10 +171,10 @@ async fn verify(checkpoints: Option<std::path::PathBuf>) -> anyhow::Result<()> {
         Some(_) => connect_as("AUDIT_READER_DATABASE_URL").await?,
         None => connect_db().await?,
     };
-    let rows = chain::verify(&db, &key).await?;
+    let rows = chain::verify(&db, &trust).await?;
     match checkpoints {
         Some(path) => {
-            let read = checkpoint::read(&path, &key)?;
+            let read = checkpoint::read(&path, &trust)?;
             checkpoint::check(&db, rows, &read).await?;
             let newest = read.iter().map(|c| c.seq).max().unwrap_or(0);
             println!("audit chain intact: {rows} events; {} checkpoints hold (newest at seq {newest})", read.len());
@@ -153,7 +190,7 @@ async fn dead_letters(command: DeadLetters<AuditMessages>) -> anyhow::Result<()>
     let topology = Topology::new(prefix);
     let connection = clinflow::amqp::connect(&amqp_url, "clinflow-audit-sink-cli").await?;
     topology.check(&connection).await?;
-    command.run(&connection, &topology, &Actor::operator(SERVICE_NAME)).await?;
+    command.run(&connection, &topology, &Operator::from_env(SERVICE_NAME)?).await?;
     let _ = connection.close(200, "done".into()).await;
     Ok(())
 }

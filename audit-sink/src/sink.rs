@@ -1,11 +1,16 @@
-//! The consumer: takes audit events off `{prefix}.audit` in batches, appends
-//! each batch to the chain in one transaction, then acks it.
+//! The consumer: takes audit events off `{prefix}.audit` in batches, checks
+//! each one's signature, appends the batch to the chain in one transaction,
+//! then acks it. An event whose signature does not hold, or whose key may
+//! not speak for its actor, is never stored: it is parked in the audit
+//! dead-letter queue with its reason (`bad_signature`, `producer_mismatch`)
+//! and counted.
 
 use std::time::Duration;
 
 use clinflow::amqp::{Outgoing, Publisher, Topology};
 use clinflow::audit::AuditEvent;
-use clinflow::chain::{self, ChainKey};
+use clinflow::audit::signing::{PublicKeys, SignedEvent, Signer};
+use clinflow::chain;
 use clinflow::checkpoint;
 use clinflow::link::{self, LinkState, SessionEnd};
 use futures_util::StreamExt;
@@ -27,7 +32,11 @@ const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 pub struct Sink {
     pub db: PgPool,
-    pub key: ChainKey,
+    /// The sink's own key: it signs the chain's heads and the checkpoints.
+    pub signer: std::sync::Arc<Signer>,
+    /// The producers' public keys: an event is stored only if one of them
+    /// signed it and may speak for its actor.
+    pub keys: PublicKeys,
     pub topology: Topology,
     /// Most events written in one transaction.
     pub batch_size: usize,
@@ -112,10 +121,13 @@ impl Sink {
     }
 
     /// Stores one batch and settles every delivery in it. A message that
-    /// can never be stored (not JSON: `undecodable`; JSON but not an audit
-    /// event this sink knows: `schema_invalid`) is published to the audit
-    /// dead-letter queue with that reason (confirmed) — `dead-letters
-    /// replay` brings it back, e.g. after an upgrade that knows its action.
+    /// can never be stored (not JSON: `undecodable`; JSON but not a signed
+    /// audit event this sink knows: `schema_invalid`; an event without a
+    /// signature that holds under a known key: `bad_signature`; signed by a
+    /// key that may not speak for its actor: `producer_mismatch`) is
+    /// published to the audit dead-letter queue with that reason
+    /// (confirmed) — `dead-letters replay` brings it back, e.g. after an
+    /// upgrade that knows its action or once the key is installed.
     #[tracing::instrument(skip_all, name = "batch", fields(messages = batch.len(), parked, written))]
     async fn write(
         &self,
@@ -126,7 +138,7 @@ impl Sink {
     ) -> Result<(), SessionEnd> {
         let last = batch.iter().map(|d| d.delivery_tag).max();
         metrics::histogram!(telemetry::BATCH_SIZE).record(batch.len() as f64);
-        let (events, parked) = read_events(batch);
+        let (events, parked) = read_events(batch, &self.keys);
         Span::current().record("parked", parked.len());
         self.park(publisher, &parked).await?;
         let Some(last) = last else { return Ok(()) };
@@ -147,14 +159,14 @@ impl Sink {
     /// pushes none past the queue's delivery limit.
     async fn append_until_stored(
         &self,
-        events: &[AuditEvent],
+        events: &[SignedEvent],
         channel: &Channel,
         shutdown: &CancellationToken,
     ) -> Result<usize, SessionEnd> {
         let mut pause = Duration::from_millis(100);
         loop {
             let started = std::time::Instant::now();
-            match chain::append(&self.db, &self.key, events).await {
+            match chain::append(&self.db, &self.signer, events).await {
                 Ok(written) => {
                     metrics::counter!(telemetry::WRITTEN).increment(written as u64);
                     telemetry::persisted(events);
@@ -162,7 +174,7 @@ impl Sink {
                     if let Some(checkpoints) = &self.checkpoints {
                         // The batch is committed: a failed checkpoint is
                         // retried with the next batch, and said loudly.
-                        if let Err(e) = checkpoints.lock().await.after_batch(&self.db, &self.key, written).await {
+                        if let Err(e) = checkpoints.lock().await.after_batch(&self.db, &self.signer, written).await {
                             tracing::error!(error = %e, "audit checkpoint not written");
                             metrics::counter!("clinflow_audit_checkpoint_failures_total").increment(1);
                         }
@@ -205,20 +217,28 @@ impl Sink {
             .collect();
         publisher.publish_many(&outgoing).await.map_err(|e| SessionEnd::Broker(e.into()))?;
         for (d, reason) in parked {
-            tracing::error!(bytes = d.data.len(), reason, "not an audit event this sink can store; dead-lettered");
+            tracing::error!(bytes = d.data.len(), reason, "not an audit event this sink may store; dead-lettered");
             metrics::counter!(telemetry::DEAD_LETTERED, "reason" => *reason).increment(1);
         }
         Ok(())
     }
 }
 
-/// The batch's audit events, and the messages that are none, with why.
-fn read_events(batch: Vec<Delivery>) -> (Vec<AuditEvent>, Vec<(Delivery, &'static str)>) {
+/// The batch's events whose signatures hold, and the messages that are
+/// none, with why.
+fn read_events(batch: Vec<Delivery>, keys: &PublicKeys) -> (Vec<SignedEvent>, Vec<(Delivery, &'static str)>) {
     let mut events = Vec::with_capacity(batch.len());
     let mut parked = Vec::new();
     for delivery in batch {
-        match serde_json::from_slice::<AuditEvent>(&delivery.data) {
-            Ok(event) => events.push(event),
+        match serde_json::from_slice::<SignedEvent>(&delivery.data) {
+            Ok(signed) => match keys.check(&signed) {
+                Ok(()) => events.push(signed),
+                Err(refusal) => parked.push((delivery, refusal.as_str())),
+            },
+            // An event as it was before signatures, or forged without a key.
+            Err(_) if serde_json::from_slice::<AuditEvent>(&delivery.data).is_ok() => {
+                parked.push((delivery, "bad_signature"));
+            }
             Err(_) if serde_json::from_slice::<serde_json::Value>(&delivery.data).is_ok() => {
                 parked.push((delivery, "schema_invalid"));
             }

@@ -3,7 +3,7 @@
 //!
 //! The periodic verification stays cheap however long the trail is: each
 //! round walks the chain from the newest checkpoint of
-//! `AUDIT_CHECKPOINT_FILE` (its MAC makes it a trusted starting point) to
+//! `AUDIT_CHECKPOINT_FILE` (its signature makes it a trusted starting point) to
 //! the end — the rows of the last `AUDIT_CHECKPOINT_EVERY` events or
 //! `AUDIT_CHECKPOINT_SECONDS` — and checks the newest checkpoints against the
 //! table (every checkpoint in the first round after start-up). Without a
@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use clinflow::audit::AuditEvent;
-use clinflow::chain::{self, ChainError, ChainKey, Head};
+use clinflow::audit::SignedEvent;
+use clinflow::chain::{self, ChainError, Head, Trust};
 use clinflow::checkpoint::{self, Checkpoint};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +51,7 @@ pub fn register() {
     metrics::describe_gauge!(VERIFY_TIME, metrics::Unit::Seconds, "Unix time of the last periodic verification");
     metrics::describe_gauge!(VERIFIED_SEQ, "The last seq the periodic verification vouches for");
     metrics::counter!(WRITTEN).absolute(0);
-    for reason in ["undecodable", "schema_invalid"] {
+    for reason in ["undecodable", "schema_invalid", "bad_signature", "producer_mismatch"] {
         metrics::counter!(DEAD_LETTERED, "reason" => reason).absolute(0);
     }
     metrics::counter!("clinflow_audit_batch_retries_total").absolute(0);
@@ -62,8 +62,8 @@ pub fn register() {
 static NEWEST: AtomicI64 = AtomicI64::new(0);
 
 /// After a committed batch: its newest event moves the audit lag.
-pub(crate) fn persisted(events: &[AuditEvent]) {
-    if let Some(newest) = events.iter().map(|e| e.occurred_at).max() {
+pub(crate) fn persisted(events: &[SignedEvent]) {
+    if let Some(newest) = events.iter().map(|e| e.event.occurred_at).max() {
         see(newest);
     }
 }
@@ -85,7 +85,7 @@ fn refresh_lag() {
 /// The periodic verification and the lag's clock.
 pub struct Verifier {
     pub db: PgPool,
-    pub key: ChainKey,
+    pub trust: Trust,
     pub checkpoints: Option<PathBuf>,
     /// Between rounds; `None`: never (then only the lag is kept).
     pub every: Option<Duration>,
@@ -136,8 +136,8 @@ impl Verifier {
         }
     }
 
-    /// Walks the chain from its newest checkpoint (MAC-checked, so
-    /// trusted), or without checkpoints from the last verified row (from
+    /// Walks the chain from its newest checkpoint (its signature
+    /// checked, so trusted), or without checkpoints from the last verified row (from
     /// the first at start-up), to its end; then checks the checkpoints
     /// against the table: all of them in the first round, the newest
     /// [`CHECKPOINTS_PER_ROUND`] afterwards. Returns the chain's end.
@@ -145,7 +145,7 @@ impl Verifier {
         // Checkpoints first: every one read is then at or below the end
         // the walk reaches, even while the sink keeps appending.
         let mut read = match &self.checkpoints {
-            Some(path) if path.exists() => checkpoint::read(path, &self.key)?,
+            Some(path) if path.exists() => checkpoint::read(path, &self.trust)?,
             _ => Vec::new(),
         };
         read.sort_by_key(|c| std::cmp::Reverse(c.seq));
@@ -153,7 +153,7 @@ impl Verifier {
             Some(checkpointed) => checkpointed,
             None => last.cloned().unwrap_or_else(Head::genesis),
         };
-        let end = chain::verify_from(&self.db, &self.key, &from).await?;
+        let end = chain::verify_from(&self.db, &self.trust, &from).await?;
         if last.is_some() {
             read.truncate(CHECKPOINTS_PER_ROUND);
         }
@@ -162,13 +162,9 @@ impl Verifier {
     }
 }
 
-/// A checkpoint as a place to start walking from (its MAC was checked).
+/// A checkpoint as a place to start walking from (its signature was checked).
 fn anchor(c: &Checkpoint) -> Option<Head> {
-    let bytes: Option<Vec<u8>> = (0..c.row_hash.len())
-        .step_by(2)
-        .map(|i| c.row_hash.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect();
-    Some(Head { seq: c.seq, row_hash: bytes?, occurred_at: None })
+    Some(Head { seq: c.seq, row_hash: checkpoint::unhex(&c.row_hash)?, occurred_at: None })
 }
 
 fn record(ok: bool) {

@@ -7,26 +7,21 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use clinflow::audit::SignedEvent;
 use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
 use clinflow::testing::{self, TestDb, wait_until};
-use clinflow_audit_sink::chain::{self, ChainKey};
+use clinflow_audit_sink::chain;
 use clinflow_audit_sink::checkpoint::{CheckpointConfig, Checkpointer};
-use secrecy::SecretBox;
 use sqlx::Connection;
 use uuid::Uuid;
 
-const KEY: &str = "audit chain key of the sink health tests, long enough";
-
-fn key() -> ChainKey {
-    ChainKey::new(SecretBox::new(Box::new(KEY.as_bytes().to_vec())))
-}
-
-fn events(n: u32) -> Vec<AuditEvent> {
+fn events(n: u32) -> Vec<SignedEvent> {
     (1..=n)
         .map(|i| {
-            AuditEvent::new(Action::DocumentRead, Actor::service("health-test"), Outcome::Success)
+            let event = AuditEvent::new(Action::DocumentRead, Actor::service("clinflow-api"), Outcome::Success)
                 .document(Uuid::now_v7())
-                .reason(&format!("r{i}"))
+                .reason(&format!("r{i}"));
+            testing::audit_keys().api.sign(&event).unwrap()
         })
         .collect()
 }
@@ -49,9 +44,10 @@ async fn the_metrics_port_answers_and_the_periodic_verification_catches_a_rewrit
         every: Duration::from_secs(3600),
     });
     let all = events(10);
-    let written = chain::append(&db.sink, &key(), &all[..5]).await.unwrap();
-    assert_eq!(checkpointer.after_batch(&db.sink, &key(), written).await.unwrap(), Some(5));
-    chain::append(&db.sink, &key(), &all[5..]).await.unwrap();
+    let sink = &testing::audit_keys().sink;
+    let written = chain::append(&db.sink, sink, &all[..5]).await.unwrap();
+    assert_eq!(checkpointer.after_batch(&db.sink, sink, written).await.unwrap(), Some(5));
+    chain::append(&db.sink, sink, &all[5..]).await.unwrap();
 
     let metrics = clinflow::testing::free_addr();
     let _sink = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-audit-sink"))
@@ -59,7 +55,7 @@ async fn the_metrics_port_answers_and_the_periodic_verification_catches_a_rewrit
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db.url_as(testing::SINK_ROLE))
         .env("AMQP_URL", testing::amqp_url_string())
-        .env("AUDIT_HMAC_KEY", KEY)
+        .envs(testing::audit_keys().env("audit-sink"))
         .env("AUDIT_CHECKPOINT_FILE", &checkpoints)
         .env("AUDIT_VERIFY_SECONDS", "1")
         .env("CLINFLOW_QUEUE_PREFIX", topology.prefix())

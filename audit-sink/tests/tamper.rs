@@ -1,30 +1,36 @@
 //! Tampering with the audit table as a superuser (the trigger switched off
-//! for the edit), each case reported by verify at the right seq: a flipped
-//! byte, a deleted middle row, two rows swapped, the chain recomputed
-//! without the key, and the newest rows deleted (caught only with the
-//! external checkpoints).
+//! for the edit), each case reported by verify, with public keys only, at
+//! the right seq: a flipped byte, a deleted middle row, two rows swapped,
+//! the chain recomputed under other keys, a row deleted and the chain's
+//! hashes recomputed, the newest rows deleted mid-batch (the last row is no
+//! signed head) and at a batch's end (caught only with the external
+//! checkpoints).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use clinflow::audit::{Action, Actor, AuditEvent, Outcome};
+use clinflow::audit::{SignedEvent, Signer};
 use clinflow::testing::TestDb;
-use clinflow_audit_sink::chain::{self, ChainError, ChainKey};
+use clinflow::testing::audit_keys;
+use clinflow_audit_sink::chain::{self, ChainError, Trust};
 use clinflow_audit_sink::checkpoint::{self, CheckpointConfig, Checkpointer};
-use secrecy::SecretBox;
 use sqlx::Connection;
 use uuid::Uuid;
 
-fn key() -> ChainKey {
-    ChainKey::new(SecretBox::new(Box::new(b"audit chain key of the tamper tests, long enough".to_vec())))
+/// What an auditor holds: the public keys.
+fn trust() -> Trust {
+    audit_keys().trust()
 }
 
-fn events(n: u32) -> Vec<AuditEvent> {
+/// `n` events of the worker, signed by `signer` (the worker's own, or a forger's).
+fn events(n: u32, signer: &Signer) -> Vec<SignedEvent> {
     (1..=n)
         .map(|i| {
-            AuditEvent::new(Action::DocumentRead, Actor::service("tamper-test"), Outcome::Success)
+            let event = AuditEvent::new(Action::DocumentProcess, Actor::service("clinflow-worker"), Outcome::Success)
                 .document(Uuid::now_v7())
-                .reason(&format!("r{i}"))
+                .reason(&format!("r{i}"));
+            signer.sign(&event).unwrap()
         })
         .collect()
 }
@@ -36,9 +42,9 @@ async fn chain_of_ten() -> (TestDb, tempfile::TempDir, std::path::PathBuf) {
     let path = dir.path().join("checkpoints.jsonl");
     let mut checkpointer =
         Checkpointer::new(CheckpointConfig { path: path.clone(), every_events: 5, every: Duration::from_secs(3600) });
-    for batch in events(10).chunks(5) {
-        let written = chain::append(&db.sink, &key(), batch).await.unwrap();
-        assert!(checkpointer.after_batch(&db.sink, &key(), written).await.unwrap().is_some());
+    for batch in events(10, &audit_keys().worker).chunks(5) {
+        let written = chain::append(&db.sink, &audit_keys().sink, batch).await.unwrap();
+        assert!(checkpointer.after_batch(&db.sink, &audit_keys().sink, written).await.unwrap().is_some());
     }
     (db, dir, path)
 }
@@ -58,8 +64,8 @@ async fn tamper(db: &TestDb, sql: &'static str) {
 
 /// verify, then the checkpoints: the seq reported, or the rows if intact.
 async fn verify_all(db: &TestDb, path: &std::path::Path) -> Result<i64, ChainError> {
-    let rows = chain::verify(&db.sink, &key()).await?;
-    let checkpoints = checkpoint::read(path, &key())?;
+    let rows = chain::verify(&db.sink, &trust()).await?;
+    let checkpoints = checkpoint::read(path, &trust())?;
     checkpoint::check(&db.sink, rows, &checkpoints).await?;
     Ok(rows)
 }
@@ -75,7 +81,7 @@ fn broken_at(result: Result<i64, ChainError>) -> (i64, String) {
 async fn an_intact_chain_and_its_checkpoints_verify() {
     let (db, _dir, path) = chain_of_ten().await;
     assert_eq!(verify_all(&db, &path).await.unwrap(), 10);
-    let read = checkpoint::read(&path, &key()).unwrap();
+    let read = checkpoint::read(&path, &trust()).unwrap();
     assert_eq!(read.iter().map(|c| c.seq).collect::<Vec<_>>(), [5, 10]);
     db.drop_database().await;
 }
@@ -86,7 +92,7 @@ async fn a_flipped_byte_is_reported_at_its_row() {
     tamper(&db, "UPDATE audit_events SET reason = 'R5' WHERE seq = 5").await;
     let (seq, problem) = broken_at(verify_all(&db, &path).await);
     assert_eq!(seq, 5, "{problem}");
-    assert!(problem.contains("row_hash"), "{problem}");
+    assert!(problem.contains("signature does not hold"), "{problem}");
     db.drop_database().await;
 }
 
@@ -111,34 +117,63 @@ async fn two_swapped_rows_are_reported_at_the_first() {
 }
 
 #[tokio::test]
-async fn a_chain_recomputed_without_the_key_fails_at_its_first_row() {
+async fn a_chain_rewritten_under_other_keys_fails_at_its_first_row() {
     let (db, _dir, path) = chain_of_ten().await;
     // The forger rewrites every row (one reason changed) and rebuilds a
-    // consistent chain, with a key of their own.
-    let stored: Vec<AuditEvent> = {
-        let mut evs = events(10);
-        evs[6] = evs[6].clone().reason("forged");
-        evs
-    };
+    // consistent chain, with a producer key and a sink key of their own.
+    let (producer, sink) = (Signer::generate("worker"), Signer::generate("audit-sink"));
+    let mut forged = events(10, &producer);
+    forged[6] = producer.sign(&forged[6].event.clone().reason("forged")).unwrap();
     tamper(&db, "DELETE FROM audit_events").await;
-    let forger = ChainKey::new(SecretBox::new(Box::new(b"not the key, but long enough anyway".to_vec())));
-    chain::append(&db.sink, &forger, &stored).await.unwrap();
-    assert_eq!(chain::verify(&db.sink, &forger).await.unwrap(), 10, "consistent under the forger's key");
+    chain::append(&db.sink, &sink, &forged).await.unwrap();
+    let theirs = Trust::new(clinflow::audit::signing::PublicKeys::of(&[&producer, &sink]));
+    assert_eq!(chain::verify(&db.sink, &theirs).await.unwrap(), 10, "consistent under the forger's keys");
     let (seq, problem) = broken_at(verify_all(&db, &path).await);
     assert_eq!(seq, 1, "{problem}");
     db.drop_database().await;
 }
 
 #[tokio::test]
-async fn deleting_the_newest_rows_is_caught_by_the_checkpoints() {
+async fn a_row_deleted_and_the_hashes_recomputed_fails_at_the_sinks_signature() {
     let (db, _dir, path) = chain_of_ten().await;
-    tamper(&db, "DELETE FROM audit_events WHERE seq > 8").await;
-    // The chain alone cannot tell: what is left is consistent.
-    assert_eq!(chain::verify(&db.sink, &key()).await.unwrap(), 8);
-    let (seq, problem) = broken_at(verify_all(&db, &path).await);
+    // Every event keeps its genuine signature; the forger drops one and
+    // rebuilds the (keyless) hashes, but must sign the head with a key of
+    // their own.
+    let genuine = stored_events(&db).await;
+    let without_sixth: Vec<SignedEvent> =
+        genuine.into_iter().enumerate().filter(|(i, _)| *i != 5).map(|(_, e)| e).collect();
+    tamper(&db, "DELETE FROM audit_events").await;
+    chain::append(&db.sink, &Signer::generate("audit-sink"), &without_sixth).await.unwrap();
+    let (seq, problem) = broken_at(chain::verify(&db.sink, &trust()).await);
     assert_eq!(seq, 9, "{problem}");
-    assert!(problem.contains("newest rows were deleted"), "{problem}");
+    assert!(problem.contains("sink's signature"), "{problem}");
+    // The checkpoints, signed by the genuine sink, disagree as well.
+    assert!(verify_all(&db, &path).await.is_err());
     db.drop_database().await;
+}
+
+/// event_id, occurred_at, resource_id, reason, key_id, signature (base64).
+type StoredRow = (Uuid, time::OffsetDateTime, Option<String>, String, String, Option<String>);
+
+/// The stored events with their signatures, in seq order.
+async fn stored_events(db: &TestDb) -> Vec<SignedEvent> {
+    let rows: Vec<StoredRow> = sqlx::query_as(
+        "SELECT event_id, occurred_at, resource_id, reason, key_id, encode(signature, 'base64') FROM audit_events ORDER BY seq",
+    )
+    .fetch_all(&db.owner)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(event_id, occurred_at, resource_id, reason, key_id, signature)| {
+            let mut event = AuditEvent::new(Action::DocumentProcess, Actor::service("clinflow-worker"), Outcome::Success)
+                .reason(&reason);
+            event.event_id = event_id;
+            event.occurred_at = occurred_at;
+            event.resource = resource_id.map(|id| clinflow::audit::Resource { kind: "document".into(), id });
+            let body = serde_json::json!({"event": event, "key_id": key_id, "signature": signature.unwrap().replace('\n', "")});
+            serde_json::from_value(body).unwrap()
+        })
+        .collect()
 }
 
 #[tokio::test]

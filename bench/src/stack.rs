@@ -62,7 +62,6 @@ impl Stack {
             ("CLINFLOW_QUEUE_PREFIX", prefix.to_owned()),
             ("CLINFLOW_MASTER_KEY", b64.encode(master_key)),
             ("JWT_SECRET", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
-            ("AUDIT_HMAC_KEY", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
             ("CLINFLOW_INDEX_KEY", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
             ("API_ADDR", api_addr.clone()),
             ("RUST_LOG", "warn".to_owned()),
@@ -72,6 +71,11 @@ impl Stack {
         .collect();
         // The audit sink anchors its chain as in production.
         env.insert("AUDIT_CHECKPOINT_FILE".into(), log_dir.join("audit-checkpoints.jsonl").display().to_string());
+        // Every service signs its audit events with a key of its own (the
+        // api's is the default, for its commands; see `start`).
+        let keys = audit_keys(&log_dir.join("audit-keys"))?;
+        env.insert("AUDIT_PUBLIC_KEYS".into(), keys.join("public").display().to_string());
+        env.insert("AUDIT_SIGNING_KEY_FILE".into(), keys.join("api.key").display().to_string());
         // Tuning knobs given to ./bench/run reach the services (and are
         // recorded with the figures).
         for (k, v) in std::env::vars() {
@@ -103,9 +107,11 @@ impl Stack {
             _ => "clinflow_api",
         };
         let database_url = self.env.get("DATABASE_URL").map(|u| u.replacen("clinflow_api@", &format!("{role}@"), 1));
+        let signing_key = self.log_dir.join("audit-keys").join(format!("{name}.key"));
         command
             .envs(&self.env)
             .envs(database_url.map(|u| ("DATABASE_URL".to_owned(), u)))
+            .env("AUDIT_SIGNING_KEY_FILE", signing_key)
             .env("METRICS_ADDR", &metrics_addr)
             .envs(extra.iter().copied())
             .stdin(Stdio::null())
@@ -195,6 +201,18 @@ impl Stack {
         anyhow::ensure!(child.wait().await?.success(), "clinflow-api create-user {username} failed");
         Ok(())
     }
+}
+
+/// A fresh Ed25519 key per service in `dir` (`<name>.key`), and their
+/// public keys in `dir/public` (`<name>.pem`).
+fn audit_keys(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir.join("public"))?;
+    for name in [API, WORKER, SINK] {
+        let signer = clinflow::audit::Signer::generate(name);
+        std::fs::write(dir.join(format!("{name}.key")), signer.private_pem()?.as_bytes())?;
+        std::fs::write(dir.join("public").join(format!("{name}.pem")), signer.public_pem()?)?;
+    }
+    Ok(dir.to_path_buf())
 }
 
 fn free_addr() -> anyhow::Result<String> {

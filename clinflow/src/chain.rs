@@ -1,18 +1,28 @@
-//! The audit table and its hash chain.
+//! The audit table and its hash chain, which anyone holding the public keys
+//! can verify and only the sink can extend.
 //!
-//! Row `n` stores `row_hash = HMAC-SHA256(key, n || row_hash(n-1) || event)`
-//! where `event` is [`AuditEvent::canonical_bytes`]; row 1 chains from 32
-//! zero bytes. `seq` is gap-free: batches are appended under one advisory
-//! lock, so deleting, inserting or editing a row anywhere breaks every later
-//! hash, and only the key holder can forge a new chain.
+//! Row `n` stores its event with the producer's key id and Ed25519
+//! signature ([`SignedEvent`]), and `row_hash = SHA-256("clinflow audit row
+//! v2\n" ‖ n ‖ row_hash(n-1) ‖ key id ‖ signature ‖ event)` where `event` is
+//! [`AuditEvent::canonical_bytes`]; row 1 chains from 32 zero bytes. The last
+//! row of every appended batch also carries the sink's signature of its
+//! `(seq, row_hash)` (the head). `seq` is gap-free: batches are appended
+//! under one advisory lock. So an edited or inserted event fails its
+//! producer's signature, and deleting or reordering rows breaks every later
+//! hash up to a head that only the sink's key can sign again.
+//!
+//! Rows written before events were signed (format 1: no key id) were
+//! chained with `HMAC-SHA256(AUDIT_HMAC_KEY, n ‖ row_hash(n-1) ‖ event)`;
+//! they verify only with that key ([`Trust::legacy`]).
 
 use std::collections::HashSet;
 
+use crate::audit::signing::{self, PublicKeys, SignedEvent, Signer};
 use crate::audit::{Action, Actor, ActorKind, AuditEvent, Outcome, Resource};
 use futures_util::TryStreamExt;
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretBox};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use sqlx::types::ipnet::IpNet;
 use uuid::Uuid;
@@ -20,6 +30,10 @@ use uuid::Uuid;
 /// Any constant works; it only has to be the same for every sink.
 const CHAIN_LOCK: i64 = 0x636c_696e_6175_6469; // "clinaudi"
 const GENESIS: [u8; 32] = [0; 32];
+const ROW_CONTEXT: &[u8] = b"clinflow audit row v2\n";
+const HEAD_CONTEXT: &[u8] = b"clinflow audit head v2\n";
+/// The producer whose keys sign heads and checkpoints.
+pub const SINK_PRODUCER: &str = "audit-sink";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
@@ -38,6 +52,25 @@ pub fn now() -> time::OffsetDateTime {
     crate::audit::now_micros()
 }
 
+/// What verifying the chain takes: public keys only (the producers' and
+/// the sink's), and for format-1 rows the HMAC key they were chained with.
+pub struct Trust {
+    pub keys: PublicKeys,
+    pub legacy: Option<ChainKey>,
+}
+
+impl Trust {
+    pub fn new(keys: PublicKeys) -> Self {
+        Self { keys, legacy: None }
+    }
+
+    /// The sink's signature over `context` ‖ `parts` holds.
+    pub(crate) fn signed_by_sink(&self, key_id: &str, context: &[u8], parts: &[&[u8]], signature: &[u8]) -> bool {
+        signing::producer_of(key_id) == SINK_PRODUCER && self.keys.holds_parts(key_id, context, parts, signature)
+    }
+}
+
+/// The HMAC key of format-1 rows and checkpoints (`AUDIT_HMAC_KEY`).
 pub struct ChainKey(SecretBox<Vec<u8>>);
 
 impl ChainKey {
@@ -67,11 +100,13 @@ impl ChainKey {
 }
 
 /// Appends the events not stored yet (by `event_id`) in one transaction and
-/// returns how many were new. Redelivered events are skipped, not repeated.
-pub async fn append(db: &PgPool, key: &ChainKey, events: &[AuditEvent]) -> Result<usize, ChainError> {
+/// returns how many were new; the last new row carries `sink`'s signature of
+/// the head. Redelivered events are skipped, not repeated. The events'
+/// signatures are the caller's to check (the sink refuses bad ones before).
+pub async fn append(db: &PgPool, sink: &Signer, events: &[SignedEvent]) -> Result<usize, ChainError> {
     let mut tx = db.begin().await?;
     sqlx::query!("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK).execute(&mut *tx).await?;
-    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event.event_id).collect();
     let stored: HashSet<Uuid> = sqlx::query_scalar!("SELECT event_id FROM audit_events WHERE event_id = ANY($1)", &ids)
         .fetch_all(&mut *tx)
         .await?
@@ -84,18 +119,34 @@ pub async fn append(db: &PgPool, key: &ChainKey, events: &[AuditEvent]) -> Resul
 
     let mut rows = Rows::default();
     let mut seen = HashSet::new();
-    for event in events.iter().filter(|e| !stored.contains(&e.event_id) && seen.insert(e.event_id)) {
+    for signed in events.iter().filter(|e| !stored.contains(&e.event.event_id) && seen.insert(e.event.event_id)) {
         seq += 1;
-        let hash = key.row_hash(seq, &prev, event)?;
-        rows.push(seq, event, prev, hash.clone());
+        let hash = row_hash(seq, &prev, signed)?;
+        rows.push(seq, signed, prev, hash.clone());
         prev = hash;
     }
     let written = rows.seq.len();
     if written > 0 {
+        rows.sign_head(sink, seq, &prev);
         rows.insert(&mut tx).await?;
     }
     tx.commit().await?;
     Ok(written)
+}
+
+/// The format-2 row hash (see the module).
+fn row_hash(seq: i64, prev: &[u8], signed: &SignedEvent) -> Result<Vec<u8>, ChainError> {
+    let canonical = signed.event.canonical_bytes().map_err(|e| ChainError::Encode(signed.event.event_id, e))?;
+    let mut hash = Sha256::new();
+    hash.update(ROW_CONTEXT);
+    hash.update(seq.to_be_bytes());
+    hash.update(prev);
+    hash.update((signed.key_id.len() as u64).to_be_bytes());
+    hash.update(signed.key_id.as_bytes());
+    hash.update((signed.signature.len() as u64).to_be_bytes());
+    hash.update(&signed.signature);
+    hash.update(&canonical);
+    Ok(hash.finalize().to_vec())
 }
 
 /// Column arrays for one multi-row `INSERT … SELECT FROM UNNEST(…)`.
@@ -115,12 +166,17 @@ struct Rows {
     resource_id: Vec<Option<String>>,
     outcome: Vec<String>,
     reason: Vec<Option<String>>,
+    key_id: Vec<String>,
+    signature: Vec<Vec<u8>>,
     prev_hash: Vec<Vec<u8>>,
     row_hash: Vec<Vec<u8>>,
+    head_key_id: Vec<Option<String>>,
+    head_signature: Vec<Option<Vec<u8>>>,
 }
 
 impl Rows {
-    fn push(&mut self, seq: i64, e: &AuditEvent, prev: Vec<u8>, hash: Vec<u8>) {
+    fn push(&mut self, seq: i64, signed: &SignedEvent, prev: Vec<u8>, hash: Vec<u8>) {
+        let e = &signed.event;
         self.seq.push(seq);
         self.event_id.push(e.event_id);
         self.occurred_at.push(crate::audit::truncate_to_micros(e.occurred_at));
@@ -135,18 +191,31 @@ impl Rows {
         self.resource_id.push(e.resource.as_ref().map(|r| r.id.clone()));
         self.outcome.push(e.outcome.as_str().to_owned());
         self.reason.push(e.reason.clone());
+        self.key_id.push(signed.key_id.clone());
+        self.signature.push(signed.signature.clone());
         self.prev_hash.push(prev);
         self.row_hash.push(hash);
+        self.head_key_id.push(None);
+        self.head_signature.push(None);
+    }
+
+    /// The sink's signature of the last row pushed (`seq`, `hash`).
+    fn sign_head(&mut self, sink: &Signer, seq: i64, hash: &[u8]) {
+        if let (Some(key_id), Some(signature)) = (self.head_key_id.last_mut(), self.head_signature.last_mut()) {
+            *key_id = Some(sink.key_id().to_owned());
+            *signature = Some(sink.sign_parts(HEAD_CONTEXT, &[&seq.to_be_bytes(), hash]));
+        }
     }
 
     async fn insert(&self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
         sqlx::query!(
             r#"INSERT INTO audit_events (seq, event_id, occurred_at, actor_kind, actor_id, actor_name, actor_role,
                                          source_ip, request_id, action, resource_kind, resource_id, outcome, reason,
-                                         prev_hash, row_hash)
+                                         key_id, signature, prev_hash, row_hash, head_key_id, head_signature)
                SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::timestamptz[], $4::text[], $5::uuid[], $6::text[],
                                     $7::text[], $8::inet[], $9::text[], $10::text[], $11::text[], $12::text[],
-                                    $13::text[], $14::text[], $15::bytea[], $16::bytea[])"#,
+                                    $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bytea[], $18::bytea[],
+                                    $19::text[], $20::bytea[])"#,
             &self.seq,
             &self.event_id,
             &self.occurred_at,
@@ -161,8 +230,12 @@ impl Rows {
             &self.resource_id as &[Option<String>],
             &self.outcome,
             &self.reason as &[Option<String>],
+            &self.key_id,
+            &self.signature,
             &self.prev_hash,
             &self.row_hash,
+            &self.head_key_id as &[Option<String>],
+            &self.head_signature as &[Option<Vec<u8>>],
         )
         .execute(tx)
         .await?;
@@ -183,9 +256,9 @@ fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
 }
 
 /// Walks the whole chain in `seq` order and returns the number of rows, or
-/// the first row whose sequence, link or hash does not hold.
-pub async fn verify(db: &PgPool, key: &ChainKey) -> Result<i64, ChainError> {
-    Ok(verify_from(db, key, &Head::genesis()).await?.seq)
+/// the first row whose sequence, link, hash or signatures do not hold.
+pub async fn verify(db: &PgPool, trust: &Trust) -> Result<i64, ChainError> {
+    Ok(verify_from(db, trust, &Head::genesis()).await?.seq)
 }
 
 /// A verified end of the chain: its last row.
@@ -205,12 +278,15 @@ impl Head {
 
 /// Walks the chain from `from` (a row verified before, or a checkpoint; or
 /// [`Head::genesis`]) to its end: that row must still hold the same hash,
-/// and every later one must follow it by sequence, link and hash. Returns
-/// the new end.
-pub async fn verify_from(db: &PgPool, key: &ChainKey, from: &Head) -> Result<Head, ChainError> {
+/// and every later one must follow it by sequence and link, its event must
+/// carry a signature that holds under a key that may speak for its actor,
+/// its hash must match, and each head the sink signed must hold; the last
+/// row must be such a head. Returns the new end.
+pub async fn verify_from(db: &PgPool, trust: &Trust, from: &Head) -> Result<Head, ChainError> {
     let mut rows = sqlx::query!(
         r#"SELECT seq, event_id, occurred_at, actor_kind, actor_id, actor_name, actor_role, source_ip, request_id,
-                  action, resource_kind, resource_id, outcome, reason, prev_hash, row_hash
+                  action, resource_kind, resource_id, outcome, reason, key_id, signature, prev_hash, row_hash,
+                  head_key_id, head_signature
            FROM audit_events WHERE seq >= $1 ORDER BY seq"#,
         from.seq
     )
@@ -220,6 +296,8 @@ pub async fn verify_from(db: &PgPool, key: &ChainKey, from: &Head) -> Result<Hea
     let mut prev = from.row_hash.clone();
     // The row verified before must still be there (genesis has no row).
     let mut anchored = from.seq == 0;
+    // Whether the last row walked is a head the sink signed (or format 1).
+    let mut ends_signed = true;
     let gone = ChainError::Broken { seq: from.seq, problem: "deleted since it was verified or checkpointed" };
     while let Some(r) = rows.try_next().await? {
         let broken = |problem| ChainError::Broken { seq: r.seq, problem };
@@ -259,15 +337,51 @@ pub async fn verify_from(db: &PgPool, key: &ChainKey, from: &Head) -> Result<Hea
             outcome: parse_enum::<Outcome>(&r.outcome).ok_or_else(|| broken("unknown outcome"))?,
             reason: r.reason,
         };
-        if key.row_hash(r.seq, &prev, &event)? != r.row_hash {
+        let occurred_at = event.occurred_at;
+        let format_1 = r.key_id.is_none();
+        let hash = match (r.key_id, r.signature) {
+            (Some(key_id), Some(signature)) => {
+                let signed = SignedEvent { event, key_id, signature };
+                trust.keys.check(&signed).map_err(|refusal| match refusal {
+                    signing::Refusal::BadSignature => broken("the event's signature does not hold under a known key"),
+                    signing::Refusal::ProducerMismatch => {
+                        broken("the event is signed by a key that may not speak for its actor")
+                    }
+                })?;
+                row_hash(r.seq, &prev, &signed)?
+            }
+            (None, None) => match &trust.legacy {
+                Some(key) => key.row_hash(r.seq, &prev, &event)?,
+                None => return Err(broken("written before audit events were signed: verify it with AUDIT_HMAC_KEY")),
+            },
+            _ => return Err(broken("has a key id without a signature, or the reverse")),
+        };
+        if hash != r.row_hash {
             return Err(broken("row_hash does not match the row's content"));
         }
+        ends_signed = match (r.head_key_id, r.head_signature) {
+            (Some(key_id), Some(signature)) => {
+                if !trust.signed_by_sink(&key_id, HEAD_CONTEXT, &[&r.seq.to_be_bytes(), &hash], &signature) {
+                    return Err(broken("the sink's signature of this head does not hold"));
+                }
+                true
+            }
+            // Format 1 had no heads; a format-2 row without one is mid-batch.
+            (None, None) => format_1,
+            _ => return Err(broken("has a head key id without a head signature, or the reverse")),
+        };
         prev = r.row_hash;
-        head = Head { seq: r.seq, row_hash: prev.clone(), occurred_at: Some(event.occurred_at) };
+        head = Head { seq: r.seq, row_hash: prev.clone(), occurred_at: Some(occurred_at) };
         expected_seq += 1;
     }
     if !anchored {
         return Err(gone);
+    }
+    if !ends_signed {
+        return Err(ChainError::Broken {
+            seq: head.seq,
+            problem: "the chain ends at a row the sink did not sign as a head (later rows deleted?)",
+        });
     }
     Ok(head)
 }

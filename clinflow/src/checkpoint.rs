@@ -1,7 +1,10 @@
 //! The chain's external anchor. Every `every_events` events, or after
 //! `every` when something was appended, the sink appends a checkpoint line
-//! `{"seq","row_hash","at","mac"}` (mac = HMAC-SHA256 under the chain key
-//! of the three) to an append-only file outside the database, and syncs it.
+//! `{"seq","row_hash","at","key_id","signature"}` (the sink's Ed25519
+//! signature of the first three) to an append-only file outside the
+//! database, and syncs it. Verifying a checkpoint takes the sink's public
+//! key only; lines of format 1 carry `mac` (HMAC-SHA256 under
+//! `AUDIT_HMAC_KEY`) instead and verify only with that key.
 //! `verify --checkpoints FILE` checks that the table still holds every
 //! checkpointed row with its hash: deleting or rewriting the newest rows,
 //! which the chain alone cannot reveal, is then reported at the first
@@ -17,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use crate::chain::{ChainError, ChainKey};
+use crate::audit::signing::Signer;
+use crate::chain::{ChainError, Trust};
+
+const CHECKPOINT_CONTEXT: &[u8] = b"clinflow audit checkpoint v2\n";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -26,20 +32,76 @@ pub struct Checkpoint {
     pub row_hash: String,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
-    /// Hex of HMAC-SHA256(key, "checkpoint" ‖ seq ‖ row_hash ‖ at).
-    pub mac: String,
+    /// The sink key's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Hex of its Ed25519 signature over "clinflow audit checkpoint v2\n" ‖
+    /// seq ‖ row_hash (hex) ‖ at (Unix nanoseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Format 1: hex of HMAC-SHA256(AUDIT_HMAC_KEY, "checkpoint" ‖ seq ‖
+    /// row_hash ‖ at).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl Checkpoint {
-    pub fn new(key: &ChainKey, seq: i64, row_hash: &[u8], at: OffsetDateTime) -> Self {
+    pub fn new(sink: &Signer, seq: i64, row_hash: &[u8], at: OffsetDateTime) -> Self {
         let row_hash = hex(row_hash);
-        let mac = hex(&key.checkpoint_mac(seq, &row_hash, at));
-        Self { seq, row_hash, at, mac }
+        let signature = hex(&sink.sign_parts(CHECKPOINT_CONTEXT, &signed_parts(seq, &row_hash, at).each()));
+        Self { seq, row_hash, at, key_id: Some(sink.key_id().to_owned()), signature: Some(signature), mac: None }
     }
 
-    fn genuine(&self, key: &ChainKey) -> bool {
-        hex(&key.checkpoint_mac(self.seq, &self.row_hash, self.at)) == self.mac
+    fn genuine(&self, trust: &Trust) -> Result<(), &'static str> {
+        match (&self.key_id, &self.signature, &self.mac, &trust.legacy) {
+            (Some(key_id), Some(signature), None, _) => {
+                let parts = signed_parts(self.seq, &self.row_hash, self.at);
+                let signature = unhex(signature).ok_or("its signature is not hex")?;
+                if trust.signed_by_sink(key_id, CHECKPOINT_CONTEXT, &parts.each(), &signature) {
+                    Ok(())
+                } else {
+                    Err("its signature does not hold under the sink's public key (forged, or another key)")
+                }
+            }
+            (None, None, Some(mac), Some(key))
+                if hex(&key.checkpoint_mac(self.seq, &self.row_hash, self.at)) == *mac =>
+            {
+                Ok(())
+            }
+            (None, None, Some(_), Some(_)) => Err("its MAC does not hold (forged, or another key)"),
+            (None, None, Some(_), None) => Err("of format 1 (a MAC): verify it with AUDIT_HMAC_KEY"),
+            _ => Err("neither signed nor MACed"),
+        }
     }
+}
+
+/// What a checkpoint's signature covers after its context.
+struct SignedParts {
+    seq: [u8; 8],
+    row_hash: Vec<u8>,
+    at: [u8; 16],
+}
+
+impl SignedParts {
+    fn each(&self) -> [&[u8]; 3] {
+        [&self.seq, &self.row_hash, &self.at]
+    }
+}
+
+fn signed_parts(seq: i64, row_hash_hex: &str, at: OffsetDateTime) -> SignedParts {
+    SignedParts {
+        seq: seq.to_be_bytes(),
+        row_hash: row_hash_hex.as_bytes().to_vec(),
+        at: at.unix_timestamp_nanos().to_be_bytes(),
+    }
+}
+
+/// The bytes of a hex string (`None` if it is not one).
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -72,12 +134,7 @@ impl Checkpointer {
 
     /// After a committed batch of `written` new rows: writes a checkpoint of
     /// the chain's head if one is due. Returns the seq checkpointed.
-    pub async fn after_batch(
-        &mut self,
-        db: &PgPool,
-        key: &ChainKey,
-        written: usize,
-    ) -> Result<Option<i64>, ChainError> {
+    pub async fn after_batch(&mut self, db: &PgPool, sink: &Signer, written: usize) -> Result<Option<i64>, ChainError> {
         self.since_events += written as u64;
         let due = self.since_events >= self.config.every_events
             || (self.since_events > 0 && self.last.is_none_or(|t| t.elapsed() >= self.config.every));
@@ -89,7 +146,7 @@ impl Checkpointer {
         else {
             return Ok(None);
         };
-        let checkpoint = Checkpoint::new(key, head.seq, &head.row_hash, crate::chain::now());
+        let checkpoint = Checkpoint::new(sink, head.seq, &head.row_hash, crate::chain::now());
         append_line(&self.config.path, &checkpoint).map_err(|e| ChainError::Checkpoint(e.to_string()))?;
         self.since_events = 0;
         self.last = Some(Instant::now());
@@ -106,9 +163,9 @@ fn append_line(path: &Path, checkpoint: &Checkpoint) -> std::io::Result<()> {
     file.sync_data()
 }
 
-/// Every checkpoint in the file; a line that is not one (or whose MAC does
-/// not hold) is reported with its line number.
-pub fn read(path: &Path, key: &ChainKey) -> Result<Vec<Checkpoint>, ChainError> {
+/// Every checkpoint in the file; a line that is not one (or whose signature
+/// does not hold) is reported with its line number.
+pub fn read(path: &Path, trust: &Trust) -> Result<Vec<Checkpoint>, ChainError> {
     let file = std::fs::File::open(path)
         .map_err(|e| ChainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
     let mut out = Vec::new();
@@ -119,9 +176,7 @@ pub fn read(path: &Path, key: &ChainKey) -> Result<Vec<Checkpoint>, ChainError> 
         }
         let bad = |what: &str| ChainError::Checkpoint(format!("{} line {}: {what}", path.display(), n + 1));
         let checkpoint: Checkpoint = serde_json::from_str(&line).map_err(|_| bad("not a checkpoint"))?;
-        if !checkpoint.genuine(key) {
-            return Err(bad("its MAC does not hold (forged, or another key)"));
-        }
+        checkpoint.genuine(trust).map_err(bad)?;
         out.push(checkpoint);
     }
     Ok(out)

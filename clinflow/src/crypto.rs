@@ -130,6 +130,16 @@ impl std::fmt::Debug for DataKey {
     }
 }
 
+/// 32 bytes from the operating system's random source (through the
+/// `getrandom` that aes-gcm's key generation uses).
+pub fn random_32() -> [u8; 32] {
+    let mut key = Key::<Aes256Gcm>::generate();
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(key.as_slice());
+    key.as_mut_slice().zeroize();
+    bytes
+}
+
 impl DataKey {
     /// A fresh random key with a new id.
     pub fn generate() -> Self {

@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::amqp::{self, AmqpError, Lane, Publisher, Topology};
-use crate::audit::{self, Action, Actor, AuditEvent, Outcome};
+use crate::audit::{self, Action, AuditEvent, Operator, Outcome};
 use crate::documents::reprocess::Reprocess;
 use crate::jobs::DocumentJob;
 
@@ -82,7 +82,7 @@ pub enum OpsError {
 
 /// Every dead-lettered document job, counted by reason. Nothing is
 /// consumed. Audited as `actor`'s.
-pub async fn list(connection: &Connection, topology: &Topology, actor: &Actor) -> Result<Listing, OpsError> {
+pub async fn list(connection: &Connection, topology: &Topology, operator: &Operator) -> Result<Listing, OpsError> {
     let mut listing = Listing::default();
     for lane in Lane::ALL {
         let channel = connection.create_channel().await?;
@@ -95,8 +95,9 @@ pub async fn list(connection: &Connection, topology: &Topology, actor: &Actor) -
         channel.close(200, "listed".into()).await?;
     }
     listing.total = listing.jobs.len();
-    let event = AuditEvent::new(Action::DeadLettersList, actor.clone(), Outcome::Success).resource("queue", "dead");
-    audit_and_close(connection, topology, &[event]).await?;
+    let event =
+        AuditEvent::new(Action::DeadLettersList, operator.actor.clone(), Outcome::Success).resource("queue", "dead");
+    audit_and_close(connection, topology, operator, &[event]).await?;
     Ok(listing)
 }
 
@@ -108,7 +109,7 @@ pub async fn replay(
     db: &PgPool,
     topology: &Topology,
     selection: &Selection,
-    actor: &Actor,
+    operator: &Operator,
 ) -> Result<Replayed, OpsError> {
     let publisher = Publisher::new(connection).await?;
     let mut outcome = Replayed::default();
@@ -129,9 +130,11 @@ pub async fn replay(
         let done: HashSet<Uuid> = crate::documents::reprocess::done_among(db, &ids).await?.into_iter().collect();
         let events: Vec<AuditEvent> = requeued
             .iter()
-            .map(|id| AuditEvent::new(Action::DeadLettersReplay, actor.clone(), Outcome::Success).document(*id))
+            .map(|id| {
+                AuditEvent::new(Action::DeadLettersReplay, operator.actor.clone(), Outcome::Success).document(*id)
+            })
             .collect();
-        audit::publish_many(&publisher, topology, &events).await?;
+        audit::publish_many(&publisher, topology, &operator.signer, &events).await?;
         publish_jobs(&publisher, topology, lane, &requeued.iter().copied().collect::<Vec<_>>()).await?;
         for (id, tag) in &chosen {
             if requeued.contains(id) {
@@ -160,7 +163,7 @@ pub async fn reprocess(
     db: &PgPool,
     topology: &Topology,
     which: &Reprocess,
-    actor: &Actor,
+    operator: &Operator,
     mut progress: impl FnMut(usize),
 ) -> Result<usize, OpsError> {
     const CHUNK: i64 = 1_000;
@@ -170,8 +173,9 @@ pub async fn reprocess(
         Reprocess::UploadedBetween(from, to) => format!("uploaded:{}..{}", from.unix_timestamp(), to.unix_timestamp()),
         Reprocess::WithoutResultFrom(model) => format!("without_result_from:{model}"),
     };
-    let event = AuditEvent::new(Action::Reprocess, actor.clone(), Outcome::Success).resource("selection", &selection);
-    audit::publish_many(&publisher, topology, &[event]).await?;
+    let event =
+        AuditEvent::new(Action::Reprocess, operator.actor.clone(), Outcome::Success).resource("selection", &selection);
+    audit::publish_many(&publisher, topology, &operator.signer, &[event]).await?;
     let (mut after, mut total) = (Uuid::nil(), 0);
     loop {
         let ids = crate::documents::reprocess::select_for_reprocess(db, which, after, CHUNK).await?;
@@ -253,7 +257,11 @@ pub struct AuditListing {
 }
 
 /// The audit dead-letter queue, counted by reason. Nothing is consumed.
-pub async fn list_audit(connection: &Connection, topology: &Topology, actor: &Actor) -> Result<AuditListing, OpsError> {
+pub async fn list_audit(
+    connection: &Connection,
+    topology: &Topology,
+    operator: &Operator,
+) -> Result<AuditListing, OpsError> {
     let channel = connection.create_channel().await?;
     let mut listing = AuditListing::default();
     for delivery in take_all(&channel, &topology.audit().dead_queue).await? {
@@ -267,9 +275,9 @@ pub async fn list_audit(connection: &Connection, topology: &Topology, actor: &Ac
     }
     channel.close(200, "listed".into()).await?;
     listing.total = listing.messages.len();
-    let event =
-        AuditEvent::new(Action::DeadLettersList, actor.clone(), Outcome::Success).resource("queue", "audit.dead");
-    audit::publish_many(&Publisher::new(connection).await?, topology, &[event]).await?;
+    let event = AuditEvent::new(Action::DeadLettersList, operator.actor.clone(), Outcome::Success)
+        .resource("queue", "audit.dead");
+    audit::publish_many(&Publisher::new(connection).await?, topology, &operator.signer, &[event]).await?;
     Ok(listing)
 }
 
@@ -281,7 +289,7 @@ pub async fn replay_audit(
     connection: &Connection,
     topology: &Topology,
     ids: Option<&HashSet<String>>,
-    actor: &Actor,
+    operator: &Operator,
 ) -> Result<usize, OpsError> {
     let publisher = Publisher::new(connection).await?;
     let channel = connection.create_channel().await?;
@@ -305,18 +313,24 @@ pub async fn replay_audit(
     let events: Vec<AuditEvent> = chosen
         .iter()
         .map(|(id, _, _)| {
-            AuditEvent::new(Action::DeadLettersReplay, actor.clone(), Outcome::Success).resource("audit_message", id)
+            AuditEvent::new(Action::DeadLettersReplay, operator.actor.clone(), Outcome::Success)
+                .resource("audit_message", id)
         })
         .collect();
-    audit::publish_many(&publisher, topology, &events).await?;
+    audit::publish_many(&publisher, topology, &operator.signer, &events).await?;
     publisher.channel().close(200, "done".into()).await?;
     Ok(chosen.len())
 }
 
 /// Publishes `events` (confirmed) on a channel of their own, then closes it.
-async fn audit_and_close(connection: &Connection, topology: &Topology, events: &[AuditEvent]) -> Result<(), OpsError> {
+async fn audit_and_close(
+    connection: &Connection,
+    topology: &Topology,
+    operator: &Operator,
+    events: &[AuditEvent],
+) -> Result<(), OpsError> {
     let publisher = Publisher::new(connection).await?;
-    audit::publish_many(&publisher, topology, events).await?;
+    audit::publish_many(&publisher, topology, &operator.signer, events).await?;
     publisher.channel().close(200, "done".into()).await?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::amqp::{Lane, Topology, WorkQueue};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Signer};
 use crate::jobs::DocumentJob;
 
 /// Where an outbox message goes: the relay publishes it to the work queue
@@ -56,8 +56,11 @@ impl Message {
         Self { topic: Topic::Documents(lane), message_id: document_id.to_string(), body }
     }
 
-    pub fn audit(event: &AuditEvent) -> Result<Self, serde_json::Error> {
-        Ok(Self { topic: Topic::Audit, message_id: event.event_id.to_string(), body: serde_json::to_vec(event)? })
+    /// The event signed by `signer`, as the sink will receive it: signed
+    /// where it is made, so nothing that can write the outbox table can
+    /// make an event the sink accepts.
+    pub fn audit(signer: &Signer, event: &AuditEvent) -> Result<Self, serde_json::Error> {
+        Ok(Self { topic: Topic::Audit, message_id: event.event_id.to_string(), body: signer.body(event)? })
     }
 }
 

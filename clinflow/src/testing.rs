@@ -17,10 +17,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+mod audit_keys;
 mod broker;
 mod servers;
 pub mod tls;
 
+pub use audit_keys::{AuditKeys, audit_keys};
 pub use broker::{BrokerUser, BrokerUsers};
 pub use servers::{Postgres, RabbitNode, free_addr, free_port};
 pub use tls::tls_dir;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clinflow::amqp::Topology;
-use clinflow::audit::Actor;
+use clinflow::audit::Operator;
 use clinflow::config;
 use clinflow::deadletters;
 use clinflow::deadletters::command::{DeadLetters, DocumentJobs};
@@ -87,7 +87,7 @@ async fn operate(command: Command) -> anyhow::Result<()> {
     let connection =
         clinflow::amqp::connect(&amqp_url, "clinflow-worker-cli").await.context("connecting to RabbitMQ (AMQP_URL)")?;
     topology.check(&connection).await?;
-    let operator = Actor::operator(SERVICE_NAME);
+    let operator = Operator::from_env(SERVICE_NAME)?;
     match command {
         Command::DeadLetters(command) => command.run(&connection, &topology, &operator, database).await?,
         Command::Reprocess { all, since, until, without_current_model } => {
@@ -126,6 +126,7 @@ async fn work() -> anyhow::Result<()> {
     let medcat = medcat_client()?;
     clinflow::tls::warn_if_plaintext_allowed()?;
     let keyring = config::master_keys()?;
+    let audit_signer = Arc::new(clinflow::audit::Signer::from_env("worker")?);
     let metrics_addr = config::socket_addr("METRICS_ADDR", "127.0.0.1:9102")?;
     let batch = BatchConfig::from_env()?;
     let retry = RetryConfig::from_env()?;
@@ -140,7 +141,8 @@ async fn work() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")?;
     let keys = Arc::new(Keys::new(keyring));
-    let worker = Arc::new(Worker { db, keys, medcat, model_version, topology: topology()?, batch, retry });
+    let worker =
+        Arc::new(Worker { db, keys, medcat, model_version, topology: topology()?, audit_signer, batch, retry });
     // RabbitMQ is connected (and reconnected) inside `run`.
     let shutdown = clinflow::shutdown::on_signal();
     let link = LinkState::default();

@@ -112,7 +112,7 @@ impl Worker {
                 AuditEvent::new(Action::DocumentProcess, Actor::service(SERVICE_NAME), Outcome::Success).document(*id)
             })
             .collect();
-        timed(STAGE, "audit", audit::publish_many(publisher, &self.topology, &events)).await?;
+        timed(STAGE, "audit", audit::publish_many(publisher, &self.topology, &self.audit_signer, &events)).await?;
         Ok(())
     }
 

@@ -24,6 +24,9 @@ pub struct Worker {
     /// overrides it for that result.
     pub model_version: String,
     pub topology: Topology,
+    /// Signs the worker's audit events (`AUDIT_SIGNING_KEY`, key id
+    /// `worker` by default).
+    pub audit_signer: Arc<clinflow::audit::Signer>,
     pub batch: BatchConfig,
     pub retry: RetryConfig,
 }

@@ -21,6 +21,7 @@ fn spawn_worker(setup: &Setup, medcat_url: &str) -> tokio::process::Child {
         .env("DATABASE_URL", setup.db.url_as(testing::WORKER_ROLE))
         .env("AMQP_URL", testing::amqp_url_string())
         .envs(testing::medcat_env(medcat_url))
+        .envs(clinflow::testing::audit_keys().env("worker"))
         .env("CLINFLOW_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(testing::master_key()))
         .env("CLINFLOW_QUEUE_PREFIX", setup.topology.prefix())
         .env("METRICS_ADDR", metrics)

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use clinflow::amqp::Lane;
-use clinflow::audit::Actor;
 use clinflow::deadletters::{self, Selection};
 use clinflow::testing::{self, wait_until};
 use clinflow_worker::RetryConfig;
@@ -46,7 +45,7 @@ async fn past_its_budget_a_job_is_dead_lettered_with_its_document_failed_and_rep
     assert!(claims.iter().all(|c| *c == 3), "three attempts each: {claims:?}");
 
     // Listing consumes nothing, names ids and reasons only.
-    let operator = Actor::service("test-operator");
+    let operator = testing::audit_keys().operator("clinflow-worker");
     let listing = deadletters::list(&setup.amqp, &setup.topology, &operator).await.unwrap();
     assert_eq!(listing.by_reason.get("retries_exhausted"), Some(&2), "{listing:?}");
     let listed: HashSet<Uuid> = listing.jobs.iter().filter_map(|j| j.document_id).collect();

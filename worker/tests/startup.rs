@@ -12,6 +12,7 @@ async fn run_worker(args: &[&str], envs: &[(&str, String)]) -> (bool, String) {
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(clinflow::testing::audit_keys().env("worker"))
         .env("CLINFLOW_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(clinflow::testing::master_key()))
         .env("RUST_LOG", "error")
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))

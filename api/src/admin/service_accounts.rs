@@ -14,7 +14,7 @@ use super::{Created, user_error};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, PathParams};
-use crate::state::{AppState, audit_in};
+use crate::state::AppState;
 use crate::users::UserError;
 use crate::users::{self};
 use crate::validate::plain_name;
@@ -122,7 +122,7 @@ pub(crate) async fn create_api_key(
     )
     .execute(&mut *tx)
     .await?;
-    audit_in(&mut tx, &[event.reason("create")]).await?;
+    state.audit_in(&mut tx, &[event.reason("create")]).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok((StatusCode::CREATED, Json(ApiKeyCreated { id: key_id, key })))
@@ -194,7 +194,7 @@ pub(crate) async fn revoke_api_key(
     if found.rows_affected() == 0 {
         return Err(ApiError::NotFound);
     }
-    audit_in(&mut tx, &[event.reason("revoke")]).await?;
+    state.audit_in(&mut tx, &[event.reason("revoke")]).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(StatusCode::NO_CONTENT)

@@ -14,7 +14,7 @@ use super::{Created, user_error};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, PathParams};
-use crate::state::{AppState, audit_in};
+use crate::state::AppState;
 use crate::users::{self, Role};
 
 #[derive(Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -157,7 +157,7 @@ pub(crate) async fn update_user(
         .iter()
         .map(|change| admin.event(Action::AdminUser, Outcome::Success).resource("user", &id.to_string()).reason(change))
         .collect();
-    audit_in(&mut tx, &events).await?;
+    state.audit_in(&mut tx, &events).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(StatusCode::NO_CONTENT)
@@ -208,7 +208,7 @@ pub(crate) async fn reset_password(
         .execute(&mut *tx)
         .await?;
     let event = admin.event(Action::AdminUser, Outcome::Success).resource("user", &id.to_string()).reason("password");
-    audit_in(&mut tx, &[event]).await?;
+    state.audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(StatusCode::NO_CONTENT)
@@ -298,7 +298,7 @@ pub(crate) async fn revoke_sessions(
         .event(Action::AdminSessionsRevoke, Outcome::Success)
         .resource("user", &id.to_string())
         .reason(&format!("count:{revoked}"));
-    audit_in(&mut tx, &[event]).await?;
+    state.audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(Json(Revoked { revoked }))

@@ -76,7 +76,7 @@ pub(crate) async fn erase(
         .event(Action::PatientErase, Outcome::Success)
         .resource("patient", &patient.audit_id())
         .reason(&format!("{reason} documents:{} data_keys:{}", counts.documents, counts.data_keys));
-    crate::state::audit_in(&mut tx, &[event]).await?;
+    state.audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
     // This process forgets the key at once; others' caches drop it within
     // their time limit (5 minutes), and no row names it any more.

@@ -11,12 +11,17 @@ use serde_json::json;
 use sqlx::Connection;
 use uuid::Uuid;
 
-use crate::common::{Stack, audit_key, wait_until};
+use crate::common::{Stack, audit_trust, wait_until};
 
 fn event(n: u32) -> AuditEvent {
-    AuditEvent::new(Action::DocumentRead, Actor::service("test"), Outcome::Success)
+    AuditEvent::new(Action::DocumentRead, Actor::service("clinflow-api"), Outcome::Success)
         .document(Uuid::now_v7())
         .reason(&format!("r{n}"))
+}
+
+/// The events as the api signs them.
+fn signed(events: &[AuditEvent]) -> Vec<clinflow::audit::SignedEvent> {
+    events.iter().map(|e| clinflow::testing::audit_keys().api.sign(e).unwrap()).collect()
 }
 
 /// The error code of a statement that must fail for lack of privilege.
@@ -28,8 +33,8 @@ async fn refused(conn: &mut sqlx::PgConnection, sql: &'static str) -> String {
 #[tokio::test]
 async fn each_service_role_has_only_its_own_privileges() {
     let db = TestDb::new().await;
-    let key = audit_key();
-    assert_eq!(chain::append(&db.sink, &key, &[event(1), event(2), event(3)]).await.unwrap(), 3);
+    let (sink, trust) = (&clinflow::testing::audit_keys().sink, audit_trust());
+    assert_eq!(chain::append(&db.sink, sink, &signed(&[event(1), event(2), event(3)])).await.unwrap(), 3);
 
     // No service role may change or unprotect the audit table.
     for role in [API_ROLE, WORKER_ROLE, SINK_ROLE, AUDIT_READER_ROLE] {
@@ -111,7 +116,7 @@ async fn each_service_role_has_only_its_own_privileges() {
     }
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&db.owner).await.unwrap();
     assert_eq!(rows, 3);
-    assert_eq!(chain::verify(&db.audit_reader, &key).await.unwrap(), 3);
+    assert_eq!(chain::verify(&db.audit_reader, &trust).await.unwrap(), 3);
     for conn in [reader, worker, sink, api] {
         conn.close().await.unwrap();
     }
@@ -121,12 +126,14 @@ async fn each_service_role_has_only_its_own_privileges() {
 #[tokio::test]
 async fn the_hash_chain_detects_tampering_and_ignores_redelivery() {
     let db = TestDb::new().await;
-    let key = audit_key();
-    let first = [event(1), event(2), event(3)];
-    chain::append(&db.sink, &key, &first).await.unwrap();
+    let (sink, trust) = (&clinflow::testing::audit_keys().sink, audit_trust());
+    let first = signed(&[event(1), event(2), event(3)]);
+    chain::append(&db.sink, sink, &first).await.unwrap();
     // A redelivered batch adds nothing; a new event continues the chain.
-    assert_eq!(chain::append(&db.sink, &key, &[first[1].clone(), event(4), event(4)]).await.unwrap(), 2);
-    assert_eq!(chain::verify(&db.sink, &key).await.unwrap(), 5);
+    let fourth = signed(&[event(4)]).remove(0);
+    assert_eq!(chain::append(&db.sink, sink, &[first[1].clone(), fourth.clone(), fourth]).await.unwrap(), 1);
+    assert_eq!(chain::append(&db.sink, sink, &signed(&[event(5)])).await.unwrap(), 1);
+    assert_eq!(chain::verify(&db.sink, &trust).await.unwrap(), 5);
 
     // Someone with the owner's rights switches the trigger off and edits a row.
     let mut owner = db.owner.acquire().await.unwrap();
@@ -138,7 +145,7 @@ async fn the_hash_chain_detects_tampering_and_ignores_redelivery() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    match chain::verify(&db.sink, &key).await {
+    match chain::verify(&db.sink, &trust).await {
         Err(ChainError::Broken { seq: 3, .. }) => {}
         other => panic!("tampering not detected at seq 3: {other:?}"),
     }
@@ -152,7 +159,8 @@ async fn two_sinks_at_once_write_one_unbroken_chain_with_every_event_once() {
     // A second sink on the same queue and table, beside the stack's own.
     let second = Sink {
         db: stack.db.sink.clone(),
-        key: audit_key(),
+        signer: clinflow::testing::audit_keys().sink.clone(),
+        keys: clinflow::testing::audit_keys().public(),
         topology: stack.topology.clone(),
         batch_size: 16,
         max_wait: Duration::from_millis(5),
@@ -162,11 +170,12 @@ async fn two_sinks_at_once_write_one_unbroken_chain_with_every_event_once() {
     let second = tokio::spawn(async move { second.run(&url, &LinkState::default(), shutdown).await });
     let publisher = Publisher::new(&stack.amqp).await.unwrap();
     let events: Vec<AuditEvent> = (0..2_000).map(event).collect();
+    let api = &clinflow::testing::audit_keys().api;
     for chunk in events.chunks(100) {
-        clinflow::audit::publish_many(&publisher, &stack.topology, chunk).await.unwrap();
+        clinflow::audit::publish_many(&publisher, &stack.topology, api, chunk).await.unwrap();
     }
     // Redelivery and a repeated publish add nothing.
-    clinflow::audit::publish_many(&publisher, &stack.topology, &events[..100]).await.unwrap();
+    clinflow::audit::publish_many(&publisher, &stack.topology, api, &events[..100]).await.unwrap();
     wait_until("every event stored", Duration::from_secs(60), async || {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_events").fetch_one(&stack.db.owner).await.unwrap()
             >= 2_000
@@ -178,7 +187,7 @@ async fn two_sinks_at_once_write_one_unbroken_chain_with_every_event_once() {
         .await
         .unwrap();
     assert_eq!(distinct, 2_000);
-    assert_eq!(chain::verify(&stack.db.sink, &audit_key()).await.unwrap(), 2_000);
+    assert_eq!(chain::verify(&stack.db.sink, &audit_trust()).await.unwrap(), 2_000);
     stack.stop().await;
     second.await.unwrap().unwrap();
 }

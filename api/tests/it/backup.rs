@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
-use crate::common::{AUDIT_KEY, Stack, wait_for_all_done};
+use crate::common::{Stack, wait_for_all_done};
 
 const NOTES: &[&str] = &[
     "Known AF, on warfarin. Type 2 diabetes mellitus on metformin.",
@@ -191,20 +191,26 @@ async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_int
     let tls = testing::admin_url().split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
     let reader_url = format!("{}{tls}", url(testing::AUDIT_READER_ROLE, &restored));
     let checkpoints = stack.checkpoints.to_str().unwrap().to_owned();
-    let verify_env = |key: &'static str| {
-        [
-            ("AUDIT_HMAC_KEY", key),
-            ("AUDIT_READER_DATABASE_URL", reader_url.as_str()),
-            ("AUDIT_CHECKPOINT_FILE", checkpoints.as_str()),
-            ("LOG_FORMAT", "text"),
-        ]
-    };
-    let out = run(&verify, &["verify"], &verify_env(AUDIT_KEY)).await;
+    let verify_env = [
+        ("AUDIT_READER_DATABASE_URL", reader_url.as_str()),
+        ("AUDIT_CHECKPOINT_FILE", checkpoints.as_str()),
+        ("LOG_FORMAT", "text"),
+    ];
+    // An auditor's verify: public keys only, no secret in its environment.
+    let public = testing::audit_keys().public_dir();
+    let out = run(&verify, &["verify", "--public-keys", public.to_str().unwrap()], &verify_env).await;
     assert!(out.status.success(), "verify: {}", text(&out));
     assert!(text(&out).contains(&format!("audit chain intact: {events} events;")), "{}", text(&out));
-    // The check has teeth: another key breaks the chain at its first row.
-    let out = run(&verify, &["verify"], &verify_env("a different audit key, also 32+ bytes")).await;
-    assert!(!out.status.success(), "verify passed with the wrong key: {}", text(&out));
+    // The check has teeth: other public keys (the same ids) break the chain
+    // at its first row.
+    let others = tempfile::tempdir().unwrap();
+    for id in ["api", "worker", "audit-sink"] {
+        let pem = clinflow::audit::Signer::generate(id).public_pem().unwrap();
+        std::fs::write(others.path().join(format!("{id}.pem")), pem).unwrap();
+    }
+    let out = run(&verify, &["verify", "--public-keys", others.path().to_str().unwrap()], &verify_env).await;
+    assert!(!out.status.success(), "verify passed with the wrong keys: {}", text(&out));
+    assert!(text(&out).contains("seq 1"), "{}", text(&out));
 
     // Act 3: a second restore into the same, now filled, database is refused.
     let out = run(repo_path("scripts/restore"), &restore_args, &[]).await;

@@ -18,7 +18,7 @@ use clinflow_api::batch::BatchLimits;
 use clinflow_api::users::{self, Passwords, Role};
 use clinflow_api::{AppState, Edge, UploadLimits};
 use clinflow_audit_sink::Sink;
-use clinflow_audit_sink::chain::ChainKey;
+use clinflow_audit_sink::chain::Trust;
 use clinflow_audit_sink::checkpoint::{CheckpointConfig, Checkpointer};
 use clinflow_worker::medcat::MedcatClient;
 use clinflow_worker::{BatchConfig, RetryConfig, Worker};
@@ -29,12 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 pub const PASSWORD: &str = "a long test password";
 
-/// The stack's `AUDIT_HMAC_KEY` (as a binary such as `clinflow-audit-sink
-/// verify` would be given it).
-pub const AUDIT_KEY: &str = "test audit hmac key, 32+ bytes long!";
-
-pub fn audit_key() -> ChainKey {
-    ChainKey::new(SecretBox::new(Box::new(AUDIT_KEY.as_bytes().to_vec())))
+/// What verifies the stack's audit chain: the public keys of the tests'
+/// producers (`clinflow::testing::audit_keys`), no secret.
+pub fn audit_trust() -> Trust {
+    testing::audit_keys().trust()
 }
 
 /// Login and access settings of a test stack. The default allows many
@@ -144,7 +142,8 @@ impl Stack {
             batch_limits: BatchLimits { max_lines: 50, max_bytes: 64 * 1024, max_line_bytes: 4 * 1024 },
             amqp_url: amqp_url.clone(),
             topology: topology.clone(),
-            audit_key: Some(Arc::new(audit_key())),
+            audit_signer: testing::audit_keys().api.clone(),
+            audit_trust: Some(Arc::new(audit_trust())),
             audit_checkpoints: Some(checkpoints.clone()),
             denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(std::num::NonZeroU32::new(60).unwrap())),
             login: Arc::new(LoginGuard::new(lockout, std::num::NonZeroU32::new(logins_per_minute).unwrap())),
@@ -164,6 +163,7 @@ impl Stack {
             medcat,
             model_version,
             topology: topology.clone(),
+            audit_signer: testing::audit_keys().worker.clone(),
             batch: BatchConfig { size: 8, in_flight: 2, ..BatchConfig::default() },
             retry: RetryConfig::default(),
         });
@@ -174,7 +174,8 @@ impl Stack {
 
         let sink = Sink {
             db: db.sink.clone(),
-            key: audit_key(),
+            signer: testing::audit_keys().sink.clone(),
+            keys: testing::audit_keys().public(),
             topology: topology.clone(),
             batch_size: 64,
             max_wait: Duration::from_millis(20),

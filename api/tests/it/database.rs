@@ -83,7 +83,7 @@ async fn a_database_restart_under_load_loses_nothing_and_needs_no_process_restar
     // (a batch claimed again after the outage audits its documents again),
     // and counting every row raced with them (the likeliest cause of this
     // test's one CI failure, whose message the CI log cut off).
-    let rows = clinflow::chain::verify(&stack.db.audit_reader, &crate::common::audit_key()).await.unwrap();
+    let rows = clinflow::chain::verify(&stack.db.audit_reader, &crate::common::audit_trust()).await.unwrap();
     let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM audit_events WHERE seq <= $1")
         .bind(rows)
         .fetch_one(&stack.db.owner)

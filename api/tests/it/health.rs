@@ -20,6 +20,7 @@ async fn the_metrics_port_answers_healthz_readyz_and_metrics_by_route_and_status
         .env("DATABASE_URL", db.url_as(testing::API_ROLE))
         .env("AMQP_URL", testing::amqp_url_string())
         .env("CLINFLOW_QUEUE_PREFIX", topology.prefix())
+        .envs(testing::audit_keys().env("api"))
         .env("CLINFLOW_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(testing::master_key()))
         .env("JWT_SECRET", "the health test's jwt secret, long enough!!")
         .env("CLINFLOW_INDEX_KEY", "the health test's index key, long enough!!")

@@ -99,6 +99,7 @@ impl ApiProcess {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DATABASE_URL", db.url_as(testing::API_ROLE))
             .env("AMQP_URL", testing::unreachable_amqp_url())
+            .envs(testing::audit_keys().env("api"))
             .env("CLINFLOW_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(testing::master_key()))
             .env("JWT_SECRET", "another test jwt secret, long enough!!")
             .env("CLINFLOW_INDEX_KEY", "test index key of the api process, long enough")

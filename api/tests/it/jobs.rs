@@ -107,11 +107,12 @@ async fn malformed_audit_messages_are_dead_lettered_with_a_reason_and_the_sink_g
 
     // An event the broker parked (as its delivery limit would): valid, and
     // stored once replayed, as often as it is replayed.
-    let event = AuditEvent::new(Action::DocumentRead, Actor::service("test"), Outcome::Success).reason("parked");
-    let body = serde_json::to_vec(&event).unwrap();
+    let event =
+        AuditEvent::new(Action::DocumentRead, Actor::service("clinflow-api"), Outcome::Success).reason("parked");
+    let body = clinflow::testing::audit_keys().api.body(&event).unwrap();
     let (dead, id) = (stack.topology.dead_letter_exchange(), event.event_id.to_string());
     publisher.publish_many(&[Outgoing::new(&dead, audit.key, &id, &body)]).await.unwrap();
-    let operator = Actor::service("test-operator");
+    let operator = clinflow::testing::audit_keys().operator("clinflow-audit-sink");
     let listing = deadletters::list_audit(&stack.amqp, &stack.topology, &operator).await.unwrap();
     assert_eq!(listing.total, 3);
     assert_eq!(listing.by_reason.get("schema_invalid"), Some(&1), "{listing:?}");

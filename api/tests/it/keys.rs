@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use clinflow::audit::Actor;
 use clinflow::crypto::{CryptoError, Keyring};
 use clinflow::documents;
 use clinflow::keys::{self, KeyError, Keys, rotation};
@@ -187,7 +186,7 @@ async fn rotation_then_removal_of_the_old_key_leaves_everything_readable() {
     let master = SecretBox::new(Box::new(testing::master_key()));
     let both = Keys::new(Keyring::new("k2", [("k2".to_owned(), &k2), ("1".to_owned(), &master)]));
     let mut progress = Vec::new();
-    let actor = Actor::operator("clinflow-api");
+    let actor = testing::audit_keys().operator("clinflow-api");
     let done = rotation::rotate(&stack.db.owner, &both, &actor, 2, |n| progress.push(n)).await.unwrap();
     assert_eq!((done, progress), (3, vec![2, 3]));
     assert_eq!(rotation::rotate(&stack.db.owner, &both, &actor, 2, |_| {}).await.unwrap(), 0, "nothing left");
@@ -237,7 +236,9 @@ async fn reencryption_replaces_a_patients_key_and_moved_ciphertexts_fail() {
     let sealed = ciphertexts(&stack).await;
 
     let keys = testing::keys();
-    let done = rotation::reencrypt(&stack.db.owner, &keys, &Actor::operator("clinflow-api"), old).await.unwrap();
+    let done = rotation::reencrypt(&stack.db.owner, &keys, &testing::audit_keys().operator("clinflow-api"), old)
+        .await
+        .unwrap();
     assert_eq!((done.old_key, done.documents, done.results, done.grants), (old, 2, 2, 1));
 
     // The old key is gone, the patient has the new one, and every ciphertext
@@ -380,7 +381,8 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
     // No data key yet: the concept endpoints open the document's reference.
     assert_eq!(before["concept documents"][0]["patient_ref"], "KEYS-PAT-V1", "{before:?}");
 
-    let (keys, index_key, actor) = (testing::keys(), testing::index_key(), Actor::operator("t"));
+    let (keys, index_key, actor) =
+        (testing::keys(), testing::index_key(), testing::audit_keys().operator("clinflow-api"));
     let moved = rotation::migrate_v1(&stack.db.owner, &keys, &index_key, &actor, 10, |_| {}).await.unwrap();
     assert_eq!(moved, (1, 0));
     let (key, p, t): (Option<Uuid>, Vec<u8>, Vec<u8>) =
@@ -428,7 +430,7 @@ async fn keys_from_before_references_beside_them_read_through_documents_until_se
     sqlx::query("UPDATE data_keys SET patient_ref_ct = NULL").execute(&stack.db.owner).await.unwrap();
     assert_eq!(read_all(&stack, &ids).await, before, "the references come from the patients' documents");
 
-    let (keys, actor) = (testing::keys(), Actor::operator("clinflow-api"));
+    let (keys, actor) = (testing::keys(), testing::audit_keys().operator("clinflow-api"));
     let mut progress = Vec::new();
     let done = rotation::seal_refs(&stack.db.owner, &keys, &actor, 2, |n| progress.push(n)).await.unwrap();
     assert_eq!((done, progress), (3, vec![2, 3]));

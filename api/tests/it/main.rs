@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod access;
+mod audit_forgery;
 mod audit_table;
 mod auditor;
 mod auth;

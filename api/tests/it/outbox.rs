@@ -29,6 +29,7 @@ impl ApiProcess {
             .env("DATABASE_URL", stack.db.url_as(testing::API_ROLE))
             .env("AMQP_URL", amqp_url)
             .env("CLINFLOW_QUEUE_PREFIX", stack.topology.prefix())
+            .envs(testing::audit_keys().env("api"))
             .env("CLINFLOW_MASTER_KEY", b64.encode(testing::master_key()))
             .env("JWT_SECRET", "another test jwt secret, long enough!!")
             .env("CLINFLOW_INDEX_KEY", "test index key of the api process, long enough")

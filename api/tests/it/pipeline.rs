@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::common::{Stack, audit_key};
+use crate::common::{Stack, audit_trust};
 use crate::ingest::{ingest_client, load_options};
 
 const METFORMIN: &str = "372567009";
@@ -226,10 +226,10 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
             assert!(!row.contains(file_name), "a source_ref in the audit trail: {row}");
         }
     }
-    let rows = clinflow_audit_sink::chain::verify(&stack.db.audit_reader, &audit_key()).await.unwrap();
+    let rows = clinflow_audit_sink::chain::verify(&stack.db.audit_reader, &audit_trust()).await.unwrap();
     assert_eq!(rows, expected_total as i64);
     // The sink anchored the chain outside the database as it went.
-    let checkpoints = clinflow_audit_sink::checkpoint::read(&stack.checkpoints, &audit_key()).unwrap();
+    let checkpoints = clinflow_audit_sink::checkpoint::read(&stack.checkpoints, &audit_trust()).unwrap();
     assert!(!checkpoints.is_empty(), "the sink wrote checkpoints");
     clinflow_audit_sink::checkpoint::check(&stack.db.audit_reader, rows, &checkpoints).await.unwrap();
 

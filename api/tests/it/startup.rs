@@ -17,19 +17,25 @@ const GOOD_KEY: &str = "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0wMTIzNDU="; // 32 byt
 
 /// A configuration that would start (were the database there), over
 /// plaintext hops (allowed for these tests of other variables).
-const BASE: [(&str, &str); 6] = [
+const BASE: [(&str, &str); 7] = [
     ("CLINFLOW_ALLOW_PLAINTEXT", "1"),
     ("DATABASE_URL", "postgres://clinflow_app@127.0.0.1:5432/nowhere"),
     ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
     ("CLINFLOW_MASTER_KEY", GOOD_KEY),
     ("JWT_SECRET", "tH1s-is-a-l0ng-and-rand0m-JWT-secret!"),
     ("CLINFLOW_INDEX_KEY", "an0ther-l0ng-and-rand0m-INDEX-key!#"),
+    ("AUDIT_SIGNING_KEY", SIGNING_KEY),
 ];
+
+/// An Ed25519 key of these tests only (openssl genpkey -algorithm ed25519).
+const SIGNING_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIHqAoaWtnnAb7uFwEpRhuOJhHy+3HTpqjCEMu9dYbhnU
+-----END PRIVATE KEY-----";
 
 #[test]
 fn bad_secrets_stop_the_api_with_one_line() {
     let base = BASE;
-    let cases: [(&str, Option<&str>, &str); 7] = [
+    let cases: [(&str, Option<&str>, &str); 11] = [
         ("CLINFLOW_INDEX_KEY", Some("too-short-key"), "CLINFLOW_INDEX_KEY: must be at least 32 bytes, got 13"),
         ("JWT_SECRET", Some("short-secret"), "JWT_SECRET: must be at least 32 bytes, got 12"),
         ("JWT_SECRET", None, "JWT_SECRET: is not set"),
@@ -41,6 +47,19 @@ fn bad_secrets_stop_the_api_with_one_line() {
         ("CLINFLOW_MASTER_KEY", Some("%%%not-base64%%%"), "CLINFLOW_MASTER_KEY: is not valid base64"),
         ("DATABASE_URL", Some("mysql://root:hunter2@db/x"), "DATABASE_URL: must be a URL starting with postgres://"),
         ("API_ADDR", Some("localhost"), "API_ADDR: must be host:port"),
+        ("AUDIT_SIGNING_KEY", None, "AUDIT_SIGNING_KEY: is not set"),
+        (
+            "AUDIT_SIGNING_KEY",
+            Some("bm90LWEta2V5LWJ1dC1sb25nLWVub3VnaC10by1ub3QtYmUtc2hvcnQ="),
+            "AUDIT_SIGNING_KEY: is not a PEM Ed25519 private key",
+        ),
+        ("AUDIT_SIGNING_KEY_ID", Some("worker"), "AUDIT_SIGNING_KEY_ID: must be api or api.<"),
+        // The api holds no key that can write the audit chain.
+        (
+            "AUDIT_HMAC_KEY",
+            Some("an-old-hmac-key-the-sink-alone-may-hold"),
+            "AUDIT_HMAC_KEY: is the audit sink's alone",
+        ),
     ];
     for (name, value, expected) in cases {
         let mut envs: Vec<(&str, &str)> = base.iter().copied().filter(|(n, _)| *n != name).collect();
@@ -55,6 +74,27 @@ fn bad_secrets_stop_the_api_with_one_line() {
         if let Some(v) = value.filter(|_| name != "API_ADDR") {
             assert!(!stderr.contains(v), "{name}'s value leaked: {stderr}");
         }
+    }
+}
+
+#[test]
+fn a_signing_key_the_verifiers_do_not_know_stops_the_api_with_one_line() {
+    // The tests' public keys know another key as `api`; and none as `api.2`.
+    let public = clinflow::testing::audit_keys().public_dir();
+    let public = public.to_str().unwrap();
+    let cases = [
+        (None, "AUDIT_SIGNING_KEY: is not the key AUDIT_PUBLIC_KEYS knows as api"),
+        (Some("api.2"), "AUDIT_SIGNING_KEY: AUDIT_PUBLIC_KEYS has no api.2.pem"),
+    ];
+    for (key_id, expected) in cases {
+        let mut envs = BASE.to_vec();
+        envs.push(("AUDIT_PUBLIC_KEYS", public));
+        envs.extend(key_id.map(|id| ("AUDIT_SIGNING_KEY_ID", id)));
+        let (ok, stderr) = run_api(&envs);
+        assert!(!ok, "{key_id:?} should stop the api");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+        assert!(lines[0].contains(expected), "{key_id:?}: {stderr}");
     }
 }
 

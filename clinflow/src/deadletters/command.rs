@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::amqp::Topology;
-use crate::audit::Actor;
+use crate::audit::Operator;
 use crate::deadletters::{self, Selection};
 
 /// A kind of dead-letter queue: what identifies its messages and how its
@@ -74,7 +74,7 @@ impl DeadLetters<DocumentJobs> {
         self,
         connection: &Connection,
         topology: &Topology,
-        operator: &Actor,
+        operator: &Operator,
         database: impl AsyncFnOnce() -> anyhow::Result<PgPool>,
     ) -> anyhow::Result<()> {
         match self {
@@ -112,7 +112,7 @@ impl DeadLetters<DocumentJobs> {
 
 impl DeadLetters<AuditMessages> {
     /// Lists or replays parked audit messages on `connection`, as `operator`.
-    pub async fn run(self, connection: &Connection, topology: &Topology, operator: &Actor) -> anyhow::Result<()> {
+    pub async fn run(self, connection: &Connection, topology: &Topology, operator: &Operator) -> anyhow::Result<()> {
         match self {
             Self::List { json } => {
                 let listing = deadletters::list_audit(connection, topology, operator).await?;

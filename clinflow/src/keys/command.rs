@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-use crate::audit::Actor;
+use crate::audit::Operator;
 use crate::config;
 use crate::crypto::IndexKey;
 use crate::keys::{Keys, rotation};
@@ -69,7 +69,7 @@ pub enum KeysCommand {
 pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
     let keys = Keys::new(config::master_keys()?);
     let db = owner_pool().await?;
-    let actor = Actor::operator(tool);
+    let operator = Operator::from_env(tool)?;
     match command {
         KeysCommand::Status => status(&db, &keys).await,
         KeysCommand::Rotate { batch } => {
@@ -77,7 +77,7 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
             let total: i64 = pending.iter().map(|(_, n)| n).sum();
             let from: Vec<String> = pending.iter().map(|(kek, n)| format!("{n} under {kek:?}")).collect();
             eprintln!("rotating {total} data keys to KEK {:?} ({})", keys.keyring().primary(), from.join(", "));
-            let done = rotation::rotate(&db, &keys, &actor, batch.max(1), |done| {
+            let done = rotation::rotate(&db, &keys, &operator, batch.max(1), |done| {
                 eprintln!("re-wrapped {done}/{total}");
             })
             .await?;
@@ -94,7 +94,8 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
             };
             let total = ids.len();
             for (n, id) in ids.into_iter().enumerate() {
-                let r = rotation::reencrypt(&db, &keys, &actor, id).await.with_context(|| format!("data key {id}"))?;
+                let r =
+                    rotation::reencrypt(&db, &keys, &operator, id).await.with_context(|| format!("data key {id}"))?;
                 eprintln!(
                     "{}/{total}: data key {} replaced by {} ({} documents, {} results, {} break-glass reasons)",
                     n + 1,
@@ -110,7 +111,7 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
         }
         KeysCommand::MigrateV1 { batch } => {
             let index_key = IndexKey::new(config::secret_bytes("CLINFLOW_INDEX_KEY")?);
-            let (documents, grants) = rotation::migrate_v1(&db, &keys, &index_key, &actor, batch.max(1), |done| {
+            let (documents, grants) = rotation::migrate_v1(&db, &keys, &index_key, &operator, batch.max(1), |done| {
                 eprintln!("migrated {done} documents");
             })
             .await?;
@@ -118,7 +119,7 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::SealRefs { batch } => {
-            let done = rotation::seal_refs(&db, &keys, &actor, batch.max(1), |done| {
+            let done = rotation::seal_refs(&db, &keys, &operator, batch.max(1), |done| {
                 eprintln!("sealed {done} patient references");
             })
             .await?;

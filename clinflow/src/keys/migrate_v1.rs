@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::reseal::{audit, results_for_update, store_reasons, store_results};
 use super::{KeyError, Keys, PatientRef, break_glass_reason_field};
-use crate::audit::{Action, Actor, AuditEvent, Outcome};
+use crate::audit::{Action, AuditEvent, Operator, Outcome};
 use crate::crypto::{CryptoError, Envelope, IndexKey, envelope};
 use crate::documents::{annotations_field, patient_index, patient_ref_field, text_field};
 
@@ -19,7 +19,7 @@ pub async fn migrate_v1(
     db: &PgPool,
     keys: &Keys,
     index_key: &IndexKey,
-    actor: &Actor,
+    operator: &Operator,
     batch: i64,
     mut progress: impl FnMut(u64),
 ) -> Result<(u64, u64), KeyError> {
@@ -84,19 +84,19 @@ pub async fn migrate_v1(
         let result_docs: Vec<Uuid> = results.iter().map(|r| r.document_id).collect();
         let models: Vec<String> = results.iter().map(|r| r.model_version.clone()).collect();
         store_results(&mut tx, &result_docs, &models, &sealed).await?;
-        let event = AuditEvent::new(Action::KeysMigrateV1, actor.clone(), Outcome::Success)
+        let event = AuditEvent::new(Action::KeysMigrateV1, operator.actor.clone(), Outcome::Success)
             .resource("documents", &ids.len().to_string());
-        audit(&mut tx, event).await?;
+        audit(&mut tx, operator, event).await?;
         tx.commit().await?;
         documents += ids.len() as u64;
         progress(documents);
     }
-    let grants = migrate_v1_reasons(db, keys, actor).await?;
+    let grants = migrate_v1_reasons(db, keys, operator).await?;
     Ok((documents, grants))
 }
 
 /// Break-glass reasons of format 1, under their patients' data keys.
-async fn migrate_v1_reasons(db: &PgPool, keys: &Keys, actor: &Actor) -> Result<u64, KeyError> {
+async fn migrate_v1_reasons(db: &PgPool, keys: &Keys, operator: &Operator) -> Result<u64, KeyError> {
     let mut tx = db.begin().await?;
     let grants = sqlx::query!(
         "SELECT id, patient_index, reason_ct FROM break_glass_grants
@@ -120,9 +120,9 @@ async fn migrate_v1_reasons(db: &PgPool, keys: &Keys, actor: &Actor) -> Result<u
     }
     let ids: Vec<Uuid> = grants.iter().map(|g| g.id).collect();
     store_reasons(&mut tx, &ids, &sealed).await?;
-    let event = AuditEvent::new(Action::KeysMigrateV1, actor.clone(), Outcome::Success)
+    let event = AuditEvent::new(Action::KeysMigrateV1, operator.actor.clone(), Outcome::Success)
         .resource("break_glass_grants", &ids.len().to_string());
-    audit(&mut tx, event).await?;
+    audit(&mut tx, operator, event).await?;
     tx.commit().await?;
     Ok(ids.len() as u64)
 }

@@ -5,11 +5,12 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::KeyError;
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, Operator};
 use crate::outbox;
 
-pub(super) async fn audit(conn: &mut PgConnection, event: AuditEvent) -> Result<(), KeyError> {
-    let message = outbox::Message::audit(&event).map_err(|e| KeyError::Database(sqlx::Error::Encode(Box::new(e))))?;
+pub(super) async fn audit(conn: &mut PgConnection, operator: &Operator, event: AuditEvent) -> Result<(), KeyError> {
+    let message = outbox::Message::audit(&operator.signer, &event)
+        .map_err(|e| KeyError::Database(sqlx::Error::Encode(Box::new(e))))?;
     outbox::enqueue(conn, &[message]).await?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use super::{KeyError, Keys, break_glass_reason_field, data_key_ref_field};
 
 /// `keys migrate-v1` lives in its own module.
 pub use super::migrate_v1::migrate_v1;
-use crate::audit::{Action, Actor, AuditEvent, Outcome};
+use crate::audit::{Action, AuditEvent, Operator, Outcome};
 use crate::crypto::{CryptoError, DataKey, Envelope, Field, WrappedKey, envelope};
 use crate::documents::{annotations_field, patient_ref_field, text_field};
 
@@ -42,7 +42,7 @@ pub async fn pending_rotation(db: &PgPool, keys: &Keys) -> Result<Vec<(String, i
 pub async fn rotate(
     db: &PgPool,
     keys: &Keys,
-    actor: &Actor,
+    operator: &Operator,
     batch: i64,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, KeyError> {
@@ -79,10 +79,10 @@ pub async fn rotate(
         )
         .execute(&mut *tx)
         .await?;
-        let event = AuditEvent::new(Action::KeysRotate, actor.clone(), Outcome::Success)
+        let event = AuditEvent::new(Action::KeysRotate, operator.actor.clone(), Outcome::Success)
             .resource("data_keys", &ids.len().to_string())
             .reason(&format!("kek:{primary}"));
-        audit(&mut tx, event).await?;
+        audit(&mut tx, operator, event).await?;
         tx.commit().await?;
         done += ids.len() as u64;
         progress(done);
@@ -111,7 +111,7 @@ fn open_with(keys: &Keys, old: &DataKey, field: Field, ct: &[u8]) -> Result<Vec<
 /// and break-glass reason of its patient is opened and sealed again under
 /// the new key, and the old key deleted, in one transaction (uploads for the
 /// patient wait for it).
-pub async fn reencrypt(db: &PgPool, keys: &Keys, actor: &Actor, old_key: Uuid) -> Result<Reencrypted, KeyError> {
+pub async fn reencrypt(db: &PgPool, keys: &Keys, operator: &Operator, old_key: Uuid) -> Result<Reencrypted, KeyError> {
     let mut tx = db.begin().await?;
     sqlx::query!("SET CONSTRAINTS documents_data_key_id_fkey DEFERRED").execute(&mut *tx).await?;
     let row = sqlx::query!(
@@ -193,10 +193,10 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, actor: &Actor, old_key: Uuid) -
     let grant_ids: Vec<Uuid> = grants.iter().map(|g| g.id).collect();
     store_reasons(&mut tx, &grant_ids, &reasons).await?;
 
-    let event = AuditEvent::new(Action::KeysReencrypt, actor.clone(), Outcome::Success)
+    let event = AuditEvent::new(Action::KeysReencrypt, operator.actor.clone(), Outcome::Success)
         .resource("data_key", &old_key.to_string())
         .reason(&format!("replaced_by:{}", new.id()));
-    audit(&mut tx, event).await?;
+    audit(&mut tx, operator, event).await?;
     tx.commit().await?;
     keys.forget(old_key);
     Ok(Reencrypted { old_key, new_key: new.id(), documents: docs.len(), results: results.len(), grants: grants.len() })
@@ -211,7 +211,7 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, actor: &Actor, old_key: Uuid) -
 pub async fn seal_refs(
     db: &PgPool,
     keys: &Keys,
-    actor: &Actor,
+    operator: &Operator,
     batch: i64,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, KeyError> {
@@ -256,9 +256,9 @@ pub async fn seal_refs(
         )
         .execute(&mut *tx)
         .await?;
-        let event = AuditEvent::new(Action::KeysSealRefs, actor.clone(), Outcome::Success)
+        let event = AuditEvent::new(Action::KeysSealRefs, operator.actor.clone(), Outcome::Success)
             .resource("data_keys", &ids.len().to_string());
-        audit(&mut tx, event).await?;
+        audit(&mut tx, operator, event).await?;
         tx.commit().await?;
         done += ids.len() as u64;
         progress(done);

@@ -199,6 +199,7 @@ impl Setup {
             model_version: medcat.model_version().await.unwrap(),
             medcat,
             topology: self.topology.clone(),
+            audit_signer: testing::audit_keys().worker.clone(),
             batch: BatchConfig {
                 size: 16,
                 max_wait: Duration::from_millis(200),

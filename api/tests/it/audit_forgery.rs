@@ -1,0 +1,82 @@
+//! Writing history through the broker: whoever can publish to the audit
+//! exchange (here the tests' broker account) but holds no producer key gets
+//! nothing into the chain. Unsigned, wrongly signed and cross-producer
+//! events are parked with their reason; a genuine event replayed is stored
+//! once; the chain verifies with public keys only.
+
+use std::time::Duration;
+
+use clinflow::amqp::Publisher;
+use clinflow::audit::{Action, Actor, AuditEvent, Outcome, Signer};
+use clinflow::deadletters;
+use clinflow::testing::audit_keys;
+
+use crate::common::{Stack, audit_trust, wait_until};
+
+/// The event the attacker wrote: the admin logging in from 10.9.9.9.
+fn admin_login() -> AuditEvent {
+    AuditEvent::new(Action::Login, Actor::anonymous(Some("admin")), Outcome::Success)
+        .from_request(Some("10.9.9.9".parse().unwrap()), None)
+}
+
+#[tokio::test]
+async fn forged_audit_events_are_parked_and_a_genuine_one_is_stored_once() {
+    let stack = Stack::start().await;
+    let publisher = Publisher::new(&stack.amqp).await.unwrap();
+    let audit = stack.topology.audit();
+    let publish = async |id: &str, body: Vec<u8>| {
+        let message = clinflow::amqp::Outgoing::new(&audit.exchange, audit.key, id, &body);
+        publisher.publish_many(&[message]).await.unwrap();
+    };
+
+    // 1. No signature at all (the message format before signing).
+    let unsigned = admin_login();
+    publish("unsigned", serde_json::to_vec(&unsigned).unwrap()).await;
+    // 2. Signed under the api's key id with a key that is not the api's.
+    let impostor = admin_login();
+    publish("impostor", Signer::generate("api").body(&impostor).unwrap()).await;
+    // 3. The api's genuine signature, the event edited after signing.
+    let mut edited = audit_keys().api.sign(&admin_login()).unwrap();
+    edited.event.source_ip = Some("10.9.9.10".parse().unwrap());
+    let edited_id = edited.event.event_id;
+    publish("edited", serde_json::to_vec(&edited).unwrap()).await;
+    // 4. The worker's genuine key, claiming to be the api's (a user's login).
+    let cross = admin_login();
+    publish("cross", audit_keys().worker.body(&cross).unwrap()).await;
+    // 5. A genuine event of the api, published twice.
+    let genuine = admin_login();
+    let body = audit_keys().api.body(&genuine).unwrap();
+    publish("genuine", body.clone()).await;
+    publish("genuine", body).await;
+
+    wait_until("the four forgeries parked", Duration::from_secs(20), async || {
+        stack.queue_depth(&audit.dead_queue).await == 4
+    })
+    .await;
+    assert_eq!(stack.wait_for_audit_rows(1).await, 1, "only the genuine event is stored, once");
+    let stored: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM audit_events").fetch_all(&stack.db.owner).await.unwrap();
+    assert_eq!(stored, [genuine.event_id]);
+    for forged in [unsigned.event_id, impostor.event_id, edited_id, cross.event_id] {
+        assert!(!stored.contains(&forged), "{forged} entered the chain");
+    }
+    let row: (String, bool) = sqlx::query_as("SELECT key_id, signature IS NOT NULL FROM audit_events")
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(row, ("api".to_owned(), true), "the key id is stored with the row");
+
+    let operator = audit_keys().operator("clinflow-audit-sink");
+    let listing = deadletters::list_audit(&stack.amqp, &stack.topology, &operator).await.unwrap();
+    assert_eq!(listing.by_reason.get("bad_signature"), Some(&3), "{listing:?}");
+    assert_eq!(listing.by_reason.get("producer_mismatch"), Some(&1), "{listing:?}");
+
+    // Replaying them changes nothing: they are parked again, never stored.
+    deadletters::replay_audit(&stack.amqp, &stack.topology, None, &operator).await.unwrap();
+    wait_until("parked again", Duration::from_secs(20), async || stack.queue_depth(&audit.dead_queue).await == 4).await;
+    // The chain (the genuine login and the operator's list and replay
+    // events) verifies with public keys only.
+    let rows = stack.wait_for_audit_rows(3).await;
+    assert_eq!(clinflow::chain::verify(&stack.db.audit_reader, &audit_trust()).await.unwrap(), rows);
+    stack.stop().await;
+}
