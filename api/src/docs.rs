@@ -15,7 +15,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Json};
-use clinflow::wire::ErrorBody;
 use utoipa::openapi::OpenApi;
 
 use crate::error::ApiError;
@@ -24,6 +23,9 @@ use crate::state::AppState;
 pub const SPEC_PATH: &str = "/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
 pub const SCALAR_PATH: &str = "/docs/scalar.js";
+
+/// What the page and its script answer when `API_DOCS=off` (named in their `x-errors`).
+const DOCS_OFF: &str = "not_found: the page is off (`API_DOCS=off`)";
 
 /// `@scalar/api-reference` 1.76.4, `dist/browser/standalone.js`, unchanged
 /// (api/vendor/scalar/README.md says where from).
@@ -60,8 +62,8 @@ pub(crate) async fn openapi_json(Extension(spec): Extension<&'static OpenApi>) -
     tag = "docs",
     responses(
         (status = 200, description = "An HTML page", content_type = "text/html", body = String),
-        (status = 404, description = "- `not_found`: the page is off (`API_DOCS=off`)", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([DOCS_OFF]))),
 )]
 #[tracing::instrument(skip_all)]
 pub(crate) async fn docs(State(state): State<AppState>, Extension(spec): Extension<&'static OpenApi>) -> Response {
@@ -81,8 +83,8 @@ pub(crate) async fn docs(State(state): State<AppState>, Extension(spec): Extensi
     responses(
         (status = 200, description = "JavaScript (Scalar, MIT licence)", content_type = "text/javascript", body = String),
         (status = 304, description = "Not modified since the copy whose `ETag` was sent in `If-None-Match`"),
-        (status = 404, description = "- `not_found`: the page is off (`API_DOCS=off`)", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([DOCS_OFF]))),
 )]
 #[tracing::instrument(skip_all)]
 pub(crate) async fn scalar_script(State(state): State<AppState>, headers: HeaderMap) -> Response {

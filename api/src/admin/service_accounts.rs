@@ -5,7 +5,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -34,9 +33,8 @@ pub(crate) struct NewServiceAccount {
     request_body = NewServiceAccount,
     responses(
         (status = 201, description = "Created", body = Created),
-        (status = 409, description = "- `user_exists`: a user with this username exists", body = ErrorBody),
-        (status = 422, description = "- `invalid_username`: not 1-64 characters of letters, digits and . _ @ -", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["user_exists", "invalid_username"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id))]
 pub(crate) async fn create_service_account(
@@ -85,9 +83,8 @@ pub(crate) struct ApiKeyCreated {
     request_body = NewApiKey,
     responses(
         (status = 201, description = "The key, shown this once", body = ApiKeyCreated),
-        (status = 404, description = "- `not_found`: no such enabled user", body = ErrorBody),
-        (status = 422, description = "- `invalid_label`: not up to 64 characters of letters, digits and ._@ -\n- `not_a_service_account`: API keys are for service accounts only", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such enabled user", "invalid_label", "not_a_service_account"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
 pub(crate) async fn create_api_key(
@@ -177,8 +174,8 @@ pub(crate) async fn api_keys(
     params(("id" = Uuid, Path, description = "The API key's id")),
     responses(
         (status = 204, description = "Revoked"),
-        (status = 404, description = "- `not_found`: no such key", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such key"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, api_key_id = %id))]
 pub(crate) async fn revoke_api_key(

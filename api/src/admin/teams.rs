@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -70,9 +69,8 @@ pub(crate) struct NewTeam {
     request_body = NewTeam,
     responses(
         (status = 201, description = "Created", body = Created),
-        (status = 409, description = "- `team_exists`: a care team with this name exists", body = ErrorBody),
-        (status = 422, description = "- `invalid_team_name`: not 1-64 characters of letters, digits and ._@ -", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["team_exists", "invalid_team_name"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id))]
 pub(crate) async fn create_team(
@@ -118,9 +116,8 @@ async fn team_change(state: &AppState, admin: &AuthUser, team: Uuid, change: &st
     params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
     responses(
         (status = 204, description = "A member (already or now)"),
-        (status = 404, description = "- `not_found`: no such team or user", body = ErrorBody),
-        (status = 422, description = "- `not_a_clinician`: care team members are clinicians", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such team or user", "not_a_clinician"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team, member_id = %user))]
 pub(crate) async fn add_member(
@@ -158,8 +155,8 @@ pub(crate) async fn add_member(
     params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
     responses(
         (status = 204, description = "Removed"),
-        (status = 404, description = "- `not_found`: not a member of this team", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: not a member of this team"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team, member_id = %user))]
 pub(crate) async fn remove_member(
@@ -196,9 +193,8 @@ pub(crate) struct PatientRef {
     request_body = PatientRef,
     responses(
         (status = 204, description = "In the team (already or now)"),
-        (status = 404, description = "- `not_found`: no such team", body = ErrorBody),
-        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such team", "invalid_patient_ref"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team))]
 pub(crate) async fn add_patient(
@@ -226,9 +222,8 @@ pub(crate) async fn add_patient(
     request_body = PatientRef,
     responses(
         (status = 204, description = "Removed"),
-        (status = 404, description = "- `not_found`: the patient is not in this team", body = ErrorBody),
-        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: the patient is not in this team", "invalid_patient_ref"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team))]
 pub(crate) async fn remove_patient(

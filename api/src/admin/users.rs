@@ -5,7 +5,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -73,9 +72,8 @@ pub(crate) struct NewUser {
     request_body = NewUser,
     responses(
         (status = 201, description = "Created", body = Created),
-        (status = 409, description = "- `user_exists`: a user with this username exists", body = ErrorBody),
-        (status = 422, description = "- `invalid_username`: not 1-64 characters of letters, digits and . _ @ -\n- `weak_password`: under 12 characters", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["user_exists", "invalid_username", "weak_password"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id))]
 pub(crate) async fn create_user(
@@ -107,9 +105,8 @@ pub(crate) struct UserChange {
     request_body = UserChange,
     responses(
         (status = 204, description = "Changed"),
-        (status = 404, description = "- `not_found`: no such user", body = ErrorBody),
-        (status = 422, description = "- `own_account`: an admin cannot disable or demote themselves\n- `service_account_role`: service accounts hold the ingest role only\n- `no_change`: neither `role` nor `disabled` given", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such user", "own_account", "service_account_role", "no_change"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
 pub(crate) async fn update_user(
@@ -178,9 +175,10 @@ pub(crate) struct NewPassword {
     request_body = NewPassword,
     responses(
         (status = 204, description = "Set; their lockout cleared and their sessions ended"),
-        (status = 404, description = "- `not_found`: no such person (service accounts have no password)", body = ErrorBody),
-        (status = 422, description = "- `weak_password`: under 12 characters", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([
+        "not_found: no such person (service accounts have no password)", "weak_password",
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
 pub(crate) async fn reset_password(

@@ -5,7 +5,6 @@
 use axum::Json;
 use axum::extract::State;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
@@ -49,8 +48,8 @@ pub struct ConceptPatient {
 /// concept index each (the aggregate keeps the LATERAL a nested loop).
 #[utoipa::path(get, path = "/v1/concepts/{cui}/patients", tag = "patients",
     params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
-    responses((status = 200, description = "The caller's patients with the concept", body = Page<ConceptPatient>),
-              (status = 422, description = "- `invalid_cui`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
+    responses((status = 200, description = "The caller's patients with the concept", body = Page<ConceptPatient>)),
+    extensions(("x-errors" = json!(["invalid_cui", "invalid_limit", "invalid_cursor"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn concept_patients(
     State(state): State<AppState>,
@@ -133,8 +132,8 @@ pub struct ConceptDocument {
 /// that reads every row of the concept.
 #[utoipa::path(get, path = "/v1/concepts/{cui}/documents", tag = "patients",
     params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
-    responses((status = 200, description = "The caller's patients' documents with the concept, patient by patient, newest first within each", body = Page<ConceptDocument>),
-              (status = 422, description = "- `invalid_cui`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
+    responses((status = 200, description = "The caller's patients' documents with the concept, patient by patient, newest first within each", body = Page<ConceptDocument>)),
+    extensions(("x-errors" = json!(["invalid_cui", "invalid_limit", "invalid_cursor"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn concept_documents(
     State(state): State<AppState>,

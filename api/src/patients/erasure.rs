@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::extract::State;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -38,9 +37,11 @@ pub struct Erased {
 #[utoipa::path(delete, path = "/v1/patients/{patient_ref}", tag = "patients",
     params(("patient_ref" = String, Path, description = "The patient reference, as uploaded")),
     request_body = EraseRequest,
-    responses((status = 200, description = "What was erased", body = Erased),
-              (status = 404, description = "- `not_found`: nothing is held on this patient", body = ErrorBody),
-              (status = 422, description = "- `invalid_patient_ref`\n- `invalid_reason`", body = ErrorBody)))]
+    responses((status = 200, description = "What was erased", body = Erased)),
+    extensions(("x-errors" = json!([
+        "not_found: nothing is held on this patient", "invalid_patient_ref",
+        "invalid_reason: not a code of 3-64 lowercase letters and `_`",
+    ]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn erase(
     State(state): State<AppState>,

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::State;
 use clinflow::audit::Action;
-use clinflow::wire::{ErrorBody, Status};
+use clinflow::wire::Status;
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
@@ -43,9 +43,10 @@ pub struct DocumentSummary {
 /// `GET /v1/patients/{patient_ref}/documents`: newest first, no text.
 #[utoipa::path(get, path = "/v1/patients/{patient_ref}/documents", tag = "patients",
     params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), DocumentFilter),
-    responses((status = 200, description = "The patient's documents, newest first", body = Page<DocumentSummary>),
-              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
-              (status = 422, description = "- `invalid_patient_ref`\n- `invalid_date`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
+    responses((status = 200, description = "The patient's documents, newest first", body = Page<DocumentSummary>)),
+    extensions(("x-errors" = json!([
+        "out_of_scope", "invalid_patient_ref", "invalid_date", "invalid_limit", "invalid_cursor",
+    ]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn patient_documents(
     State(state): State<AppState>,
@@ -119,9 +120,8 @@ pub struct ProblemListEntry {
 /// MetaCAT) are left out unless `include_negated=true`.
 #[utoipa::path(get, path = "/v1/patients/{patient_ref}/concepts", tag = "patients",
     params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), ConceptFilter),
-    responses((status = 200, description = "The patient's problem list", body = Page<ProblemListEntry>),
-              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
-              (status = 422, description = "- `invalid_patient_ref`", body = ErrorBody)))]
+    responses((status = 200, description = "The patient's problem list", body = Page<ProblemListEntry>)),
+    extensions(("x-errors" = json!(["out_of_scope", "invalid_patient_ref"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn patient_concepts(
     State(state): State<AppState>,
