@@ -1,12 +1,23 @@
-//! What the key runs share: their audit event, in their transaction, and
-//! reading and writing back the ciphertexts they seal again.
+//! What the key runs share: what they run with, their audit event, in their
+//! transaction, and reading and writing back the ciphertexts they seal again.
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::KeyError;
-use crate::audit::AuditEvent;
+use super::{KeyError, Keys};
+use crate::audit::{Actor, AuditEvent};
 use crate::outbox;
+
+/// What a resumable key run works with: the schema owner's pool, the keys,
+/// the operator each batch is audited as, and how many rows a batch (one
+/// transaction) takes.
+#[derive(Clone, Copy)]
+pub struct Batches<'a> {
+    pub db: &'a PgPool,
+    pub keys: &'a Keys,
+    pub actor: &'a Actor,
+    pub size: i64,
+}
 
 pub(super) async fn audit(conn: &mut PgConnection, event: AuditEvent) -> Result<(), KeyError> {
     let message = outbox::Message::audit(&event).map_err(|e| KeyError::Database(sqlx::Error::Encode(Box::new(e))))?;
