@@ -53,7 +53,7 @@ async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Re
     get,
     path = "/v1/documents/{id}/status",
     tag = "documents",
-    params(("id" = Uuid, Path, description = "The document's id"), ReadParams),
+    params(DocumentPath, ReadParams),
     responses(
         (status = 200, description = "Its status", body = DocumentStatus),
     ),
@@ -63,7 +63,7 @@ async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Re
 pub(crate) async fn status(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(DocumentPath { id }): PathParams<DocumentPath>,
 ) -> Result<Json<DocumentStatus>, ApiError> {
     let found = visible_statuses(&state, &user, &[id]).await?;
     found.documents.into_iter().next().map(Json).ok_or(ApiError::NotFound)
@@ -211,6 +211,14 @@ pub struct DocumentResponse {
     text: Option<String>,
 }
 
+/// The document a path names (`/v1/documents/{id}…`).
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct DocumentPath {
+    /// The document's id
+    id: Uuid,
+}
+
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
@@ -228,7 +236,7 @@ pub struct ReadParams {
     get,
     path = "/v1/documents/{id}",
     tag = "documents",
-    params(("id" = Uuid, Path, description = "The document's id")),
+    params(DocumentPath),
     responses(
         (status = 200, description = "The document and its results", body = DocumentResponse),
     ),
@@ -238,7 +246,7 @@ pub struct ReadParams {
 pub(crate) async fn read(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(DocumentPath { id }): PathParams<DocumentPath>,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Json<DocumentResponse>, ApiError> {
     let with_text = match params.include.as_deref() {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Created, user_error};
+use super::{Created, UserPath, user_error};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, PathParams};
@@ -79,7 +79,7 @@ pub(crate) struct ApiKeyCreated {
     post,
     path = "/v1/admin/users/{id}/api-keys",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     request_body = NewApiKey,
     responses(
         (status = 201, description = "The key, shown this once", body = ApiKeyCreated),
@@ -90,7 +90,7 @@ pub(crate) struct ApiKeyCreated {
 pub(crate) async fn create_api_key(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
     JsonBody(body): JsonBody<NewApiKey>,
 ) -> Result<(StatusCode, Json<ApiKeyCreated>), ApiError> {
     let label = body.label.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
@@ -142,7 +142,7 @@ pub(crate) struct ApiKeyView {
     get,
     path = "/v1/admin/users/{id}/api-keys",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     responses(
         (status = 200, description = "Its keys", body = Vec<ApiKeyView>),
     ),
@@ -151,7 +151,7 @@ pub(crate) struct ApiKeyView {
 pub(crate) async fn api_keys(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
 ) -> Result<Json<Vec<ApiKeyView>>, ApiError> {
     let keys = sqlx::query_as!(
         ApiKeyView,
@@ -166,12 +166,20 @@ pub(crate) async fn api_keys(
     Ok(Json(keys))
 }
 
+/// The API key a path names (`/v1/admin/api-keys/{id}`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct ApiKeyPath {
+    /// The API key's id
+    id: Uuid,
+}
+
 /// Revoke an API key: requests with it are refused from now on.
 #[utoipa::path(
     delete,
     path = "/v1/admin/api-keys/{id}",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The API key's id")),
+    params(ApiKeyPath),
     responses(
         (status = 204, description = "Revoked"),
     ),
@@ -181,7 +189,7 @@ pub(crate) async fn api_keys(
 pub(crate) async fn revoke_api_key(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(ApiKeyPath { id }): PathParams<ApiKeyPath>,
 ) -> Result<StatusCode, ApiError> {
     let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &id.to_string());
     let mut tx = state.db.begin().await?;

@@ -108,12 +108,30 @@ async fn team_change(state: &AppState, admin: &AuthUser, team: Uuid, change: &st
     state.audit(&event.reason(change)).await
 }
 
+/// The care team a path names (`/v1/admin/teams/{id}/…`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct TeamPath {
+    /// The care team's id
+    id: Uuid,
+}
+
+/// A member of a care team, as a path names them (`/v1/admin/teams/{id}/members/{user_id}`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct MemberPath {
+    /// The care team's id
+    id: Uuid,
+    /// The clinician's user id
+    user_id: Uuid,
+}
+
 /// Adds a clinician to a team (members must be clinicians).
 #[utoipa::path(
     put,
     path = "/v1/admin/teams/{id}/members/{user_id}",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
+    params(MemberPath),
     responses(
         (status = 204, description = "A member (already or now)"),
     ),
@@ -123,7 +141,7 @@ async fn team_change(state: &AppState, admin: &AuthUser, team: Uuid, change: &st
 pub(crate) async fn add_member(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
+    PathParams(MemberPath { id: team, user_id: user }): PathParams<MemberPath>,
 ) -> Result<StatusCode, ApiError> {
     let role = sqlx::query_scalar!("SELECT role FROM users WHERE id = $1", user)
         .fetch_optional(&state.db)
@@ -152,7 +170,7 @@ pub(crate) async fn add_member(
     delete,
     path = "/v1/admin/teams/{id}/members/{user_id}",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
+    params(MemberPath),
     responses(
         (status = 204, description = "Removed"),
     ),
@@ -162,7 +180,7 @@ pub(crate) async fn add_member(
 pub(crate) async fn remove_member(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
+    PathParams(MemberPath { id: team, user_id: user }): PathParams<MemberPath>,
 ) -> Result<StatusCode, ApiError> {
     let removed = sqlx::query!("DELETE FROM care_team_members WHERE team_id = $1 AND user_id = $2", team, user)
         .execute(&state.db)
@@ -189,7 +207,7 @@ pub(crate) struct PatientRef {
     post,
     path = "/v1/admin/teams/{id}/patients",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The care team's id")),
+    params(TeamPath),
     request_body = PatientRef,
     responses(
         (status = 204, description = "In the team (already or now)"),
@@ -200,7 +218,7 @@ pub(crate) struct PatientRef {
 pub(crate) async fn add_patient(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(team): PathParams<Uuid>,
+    PathParams(TeamPath { id: team }): PathParams<TeamPath>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
     let patient_ref = valid_patient_ref(&req.patient_ref)?;
@@ -218,7 +236,7 @@ pub(crate) async fn add_patient(
     post,
     path = "/v1/admin/teams/{id}/patients/remove",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The care team's id")),
+    params(TeamPath),
     request_body = PatientRef,
     responses(
         (status = 204, description = "Removed"),
@@ -229,7 +247,7 @@ pub(crate) async fn add_patient(
 pub(crate) async fn remove_patient(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(team): PathParams<Uuid>,
+    PathParams(TeamPath { id: team }): PathParams<TeamPath>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
     let patient_ref = valid_patient_ref(&req.patient_ref)?;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Created, user_error};
+use super::{Created, UserPath, user_error};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, PathParams};
@@ -101,7 +101,7 @@ pub(crate) struct UserChange {
     patch,
     path = "/v1/admin/users/{id}",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     request_body = UserChange,
     responses(
         (status = 204, description = "Changed"),
@@ -112,7 +112,7 @@ pub(crate) struct UserChange {
 pub(crate) async fn update_user(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
     JsonBody(req): JsonBody<UserChange>,
 ) -> Result<StatusCode, ApiError> {
     if id == admin.id && (req.disabled == Some(true) || req.role.is_some_and(|r| r != Role::Admin)) {
@@ -171,7 +171,7 @@ pub(crate) struct NewPassword {
     post,
     path = "/v1/admin/users/{id}/password",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     request_body = NewPassword,
     responses(
         (status = 204, description = "Set; their lockout cleared and their sessions ended"),
@@ -184,7 +184,7 @@ pub(crate) struct NewPassword {
 pub(crate) async fn reset_password(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
     JsonBody(req): JsonBody<NewPassword>,
 ) -> Result<StatusCode, ApiError> {
     users::valid_password(&req.password).map_err(user_error)?;
@@ -229,7 +229,7 @@ pub(crate) struct SessionView {
     get,
     path = "/v1/admin/users/{id}/sessions",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     responses(
         (status = 200, description = "Their live sessions", body = Vec<SessionView>),
     ),
@@ -238,7 +238,7 @@ pub(crate) struct SessionView {
 pub(crate) async fn sessions(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
 ) -> Result<Json<Vec<SessionView>>, ApiError> {
     let rows = sqlx::query!(
         "SELECT id, created_at, last_seen_at, expires_at, source_ip FROM sessions
@@ -276,7 +276,7 @@ pub(crate) struct Revoked {
     delete,
     path = "/v1/admin/users/{id}/sessions",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     responses(
         (status = 200, description = "How many sessions ended", body = Revoked),
     ),
@@ -285,7 +285,7 @@ pub(crate) struct Revoked {
 pub(crate) async fn revoke_sessions(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
 ) -> Result<Json<Revoked>, ApiError> {
     let mut tx = state.db.begin().await?;
     let revoked = sqlx::query!("UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL", id)

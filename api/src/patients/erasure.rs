@@ -6,7 +6,7 @@ use clinflow::audit::{Action, Outcome};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::Patient;
+use super::{Patient, PatientPath};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, PathParams};
@@ -35,7 +35,7 @@ pub struct Erased {
 /// `DELETE /v1/patients/{patient_ref}`: every row of the patient goes, in one
 /// transaction with its audit event. 404 when nothing was held.
 #[utoipa::path(delete, path = "/v1/patients/{patient_ref}", tag = "patients",
-    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded")),
+    params(PatientPath),
     request_body = EraseRequest,
     responses((status = 200, description = "What was erased", body = Erased)),
     extensions(("x-errors" = json!([
@@ -46,7 +46,7 @@ pub struct Erased {
 pub(crate) async fn erase(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(patient_ref): PathParams<String>,
+    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
     JsonBody(req): JsonBody<EraseRequest>,
 ) -> Result<Json<Erased>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;

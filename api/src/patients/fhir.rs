@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Patient, in_scope};
+use super::{Patient, PatientPath, in_scope};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::PathParams;
@@ -96,7 +96,7 @@ fn concept_resource(patient: &str, doc: Uuid, mentions: &[&Annotation], recorded
 /// result a Condition, MedicationStatement, Procedure or Observation coded in
 /// SNOMED CT, with its evidence spans. 404 when nothing is held.
 #[utoipa::path(get, path = "/v1/patients/{patient_ref}/export", tag = "patients",
-    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded")),
+    params(PatientPath),
     responses((status = 200, description = "A FHIR R4 Bundle (type collection)", body = Object)),
     extensions(("x-errors" = json!([
         "out_of_scope", "not_found: nothing is held on this patient", "invalid_patient_ref",
@@ -105,7 +105,7 @@ fn concept_resource(patient: &str, doc: Uuid, mentions: &[&Annotation], recorded
 pub(crate) async fn export(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(patient_ref): PathParams<String>,
+    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
 ) -> Result<Json<Value>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;
     let grant = match user.role {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use super::{Page, Patient, audit_read, cursor_id, date_param, in_scope, page_size};
+use super::{Page, Patient, PatientPath, audit_read, cursor_id, date_param, in_scope, page_size};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{PathParams, QueryParams};
@@ -42,7 +42,7 @@ pub struct DocumentSummary {
 
 /// `GET /v1/patients/{patient_ref}/documents`: newest first, no text.
 #[utoipa::path(get, path = "/v1/patients/{patient_ref}/documents", tag = "patients",
-    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), DocumentFilter),
+    params(PatientPath, DocumentFilter),
     responses((status = 200, description = "The patient's documents, newest first", body = Page<DocumentSummary>)),
     extensions(("x-errors" = json!([
         "out_of_scope", "invalid_patient_ref", "invalid_date", "invalid_limit", "invalid_cursor",
@@ -51,7 +51,7 @@ pub struct DocumentSummary {
 pub(crate) async fn patient_documents(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(patient_ref): PathParams<String>,
+    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
     QueryParams(filter): QueryParams<DocumentFilter>,
 ) -> Result<Json<Page<DocumentSummary>>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;
@@ -119,14 +119,14 @@ pub struct ProblemListEntry {
 /// first and last document date; concepts only ever mentioned negated (by
 /// MetaCAT) are left out unless `include_negated=true`.
 #[utoipa::path(get, path = "/v1/patients/{patient_ref}/concepts", tag = "patients",
-    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), ConceptFilter),
+    params(PatientPath, ConceptFilter),
     responses((status = 200, description = "The patient's problem list", body = Page<ProblemListEntry>)),
     extensions(("x-errors" = json!(["out_of_scope", "invalid_patient_ref"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn patient_concepts(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(patient_ref): PathParams<String>,
+    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
     QueryParams(filter): QueryParams<ConceptFilter>,
 ) -> Result<Json<Page<ProblemListEntry>>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;
