@@ -202,6 +202,15 @@ pub(crate) struct PatientRef {
     patient_ref: String,
 }
 
+impl PatientRef {
+    /// The patient's blind index, which is what a team holds; the
+    /// reference itself is not kept.
+    fn index(&self, state: &AppState) -> Result<Vec<u8>, ApiError> {
+        let patient_ref = valid_patient_ref(&self.patient_ref)?;
+        Ok(clinflow::documents::patient_index(&state.index_key, &patient_ref))
+    }
+}
+
 /// Puts a patient (by reference; stored as its blind index) in a team.
 #[utoipa::path(
     post,
@@ -221,11 +230,10 @@ pub(crate) async fn add_patient(
     PathParams(TeamPath { id: team }): PathParams<TeamPath>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
-    let patient_ref = valid_patient_ref(&req.patient_ref)?;
+    let index = req.index(&state)?;
     if !team_exists(&state, team).await? {
         return Err(ApiError::NotFound);
     }
-    let index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
     scope::add_patients(&mut *state.db.acquire().await?, &[(team, index)]).await?;
     team_change(&state, &admin, team, "patient_add").await?;
     Ok(StatusCode::NO_CONTENT)
@@ -250,8 +258,7 @@ pub(crate) async fn remove_patient(
     PathParams(TeamPath { id: team }): PathParams<TeamPath>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
-    let patient_ref = valid_patient_ref(&req.patient_ref)?;
-    let index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
+    let index = req.index(&state)?;
     let removed = sqlx::query!("DELETE FROM care_team_patients WHERE team_id = $1 AND patient_index = $2", team, index)
         .execute(&state.db)
         .await?;
