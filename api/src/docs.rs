@@ -11,7 +11,8 @@
 
 use std::sync::OnceLock;
 
-use axum::extract::State;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Json};
@@ -54,6 +55,18 @@ pub(crate) async fn openapi_json(Extension(spec): Extension<&'static OpenApi>) -
     Json(spec)
 }
 
+/// Lets a request through to the page or its script unless `API_DOCS=off`;
+/// then both answer [`DOCS_OFF`].
+pub(crate) struct PageOn;
+
+impl FromRequestParts<AppState> for PageOn {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if state.edge.docs { Ok(Self) } else { Err(ApiError::NotFound) }
+    }
+}
+
 /// An interactive page over this description (Scalar), which loads its
 /// script from this api ([`SCALAR_PATH`]) and nothing from elsewhere.
 #[utoipa::path(
@@ -66,10 +79,7 @@ pub(crate) async fn openapi_json(Extension(spec): Extension<&'static OpenApi>) -
     extensions(("x-errors" = json!([DOCS_OFF]))),
 )]
 #[tracing::instrument(skip_all)]
-pub(crate) async fn docs(State(state): State<AppState>, Extension(spec): Extension<&'static OpenApi>) -> Response {
-    if !state.edge.docs {
-        return ApiError::NotFound.into_response();
-    }
+pub(crate) async fn docs(_: PageOn, Extension(spec): Extension<&'static OpenApi>) -> Response {
     static PAGE: OnceLock<String> = OnceLock::new();
     let page = PAGE.get_or_init(|| page(spec));
     ([(header::CONTENT_SECURITY_POLICY, PAGE_POLICY)], Html(page.as_str())).into_response()
@@ -87,10 +97,7 @@ pub(crate) async fn docs(State(state): State<AppState>, Extension(spec): Extensi
     extensions(("x-errors" = json!([DOCS_OFF]))),
 )]
 #[tracing::instrument(skip_all)]
-pub(crate) async fn scalar_script(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if !state.edge.docs {
-        return ApiError::NotFound.into_response();
-    }
+pub(crate) async fn scalar_script(_: PageOn, headers: HeaderMap) -> Response {
     let etag = HeaderValue::from_static(SCALAR_ETAG);
     // Revalidated on each visit (a 304 while the binary is the same), so a
     // new version is never held back by a cache and refused by `integrity`.
