@@ -9,7 +9,6 @@ use axum::extract::State;
 use clinflow::audit::{Action, Outcome};
 use clinflow::chain::{self, ChainError};
 use clinflow::checkpoint;
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -84,9 +83,10 @@ pub struct StoredEvent {
     params(EventQuery),
     responses(
         (status = 200, description = "A page of events", body = EventPage),
-        (status = 422, description = "- `invalid_limit`: `limit` is not 1-1000", body = ErrorBody),
-        (status = 503, description = "- `unavailable`: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`)", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([
+        "invalid_limit", "unavailable: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`)",
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn events(
@@ -181,8 +181,10 @@ pub struct Verified {
     tag = "audit",
     responses(
         (status = 200, description = "Whether the chain is intact, and where it broke if not", body = Verified),
-        (status = 503, description = "- `unavailable`: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`) or no `AUDIT_PUBLIC_KEYS`", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([
+        "unavailable: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`) or no `AUDIT_PUBLIC_KEYS`",
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn verify(State(state): State<AppState>, user: AuthUser) -> Result<Json<Verified>, ApiError> {

@@ -15,7 +15,7 @@ use clinflow::audit::{Action, Outcome};
 use clinflow::documents::{self, Inserted};
 use clinflow::keys::PatientRef;
 use clinflow::outbox;
-use clinflow::wire::{BATCH_PATH, BatchResponse, ErrorBody, LineOutcome, UploadRequest};
+use clinflow::wire::{BATCH_PATH, BatchResponse, LineOutcome, UploadRequest};
 use futures_util::StreamExt;
 use uuid::Uuid;
 
@@ -61,10 +61,8 @@ struct Pending {
     ),
     responses(
         (status = 200, description = "One outcome per non-blank line, in line order, and their counts", body = BatchResponse),
-        (status = 413, description = "- `batch_too_large`: the announced `Content-Length` is over `BATCH_MAX_BYTES`", body = ErrorBody),
-        (status = 422, description = "- `body_unreadable`: the body could not be read to its end", body = ErrorBody),
-        (status = 429, description = "- `busy`: the pipeline is behind; retry after `Retry-After`", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["batch_too_large", "body_unreadable", "busy"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, lines))]
 pub(crate) async fn upload_batch(

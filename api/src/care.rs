@@ -9,7 +9,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
 use clinflow::keys::{PatientRef, break_glass_reason_field};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -53,10 +52,10 @@ pub struct BreakGlassResponse {
     request_body = BreakGlassRequest,
     responses(
         (status = 201, description = "The grant and when it ends", body = BreakGlassResponse),
-        (status = 403, description = "- `wrong_password`: the password given is not the caller's", body = ErrorBody),
-        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters\n- `invalid_reason`: not 10-1000 characters", body = ErrorBody),
-        (status = 503, description = "- `login_busy`: too many password checks waiting; retry after `Retry-After`", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([
+        "wrong_password", "invalid_patient_ref", "invalid_reason: not 10-1000 characters", "login_busy",
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn break_glass(

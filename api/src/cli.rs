@@ -7,7 +7,7 @@ use std::io::BufRead;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use clinflow::amqp::Topology;
 use clinflow::amqp::command::BrokerCommand;
 use clinflow::crypto::IndexKey;
@@ -36,13 +36,10 @@ use crate::users::{self, Passwords, Role, UserError};
 /// that unwrap every data key anyway.
 const KEY_CACHE_ENTRIES: usize = 50_000;
 
-/// clinflow HTTP API. Configuration comes from the environment (see README).
-#[derive(Parser)]
-#[command(version)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+clinflow::service_cli!(
+    /// clinflow HTTP API. Configuration comes from the environment (see README).
+    Command
+);
 
 #[derive(Subcommand)]
 pub enum Command {

@@ -11,11 +11,11 @@
 
 use std::sync::OnceLock;
 
-use axum::extract::State;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Json};
-use clinflow::wire::ErrorBody;
 use utoipa::openapi::OpenApi;
 
 use crate::error::ApiError;
@@ -24,6 +24,9 @@ use crate::state::AppState;
 pub const SPEC_PATH: &str = "/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
 pub const SCALAR_PATH: &str = "/docs/scalar.js";
+
+/// What the page and its script answer when `API_DOCS=off` (named in their `x-errors`).
+const DOCS_OFF: &str = "not_found: the page is off (`API_DOCS=off`)";
 
 /// `@scalar/api-reference` 1.76.4, `dist/browser/standalone.js`, unchanged
 /// (api/vendor/scalar/README.md says where from).
@@ -52,6 +55,18 @@ pub(crate) async fn openapi_json(Extension(spec): Extension<&'static OpenApi>) -
     Json(spec)
 }
 
+/// Lets a request through to the page or its script unless `API_DOCS=off`;
+/// then both answer [`DOCS_OFF`].
+pub(crate) struct PageOn;
+
+impl FromRequestParts<AppState> for PageOn {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if state.edge.docs { Ok(Self) } else { Err(ApiError::NotFound) }
+    }
+}
+
 /// An interactive page over this description (Scalar), which loads its
 /// script from this api ([`SCALAR_PATH`]) and nothing from elsewhere.
 #[utoipa::path(
@@ -60,14 +75,11 @@ pub(crate) async fn openapi_json(Extension(spec): Extension<&'static OpenApi>) -
     tag = "docs",
     responses(
         (status = 200, description = "An HTML page", content_type = "text/html", body = String),
-        (status = 404, description = "- `not_found`: the page is off (`API_DOCS=off`)", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([DOCS_OFF]))),
 )]
 #[tracing::instrument(skip_all)]
-pub(crate) async fn docs(State(state): State<AppState>, Extension(spec): Extension<&'static OpenApi>) -> Response {
-    if !state.edge.docs {
-        return ApiError::NotFound.into_response();
-    }
+pub(crate) async fn docs(_: PageOn, Extension(spec): Extension<&'static OpenApi>) -> Response {
     static PAGE: OnceLock<String> = OnceLock::new();
     let page = PAGE.get_or_init(|| page(spec));
     ([(header::CONTENT_SECURITY_POLICY, PAGE_POLICY)], Html(page.as_str())).into_response()
@@ -81,14 +93,11 @@ pub(crate) async fn docs(State(state): State<AppState>, Extension(spec): Extensi
     responses(
         (status = 200, description = "JavaScript (Scalar, MIT licence)", content_type = "text/javascript", body = String),
         (status = 304, description = "Not modified since the copy whose `ETag` was sent in `If-None-Match`"),
-        (status = 404, description = "- `not_found`: the page is off (`API_DOCS=off`)", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([DOCS_OFF]))),
 )]
 #[tracing::instrument(skip_all)]
-pub(crate) async fn scalar_script(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if !state.edge.docs {
-        return ApiError::NotFound.into_response();
-    }
+pub(crate) async fn scalar_script(_: PageOn, headers: HeaderMap) -> Response {
     let etag = HeaderValue::from_static(SCALAR_ETAG);
     // Revalidated on each visit (a 304 while the binary is the same), so a
     // new version is never held back by a cache and refused by `integrity`.

@@ -11,7 +11,7 @@ use clinflow::keys::PatientRef;
 use clinflow::outbox;
 use clinflow::telemetry::{timed, timed_sync};
 use clinflow::wire::{
-    DOCUMENTS_PATH, DocumentStatus, ErrorBody, MAX_STATUS_IDS, STATUSES_PATH, Status, StatusRequest, StatusesResponse,
+    DOCUMENTS_PATH, DocumentStatus, MAX_STATUS_IDS, STATUSES_PATH, Status, StatusRequest, StatusesResponse,
     UploadRequest, UploadResponse,
 };
 use serde::Serialize;
@@ -53,17 +53,17 @@ async fn visible_statuses(state: &AppState, user: &AuthUser, ids: &[Uuid]) -> Re
     get,
     path = "/v1/documents/{id}/status",
     tag = "documents",
-    params(("id" = Uuid, Path, description = "The document's id"), ReadParams),
+    params(DocumentPath, ReadParams),
     responses(
         (status = 200, description = "Its status", body = DocumentStatus),
-        (status = 404, description = "- `not_found`: no such document, or not one the caller may see", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such document, or not one the caller may see"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id = %id))]
 pub(crate) async fn status(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(DocumentPath { id }): PathParams<DocumentPath>,
 ) -> Result<Json<DocumentStatus>, ApiError> {
     let found = visible_statuses(&state, &user, &[id]).await?;
     found.documents.into_iter().next().map(Json).ok_or(ApiError::NotFound)
@@ -80,8 +80,8 @@ pub(crate) async fn status(
     request_body = StatusRequest,
     responses(
         (status = 200, description = "The statuses found and the ids missing", body = StatusesResponse),
-        (status = 422, description = "- `too_many_ids`: more than 1000 ids", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["too_many_ids"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn statuses(
@@ -109,12 +109,12 @@ pub(crate) async fn statuses(
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: the same key answers as the first request did")),
     responses(
         (status = 202, description = "Stored and queued for coding", body = UploadResponse),
-        (status = 403, description = "- `care_team_forbidden`: only ingest accounts may name a care team", body = ErrorBody),
-        (status = 409, description = "- `duplicate_source_ref`: the caller sent this `source_ref` before; `id` is that document", body = ErrorBody),
-        (status = 413, description = "- `text_too_large`: `text` is over 1,000,000 bytes", body = ErrorBody),
-        (status = 422, description = "- `invalid_patient_ref`, `empty_text`, `invalid_source_ref`, `invalid_document_date`: a field is not valid\n- `unknown_care_team`: no care team has this name\n- `idempotency_key_reused`: this `Idempotency-Key` came with another body\n- `invalid_idempotency_key`: the key is not 1-255 visible ASCII characters", body = ErrorBody),
-        (status = 429, description = "- `busy`: the pipeline is behind; retry after `Retry-After`", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([
+        "care_team_forbidden", "duplicate_source_ref", "text_too_large", "invalid_patient_ref", "empty_text",
+        "invalid_source_ref", "invalid_document_date", "unknown_care_team", "idempotency_key_reused",
+        "invalid_idempotency_key", "busy",
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id))]
 pub(crate) async fn upload(
@@ -214,6 +214,14 @@ pub struct DocumentResponse {
     text: Option<String>,
 }
 
+/// The document a path names (`/v1/documents/{id}…`).
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct DocumentPath {
+    /// The document's id
+    id: Uuid,
+}
+
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
@@ -231,18 +239,17 @@ pub struct ReadParams {
     get,
     path = "/v1/documents/{id}",
     tag = "documents",
-    params(("id" = Uuid, Path, description = "The document's id")),
+    params(DocumentPath),
     responses(
         (status = 200, description = "The document and its results", body = DocumentResponse),
-        (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
-        (status = 404, description = "- `not_found`: no such document", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["out_of_scope", "not_found: no such document"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id = %id))]
 pub(crate) async fn read(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(DocumentPath { id }): PathParams<DocumentPath>,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Json<DocumentResponse>, ApiError> {
     let with_text = match params.include.as_deref() {

@@ -12,7 +12,8 @@
 //!   `state`, `auth`, `proxies` (the client's address behind a load
 //!   balancer), `lockout`, `denials`, `users`, `extract`, `validate`,
 //!   `seal`, `scope` (care teams), `idempotency`, `dates`, `telemetry`,
-//!   `error`, `https` (the api's own TLS: certificate, versions, reload),
+//!   `error`, `error_codes` (every error code, its status and description),
+//!   `https` (the api's own TLS: certificate, versions, reload),
 //!   `config`.
 
 pub mod access;
@@ -28,6 +29,7 @@ pub mod denials;
 mod docs;
 mod documents;
 pub mod error;
+mod error_codes;
 mod extract;
 mod guard;
 mod health;

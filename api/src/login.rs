@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Actor, ActorKind, Outcome};
-use clinflow::wire::{ErrorBody, LOGIN_PATH, LoginRequest, LoginResponse};
+use clinflow::wire::{LOGIN_PATH, LoginRequest, LoginResponse};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -27,11 +27,10 @@ use crate::users;
     request_body = LoginRequest,
     responses(
         (status = 200, description = "A session token", body = LoginResponse),
-        (status = 401, description = "- `invalid_credentials`: wrong username or password, or a locked, disabled or service account (the same answer for each)", body = ErrorBody),
-        (status = 429, description = "- `too_many_logins`: too many attempts from this address; retry after `Retry-After`", body = ErrorBody),
-        (status = 500, description = "- `internal`: an unexpected failure; the `x-request-id` header identifies it", body = ErrorBody),
-        (status = 503, description = "- `login_busy`: too many password checks waiting; retry after `Retry-After`\n- `unavailable`: the database is unreachable", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([
+        "invalid_credentials", "too_many_logins", "internal", "login_busy", "unavailable",
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id))]
 pub(crate) async fn login(
@@ -135,8 +134,8 @@ pub(crate) async fn login(
     tag = "auth",
     responses(
         (status = 204, description = "The session has ended"),
-        (status = 422, description = "- `not_a_session`: an API key has no session (an admin revokes keys)", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_a_session"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {

@@ -2,14 +2,16 @@
 //! `GET /openapi.json` with an interactive page at `GET /docs`.
 //!
 //! Each handler carries `#[utoipa::path]`: its request body, parameters,
-//! success answer and the errors of its own. [`spec`] gathers those from
-//! the route table ([`access::endpoints`]) and adds to every operation what
-//! the router gives it, so that the two cannot disagree: the bearer security requirement and
-//! the roles allowed (`x-roles` and a line of the description), the guard's
-//! 401 and 403, the errors of a path or query parameter (400), of a JSON
-//! body (400, 413, 415, 422), of an unreachable database (503) and of the
-//! time limit every route has (503 `timeout`), each with the one error
-//! body. A test holds the operations equal to the routes.
+//! success answer and the codes of the errors of its own (`x-errors`, see
+//! [`error_codes`]). [`spec`] gathers those from the route table
+//! ([`access::endpoints`]), turns the codes into error answers, and adds to
+//! every operation what the router gives it, so that the two cannot
+//! disagree: the bearer security requirement and the roles allowed
+//! (`x-roles` and a line of the description), the guard's 401 and 403, the
+//! errors of a path or query parameter (400), of a JSON body (400, 413, 415,
+//! 422), of an unreachable database (503) and of the time limit every route
+//! has (503 `timeout`), each with the one error body. A test holds the
+//! operations equal to the routes.
 
 use std::sync::LazyLock;
 
@@ -23,6 +25,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{Content, Header, RefOr};
 
 use crate::access::{self, Access};
+use crate::error_codes;
 
 /// The name of the security scheme every protected operation requires.
 pub const BEARER: &str = "bearer";
@@ -84,6 +87,7 @@ fn build() -> utoipa::openapi::OpenApi {
     spec.components.get_or_insert_with(Default::default).add_security_scheme(BEARER, SecurityScheme::Http(scheme));
     for endpoint in &endpoints {
         if let Some(operation) = operation_mut(&mut spec, &endpoint.method, endpoint.path) {
+            add_named_errors(operation);
             describe_access(operation, &endpoint.access);
         }
     }
@@ -123,51 +127,56 @@ fn describe_access(operation: &mut Operation, access: &Access) {
     operation.extensions.get_or_insert_with(Default::default).insert("x-roles".into(), roles.into());
     if let Access::Roles { .. } = access {
         operation.security = Some(vec![SecurityRequirement::new::<_, _, &str>(BEARER, [])]);
-        add_error(
-            operation,
-            401,
-            "unauthenticated",
-            "no credentials, or a token or key that is invalid, expired or revoked",
-        );
-        add_error(operation, 403, "forbidden", "the caller's role may not call this");
-        add_error(operation, 500, "internal", "an unexpected failure; the `x-request-id` header identifies it");
-        add_error(operation, 503, "unavailable", "the database is unreachable; retry after `Retry-After`");
+        for code in ["unauthenticated", "forbidden", "internal", "unavailable"] {
+            add_error(operation, code, None);
+        }
     }
     let has = |operation: &Operation, place: ParameterIn| {
         operation.parameters.iter().flatten().any(|p| matches!(p, RefOr::T(p) if p.parameter_in == place))
     };
     if has(operation, ParameterIn::Path) {
-        add_error(operation, 400, "invalid_path", "a path parameter is not valid (an id that is no UUID)");
+        add_error(operation, "invalid_path", None);
     }
     if has(operation, ParameterIn::Query) {
-        add_error(operation, 400, "invalid_query", "a query parameter is unknown or of the wrong type");
+        add_error(operation, "invalid_query", None);
     }
     let json_body = matches!(
         &operation.request_body,
         Some(RefOr::T(body)) if body.content.contains_key("application/json")
     );
     if json_body {
-        add_error(operation, 400, "invalid_json", "the body is not valid JSON");
-        add_error(operation, 413, "payload_too_large", "the body is too large");
-        add_error(operation, 415, "unsupported_media_type", "the body is not sent as `application/json`");
-        add_error(operation, 422, "invalid_body", "a field is missing, unknown or of the wrong type");
+        for code in ["invalid_json", "payload_too_large", "unsupported_media_type", "invalid_body"] {
+            add_error(operation, code, None);
+        }
     }
-    add_error(
-        operation,
-        503,
-        "timeout",
-        "no answer within the time limit (`API_REQUEST_TIMEOUT_SECONDS`, for a batch `API_BATCH_TIMEOUT_SECONDS`), \
-         the body's upload included",
-    );
+    add_error(operation, "timeout", None);
     add_retry_after(operation);
 }
 
-/// Adds `- `code`: text` to the operation's answer `status` (created as an
-/// error answer with [`ErrorBody`] if the handler declared none; left alone
-/// if the handler declared it with another body, as health does).
-fn add_error(operation: &mut Operation, status: u16, code: &str, text: &str) {
+/// The errors the handler named in its `x-errors` extension, made answers
+/// (the extension itself is not part of the description).
+fn add_named_errors(operation: &mut Operation) {
+    let Some(named) = operation.extensions.as_mut().and_then(|e| e.remove("x-errors")) else { return };
+    let serde_json::Value::Array(entries) = named else { panic!("x-errors is not a list: {named}") };
+    for entry in &entries {
+        let Some(entry) = entry.as_str() else { panic!("x-errors holds a code or `code: text`, not {entry}") };
+        match entry.split_once(": ") {
+            Some((code, text)) => add_error(operation, code, Some(text)),
+            None => add_error(operation, entry, None),
+        }
+    }
+}
+
+/// Adds `- `code`: text` to the operation's answer of the code's status
+/// (created as an error answer with [`ErrorBody`] if there is none yet; left
+/// alone if the handler declared it with another body, as health does).
+/// The text is the catalogue's unless the route words it.
+fn add_error(operation: &mut Operation, code: &str, wording: Option<&str>) {
+    let Some((status, text)) = error_codes::lookup(code) else {
+        panic!("the error code `{code}` is not in the catalogue (api/src/error_codes.rs)")
+    };
     let key = status.to_string();
-    let item = format!("- `{code}`: {text}");
+    let item = format!("- `{code}`: {}", wording.unwrap_or(text));
     match operation.responses.responses.get_mut(&key) {
         Some(RefOr::T(response)) if is_error_body(response) => {
             if !response.description.contains(&format!("`{code}`")) {
@@ -202,5 +211,36 @@ fn add_retry_after(operation: &mut Operation) {
             header.description = Some("Seconds to wait before retrying".into());
             response.headers.insert("Retry-After".into(), RefOr::T(header));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::openapi::path::OperationBuilder;
+
+    use super::*;
+
+    fn naming(codes: serde_json::Value) -> Operation {
+        let extensions = utoipa::openapi::extensions::ExtensionsBuilder::new().add("x-errors", codes).build();
+        OperationBuilder::new().extensions(Some(extensions)).build()
+    }
+
+    #[test]
+    fn named_errors_are_answers_in_the_catalogues_words_or_the_routes() {
+        let mut operation = naming(serde_json::json!(["busy", "not_found: no such team"]));
+        add_named_errors(&mut operation);
+        assert!(operation.extensions.is_some_and(|e| !e.contains_key("x-errors")));
+        let description = |status: &str| match &operation.responses.responses[status] {
+            RefOr::T(response) => response.description.clone(),
+            RefOr::Ref(_) => panic!("a reference"),
+        };
+        assert_eq!(description("429"), "- `busy`: the pipeline is behind; retry after `Retry-After`");
+        assert_eq!(description("404"), "- `not_found`: no such team");
+    }
+
+    #[test]
+    #[should_panic(expected = "`no_such_code` is not in the catalogue")]
+    fn a_code_not_catalogued_stops_the_description() {
+        add_named_errors(&mut naming(serde_json::json!(["no_such_code"])));
     }
 }

@@ -7,7 +7,6 @@ use axum::Json;
 use axum::extract::State;
 use clinflow::deadletters::{self, Listing, OpsError, Replayed, Selection};
 use clinflow::documents::reprocess::Reprocess;
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::Date;
 use uuid::Uuid;
@@ -17,6 +16,9 @@ use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::state::AppState;
 use clinflow::audit::Operator;
+
+/// What every operation here answers while RabbitMQ is away (named in its `x-errors`).
+const RABBITMQ_UNREACHABLE: &str = "unavailable: RabbitMQ is unreachable; retry after `Retry-After`";
 
 /// Either `ids` or `"all": true`.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -72,8 +74,8 @@ fn ops_error(e: OpsError) -> ApiError {
     tag = "ops",
     responses(
         (status = 200, description = "The parked jobs (ids and reason codes, no content)", body = Listing),
-        (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([RABBITMQ_UNREACHABLE]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Listing>, ApiError> {
@@ -92,9 +94,8 @@ pub(crate) async fn list(State(state): State<AppState>, user: AuthUser) -> Resul
     request_body = ReplayRequest,
     responses(
         (status = 200, description = "What was replayed, dropped and left", body = Replayed),
-        (status = 422, description = "- `invalid_selection`: give either `ids` or `\"all\": true`", body = ErrorBody),
-        (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["invalid_selection: give either `ids` or `\"all\": true`", RABBITMQ_UNREACHABLE]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn replay(
@@ -124,9 +125,10 @@ pub(crate) async fn replay(
     request_body = ReprocessRequest,
     responses(
         (status = 200, description = "How many documents were queued", body = ReprocessResponse),
-        (status = 422, description = "- `invalid_selection`: not exactly one of the three selections", body = ErrorBody),
-        (status = 503, description = "- `unavailable`: RabbitMQ is unreachable; retry after `Retry-After`", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([
+        "invalid_selection: not exactly one of the three selections", RABBITMQ_UNREACHABLE,
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn reprocess(

@@ -2,7 +2,7 @@
 //! default), `verify` the chain, or work on its `dead-letters`.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use clinflow::amqp::Topology;
 use clinflow::audit::Operator;
 use clinflow::audit::signing::{PublicKeys, Signer};
@@ -18,13 +18,10 @@ use sqlx::postgres::PgPoolOptions;
 use crate::sink::{SERVICE_NAME, Sink};
 use crate::telemetry::Verifier;
 
-/// Writes audit events to the append-only, hash-chained audit table.
-#[derive(Parser)]
-#[command(version)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+clinflow::service_cli!(
+    /// Writes audit events to the append-only, hash-chained audit table.
+    Command
+);
 
 #[derive(Subcommand)]
 pub enum Command {

@@ -28,6 +28,25 @@
 pub mod shutdown;
 pub mod wire;
 
+/// Declares a service's command line, `pub struct Cli`: one of the
+/// service's commands (`$command`, a `clap::Subcommand`), or none for what
+/// the service does by default. The doc comment given is its `--help`.
+///
+/// A macro, not a generic struct, because clap's derive takes the program's
+/// name and version from the crate it is expanded in: here, the binary's.
+#[macro_export]
+macro_rules! service_cli {
+    ($(#[$doc:meta])* $command:ty) => {
+        $(#[$doc])*
+        #[derive(clap::Parser)]
+        #[command(version)]
+        pub struct Cli {
+            #[command(subcommand)]
+            pub command: Option<$command>,
+        }
+    };
+}
+
 #[cfg(feature = "server")]
 pub mod amqp;
 #[cfg(feature = "server")]

@@ -24,6 +24,19 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
+/// A service's `main` (worker, audit sink): logs set up, the TLS crypto
+/// provider installed, panics logged without their message, then `run`
+/// (which parses the command line) and its outcome as the exit code.
+pub async fn service_main<F>(binary: &str, run: impl FnOnce() -> F) -> std::process::ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    init_tracing();
+    crate::tls::install_crypto_provider();
+    log_panics_without_their_message();
+    exit_code(binary, run().await)
+}
+
 /// How a binary's `main` ends: success, or the error with its causes on one
 /// line of stderr, after the binary's name (a start-up error names the
 /// variable; nothing here logs a secret).

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use clinflow::amqp::Topology;
 use clinflow::audit::Operator;
 use clinflow::config;
@@ -23,15 +23,12 @@ use crate::medcat::MedcatClient;
 use crate::telemetry::MedcatHealth;
 use crate::worker::{BatchConfig, RetryConfig, SERVICE_NAME, Worker};
 
-/// Without a command: consume document jobs (configured by environment
-/// variables, see README). The commands are for operators; they print ids
-/// and counts, never document content, and are audited.
-#[derive(Parser)]
-#[command(name = "clinflow-worker", version)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+clinflow::service_cli!(
+    /// Without a command: consume document jobs (configured by environment
+    /// variables, see README). The commands are for operators; they print ids
+    /// and counts, never document content, and are audited.
+    Command
+);
 
 #[derive(Subcommand)]
 pub enum Command {

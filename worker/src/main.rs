@@ -6,8 +6,5 @@ use clinflow_worker::cli::{self, Cli};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    clinflow::telemetry::init_tracing();
-    clinflow::tls::install_crypto_provider();
-    clinflow::telemetry::log_panics_without_their_message();
-    clinflow::telemetry::exit_code(SERVICE_NAME, cli::run(Cli::parse()).await)
+    clinflow::telemetry::service_main(SERVICE_NAME, || cli::run(Cli::parse())).await
 }

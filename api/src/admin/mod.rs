@@ -9,11 +9,19 @@ pub mod teams;
 pub mod users;
 
 use axum::http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::users::UserError;
+
+/// The user a path names (`/v1/admin/users/{id}…`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct UserPath {
+    /// The user's id
+    id: Uuid,
+}
 
 /// The refusal of a user's creation or change.
 fn user_error(e: UserError) -> ApiError {

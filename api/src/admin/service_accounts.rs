@@ -5,12 +5,11 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Created, user_error};
+use super::{Created, UserPath, user_error};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, PathParams};
@@ -34,9 +33,8 @@ pub(crate) struct NewServiceAccount {
     request_body = NewServiceAccount,
     responses(
         (status = 201, description = "Created", body = Created),
-        (status = 409, description = "- `user_exists`: a user with this username exists", body = ErrorBody),
-        (status = 422, description = "- `invalid_username`: not 1-64 characters of letters, digits and . _ @ -", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["user_exists", "invalid_username"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id))]
 pub(crate) async fn create_service_account(
@@ -81,19 +79,18 @@ pub(crate) struct ApiKeyCreated {
     post,
     path = "/v1/admin/users/{id}/api-keys",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     request_body = NewApiKey,
     responses(
         (status = 201, description = "The key, shown this once", body = ApiKeyCreated),
-        (status = 404, description = "- `not_found`: no such enabled user", body = ErrorBody),
-        (status = 422, description = "- `invalid_label`: not up to 64 characters of letters, digits and ._@ -\n- `not_a_service_account`: API keys are for service accounts only", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such enabled user", "invalid_label", "not_a_service_account"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
 pub(crate) async fn create_api_key(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
     JsonBody(body): JsonBody<NewApiKey>,
 ) -> Result<(StatusCode, Json<ApiKeyCreated>), ApiError> {
     let label = body.label.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
@@ -145,7 +142,7 @@ pub(crate) struct ApiKeyView {
     get,
     path = "/v1/admin/users/{id}/api-keys",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     responses(
         (status = 200, description = "Its keys", body = Vec<ApiKeyView>),
     ),
@@ -154,7 +151,7 @@ pub(crate) struct ApiKeyView {
 pub(crate) async fn api_keys(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
 ) -> Result<Json<Vec<ApiKeyView>>, ApiError> {
     let keys = sqlx::query_as!(
         ApiKeyView,
@@ -169,22 +166,30 @@ pub(crate) async fn api_keys(
     Ok(Json(keys))
 }
 
+/// The API key a path names (`/v1/admin/api-keys/{id}`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct ApiKeyPath {
+    /// The API key's id
+    id: Uuid,
+}
+
 /// Revoke an API key: requests with it are refused from now on.
 #[utoipa::path(
     delete,
     path = "/v1/admin/api-keys/{id}",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The API key's id")),
+    params(ApiKeyPath),
     responses(
         (status = 204, description = "Revoked"),
-        (status = 404, description = "- `not_found`: no such key", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such key"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, api_key_id = %id))]
 pub(crate) async fn revoke_api_key(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(ApiKeyPath { id }): PathParams<ApiKeyPath>,
 ) -> Result<StatusCode, ApiError> {
     let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &id.to_string());
     let mut tx = state.db.begin().await?;

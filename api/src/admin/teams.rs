@@ -4,7 +4,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -70,9 +69,8 @@ pub(crate) struct NewTeam {
     request_body = NewTeam,
     responses(
         (status = 201, description = "Created", body = Created),
-        (status = 409, description = "- `team_exists`: a care team with this name exists", body = ErrorBody),
-        (status = 422, description = "- `invalid_team_name`: not 1-64 characters of letters, digits and ._@ -", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["team_exists", "invalid_team_name"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id))]
 pub(crate) async fn create_team(
@@ -110,23 +108,40 @@ async fn team_change(state: &AppState, admin: &AuthUser, team: Uuid, change: &st
     state.audit(&event.reason(change)).await
 }
 
+/// The care team a path names (`/v1/admin/teams/{id}/…`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct TeamPath {
+    /// The care team's id
+    id: Uuid,
+}
+
+/// A member of a care team, as a path names them (`/v1/admin/teams/{id}/members/{user_id}`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct MemberPath {
+    /// The care team's id
+    id: Uuid,
+    /// The clinician's user id
+    user_id: Uuid,
+}
+
 /// Adds a clinician to a team (members must be clinicians).
 #[utoipa::path(
     put,
     path = "/v1/admin/teams/{id}/members/{user_id}",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
+    params(MemberPath),
     responses(
         (status = 204, description = "A member (already or now)"),
-        (status = 404, description = "- `not_found`: no such team or user", body = ErrorBody),
-        (status = 422, description = "- `not_a_clinician`: care team members are clinicians", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such team or user", "not_a_clinician"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team, member_id = %user))]
 pub(crate) async fn add_member(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
+    PathParams(MemberPath { id: team, user_id: user }): PathParams<MemberPath>,
 ) -> Result<StatusCode, ApiError> {
     let role = sqlx::query_scalar!("SELECT role FROM users WHERE id = $1", user)
         .fetch_optional(&state.db)
@@ -155,17 +170,17 @@ pub(crate) async fn add_member(
     delete,
     path = "/v1/admin/teams/{id}/members/{user_id}",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The care team's id"), ("user_id" = Uuid, Path, description = "The clinician's user id")),
+    params(MemberPath),
     responses(
         (status = 204, description = "Removed"),
-        (status = 404, description = "- `not_found`: not a member of this team", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: not a member of this team"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team, member_id = %user))]
 pub(crate) async fn remove_member(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams((team, user)): PathParams<(Uuid, Uuid)>,
+    PathParams(MemberPath { id: team, user_id: user }): PathParams<MemberPath>,
 ) -> Result<StatusCode, ApiError> {
     let removed = sqlx::query!("DELETE FROM care_team_members WHERE team_id = $1 AND user_id = $2", team, user)
         .execute(&state.db)
@@ -187,31 +202,38 @@ pub(crate) struct PatientRef {
     patient_ref: String,
 }
 
+impl PatientRef {
+    /// The patient's blind index, which is what a team holds; the
+    /// reference itself is not kept.
+    fn index(&self, state: &AppState) -> Result<Vec<u8>, ApiError> {
+        let patient_ref = valid_patient_ref(&self.patient_ref)?;
+        Ok(clinflow::documents::patient_index(&state.index_key, &patient_ref))
+    }
+}
+
 /// Puts a patient (by reference; stored as its blind index) in a team.
 #[utoipa::path(
     post,
     path = "/v1/admin/teams/{id}/patients",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The care team's id")),
+    params(TeamPath),
     request_body = PatientRef,
     responses(
         (status = 204, description = "In the team (already or now)"),
-        (status = 404, description = "- `not_found`: no such team", body = ErrorBody),
-        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such team", "invalid_patient_ref"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team))]
 pub(crate) async fn add_patient(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(team): PathParams<Uuid>,
+    PathParams(TeamPath { id: team }): PathParams<TeamPath>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
-    let patient_ref = valid_patient_ref(&req.patient_ref)?;
+    let index = req.index(&state)?;
     if !team_exists(&state, team).await? {
         return Err(ApiError::NotFound);
     }
-    let index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
     scope::add_patients(&mut *state.db.acquire().await?, &[(team, index)]).await?;
     team_change(&state, &admin, team, "patient_add").await?;
     Ok(StatusCode::NO_CONTENT)
@@ -222,23 +244,21 @@ pub(crate) async fn add_patient(
     post,
     path = "/v1/admin/teams/{id}/patients/remove",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The care team's id")),
+    params(TeamPath),
     request_body = PatientRef,
     responses(
         (status = 204, description = "Removed"),
-        (status = 404, description = "- `not_found`: the patient is not in this team", body = ErrorBody),
-        (status = 422, description = "- `invalid_patient_ref`: not 1-128 characters without control characters", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: the patient is not in this team", "invalid_patient_ref"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team))]
 pub(crate) async fn remove_patient(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(team): PathParams<Uuid>,
+    PathParams(TeamPath { id: team }): PathParams<TeamPath>,
     JsonBody(req): JsonBody<PatientRef>,
 ) -> Result<StatusCode, ApiError> {
-    let patient_ref = valid_patient_ref(&req.patient_ref)?;
-    let index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
+    let index = req.index(&state)?;
     let removed = sqlx::query!("DELETE FROM care_team_patients WHERE team_id = $1 AND patient_index = $2", team, index)
         .execute(&state.db)
         .await?;

@@ -5,12 +5,11 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Created, user_error};
+use super::{Created, UserPath, user_error};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, PathParams};
@@ -73,9 +72,8 @@ pub(crate) struct NewUser {
     request_body = NewUser,
     responses(
         (status = 201, description = "Created", body = Created),
-        (status = 409, description = "- `user_exists`: a user with this username exists", body = ErrorBody),
-        (status = 422, description = "- `invalid_username`: not 1-64 characters of letters, digits and . _ @ -\n- `weak_password`: under 12 characters", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["user_exists", "invalid_username", "weak_password"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id))]
 pub(crate) async fn create_user(
@@ -103,19 +101,18 @@ pub(crate) struct UserChange {
     patch,
     path = "/v1/admin/users/{id}",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     request_body = UserChange,
     responses(
         (status = 204, description = "Changed"),
-        (status = 404, description = "- `not_found`: no such user", body = ErrorBody),
-        (status = 422, description = "- `own_account`: an admin cannot disable or demote themselves\n- `service_account_role`: service accounts hold the ingest role only\n- `no_change`: neither `role` nor `disabled` given", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!(["not_found: no such user", "own_account", "service_account_role", "no_change"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
 pub(crate) async fn update_user(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
     JsonBody(req): JsonBody<UserChange>,
 ) -> Result<StatusCode, ApiError> {
     if id == admin.id && (req.disabled == Some(true) || req.role.is_some_and(|r| r != Role::Admin)) {
@@ -174,19 +171,20 @@ pub(crate) struct NewPassword {
     post,
     path = "/v1/admin/users/{id}/password",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     request_body = NewPassword,
     responses(
         (status = 204, description = "Set; their lockout cleared and their sessions ended"),
-        (status = 404, description = "- `not_found`: no such person (service accounts have no password)", body = ErrorBody),
-        (status = 422, description = "- `weak_password`: under 12 characters", body = ErrorBody),
     ),
+    extensions(("x-errors" = json!([
+        "not_found: no such person (service accounts have no password)", "weak_password",
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
 pub(crate) async fn reset_password(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
     JsonBody(req): JsonBody<NewPassword>,
 ) -> Result<StatusCode, ApiError> {
     users::valid_password(&req.password).map_err(user_error)?;
@@ -231,7 +229,7 @@ pub(crate) struct SessionView {
     get,
     path = "/v1/admin/users/{id}/sessions",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     responses(
         (status = 200, description = "Their live sessions", body = Vec<SessionView>),
     ),
@@ -240,7 +238,7 @@ pub(crate) struct SessionView {
 pub(crate) async fn sessions(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
 ) -> Result<Json<Vec<SessionView>>, ApiError> {
     let rows = sqlx::query!(
         "SELECT id, created_at, last_seen_at, expires_at, source_ip FROM sessions
@@ -278,7 +276,7 @@ pub(crate) struct Revoked {
     delete,
     path = "/v1/admin/users/{id}/sessions",
     tag = "admin",
-    params(("id" = Uuid, Path, description = "The user's id")),
+    params(UserPath),
     responses(
         (status = 200, description = "How many sessions ended", body = Revoked),
     ),
@@ -287,7 +285,7 @@ pub(crate) struct Revoked {
 pub(crate) async fn revoke_sessions(
     State(state): State<AppState>,
     admin: AuthUser,
-    PathParams(id): PathParams<Uuid>,
+    PathParams(UserPath { id }): PathParams<UserPath>,
 ) -> Result<Json<Revoked>, ApiError> {
     let mut tx = state.db.begin().await?;
     let revoked = sqlx::query!("UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL", id)

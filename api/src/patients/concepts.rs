@@ -5,7 +5,6 @@
 use axum::Json;
 use axum::extract::State;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
@@ -43,19 +42,27 @@ pub struct ConceptPatient {
     last_date: Option<Date>,
 }
 
+/// The concept a path names (`/v1/concepts/{cui}/…`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct ConceptPath {
+    /// SNOMED CT concept id
+    cui: String,
+}
+
 /// `GET /v1/concepts/{cui}/patients`: the caller's patients (care teams and
 /// live break-glass grants) whose current results affirm this concept.
 /// Like `concept_documents`: the caller's patients in order, one probe of the
 /// concept index each (the aggregate keeps the LATERAL a nested loop).
 #[utoipa::path(get, path = "/v1/concepts/{cui}/patients", tag = "patients",
-    params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
-    responses((status = 200, description = "The caller's patients with the concept", body = Page<ConceptPatient>),
-              (status = 422, description = "- `invalid_cui`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
+    params(ConceptPath, Cursor),
+    responses((status = 200, description = "The caller's patients with the concept", body = Page<ConceptPatient>)),
+    extensions(("x-errors" = json!(["invalid_cui", "invalid_limit", "invalid_cursor"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn concept_patients(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(cui): PathParams<String>,
+    PathParams(ConceptPath { cui }): PathParams<ConceptPath>,
     QueryParams(cursor): QueryParams<Cursor>,
 ) -> Result<Json<Page<ConceptPatient>>, ApiError> {
     let cui = valid_cui(&cui)?;
@@ -132,14 +139,14 @@ pub struct ConceptDocument {
 /// inside the LATERAL keeps the planner from flattening it into a merge join
 /// that reads every row of the concept.
 #[utoipa::path(get, path = "/v1/concepts/{cui}/documents", tag = "patients",
-    params(("cui" = String, Path, description = "SNOMED CT concept id"), Cursor),
-    responses((status = 200, description = "The caller's patients' documents with the concept, patient by patient, newest first within each", body = Page<ConceptDocument>),
-              (status = 422, description = "- `invalid_cui`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
+    params(ConceptPath, Cursor),
+    responses((status = 200, description = "The caller's patients' documents with the concept, patient by patient, newest first within each", body = Page<ConceptDocument>)),
+    extensions(("x-errors" = json!(["invalid_cui", "invalid_limit", "invalid_cursor"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn concept_documents(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(cui): PathParams<String>,
+    PathParams(ConceptPath { cui }): PathParams<ConceptPath>,
     QueryParams(cursor): QueryParams<Cursor>,
 ) -> Result<Json<Page<ConceptDocument>>, ApiError> {
     let cui = valid_cui(&cui)?;

@@ -3,11 +3,10 @@
 use axum::Json;
 use axum::extract::State;
 use clinflow::audit::{Action, Outcome};
-use clinflow::wire::ErrorBody;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::Patient;
+use super::{Patient, PatientPath};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, PathParams};
@@ -36,16 +35,18 @@ pub struct Erased {
 /// `DELETE /v1/patients/{patient_ref}`: every row of the patient goes, in one
 /// transaction with its audit event. 404 when nothing was held.
 #[utoipa::path(delete, path = "/v1/patients/{patient_ref}", tag = "patients",
-    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded")),
+    params(PatientPath),
     request_body = EraseRequest,
-    responses((status = 200, description = "What was erased", body = Erased),
-              (status = 404, description = "- `not_found`: nothing is held on this patient", body = ErrorBody),
-              (status = 422, description = "- `invalid_patient_ref`\n- `invalid_reason`", body = ErrorBody)))]
+    responses((status = 200, description = "What was erased", body = Erased)),
+    extensions(("x-errors" = json!([
+        "not_found: nothing is held on this patient", "invalid_patient_ref",
+        "invalid_reason: not a code of 3-64 lowercase letters and `_`",
+    ]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn erase(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(patient_ref): PathParams<String>,
+    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
     JsonBody(req): JsonBody<EraseRequest>,
 ) -> Result<Json<Erased>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;

@@ -6,12 +6,11 @@ use axum::extract::State;
 use clinflow::annotation::Annotation;
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents;
-use clinflow::wire::ErrorBody;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Patient, in_scope};
+use super::{Patient, PatientPath, in_scope};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::PathParams;
@@ -97,16 +96,16 @@ fn concept_resource(patient: &str, doc: Uuid, mentions: &[&Annotation], recorded
 /// result a Condition, MedicationStatement, Procedure or Observation coded in
 /// SNOMED CT, with its evidence spans. 404 when nothing is held.
 #[utoipa::path(get, path = "/v1/patients/{patient_ref}/export", tag = "patients",
-    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded")),
-    responses((status = 200, description = "A FHIR R4 Bundle (type collection)", body = Object),
-              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
-              (status = 404, description = "- `not_found`: nothing is held on this patient", body = ErrorBody),
-              (status = 422, description = "- `invalid_patient_ref`", body = ErrorBody)))]
+    params(PatientPath),
+    responses((status = 200, description = "A FHIR R4 Bundle (type collection)", body = Object)),
+    extensions(("x-errors" = json!([
+        "out_of_scope", "not_found: nothing is held on this patient", "invalid_patient_ref",
+    ]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn export(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(patient_ref): PathParams<String>,
+    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
 ) -> Result<Json<Value>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;
     let grant = match user.role {

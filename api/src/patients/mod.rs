@@ -17,7 +17,7 @@ pub mod reads;
 
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::Date;
 use uuid::Uuid;
 
@@ -29,6 +29,14 @@ use crate::validate::valid_patient_ref;
 
 const DEFAULT_PAGE: i64 = 100;
 const MAX_PAGE: i64 = 1000;
+
+/// The patient a path names (`/v1/patients/{patient_ref}…`).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct PatientPath {
+    /// The patient reference, as uploaded
+    patient_ref: String,
+}
 
 /// A patient as the caller named them: the blind index, and its hex for
 /// the audit trail.

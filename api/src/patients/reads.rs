@@ -3,12 +3,12 @@
 use axum::Json;
 use axum::extract::State;
 use clinflow::audit::Action;
-use clinflow::wire::{ErrorBody, Status};
+use clinflow::wire::Status;
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use super::{Page, Patient, audit_read, cursor_id, date_param, in_scope, page_size};
+use super::{Page, Patient, PatientPath, audit_read, cursor_id, date_param, in_scope, page_size};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{PathParams, QueryParams};
@@ -42,15 +42,16 @@ pub struct DocumentSummary {
 
 /// `GET /v1/patients/{patient_ref}/documents`: newest first, no text.
 #[utoipa::path(get, path = "/v1/patients/{patient_ref}/documents", tag = "patients",
-    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), DocumentFilter),
-    responses((status = 200, description = "The patient's documents, newest first", body = Page<DocumentSummary>),
-              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
-              (status = 422, description = "- `invalid_patient_ref`\n- `invalid_date`\n- `invalid_limit`\n- `invalid_cursor`", body = ErrorBody)))]
+    params(PatientPath, DocumentFilter),
+    responses((status = 200, description = "The patient's documents, newest first", body = Page<DocumentSummary>)),
+    extensions(("x-errors" = json!([
+        "out_of_scope", "invalid_patient_ref", "invalid_date", "invalid_limit", "invalid_cursor",
+    ]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn patient_documents(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(patient_ref): PathParams<String>,
+    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
     QueryParams(filter): QueryParams<DocumentFilter>,
 ) -> Result<Json<Page<DocumentSummary>>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;
@@ -118,15 +119,14 @@ pub struct ProblemListEntry {
 /// first and last document date; concepts only ever mentioned negated (by
 /// MetaCAT) are left out unless `include_negated=true`.
 #[utoipa::path(get, path = "/v1/patients/{patient_ref}/concepts", tag = "patients",
-    params(("patient_ref" = String, Path, description = "The patient reference, as uploaded"), ConceptFilter),
-    responses((status = 200, description = "The patient's problem list", body = Page<ProblemListEntry>),
-              (status = 403, description = "- `out_of_scope`: the patient is outside the caller's care teams and no break-glass grant covers it", body = ErrorBody),
-              (status = 422, description = "- `invalid_patient_ref`", body = ErrorBody)))]
+    params(PatientPath, ConceptFilter),
+    responses((status = 200, description = "The patient's problem list", body = Page<ProblemListEntry>)),
+    extensions(("x-errors" = json!(["out_of_scope", "invalid_patient_ref"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn patient_concepts(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(patient_ref): PathParams<String>,
+    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
     QueryParams(filter): QueryParams<ConceptFilter>,
 ) -> Result<Json<Page<ProblemListEntry>>, ApiError> {
     let patient = Patient::parse(&state, &patient_ref)?;

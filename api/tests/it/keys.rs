@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clinflow::crypto::{CryptoError, Keyring};
 use clinflow::documents;
-use clinflow::keys::{self, KeyError, Keys, rotation};
+use clinflow::keys::rotation::{self, Batches};
+use clinflow::keys::{self, KeyError, Keys};
 use clinflow::testing;
 use clinflow_api::users::Role;
 use secrecy::SecretBox;
@@ -187,9 +188,10 @@ async fn rotation_then_removal_of_the_old_key_leaves_everything_readable() {
     let both = Keys::new(Keyring::new("k2", [("k2".to_owned(), &k2), ("1".to_owned(), &master)]));
     let mut progress = Vec::new();
     let actor = testing::audit_keys().operator("clinflow-api");
-    let done = rotation::rotate(&stack.db.owner, &both, &actor, 2, |n| progress.push(n)).await.unwrap();
+    let batches = Batches { db: &stack.db.owner, keys: &both, operator: &actor, size: 2 };
+    let done = rotation::rotate(batches, |n| progress.push(n)).await.unwrap();
     assert_eq!((done, progress), (3, vec![2, 3]));
-    assert_eq!(rotation::rotate(&stack.db.owner, &both, &actor, 2, |_| {}).await.unwrap(), 0, "nothing left");
+    assert_eq!(rotation::rotate(batches, |_| {}).await.unwrap(), 0, "nothing left");
 
     // Assert: every key re-wrapped under k2, no ciphertext touched.
     let after: Vec<(Uuid, String, bool)> =
@@ -383,7 +385,8 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
 
     let (keys, index_key, actor) =
         (testing::keys(), testing::index_key(), testing::audit_keys().operator("clinflow-api"));
-    let moved = rotation::migrate_v1(&stack.db.owner, &keys, &index_key, &actor, 10, |_| {}).await.unwrap();
+    let batches = Batches { db: &stack.db.owner, keys: &keys, operator: &actor, size: 10 };
+    let moved = rotation::migrate_v1(batches, &index_key, |_| {}).await.unwrap();
     assert_eq!(moved, (1, 0));
     let (key, p, t): (Option<Uuid>, Vec<u8>, Vec<u8>) =
         sqlx::query_as("SELECT data_key_id, patient_ref_ct, text_ct FROM documents WHERE id = $1")
@@ -410,7 +413,7 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
     }
     assert_eq!(keys.open_string(&stack.db.owner, documents::text_field(id), &t).await.unwrap(), "Started metformin.");
     assert_eq!(read_all(&stack, &ids).await, before);
-    let again = rotation::migrate_v1(&stack.db.owner, &keys, &index_key, &actor, 10, |_| {}).await.unwrap();
+    let again = rotation::migrate_v1(batches, &index_key, |_| {}).await.unwrap();
     assert_eq!(again, (0, 0), "nothing left");
     stack.stop().await;
 }
@@ -432,9 +435,10 @@ async fn keys_from_before_references_beside_them_read_through_documents_until_se
 
     let (keys, actor) = (testing::keys(), testing::audit_keys().operator("clinflow-api"));
     let mut progress = Vec::new();
-    let done = rotation::seal_refs(&stack.db.owner, &keys, &actor, 2, |n| progress.push(n)).await.unwrap();
+    let batches = Batches { db: &stack.db.owner, keys: &keys, operator: &actor, size: 2 };
+    let done = rotation::seal_refs(batches, |n| progress.push(n)).await.unwrap();
     assert_eq!((done, progress), (3, vec![2, 3]));
-    assert_eq!(rotation::seal_refs(&stack.db.owner, &keys, &actor, 2, |_| {}).await.unwrap(), 0, "nothing left");
+    assert_eq!(rotation::seal_refs(batches, |_| {}).await.unwrap(), 0, "nothing left");
     let sealed: Vec<(Uuid, Vec<u8>, Vec<u8>)> =
         sqlx::query_as("SELECT id, patient_index, patient_ref_ct FROM data_keys")
             .fetch_all(&stack.db.owner)

@@ -15,7 +15,8 @@ use uuid::Uuid;
 use crate::audit::Operator;
 use crate::config;
 use crate::crypto::IndexKey;
-use crate::keys::{Keys, rotation};
+use crate::keys::Keys;
+use crate::keys::rotation::{self, Batches};
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
@@ -70,6 +71,7 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
     let keys = Keys::new(config::master_keys()?);
     let db = owner_pool().await?;
     let operator = Operator::from_env(tool)?;
+    let batches = |size: i64| Batches { db: &db, keys: &keys, operator: &operator, size: size.max(1) };
     match command {
         KeysCommand::Status => status(&db, &keys).await,
         KeysCommand::Rotate { batch } => {
@@ -77,7 +79,7 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
             let total: i64 = pending.iter().map(|(_, n)| n).sum();
             let from: Vec<String> = pending.iter().map(|(kek, n)| format!("{n} under {kek:?}")).collect();
             eprintln!("rotating {total} data keys to KEK {:?} ({})", keys.keyring().primary(), from.join(", "));
-            let done = rotation::rotate(&db, &keys, &operator, batch.max(1), |done| {
+            let done = rotation::rotate(batches(batch), |done| {
                 eprintln!("re-wrapped {done}/{total}");
             })
             .await?;
@@ -111,7 +113,7 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
         }
         KeysCommand::MigrateV1 { batch } => {
             let index_key = IndexKey::new(config::secret_bytes("CLINFLOW_INDEX_KEY")?);
-            let (documents, grants) = rotation::migrate_v1(&db, &keys, &index_key, &operator, batch.max(1), |done| {
+            let (documents, grants) = rotation::migrate_v1(batches(batch), &index_key, |done| {
                 eprintln!("migrated {done} documents");
             })
             .await?;
@@ -119,7 +121,7 @@ pub async fn run(command: KeysCommand, tool: &str) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::SealRefs { batch } => {
-            let done = rotation::seal_refs(&db, &keys, &operator, batch.max(1), |done| {
+            let done = rotation::seal_refs(batches(batch), |done| {
                 eprintln!("sealed {done} patient references");
             })
             .await?;

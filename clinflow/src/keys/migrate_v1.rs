@@ -5,24 +5,22 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::reseal::{audit, results_for_update, store_reasons, store_results};
+use super::reseal::{Batches, audit, results_for_update, store_reasons, store_results};
 use super::{KeyError, Keys, PatientRef, break_glass_reason_field};
 use crate::audit::{Action, AuditEvent, Operator, Outcome};
 use crate::crypto::{CryptoError, Envelope, IndexKey, envelope};
 use crate::documents::{annotations_field, patient_index, patient_ref_field, text_field};
 
 /// Seals every format-1 ciphertext again under its patient's data key
-/// (created where missing), `batch` documents per transaction, then the
+/// (created where missing), a batch of documents per transaction, then the
 /// break-glass reasons; fills the patient index of rows from before it.
 /// Returns (documents, grants) moved. Resumable: it selects what is left.
 pub async fn migrate_v1(
-    db: &PgPool,
-    keys: &Keys,
+    batches: Batches<'_>,
     index_key: &IndexKey,
-    operator: &Operator,
-    batch: i64,
     mut progress: impl FnMut(u64),
 ) -> Result<(u64, u64), KeyError> {
+    let Batches { db, keys, operator, size: batch } = batches;
     let mut documents = 0_u64;
     loop {
         let mut tx = db.begin().await?;

@@ -1,12 +1,23 @@
-//! What the key runs share: their audit event, in their transaction, and
-//! reading and writing back the ciphertexts they seal again.
+//! What the key runs share: what they run with, their audit event, in their
+//! transaction, and reading and writing back the ciphertexts they seal again.
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::KeyError;
+use super::{KeyError, Keys};
 use crate::audit::{AuditEvent, Operator};
 use crate::outbox;
+
+/// What a resumable key run works with: the schema owner's pool, the keys,
+/// the operator each batch is audited as, and how many rows a batch (one
+/// transaction) takes.
+#[derive(Clone, Copy)]
+pub struct Batches<'a> {
+    pub db: &'a PgPool,
+    pub keys: &'a Keys,
+    pub operator: &'a Operator,
+    pub size: i64,
+}
 
 pub(super) async fn audit(conn: &mut PgConnection, operator: &Operator, event: AuditEvent) -> Result<(), KeyError> {
     let message = outbox::Message::audit(&operator.signer, &event)

@@ -15,6 +15,7 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
+pub use super::reseal::Batches;
 use super::reseal::{audit, results_for_update, store_reasons, store_results};
 use super::{KeyError, Keys, break_glass_reason_field, data_key_ref_field};
 
@@ -35,17 +36,12 @@ pub async fn pending_rotation(db: &PgPool, keys: &Keys) -> Result<Vec<(String, i
     Ok(rows.into_iter().map(|r| (r.kek_id, r.n)).collect())
 }
 
-/// Re-wraps every data key not under the primary KEK, `batch` at a time;
+/// Re-wraps every data key not under the primary KEK, a batch at a time;
 /// `progress(done)` after each committed batch. A key whose KEK this
 /// process does not hold stops the run (fail closed, naming the KEK);
 /// run it again with that KEK in `CLINFLOW_MASTER_KEY`.
-pub async fn rotate(
-    db: &PgPool,
-    keys: &Keys,
-    operator: &Operator,
-    batch: i64,
-    mut progress: impl FnMut(u64),
-) -> Result<u64, KeyError> {
+pub async fn rotate(batches: Batches<'_>, mut progress: impl FnMut(u64)) -> Result<u64, KeyError> {
+    let Batches { db, keys, operator, size: batch } = batches;
     let primary = keys.keyring().primary().to_owned();
     let mut done = 0_u64;
     loop {
@@ -204,17 +200,12 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, operator: &Operator, old_key: U
 
 /// Seals each patient's reference beside their data key where the key is
 /// from before that (migration 20261130000001), opened from one of their
-/// documents; `batch` keys per transaction, `progress(done)` after each.
+/// documents, a batch of keys per transaction, `progress(done)` after each.
 /// Resumable: it selects what is left. A key of a patient with no document
 /// (known only by a break-glass grant) stays without: nothing holds the
 /// reference, and no concept endpoint lists such a patient.
-pub async fn seal_refs(
-    db: &PgPool,
-    keys: &Keys,
-    operator: &Operator,
-    batch: i64,
-    mut progress: impl FnMut(u64),
-) -> Result<u64, KeyError> {
+pub async fn seal_refs(batches: Batches<'_>, mut progress: impl FnMut(u64)) -> Result<u64, KeyError> {
+    let Batches { db, keys, operator, size: batch } = batches;
     let (mut done, mut after) = (0_u64, Uuid::nil());
     loop {
         let mut tx = db.begin().await?;
