@@ -1,6 +1,6 @@
 //! Writing history through the broker: whoever can publish to the audit
-//! exchange (here the tests' broker account) but holds no producer key gets
-//! nothing into the chain. Unsigned, wrongly signed and cross-producer
+//! exchange (here with the api's own broker user, as scripts/broker-users
+//! makes it) but holds no producer key gets nothing into the chain. Unsigned, wrongly signed and cross-producer
 //! events are parked with their reason; a genuine event replayed is stored
 //! once; the chain verifies with public keys only.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use clinflow::amqp::Publisher;
 use clinflow::audit::{Action, Actor, AuditEvent, Outcome, Signer};
 use clinflow::deadletters;
-use clinflow::testing::audit_keys;
+use clinflow::testing::{BrokerUser, BrokerUsers, audit_keys};
 
 use crate::common::{Stack, audit_trust, wait_until};
 
@@ -22,7 +22,9 @@ fn admin_login() -> AuditEvent {
 #[tokio::test]
 async fn forged_audit_events_are_parked_and_a_genuine_one_is_stored_once() {
     let stack = Stack::start().await;
-    let publisher = Publisher::new(&stack.amqp).await.unwrap();
+    let users = BrokerUsers::create(&stack.topology, clinflow::testing::amqp_url()).await;
+    let as_api = clinflow::amqp::connect(&users.url(BrokerUser::Api), "clinflow-test-forger").await.unwrap();
+    let publisher = Publisher::new(&as_api).await.unwrap();
     let audit = stack.topology.audit();
     let publish = async |id: &str, body: Vec<u8>| {
         let message = clinflow::amqp::Outgoing::new(&audit.exchange, audit.key, id, &body);
@@ -78,5 +80,6 @@ async fn forged_audit_events_are_parked_and_a_genuine_one_is_stored_once() {
     // events) verifies with public keys only.
     let rows = stack.wait_for_audit_rows(3).await;
     assert_eq!(clinflow::chain::verify(&stack.db.audit_reader, &audit_trust()).await.unwrap(), rows);
+    let _ = as_api.close(200, "done".into()).await;
     stack.stop().await;
 }
