@@ -22,7 +22,7 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use super::{ActorKind, AuditEvent};
+use super::event::{ActorKind, AuditEvent};
 use crate::config::{self, ConfigError};
 
 /// What an event's signature covers, before its key id and canonical bytes.
@@ -151,7 +151,7 @@ impl Signer {
     /// The event, to the microsecond, with this key's signature.
     pub fn sign(&self, event: &AuditEvent) -> Result<SignedEvent, serde_json::Error> {
         let mut event = event.clone();
-        event.occurred_at = super::truncate_to_micros(event.occurred_at);
+        event.occurred_at = super::event::truncate_to_micros(event.occurred_at);
         let signature = self.key.sign(&event_message(&self.key_id, &event.canonical_bytes()?)).to_bytes().to_vec();
         Ok(SignedEvent { event, key_id: self.key_id.clone(), signature })
     }
@@ -307,7 +307,7 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{Action, Actor, Outcome};
+    use crate::audit::event::{Action, Actor, Outcome};
 
     fn event(actor: Actor) -> AuditEvent {
         AuditEvent::new(Action::DocumentProcess, actor, Outcome::Success).document(uuid::Uuid::now_v7())
