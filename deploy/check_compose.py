@@ -646,6 +646,13 @@ class RealFile(unittest.TestCase):
                 elif secret.endswith("_amqp_url"):
                     self.assertRegex(value, rf"^amqps://{AMQP_URL_USERS[secret]}:[0-9a-f]{{64}}@rabbitmq:5671/%2f"
                                             rf"\?cacertfile={CA_FILE}$")
+            # Directories mounted from secrets/ are read by the containers' uids.
+            for svc in svcs.values():
+                for v in svc.get("volumes") or []:
+                    source = str(v).split(":", 1)[0]
+                    if source.startswith("./secrets/"):
+                        mode = (tmp / source).stat().st_mode
+                        self.assertEqual(mode & 0o005, 0o005, f"{source} is not readable by the containers")
             public = tmp / "secrets/tls/public"
             for used in set(re.findall(r"/etc/clinflow/tls/([a-z.]+)", self.text)):
                 self.assertTrue((public / used).is_file(), f"/etc/clinflow/tls/{used} not written")
