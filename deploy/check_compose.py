@@ -30,15 +30,53 @@ COMPOSE = ROOT / "docker-compose.yml"
 
 # The only published ports: service -> container port.
 PUBLISHED = {"api": 8080, "grafana": 3000, "rabbitmq": 15672}
-# Every secret the stack needs: each must come from the environment as
-# ${NAME:?message}. (docs/operations.md lists them.)
+# The passwords the infrastructure containers (PostgreSQL, RabbitMQ, the
+# db-roles and broker-users one-shots, Grafana) take from the environment:
+# each must come from .env as ${NAME:?message}. (docs/operations.md lists
+# them; scripts/compose-env writes them.) No clinflow service is given any.
 SECRETS = {
     "POSTGRES_PASSWORD", "CLINFLOW_API_DB_PASSWORD", "CLINFLOW_WORKER_DB_PASSWORD",
     "CLINFLOW_SINK_DB_PASSWORD", "CLINFLOW_AUDIT_READER_DB_PASSWORD", "RABBITMQ_PASSWORD",
-    "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY",
     "GRAFANA_ADMIN_PASSWORD", "CLINFLOW_API_AMQP_PASSWORD", "CLINFLOW_WORKER_AMQP_PASSWORD",
     "CLINFLOW_SINK_AMQP_PASSWORD", "CLINFLOW_OPS_AMQP_PASSWORD",
 }
+# What a clinflow service reads that is secret (a URL carries its password):
+# each arrives as NAME_FILE=/run/secrets/<a compose secret it mounts>, never
+# as a value in the environment, which `docker inspect` shows.
+CLINFLOW_SECRET_VARS = {
+    "DATABASE_URL", "AUDIT_READER_DATABASE_URL", "MIGRATION_DATABASE_URL", "AMQP_URL",
+    "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY", "AUDIT_SIGNING_KEY", "AUDIT_HMAC_KEY",
+}
+# Who may mount each compose secret (each service only what it uses):
+# scripts/compose-env writes the first ones, scripts/compose-certs the TLS keys.
+SECRET_HOLDERS = {
+    "master_key": {"api", "worker"},
+    "jwt_secret": {"api"},
+    "index_key": {"api"},
+    "owner_database_url": {"migrate"},
+    "api_database_url": {"api"},
+    "worker_database_url": {"worker"},
+    "sink_database_url": {"audit-sink"},
+    "audit_reader_database_url": {"api", "audit-sink"},
+    "admin_amqp_url": {"broker-setup"},
+    "api_amqp_url": {"api"},
+    "worker_amqp_url": {"worker"},
+    "sink_amqp_url": {"audit-sink"},
+    "audit_key_api": {"api"},
+    "audit_key_worker": {"worker"},
+    "audit_key_sink": {"audit-sink"},
+    "postgres_tls_key": {"postgres"},
+    "rabbitmq_tls_key": {"rabbitmq"},
+    "medcat_tls_key": {"medcat"},
+    "api_tls_key": {"api"},
+}
+# The broker user in each AMQP URL secret (scripts/broker-users' names).
+AMQP_URL_USERS = {"admin_amqp_url": "clinflow", "api_amqp_url": "clinflow-api",
+                  "worker_amqp_url": "clinflow-worker", "sink_amqp_url": "clinflow-audit-sink"}
+# The deployment CA and the servers' certificates (scripts/compose-certs),
+# mounted read-only where a client verifies a server.
+TLS_MOUNT = "./secrets/tls/public:/etc/clinflow/tls:ro"
+CA_FILE = "/etc/clinflow/tls/ca.pem"
 # A name that looks like it holds a secret (environment keys and ${VARS}).
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|(^|_)KEY$|_KEY_|PASS$")
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?msg}, ${NAME?msg}
@@ -91,6 +129,15 @@ def depends_on(svc: dict) -> dict:
     if isinstance(deps, list):  # the short form has no condition
         return {name: {} for name in deps}
     return deps
+
+
+def mounted_secrets(svc: dict) -> set:
+    return {m if isinstance(m, str) else m.get("source") for m in svc.get("secrets") or []}
+
+
+def is_clinflow(svc: dict) -> bool:
+    cmd = command(svc)
+    return bool(cmd) and cmd[0] in BINARY_SOURCES
 
 
 def one_shots(doc: dict) -> set:
@@ -172,6 +219,10 @@ def check_depends_on(doc: dict, text: str) -> list:
                 problems.append(f"{name}: must wait for {dep} with condition service_healthy (has {cond})")
         # Whoever talks to a service by its name waits until it is healthy.
         env = " ".join(environment(svc).values())
+        # A URL in a secret file names its server by the secret's name.
+        env += " " + " ".join(
+            "postgres:" if s.endswith("_database_url") else "rabbitmq:" if s.endswith("_amqp_url") else ""
+            for s in mounted_secrets(svc))
         for target in ("postgres", "rabbitmq", "medcat"):
             if target != name and re.search(rf"(@|//|^|\s){target}:", env):
                 if (depends_on(svc).get(target) or {}).get("condition") != "service_healthy":
@@ -180,15 +231,29 @@ def check_depends_on(doc: dict, text: str) -> list:
 
 
 def check_no_hardcoded_secrets(doc: dict, text: str) -> list:
+    """No secret is written in the file; a clinflow service gets every
+    secret it reads as a mounted compose secret (NAME_FILE), never as an
+    environment value; the infrastructure's passwords are ${VAR:?message}."""
     problems = []
     for name, svc in services(doc).items():
-        mounted = {m if isinstance(m, str) else m.get("source") for m in svc.get("secrets") or []}
+        mounted = mounted_secrets(svc)
+        clinflow = is_clinflow(svc)
         for key, value in environment(svc).items():
-            # NAME_FILE pointing at a compose secret this service mounts:
-            # the secret never enters the environment.
-            if key.endswith("_FILE") and value.startswith("/run/secrets/"):
+            # A path under /run/secrets (NAME_FILE, or a key file such as
+            # API_TLS_KEY) names a compose secret this service mounts: the
+            # secret never enters the environment.
+            if value.startswith("/run/secrets/"):
                 if value.removeprefix("/run/secrets/") not in mounted:
                     problems.append(f"{name}: {key} names a secret the service does not mount")
+                continue
+            base = key.removesuffix("_FILE")
+            if clinflow and (base in CLINFLOW_SECRET_VARS or SECRET_NAME.search(base)):
+                problems.append(f"{name}: {key} is a secret: give it as {base}_FILE=/run/secrets/NAME, "
+                                "a compose secret the service mounts")
+                continue
+            if clinflow and (URL_PASSWORD.search(value) or INTERPOLATION.search(value) and any(
+                    v in SECRETS or SECRET_NAME.search(v) for v, _ in INTERPOLATION.findall(value))):
+                problems.append(f"{name}: {key} carries a secret in the environment: use a compose secret")
                 continue
             if SECRET_NAME.search(key) and not REQUIRED_ONLY.match(value):
                 problems.append(f"{name}: {key} must be exactly ${{VAR:?message}}, not a value written here")
@@ -318,8 +383,9 @@ def check_env_names(doc: dict, text: str) -> list:
             if key not in read:
                 problems.append(f"{name}: {cmd[0]} never reads {key}")
         key = tuple(cmd[:2]) if tuple(cmd[:2]) in REQUIRED_ENV else tuple(cmd[:1])
-        for needed in sorted(REQUIRED_ENV.get(key, set()) - set(env)):
-            problems.append(f"{name}: {' '.join(cmd)} needs {needed}")
+        for needed in sorted(REQUIRED_ENV.get(key, set())):
+            if needed not in env and f"{needed}_FILE" not in env:
+                problems.append(f"{name}: {' '.join(cmd)} needs {needed}")
     return problems
 
 
@@ -352,16 +418,23 @@ URL_USER = re.compile(r"^amqps?://([^:@/]+)[:@]")
 def check_broker_users(doc: dict, text: str) -> list:
     """Each service logs in to RabbitMQ as its own user (least privilege);
     the administrator (the management UI's user) only declares the topology
-    (`clinflow-api broker setup`)."""
+    (`clinflow-api broker setup`). The URL is a secret file: its user is
+    the one AMQP_URL_USERS names for that secret (RealFile checks what
+    scripts/compose-env writes into it)."""
     problems = []
     admin = environment(services(doc).get("rabbitmq", {})).get("RABBITMQ_DEFAULT_USER")
     for name, svc in services(doc).items():
         cmd = command(svc)
-        url = environment(svc).get("AMQP_URL")
-        if not cmd or cmd[0] not in BROKER_USERS or url is None:
+        env = environment(svc)
+        if not cmd or cmd[0] not in BROKER_USERS:
             continue
-        m = URL_USER.match(url)
-        user = m.group(1) if m else None
+        if "AMQP_URL" in env:
+            m = URL_USER.match(env["AMQP_URL"])
+            user = m.group(1) if m else None
+        elif "AMQP_URL_FILE" in env:
+            user = AMQP_URL_USERS.get(env["AMQP_URL_FILE"].removeprefix("/run/secrets/"))
+        else:
+            continue
         if cmd[1:2] == ["broker"]:
             continue
         if user == admin or user != BROKER_USERS[cmd[0]]:
@@ -369,10 +442,110 @@ def check_broker_users(doc: dict, text: str) -> list:
     return problems
 
 
+def check_secret_holders(doc: dict, text: str) -> list:
+    """Each service mounts only the secrets it uses, and only those
+    SECRET_HOLDERS lets it hold; every secret is a file under ./secrets/."""
+    problems = []
+    declared = doc.get("secrets") or {}
+    for secret, spec in declared.items():
+        if secret not in SECRET_HOLDERS:
+            problems.append(f"secret {secret}: not in SECRET_HOLDERS (say which services may hold it)")
+        if not str((spec or {}).get("file", "")).startswith("./secrets/"):
+            problems.append(f"secret {secret}: must be a file under ./secrets/ (kept out of git)")
+    for name, svc in services(doc).items():
+        used = " ".join(environment(svc).values()) + " " + " ".join(command(svc))
+        used += " ".join(_mounted_file_text(svc))
+        for secret in sorted(mounted_secrets(svc)):
+            if secret not in declared:
+                problems.append(f"{name}: mounts secret {secret}, which is not declared")
+            if name not in SECRET_HOLDERS.get(secret, set()):
+                problems.append(f"{name}: may not hold secret {secret} (SECRET_HOLDERS)")
+            if f"/run/secrets/{secret}" not in used:
+                problems.append(f"{name}: mounts secret {secret} but never uses it: give each service only its own")
+    return problems
+
+
+def _mounted_file_text(svc: dict) -> list:
+    """The text of the repository's files bind-mounted into a service (a
+    configuration file may name a secret's path)."""
+    out = []
+    for v in svc.get("volumes") or []:
+        source = str(v).split(":", 1)[0] if isinstance(v, str) else str(v.get("source", ""))
+        path = ROOT / source
+        if source.startswith("./") and path.is_file() and not source.startswith("./secrets/"):
+            out.append(path.read_text())
+    return out
+
+
+PG_TLS = ("ssl=on", "ssl_cert_file=/etc/clinflow/tls/postgres.pem", "ssl_key_file=/run/secrets/postgres_tls_key")
+
+
+def check_tls_hops(doc: dict, text: str) -> list:
+    """Every hop is TLS with the server verified against the deployment CA:
+    PostgreSQL with ssl=on and TLS-only client authentication, RabbitMQ's
+    TLS listener alone, MedCAT and the api over HTTPS, every URL in the file
+    TLS-verified, no CLINFLOW_ALLOW_PLAINTEXT; the clients mount the CA."""
+    problems = []
+    svcs = services(doc)
+    for name, svc in svcs.items():
+        env = environment(svc)
+        if "CLINFLOW_ALLOW_PLAINTEXT" in env:
+            problems.append(f"{name}: CLINFLOW_ALLOW_PLAINTEXT: every compose hop is TLS")
+        for key, value in env.items():
+            if value.startswith(("http://", "amqp://")) or (
+                    value.startswith(("postgres://", "postgresql://")) and "sslmode=verify-full" not in value):
+                problems.append(f"{name}: {key} is not a TLS-verified URL")
+        uses_ca = any(CA_FILE in v for v in list(env.values()) + command(svc) + _hc(svc))
+        if (is_clinflow(svc) or uses_ca) and TLS_MOUNT not in [str(v) for v in svc.get("volumes") or []]:
+            problems.append(f"{name}: the CA is not mounted ({TLS_MOUNT})")
+    pg = svcs.get("postgres", {})
+    for setting in PG_TLS + ("hba_file=/etc/clinflow/postgres/pg_hba.conf",):
+        if setting not in command(pg):
+            problems.append(f"postgres: command lacks -c {setting}")
+    hba = ROOT / "deploy/postgres/pg_hba.conf"
+    rules = [line.split() for line in (hba.read_text().splitlines() if hba.is_file() else [])
+             if line.strip() and not line.lstrip().startswith("#")]
+    if any(r[0] == "host" for r in rules) or ["hostnossl", "all", "all", "all", "reject"] not in rules:
+        problems.append("postgres: deploy/postgres/pg_hba.conf must allow TCP only as hostssl (hostnossl … reject)")
+    rabbit = svcs.get("rabbitmq", {})
+    conf = "\n".join(_mounted_file_text(rabbit))
+    for line in ("listeners.tcp = none", "listeners.ssl.default = 5671",
+                 "ssl_options.keyfile = /run/secrets/rabbitmq_tls_key"):
+        if line not in conf:
+            problems.append(f"rabbitmq: no mounted conf.d file sets `{line}`")
+    if "5672" in [str(p) for p in rabbit.get("expose") or []]:
+        problems.append("rabbitmq: exposes plain AMQP (5672)")
+    medcat = environment(svcs.get("medcat", {}))
+    if not medcat.get("SERVER_TLS_CERT") or not medcat.get("SERVER_TLS_KEY"):
+        problems.append("medcat: no SERVER_TLS_CERT/SERVER_TLS_KEY (HTTPS)")
+    for name, svc in svcs.items():
+        if command(svc)[:1] == ["clinflow-worker"]:
+            env = environment(svc)
+            if not env.get("MEDCAT_URL", "").startswith("https://") or env.get("MEDCAT_CA_FILE") != CA_FILE:
+                problems.append(f"{name}: MEDCAT_URL must be https:// with MEDCAT_CA_FILE={CA_FILE}")
+        if command(svc) == ["clinflow-api"]:
+            env = environment(svc)
+            if not env.get("API_TLS_CERT") or not env.get("API_TLS_KEY"):
+                problems.append(f"{name}: the api serves HTTPS itself (API_TLS_CERT, API_TLS_KEY)")
+            hc = _hc(svc)
+            if not any(h.startswith("https://") for h in hc) or "--cacert" not in hc:
+                problems.append(f"{name}: the health check must use https:// with --cacert")
+    for name in ("medcat",):
+        if not any("https://" in h and CA_FILE in h for h in _hc(svcs.get(name, {}))):
+            problems.append(f"{name}: the health check must use https:// verified against {CA_FILE}")
+    return problems
+
+
+def _hc(svc: dict) -> list:
+    test = (svc.get("healthcheck") or {}).get("test") or []
+    return test.split() if isinstance(test, str) else [str(t) for t in test]
+
+
 CHECKS = [
     check_healthchecks, check_depends_on, check_no_hardcoded_secrets, check_secret_interpolations,
     check_published_ports, check_non_root, check_read_only, check_private_network,
     check_worker_scales, check_env_names, check_metrics_ports, check_broker_users,
+    check_secret_holders, check_tls_hops,
 ]
 
 
@@ -439,7 +612,70 @@ class RealFile(unittest.TestCase):
             self.assertNotEqual(out.returncode, 0, f"config passed without {name}")
             self.assertIn(f"set {name}", out.stderr, f"the message for a missing {name}")
 
+    def test_the_scripts_write_every_secret_and_certificate_compose_mounts(self):
+        """scripts/compose-env and scripts/compose-certs, run in a scratch
+        copy: each secret file the compose file names, mode 600 (owned by
+        its holders' uid when run as root), URLs TLS-verified with the right
+        users, certificates signed by the CA for their service names."""
+        self.assertIsNotNone(shutil.which("openssl"), "openssl is needed")
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            shutil.copytree(ROOT / "scripts", tmp / "scripts")
+            for script in ("compose-env", "compose-certs"):
+                ran = subprocess.run([str(tmp / "scripts" / script)], capture_output=True, text=True)
+                self.assertEqual(ran.returncode, 0, ran.stderr)
+                again = subprocess.run([str(tmp / "scripts" / script)], capture_output=True, text=True)
+                self.assertEqual(again.returncode, 1, f"{script} overwrote its files")
+                self.assertIn("not overwriting", again.stderr)
+            env = dict(line.split("=", 1) for line in (tmp / ".env").read_text().splitlines()
+                       if line and not line.startswith("#"))
+            self.assertEqual(set(env), SECRETS)
+            svcs = services(self.doc)
+            for secret, spec in self.doc["secrets"].items():
+                path = tmp / spec["file"]
+                self.assertTrue(path.is_file(), f"{secret}: {spec['file']} not written")
+                self.assertEqual(path.stat().st_mode & 0o777, 0o600, secret)
+                uids = {str(svcs[h]["user"]).split(":")[0] for h in SECRET_HOLDERS[secret]}
+                self.assertEqual(len(uids), 1, f"{secret}: its holders run as different uids {uids}")
+                if os.geteuid() == 0:
+                    self.assertEqual(str(path.stat().st_uid), uids.pop(), f"{secret}: owner")
+                value = path.read_text()
+                if secret.endswith("_database_url"):
+                    self.assertRegex(value, r"^postgres://clinflow_[a-z_]+:[0-9a-f]{64}@postgres:5432/clinflow"
+                                            rf"\?sslmode=verify-full&sslrootcert={CA_FILE}$")
+                elif secret.endswith("_amqp_url"):
+                    self.assertRegex(value, rf"^amqps://{AMQP_URL_USERS[secret]}:[0-9a-f]{{64}}@rabbitmq:5671/%2f"
+                                            rf"\?cacertfile={CA_FILE}$")
+            # Directories mounted from secrets/ are read by the containers' uids.
+            for svc in svcs.values():
+                for v in svc.get("volumes") or []:
+                    source = str(v).split(":", 1)[0]
+                    if source.startswith("./secrets/"):
+                        mode = (tmp / source).stat().st_mode
+                        self.assertEqual(mode & 0o005, 0o005, f"{source} is not readable by the containers")
+            public = tmp / "secrets/tls/public"
+            for used in set(re.findall(r"/etc/clinflow/tls/([a-z.]+)", self.text)):
+                self.assertTrue((public / used).is_file(), f"/etc/clinflow/tls/{used} not written")
+            for server in ("postgres", "rabbitmq", "medcat", "api"):
+                pem = str(public / f"{server}.pem")
+                ok = subprocess.run(["openssl", "verify", "-CAfile", str(public / "ca.pem"), pem],
+                                    capture_output=True, text=True)
+                self.assertEqual(ok.returncode, 0, ok.stdout + ok.stderr)
+                san = subprocess.run(["openssl", "x509", "-in", pem, "-noout", "-ext", "subjectAltName"],
+                                     capture_output=True, text=True).stdout
+                names = set(re.findall(r"(?:DNS|IP Address):([^,\s]+)", san))
+                self.assertEqual(names, {server} | ({"localhost", "127.0.0.1"} if server == "api" else set()))
+
     def test_app_context_holds_the_build_inputs_and_nothing_local(self):
+        # What compose-env and compose-certs write must never reach an image.
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(ROOT / ".dockerignore", tmp)
+            for f in ("Cargo.toml", "secrets/clinflow/master_key", "secrets/tls/ca.key", ".env"):
+                Path(tmp, f).parent.mkdir(parents=True, exist_ok=True)
+                Path(tmp, f).write_text("x")
+            sent = context_files(Path(tmp))
+            self.assertIn("Cargo.toml", sent)
+            self.assertEqual([f for f in sent if f.startswith("secrets") or f == ".env"], [])
         files = context_files(ROOT)
         for needed in ["Cargo.toml", "Cargo.lock", ".cargo/config.toml", "clinflow/src/lib.rs",
                        "api/src/main.rs", "worker/src/main.rs", "audit-sink/src/main.rs",
@@ -448,7 +684,7 @@ class RealFile(unittest.TestCase):
         self.assertTrue(any(f.startswith(".sqlx/") for f in files), "the offline query data .sqlx/")
         self.assertTrue(any(f.startswith("migrations/") for f in files), "migrations/ (sqlx::migrate!)")
         for f in files:
-            self.assertFalse(f.startswith((".git/", "target/", ".dev/", "bench/results/", "dev/")), f)
+            self.assertFalse(f.startswith((".git/", "target/", ".dev/", "bench/results/", "dev/", "secrets/")), f)
             self.assertFalse(f == ".env" or f.endswith((".dump.age", ".pyc")), f)
 
     def test_the_image_holds_every_service_binary_and_builds_offline(self):
@@ -502,12 +738,61 @@ class EachCheckCanFail(unittest.TestCase):
                         f"{check.__name__} missed it: {results[check.__name__]}")
 
     def test_service_as_the_broker_administrator(self):
-        admin_url = services(self.doc)["broker-setup"]["environment"]["AMQP_URL"]
-        r = self.broken(lambda s, d: s["audit-sink"]["environment"].update(AMQP_URL=admin_url))
+        def mutate(s, d):
+            s["audit-sink"]["environment"]["AMQP_URL_FILE"] = "/run/secrets/admin_amqp_url"
+            s["audit-sink"]["secrets"].append("admin_amqp_url")
+        r = self.broken(mutate)
         self.assertReports(r, check_broker_users, "audit-sink: AMQP_URL must log in as clinflow-audit-sink, not clinflow")
-        api_url = services(self.doc)["api"]["environment"]["AMQP_URL"]
-        r = self.broken(lambda s, d: s["worker"]["environment"].update(AMQP_URL=api_url))
+        self.assertReports(r, check_secret_holders, "audit-sink: may not hold secret admin_amqp_url")
+        r = self.broken(lambda s, d: s["worker"]["environment"].update(AMQP_URL_FILE="/run/secrets/api_amqp_url"))
         self.assertReports(r, check_broker_users, "worker: AMQP_URL must log in as clinflow-worker, not clinflow-api")
+
+    def test_a_secret_the_service_does_not_use_or_may_not_hold(self):
+        r = self.broken(lambda s, d: s["worker"]["secrets"].append("jwt_secret"))
+        self.assertReports(r, check_secret_holders, "worker: may not hold secret jwt_secret")
+        self.assertReports(r, check_secret_holders, "worker: mounts secret jwt_secret but never uses it")
+        r = self.broken(lambda s, d: s["audit-sink"]["secrets"].remove("audit_reader_database_url"))
+        self.assertReports(r, check_no_hardcoded_secrets,
+                           "audit-sink: AUDIT_READER_DATABASE_URL_FILE names a secret the service does not mount")
+        r = self.broken(lambda s, d: d["secrets"].update(extra_key={"file": "./extra.key"}))
+        self.assertReports(r, check_secret_holders, "secret extra_key: not in SECRET_HOLDERS")
+        self.assertReports(r, check_secret_holders, "secret extra_key: must be a file under ./secrets/")
+        r = self.broken(lambda s, d: s["postgres"]["secrets"].append("undeclared"))
+        self.assertReports(r, check_secret_holders, "postgres: mounts secret undeclared, which is not declared")
+
+    def test_a_plaintext_hop(self):
+        r = self.broken(lambda s, d: s["worker"]["environment"].update(CLINFLOW_ALLOW_PLAINTEXT="1"))
+        self.assertReports(r, check_tls_hops, "worker: CLINFLOW_ALLOW_PLAINTEXT")
+        r = self.broken(lambda s, d: s["worker"]["environment"].update(MEDCAT_URL="http://medcat:5000"))
+        self.assertReports(r, check_tls_hops, "worker: MEDCAT_URL is not a TLS-verified URL")
+        self.assertReports(r, check_tls_hops, "worker: MEDCAT_URL must be https://")
+        r = self.broken(lambda s, d: s["worker"]["environment"].pop("MEDCAT_CA_FILE"))
+        self.assertReports(r, check_tls_hops, "worker: MEDCAT_URL must be https:// with MEDCAT_CA_FILE")
+        r = self.broken(lambda s, d: s["migrate"]["environment"].update(
+            MIGRATION_DATABASE_URL="postgres://clinflow_owner@postgres:5432/clinflow?sslmode=require"))
+        self.assertReports(r, check_tls_hops, "migrate: MIGRATION_DATABASE_URL is not a TLS-verified URL")
+        r = self.broken(lambda s, d: s["audit-sink"].update(volumes=s["audit-sink"]["volumes"][:-1]))
+        self.assertReports(r, check_tls_hops, "audit-sink: the CA is not mounted")
+        r = self.broken(lambda s, d: s["db-roles"].update(volumes=s["db-roles"]["volumes"][:-1]))
+        self.assertReports(r, check_tls_hops, "db-roles: the CA is not mounted")
+
+    def test_a_server_without_tls(self):
+        r = self.broken(lambda s, d: s["postgres"].update(command=["postgres"]))
+        self.assertReports(r, check_tls_hops, "postgres: command lacks -c ssl=on")
+        r = self.broken(lambda s, d: s["rabbitmq"].update(volumes=s["rabbitmq"]["volumes"][:2]))
+        self.assertReports(r, check_tls_hops, "rabbitmq: no mounted conf.d file sets `listeners.tcp = none`")
+        r = self.broken(lambda s, d: s["rabbitmq"]["expose"].append("5672"))
+        self.assertReports(r, check_tls_hops, "rabbitmq: exposes plain AMQP (5672)")
+        r = self.broken(lambda s, d: s["medcat"]["environment"].pop("SERVER_TLS_KEY"))
+        self.assertReports(r, check_tls_hops, "medcat: no SERVER_TLS_CERT/SERVER_TLS_KEY")
+        self.assertReports(r, check_secret_holders, "medcat: mounts secret medcat_tls_key but never uses it")
+        r = self.broken(lambda s, d: s["medcat"]["healthcheck"].update(test=["CMD", "true"]))
+        self.assertReports(r, check_tls_hops, "medcat: the health check must use https://")
+        r = self.broken(lambda s, d: s["api"]["environment"].pop("API_TLS_CERT"))
+        self.assertReports(r, check_tls_hops, "api: the api serves HTTPS itself")
+        r = self.broken(lambda s, d: s["api"]["healthcheck"].update(
+            test=["CMD", "curl", "-fsS", "http://127.0.0.1:8080/readyz"]))
+        self.assertReports(r, check_tls_hops, "api: the health check must use https:// with --cacert")
 
     def test_missing_health_check(self):
         r = self.broken(lambda s, d: s["api"].pop("healthcheck"))
@@ -537,27 +822,44 @@ class EachCheckCanFail(unittest.TestCase):
         self.assertReports(r, check_depends_on, "worker: uses medcat but does not wait")
 
     def test_hardcoded_secret_in_environment(self):
+        r = self.broken(lambda s, d: s["grafana"]["environment"].update(GF_SECURITY_ADMIN_PASSWORD="hunter2hunter2"))
+        self.assertReports(r, check_no_hardcoded_secrets, "grafana: GF_SECURITY_ADMIN_PASSWORD must be exactly")
         r = self.broken(lambda s, d: s["api"]["environment"].update(JWT_SECRET="a-real-secret-written-here-0123456789"))
-        self.assertReports(r, check_no_hardcoded_secrets, "api: JWT_SECRET must be exactly")
+        self.assertReports(r, check_no_hardcoded_secrets, "api: JWT_SECRET is a secret: give it as JWT_SECRET_FILE")
+
+    def test_clinflow_secret_as_an_environment_value(self):
+        # Even interpolated from .env, `docker inspect` would show it.
+        r = self.broken(lambda s, d: s["worker"]["environment"].update(
+            CLINFLOW_MASTER_KEY="${CLINFLOW_MASTER_KEY:?set CLINFLOW_MASTER_KEY}"))
+        self.assertReports(r, check_no_hardcoded_secrets, "worker: CLINFLOW_MASTER_KEY is a secret")
+        r = self.broken(lambda s, d: s["api"]["environment"].update(DATABASE_URL_FILE="/etc/clinflow/db-url"))
+        self.assertReports(r, check_no_hardcoded_secrets, "api: DATABASE_URL_FILE is a secret")
+        r = self.broken(lambda s, d: s["api"]["environment"].update(
+            SOME_OPTION="amqps://x:${CLINFLOW_API_AMQP_PASSWORD:?set it}@rabbitmq:5671/%2f"))
+        self.assertReports(r, check_no_hardcoded_secrets, "api: SOME_OPTION carries a secret in the environment")
 
     def test_hardcoded_password_in_a_url(self):
+        r = self.broken(lambda s, d: s["db-roles"]["environment"].update(
+            PGSERVICEURL="postgres://clinflow_worker:hunter2hunter2@postgres:5432/clinflow"))
+        self.assertReports(r, check_no_hardcoded_secrets, "db-roles: PGSERVICEURL has a password in its URL")
         r = self.broken(lambda s, d: s["worker"]["environment"].update(
             DATABASE_URL="postgres://clinflow_worker:hunter2hunter2@postgres:5432/clinflow"))
-        self.assertReports(r, check_no_hardcoded_secrets, "worker: DATABASE_URL has a password in its URL")
+        self.assertReports(r, check_no_hardcoded_secrets, "worker: DATABASE_URL is a secret")
 
     def test_secret_with_a_default(self):
-        text = self.text.replace("${JWT_SECRET:?", "${JWT_SECRET:-changeme-", 1)
+        text = self.text.replace("${POSTGRES_PASSWORD:?", "${POSTGRES_PASSWORD:-changeme-", 1)
         self.assertNotEqual(text, self.text)
         r = self.broken(text=text)
-        self.assertReports(r, check_secret_interpolations, "${JWT_SECRET} is a secret")
+        self.assertReports(r, check_secret_interpolations, "${POSTGRES_PASSWORD} is a secret")
         text = self.text.replace("${GRAFANA_ADMIN_PASSWORD:?set GRAFANA_ADMIN_PASSWORD (openssl rand -hex 24)}",
                                  "${GRAFANA_ADMIN_PASSWORD}")
         self.assertNotEqual(text, self.text)
         self.assertReports(self.broken(text=text), check_secret_interpolations, "${GRAFANA_ADMIN_PASSWORD} is a secret")
 
     def test_secret_never_asked_for(self):
-        text = re.sub(r"\$\{CLINFLOW_INDEX_KEY:\?[^}]*\}", "literal", self.text)
-        self.assertReports(self.broken(text=text), check_secret_interpolations, "secret CLINFLOW_INDEX_KEY is never asked for")
+        text = re.sub(r"\$\{CLINFLOW_OPS_AMQP_PASSWORD:\?[^}]*\}", "literal", self.text)
+        self.assertReports(self.broken(text=text), check_secret_interpolations,
+                           "secret CLINFLOW_OPS_AMQP_PASSWORD is never asked for")
 
     def test_published_database_port(self):
         r = self.broken(lambda s, d: s["postgres"].update(ports=["127.0.0.1:5432:5432"]))
@@ -614,7 +916,7 @@ class EachCheckCanFail(unittest.TestCase):
         self.assertReports(r, check_no_hardcoded_secrets, "api: AUDIT_SIGNING_KEY_FILE names a secret the service does not mount")
         r = self.broken(lambda s, d: s["audit-sink"]["environment"].pop("AUDIT_PUBLIC_KEYS"))
         self.assertReports(r, check_env_names, "audit-sink: clinflow-audit-sink needs AUDIT_PUBLIC_KEYS")
-        r = self.broken(lambda s, d: s["migrate"]["environment"].pop("MIGRATION_DATABASE_URL"))
+        r = self.broken(lambda s, d: s["migrate"]["environment"].pop("MIGRATION_DATABASE_URL_FILE"))
         self.assertReports(r, check_env_names, "migrate: clinflow-api migrate needs MIGRATION_DATABASE_URL")
 
     def test_metrics_only_on_loopback_or_published(self):
