@@ -337,10 +337,12 @@ pub async fn sink(
     stack.stop(SINK).await?;
     let seq_before: i64 =
         sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_events").fetch_one(ctx.db).await?;
+    // The worker's events, signed with its key: the sink stores no other.
+    let worker = stack.audit_signer(stack::WORKER)?;
     let bodies = (0..events).map(|_| {
-        let event = AuditEvent::new(Action::DocumentProcess, Actor::service("clinflow-bench"), Outcome::Success)
+        let event = AuditEvent::new(Action::DocumentProcess, Actor::service("clinflow-worker"), Outcome::Success)
             .document(Uuid::now_v7());
-        serde_json::to_vec(&event)
+        worker.body(&event)
     });
     publish_all(amqp, &topology.audit_exchange(), clinflow::amqp::AUDIT, bodies).await?;
 

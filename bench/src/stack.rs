@@ -203,6 +203,14 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// The audit signing key of service `name`, as the service has it.
+    pub fn audit_signer(&self, name: &str) -> anyhow::Result<clinflow::audit::Signer> {
+        let pem = std::fs::read_to_string(self.log_dir.join("audit-keys").join(format!("{name}.key")))?;
+        Ok(clinflow::audit::Signer::from_pem(name, &pem)?)
+    }
+}
+
 /// A fresh Ed25519 key per service in `dir` (`<name>.key`), and their
 /// public keys in `dir/public` (`<name>.pem`).
 fn audit_keys(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
