@@ -24,6 +24,9 @@ pub struct Stack {
     pub api_url: String,
     /// MedCAT's process, when `bench/run` found it (`--medcat-pid`).
     pub medcat_pid: Option<u32>,
+    /// The worker's audit key, for events the harness publishes in its name
+    /// (the sink stores only events signed by a producer it knows).
+    pub worker_signer: clinflow::audit::Signer,
     services: BTreeMap<&'static str, Service>,
 }
 
@@ -73,7 +76,8 @@ impl Stack {
         env.insert("AUDIT_CHECKPOINT_FILE".into(), log_dir.join("audit-checkpoints.jsonl").display().to_string());
         // Every service signs its audit events with a key of its own (the
         // api's is the default, for its commands; see `start`).
-        let keys = audit_keys(&log_dir.join("audit-keys"))?;
+        let keys = log_dir.join("audit-keys");
+        let worker_signer = audit_keys(&keys)?;
         env.insert("AUDIT_PUBLIC_KEYS".into(), keys.join("public").display().to_string());
         env.insert("AUDIT_SIGNING_KEY_FILE".into(), keys.join("api.key").display().to_string());
         // Tuning knobs given to ./bench/run reach the services (and are
@@ -90,6 +94,7 @@ impl Stack {
             env,
             api_url: format!("http://{api_addr}"),
             medcat_pid: None,
+            worker_signer,
             services: BTreeMap::new(),
         })
     }
@@ -204,15 +209,19 @@ impl Stack {
 }
 
 /// A fresh Ed25519 key per service in `dir` (`<name>.key`), and their
-/// public keys in `dir/public` (`<name>.pem`).
-fn audit_keys(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+/// public keys in `dir/public` (`<name>.pem`); returns the worker's.
+fn audit_keys(dir: &std::path::Path) -> anyhow::Result<clinflow::audit::Signer> {
     std::fs::create_dir_all(dir.join("public"))?;
+    let mut worker = None;
     for name in [API, WORKER, SINK] {
         let signer = clinflow::audit::Signer::generate(name);
         std::fs::write(dir.join(format!("{name}.key")), signer.private_pem()?.as_bytes())?;
         std::fs::write(dir.join("public").join(format!("{name}.pem")), signer.public_pem()?)?;
+        if name == WORKER {
+            worker = Some(signer);
+        }
     }
-    Ok(dir.to_path_buf())
+    worker.context("no worker key")
 }
 
 fn free_addr() -> anyhow::Result<String> {
