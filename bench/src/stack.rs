@@ -55,7 +55,7 @@ pub struct TlsFiles {
 /// The services' connections, to be carried either way.
 pub struct Links {
     /// `postgres://clinflow_api@host:port/database`, and the same as the
-    /// audit reader; `sslmode` is added for TLS.
+    /// audit reader; `sslmode` is added (verify-full, or disable for plaintext).
     pub database_url: String,
     pub audit_reader_url: String,
     /// The broker, plaintext.
@@ -159,7 +159,11 @@ impl Stack {
             }
             Hops::Plain => None,
         };
-        let query = tls.map_or(String::new(), |t| format!("?sslmode=verify-full&sslrootcert={}", t.ca_file.display()));
+        // Plaintext says so: sqlx's default (`prefer`) would take TLS where
+        // the server offers it, as PostgreSQL here does.
+        let query = tls.map_or("?sslmode=disable".to_owned(), |t| {
+            format!("?sslmode=verify-full&sslrootcert={}", t.ca_file.display())
+        });
         let mut env = vec![
             ("DATABASE_URL", format!("{}{query}", links.database_url)),
             ("AUDIT_READER_DATABASE_URL", format!("{}{query}", links.audit_reader_url)),
