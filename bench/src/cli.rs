@@ -30,8 +30,29 @@ pub struct Cli {
     /// A PostgreSQL superuser on the maintenance database.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub admin_url: String,
+    /// The broker, plaintext: the harness's own connection, and the
+    /// services' with `--hops plain`.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
+    /// The broker over TLS (`amqps://…?cacertfile=…`): the services' with
+    /// `--hops tls` or `both`.
+    #[arg(long)]
+    pub amqp_tls_url: Option<String>,
+    /// The CA the servers' certificates are signed by (PostgreSQL's
+    /// `sslrootcert`; MedCAT, the api and the stand-in are verified against
+    /// it too).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// The certificate and key the api and the stand-in serve HTTPS with.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// How the services' connections are carried: `both` measures the ratio
+    /// rounds and the ceiling with TLS and with plaintext hops, alternated,
+    /// and everything else with TLS.
+    #[arg(long, value_enum, default_value = "both")]
+    pub hops: HopsArg,
     /// The bench's own database (dropped and created afresh) and queue
     /// prefix; another name lets two runs share a machine.
     #[arg(long, default_value = "clinflow_bench", value_parser = plain_name)]
@@ -68,6 +89,17 @@ pub enum Mode {
     Quick,
     /// Larger runs and the 1,000,000-document backlog drain.
     Full,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum HopsArg {
+    /// TLS on every hop; the ratio and ceiling also with plaintext hops.
+    Both,
+    /// TLS on every hop only.
+    Tls,
+    /// Plaintext database and broker hops, plain HTTP to the api and the
+    /// stand-in (`CLINFLOW_ALLOW_PLAINTEXT=1`) only.
+    Plain,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

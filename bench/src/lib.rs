@@ -5,7 +5,9 @@
 //! the pipeline with a STAND-IN for MedCAT (its ceiling, upload latency and
 //! the per-stage breakdown), the audit sink draining a pre-filled queue, and
 //! in `full` mode a backlog drain, and last the clinician queries over
-//! bulk-loaded documents. Figures go to stdout as a table and to
+//! bulk-loaded documents. The services run with TLS on every hop; the
+//! ratio and the ceiling are also measured with plaintext hops, alternated
+//! with the TLS ones (`--hops`). Figures go to stdout as a table and to
 //! `bench/results/*.json`; the last line is the `RESULT` line.
 
 //!

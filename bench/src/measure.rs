@@ -6,16 +6,17 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use clinflow::amqp::Topology;
 
-use crate::cli::{Cli, Only};
+use crate::cli::{Cli, HopsArg, Only};
 use crate::notes::Note;
 use crate::observe::Observation;
 use crate::phases;
 use crate::pin;
 use crate::plan::Plan;
 use crate::report::{self, Figures};
-use crate::stack::{self, API, SINK, Stack, WORKER};
+use crate::stack::{self, API, Hops, SINK, Stack, WORKER};
 use crate::standin;
 
 /// What every phase reads.
@@ -31,25 +32,65 @@ pub(crate) struct Bench<'a> {
 
 /// Runs the phases, with the services of `stack`; `master_key` is theirs.
 pub(crate) async fn measure(b: &Bench<'_>, master_key: &[u8; 32], stack: &mut Stack) -> anyhow::Result<Figures> {
-    let mut figures = Figures::default();
+    let mut figures = Figures { hops: stack.hops, ..Figures::default() };
     if b.cli.only == Some(Only::Queries) {
         stack.start(SINK, &[]).await?;
         stack.start(API, &[]).await?;
         figures.queries = queries_phase(b, stack).await?;
         return Ok(figures);
     }
-    let real = [("MEDCAT_URL", b.cli.medcat_url.as_str())];
-    stack.start(SINK, &[]).await?;
-    stack.start(WORKER, &real).await?;
-    stack.start(API, &[]).await?;
-    let client = phases::Client::login(&stack.api_url, "bench-ingest", b.password).await?;
-    ratio(b, stack, &client, &mut figures).await?;
+    let mut client = start(b, stack, &b.cli.medcat_url).await?;
+    ratio(b, stack, &mut client, &mut figures).await?;
     if b.cli.only == Some(Only::Ratio) {
         return Ok(figures);
     }
-    with_standin(b, master_key, stack, &client, &mut figures).await?;
+    with_standin(b, master_key, stack, &mut client, &mut figures).await?;
     figures.queries = queries_phase(b, stack).await?;
     Ok(figures)
+}
+
+/// Starts the services, the worker with the NLP service at `medcat_url`,
+/// and logs in.
+async fn start(b: &Bench<'_>, stack: &mut Stack, medcat_url: &str) -> anyhow::Result<phases::Client> {
+    stack.start(SINK, &[]).await?;
+    stack.start(WORKER, &[("MEDCAT_URL", medcat_url)]).await?;
+    stack.start(API, &[]).await?;
+    phases::Client::login(&stack.api_url, "bench-ingest", b.password).await
+}
+
+/// The services stopped and started again with `hops`.
+async fn restart(b: &Bench<'_>, stack: &mut Stack, hops: Hops, medcat_url: &str) -> anyhow::Result<phases::Client> {
+    eprintln!("   (services restarted, {} hops)", hops.name());
+    stack.stop_all().await;
+    stack.set_hops(hops)?;
+    start(b, stack, medcat_url).await
+}
+
+/// The hops of ratio round `i` (from 0), in order: with `--hops both`, TLS
+/// and plaintext, which comes first alternating (ABBA…), so neither always
+/// runs on a machine the other has just warmed or loaded.
+fn round_hops(b: &Bench<'_>, i: usize) -> Vec<Hops> {
+    match b.cli.hops {
+        HopsArg::Both if i.is_multiple_of(2) => vec![Hops::Tls, Hops::Plain],
+        HopsArg::Both => vec![Hops::Plain, Hops::Tls],
+        HopsArg::Tls => vec![Hops::Tls],
+        HopsArg::Plain => vec![Hops::Plain],
+    }
+}
+
+/// The hops of the ceiling runs, in order: with `--hops both`, `pairs`
+/// alternating pairs ending on TLS (… T P P T), which the runs after them
+/// keep; else one run.
+fn ceiling_hops(b: &Bench<'_>, pairs: usize) -> Vec<Hops> {
+    match b.cli.hops {
+        HopsArg::Both => (0..pairs)
+            .flat_map(|i| {
+                if (pairs - 1 - i).is_multiple_of(2) { [Hops::Plain, Hops::Tls] } else { [Hops::Tls, Hops::Plain] }
+            })
+            .collect(),
+        HopsArg::Tls => vec![Hops::Tls],
+        HopsArg::Plain => vec![Hops::Plain],
+    }
 }
 
 /// Batch uploads, as a bulk loader sends them.
@@ -59,48 +100,69 @@ fn bulk(plan: &Plan) -> phases::Upload {
 
 /// The warm-up, then the rounds: the same notes straight to MedCAT and
 /// through the pipeline, with every process sharing every core and, given
-/// MedCAT's process, again with MedCAT alone on core 0.
-async fn ratio(b: &Bench<'_>, stack: &Stack, client: &phases::Client, figures: &mut Figures) -> anyhow::Result<()> {
+/// MedCAT's process, again with MedCAT alone on core 0; with `--hops both`
+/// each round also with plaintext hops, MedCAT placed as for the headline
+/// ratio (alone on core 0 where it can be).
+async fn ratio(
+    b: &Bench<'_>,
+    stack: &mut Stack,
+    client: &mut phases::Client,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
     let (cli, plan, ctx) = (b.cli, b.plan, b.ctx);
     eprintln!("== warm-up");
     phases::direct(&cli.medcat_url, &ctx.notes(0, plan.bulk_batch), plan.bulk_batch).await?;
-    phases::pipeline(ctx, stack, client, &ctx.notes(1_000_000_000, 50), bulk(plan)).await?;
+    let warm_up = ctx.notes(1_000_000_000, 50);
+    phases::pipeline(ctx, stack, client, &warm_up, bulk(plan)).await?;
 
     let round_notes = ctx.notes(0, plan.notes);
     let mut pipeline_busy = Duration::ZERO;
     let mut cpu_before = None;
     let mut stages = Vec::new();
     for round in 1..=plan.rounds {
-        for own_core in [false, true] {
-            let Some(pinned) = place_medcat(own_core, cli.medcat_pid, stack) else { break };
-            let r = one_round(b, stack, client, &round_notes, pinned).await?;
-            if !own_core {
-                // The breakdown and CPU table describe the shared rounds.
-                pipeline_busy += r.after.at - r.before.at;
-                report::add_stages(&mut stages, report::stages(&r.before, &r.after));
-                let cpu = cpu_before.get_or_insert_with(BTreeMap::new);
-                for (name, s) in &r.after.cpu_seconds {
-                    *cpu.entry(name.clone()).or_insert(0.0) +=
-                        s - r.before.cpu_seconds.get(name).copied().unwrap_or(0.0);
-                }
+        for hops in round_hops(b, round - 1) {
+            if stack.hops != hops {
+                *client = restart(b, stack, hops, &cli.medcat_url).await?;
+                // Fresh processes: warmed as at the start.
+                phases::pipeline(ctx, stack, client, &warm_up, bulk(plan)).await?;
             }
-            eprintln!(
-                "== round {round}{}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3} \
-                 (MedCAT waiting for a CPU: {:.0} % of direct, {:.0} % of pipeline)",
-                if own_core { ", MedCAT alone on core 0" } else { ", all sharing every core" },
-                r.direct,
-                r.pipeline,
-                r.pipeline / r.direct,
-                r.direct_wait * 100.0,
-                r.pipeline_wait * 100.0
-            );
-            figures.rounds.push(report::Round {
-                medcat_own_core: own_core,
-                direct_docs_per_s: r.direct,
-                pipeline_docs_per_s: r.pipeline,
-                direct_medcat_cpu_wait: r.direct_wait,
-                pipeline_medcat_cpu_wait: r.pipeline_wait,
-            });
+            let placements: &[bool] = if hops == figures.hops { &[false, true] } else { &[true] };
+            for &own_core in placements {
+                // The other hops' round falls back to sharing every core.
+                let placed = place_medcat(own_core, cli.medcat_pid, stack).or((hops != figures.hops).then_some(None));
+                let Some(pinned) = placed else { break };
+                let own_core = pinned.is_some();
+                let r = one_round(b, stack, client, &round_notes, pinned).await?;
+                if !own_core && hops == figures.hops {
+                    // The breakdown and CPU table describe the shared rounds.
+                    pipeline_busy += r.after.at - r.before.at;
+                    report::add_stages(&mut stages, report::stages(&r.before, &r.after));
+                    let cpu = cpu_before.get_or_insert_with(BTreeMap::new);
+                    for (name, s) in &r.after.cpu_seconds {
+                        *cpu.entry(name.clone()).or_insert(0.0) +=
+                            s - r.before.cpu_seconds.get(name).copied().unwrap_or(0.0);
+                    }
+                }
+                eprintln!(
+                    "== round {round}, {} hops{}: direct {:.0} docs/s, pipeline {:.0} docs/s, ratio {:.3} \
+                     (MedCAT waiting for a CPU: {:.0} % of direct, {:.0} % of pipeline)",
+                    hops.name(),
+                    if own_core { ", MedCAT alone on core 0" } else { ", all sharing every core" },
+                    r.direct,
+                    r.pipeline,
+                    r.pipeline / r.direct,
+                    r.direct_wait * 100.0,
+                    r.pipeline_wait * 100.0
+                );
+                figures.rounds.push(report::Round {
+                    hops,
+                    medcat_own_core: own_core,
+                    direct_docs_per_s: r.direct,
+                    pipeline_docs_per_s: r.pipeline,
+                    direct_medcat_cpu_wait: r.direct_wait,
+                    pipeline_medcat_cpu_wait: r.pipeline_wait,
+                });
+            }
         }
     }
     figures.pipeline_cpu_seconds = cpu_before.unwrap_or_default();
@@ -169,27 +231,41 @@ async fn one_round(
     Ok(Round { direct, direct_wait, pipeline: pipeline.docs_per_s(), pipeline_wait, before, after })
 }
 
-/// The runs with the STAND-IN in MedCAT's place: the ceiling, upload
-/// latency and saturation, the lanes, the audit sink and (full mode) the
-/// backlog.
+/// The runs with the STAND-IN in MedCAT's place: the ceiling (with
+/// `--hops both` alternated with plaintext hops, each run on freshly
+/// started services), upload latency and saturation, the lanes, the audit
+/// sink and (full mode) the backlog.
 async fn with_standin(
     b: &Bench<'_>,
     master_key: &[u8; 32],
     stack: &mut Stack,
-    client: &phases::Client,
+    client: &mut phases::Client,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
     let (plan, ctx, amqp, topology) = (b.plan, b.ctx, b.amqp, b.topology);
-    eprintln!("== ceiling: the pipeline with the NLP STAND-IN, batch uploads");
-    let standin = standin::start().await?;
-    stack.stop(WORKER).await?;
-    stack.start(WORKER, &[("MEDCAT_URL", standin.as_str())]).await?;
-    phases::pipeline(ctx, stack, client, &ctx.notes(2_000_000_000, 1_000), bulk(plan)).await?;
-    let before = Observation::take(stack).await?;
-    let ceiling =
-        phases::pipeline(ctx, stack, client, &ctx.notes(3_000_000_000, plan.ceiling_notes), bulk(plan)).await?;
-    let after = Observation::take(stack).await?;
-    figures.ceiling = Some(report::Run::new(&ceiling, &before, &after));
+    // One over HTTPS for TLS hops, one over plain HTTP.
+    let tls_files = b.cli.tls_cert.as_deref().zip(b.cli.tls_key.as_deref());
+    let tls_standin = match tls_files {
+        Some(files) => Some(standin::start(Some(files)).await?),
+        None => None,
+    };
+    let plain_standin = standin::start(None).await?;
+    let standin_for = |hops: Hops| match hops {
+        Hops::Tls => tls_standin.clone().context("TLS hops need --tls-cert and --tls-key"),
+        Hops::Plain => Ok(plain_standin.clone()),
+    };
+    for hops in ceiling_hops(b, plan.ceiling_pairs) {
+        eprintln!("== ceiling: the pipeline with the NLP STAND-IN, batch uploads, {} hops", hops.name());
+        *client = restart(b, stack, hops, &standin_for(hops)?).await?;
+        phases::pipeline(ctx, stack, client, &ctx.notes(2_000_000_000, 1_000), bulk(plan)).await?;
+        let before = Observation::take(stack).await?;
+        let ceiling =
+            phases::pipeline(ctx, stack, client, &ctx.notes(3_000_000_000, plan.ceiling_notes), bulk(plan)).await?;
+        let after = Observation::take(stack).await?;
+        eprintln!("   {:.0} docs/s", ceiling.docs_per_s());
+        figures.ceilings.push(report::Ceiling { hops, run: report::Run::new(&ceiling, &before, &after) });
+    }
+    let standin = standin_for(stack.hops)?;
 
     uploads(b, stack, client, figures).await?;
 

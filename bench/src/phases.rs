@@ -337,12 +337,12 @@ pub async fn sink(
     stack.stop(SINK).await?;
     let seq_before: i64 =
         sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM audit_events").fetch_one(ctx.db).await?;
-    // The worker's events, signed with its key: the sink stores no other.
-    let worker = stack.audit_signer(stack::WORKER)?;
+    // Signed as the worker signs its own (the sink parks unsigned events
+    // and events whose key may not speak for their actor).
     let bodies = (0..events).map(|_| {
         let event = AuditEvent::new(Action::DocumentProcess, Actor::service("clinflow-worker"), Outcome::Success)
             .document(Uuid::now_v7());
-        worker.body(&event)
+        stack.worker_signer.body(&event)
     });
     publish_all(amqp, &topology.audit_exchange(), clinflow::amqp::AUDIT, bodies).await?;
 

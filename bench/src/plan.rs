@@ -17,6 +17,9 @@ pub struct Plan {
     pub batch_lines: usize,
     pub batch_clients: usize,
     pub ceiling_notes: usize,
+    /// Ceiling runs with TLS hops and as many with plaintext hops,
+    /// alternated (`--hops both`).
+    pub ceiling_pairs: usize,
     /// Single-document uploads, and uploaders at once, of the latency runs.
     pub latency_uploads: usize,
     pub upload_clients: usize,
@@ -52,6 +55,7 @@ impl Plan {
             batch_lines: 500,
             batch_clients: 2,
             ceiling_notes: 20_000,
+            ceiling_pairs: 2,
             latency_uploads: 3_000,
             upload_clients: 50,
             upload_rate_per_client: 10.0,
@@ -72,6 +76,7 @@ impl Plan {
                 notes: 100,
                 rounds: 1,
                 ceiling_notes: 500,
+                ceiling_pairs: 1,
                 latency_uploads: 300,
                 sink_events: 2_000,
                 lanes_backfill: 2_000,

@@ -10,16 +10,20 @@ use serde::Serialize;
 use crate::cli::Mode;
 use crate::observe::{Observation, PipelineRun};
 use crate::plan::Plan;
-use crate::stack::{self, API, SINK, Stack, WORKER};
+use crate::stack::{self, API, Hops, SINK, Stack, WORKER};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Figures {
+    /// How the services' connections were carried for the headline figures
+    /// (and every run but the other hops' ratio rounds and ceiling runs).
+    pub hops: Hops,
     pub rounds: Vec<Round>,
     /// CPU seconds each process used during the pipeline rounds (real MedCAT).
     pub pipeline_cpu_seconds: BTreeMap<String, f64>,
     pub pipeline_stages: Vec<Stage>,
     pub pipeline_wall_s: f64,
-    pub ceiling: Option<Run>,
+    /// In the order run (with `--hops both` TLS and plaintext alternated).
+    pub ceilings: Vec<Ceiling>,
     /// Single uploads at a steady offered load (the p99 target's run).
     pub latency: Option<Run>,
     /// Single uploads back to back: what the machine can take, and the
@@ -34,6 +38,7 @@ pub struct Figures {
 
 #[derive(Debug, Serialize)]
 pub struct Round {
+    pub hops: Hops,
     /// MedCAT alone on core 0, the rest on the others (`pin`); else every
     /// process shares every core.
     pub medcat_own_core: bool,
@@ -43,6 +48,14 @@ pub struct Round {
     /// second of the direct run and of the pipeline run.
     pub direct_medcat_cpu_wait: f64,
     pub pipeline_medcat_cpu_wait: f64,
+}
+
+/// One ceiling run (stand-in NLP) and the hops it ran with.
+#[derive(Debug, Serialize)]
+pub struct Ceiling {
+    pub hops: Hops,
+    #[serde(flatten)]
+    pub run: Run,
 }
 
 #[derive(Debug, Serialize)]
@@ -251,6 +264,30 @@ fn print_cpu(during: &str, cpu: &BTreeMap<String, f64>, wall_s: f64, machine: &s
     }
 }
 
+/// CPU per 1,000 documents of each process in the ceiling runs, TLS hops
+/// beside plaintext: what TLS costs and who pays it.
+fn print_cpu_by_hops(tls: &[&Run], plain: &[&Run]) {
+    let per_1k = |runs: &[&Run]| {
+        let docs: usize = runs.iter().map(|r| r.docs).sum();
+        let mut cpu: BTreeMap<String, f64> = BTreeMap::new();
+        for (name, s) in runs.iter().flat_map(|r| &r.cpu_seconds) {
+            *cpu.entry(name.clone()).or_insert(0.0) += s * 1_000.0 / docs.max(1) as f64;
+        }
+        cpu
+    };
+    let (tls_cpu, plain_cpu) = (per_1k(tls), per_1k(plain));
+    println!(
+        "\nCPU per 1,000 documents in the ceiling runs, TLS / plaintext hops ({} and {} runs)",
+        tls.len(),
+        plain.len()
+    );
+    for (name, t) in &tls_cpu {
+        let p = plain_cpu.get(name).copied().unwrap_or(0.0);
+        let change = if p > 0.0 { format!("{:+.0} %", (t / p - 1.0) * 100.0) } else { String::new() };
+        println!("  {name:<34} {t:>6.2} / {p:>6.2} CPU-s  {change:>6}");
+    }
+}
+
 /// The query rows of the table: the load, each endpoint, saturation.
 fn print_queries(row: &impl Fn(&str, String, &str, Option<bool>), q: &Queries) {
     row(&format!("query load: {} docs, {} patients", q.docs, q.patients), format!("{:.0} s", q.load_s), "", None);
@@ -308,8 +345,9 @@ pub fn stages(before: &Observation, after: &Observation) -> Vec<Stage> {
         .collect()
 }
 
-/// The ratio rounds of one CPU placement, as medians.
+/// The ratio rounds of one CPU placement and hops, as medians.
 struct Placement {
+    own_core: bool,
     name: &'static str,
     ratios: Vec<f64>,
     ratio: f64,
@@ -320,13 +358,14 @@ struct Placement {
 }
 
 impl Placement {
-    fn of(rounds: &[Round], own_core: bool) -> Option<Self> {
-        let rounds: Vec<&Round> = rounds.iter().filter(|r| r.medcat_own_core == own_core).collect();
+    fn of(rounds: &[Round], own_core: bool, hops: Hops) -> Option<Self> {
+        let rounds: Vec<&Round> = rounds.iter().filter(|r| r.medcat_own_core == own_core && r.hops == hops).collect();
         if rounds.is_empty() {
             return None;
         }
         let of = |f: fn(&Round) -> f64| median(rounds.iter().map(|r| f(r)).collect());
         Some(Self {
+            own_core,
             name: if own_core { "MedCAT alone on core 0" } else { "all sharing every core" },
             ratios: rounds.iter().map(|r| r.pipeline_docs_per_s / r.direct_docs_per_s).collect(),
             ratio: of(|r| r.pipeline_docs_per_s / r.direct_docs_per_s),
@@ -377,9 +416,11 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The middle value; of an even number, the mean of the middle two.
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
-    percentile(&values, 0.5)
+    let n = values.len();
+    if n > 0 && n.is_multiple_of(2) { (values[n / 2 - 1] + values[n / 2]) / 2.0 } else { percentile(&values, 0.5) }
 }
 
 /// Peak resident memory (VmHWM) of every running service, by binary name.
@@ -401,17 +442,32 @@ pub fn print_and_save(
 ) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc();
     let machine = stack::machine();
-    let own_core = Placement::of(&figures.rounds, true);
-    let shared = Placement::of(&figures.rounds, false);
+    let hops = figures.hops;
+    let own_core = Placement::of(&figures.rounds, true, hops);
+    let shared = Placement::of(&figures.rounds, false, hops);
+    // With `--hops both`: the plaintext rounds (MedCAT placed as for the
+    // headline where it could be) beside the TLS rounds placed alike.
+    let plain = Placement::of(&figures.rounds, true, Hops::Plain)
+        .or_else(|| Placement::of(&figures.rounds, false, Hops::Plain))
+        .filter(|_| hops == Hops::Tls);
+    let tls_vs_plain = plain.and_then(|p| Some((Placement::of(&figures.rounds, p.own_core, Hops::Tls)?, p)));
     // The headline ratio: MedCAT on its own core where it could be placed so.
     let headline = own_core.as_ref().or(shared.as_ref());
     let ratio = headline.map_or(0.0, |p| p.ratio);
     let (direct, piped) = headline.map_or((0.0, 0.0), |p| (p.direct, p.pipeline));
     let ratio_shared = shared.as_ref().map_or(0.0, |p| p.ratio);
-    let ceiling = figures.ceiling.as_ref();
+    let ceilings = |h: Hops| -> Vec<&Run> { figures.ceilings.iter().filter(|c| c.hops == h).map(|c| &c.run).collect() };
+    let (headline_ceilings, plain_ceilings) = (ceilings(hops), ceilings(Hops::Plain));
+    let plain_ceilings = if hops == Hops::Tls { plain_ceilings } else { Vec::new() };
+    // The breakdown is the last run's; the figure, the median of the runs.
+    let ceiling = headline_ceilings.last().copied();
+    let docs_per_s = |runs: &[&Run]| median(runs.iter().map(|r| r.docs_per_s).collect());
     let latency = figures.latency.as_ref();
     let sink = figures.sink.as_ref();
-    let ceiling_docs = ceiling.map_or(0.0, |c| c.docs_per_s);
+    let ceiling_docs = docs_per_s(&headline_ceilings);
+    let ceiling_plain = docs_per_s(&plain_ceilings);
+    let ratio_plain = tls_vs_plain.as_ref().map_or(0.0, |(_, p)| p.ratio);
+    let ceiling_tls_vs_plain = if ceiling_plain > 0.0 { ceiling_docs / ceiling_plain } else { 0.0 };
     let (p50, p99) = latency.map_or((0.0, 0.0), |l| (l.upload_p50_ms, l.upload_p99_ms));
     let saturated_p99 = figures.saturation.as_ref().map_or(0.0, |l| l.upload_p99_ms);
     let live_p99 = figures.lanes.as_ref().map_or(0.0, |l| l.live_p99_ms);
@@ -427,6 +483,14 @@ pub fn print_and_save(
         machine["mem_gib"],
         now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         elapsed.as_secs_f64()
+    );
+    println!(
+        "{} hops{}",
+        hops.name(),
+        match hops {
+            Hops::Tls => ": PostgreSQL verify-full, amqps, HTTPS to the api and the NLP service",
+            Hops::Plain => " to PostgreSQL, RabbitMQ, the api and the stand-in (MedCAT itself is HTTPS)",
+        }
     );
     println!("{:<44} {:>14}  target", "figure", "measured");
     let row = |name: &str, value: String, target: &str, met: Option<bool>| {
@@ -462,20 +526,42 @@ pub fn print_and_save(
             None,
         );
     }
+    if let Some((tls, plain)) = &tls_vs_plain {
+        let rounds: Vec<String> = plain.ratios.iter().map(|r| format!("{r:.2}")).collect();
+        row(
+            &format!("ratio with plaintext hops, {} (rounds {})", plain.name, rounds.join(" ")),
+            format!("{:.3}", plain.ratio),
+            "",
+            None,
+        );
+        row("  direct / pipeline", format!("{:.0} / {:.0} docs/s", plain.direct, plain.pipeline), "", None);
+        row("  ratio, TLS ÷ plaintext hops", format!("{:.3}", tls.ratio / plain.ratio), "", None);
+    }
     if let Some(c) = ceiling {
+        let runs = |runs: &[&Run]| runs.iter().map(|r| format!("{:.0}", r.docs_per_s)).collect::<Vec<_>>().join(" ");
         row(
-            &format!("ceiling (stand-in NLP), {} docs", c.docs),
-            format!("{:.0} docs/s", c.docs_per_s),
+            &format!("ceiling (stand-in NLP), {} docs (runs {})", c.docs, runs(&headline_ceilings)),
+            format!("{ceiling_docs:.0} docs/s"),
             "≥ 3000",
-            Some(c.docs_per_s >= 3000.0),
+            Some(ceiling_docs >= 3000.0),
         );
-        row(
-            "  batch uploads accepted",
-            format!("{:.0} docs/s", c.upload_docs_per_s),
-            "≥ 5000",
-            Some(c.upload_docs_per_s >= 5000.0),
-        );
+        let accepted = median(headline_ceilings.iter().map(|r| r.upload_docs_per_s).collect());
+        row("  batch uploads accepted", format!("{accepted:.0} docs/s"), "≥ 5000", Some(accepted >= 5000.0));
         row("  uploads throttled (429) and sent again", format!("{throttled}"), "", None);
+        if !plain_ceilings.is_empty() {
+            row(
+                &format!("ceiling with plaintext hops (runs {})", runs(&plain_ceilings)),
+                format!("{ceiling_plain:.0} docs/s"),
+                "",
+                None,
+            );
+            row(
+                "  ceiling, TLS ÷ plaintext hops",
+                format!("{ceiling_tls_vs_plain:.3}"),
+                "≥ 0.95",
+                Some(ceiling_tls_vs_plain >= 0.95),
+            );
+        }
     }
     if let Some(l) = latency {
         row(
@@ -553,8 +639,11 @@ pub fn print_and_save(
         row(&format!("peak RSS {name}"), format!("{mib:.1} MiB"), &target, limit.map(|l| *mib < l));
     }
     if let Some(c) = ceiling {
-        print_stages("ceiling run, batch uploads", &c.stages, c.wall_s);
-        print_cpu("the ceiling run", &c.cpu_seconds, c.wall_s, &machine);
+        print_stages("last ceiling run, batch uploads", &c.stages, c.wall_s);
+        print_cpu("the last ceiling run", &c.cpu_seconds, c.wall_s, &machine);
+    }
+    if !plain_ceilings.is_empty() {
+        print_cpu_by_hops(&headline_ceilings, &plain_ceilings);
     }
     if let Some(l) = latency {
         print_stages("latency run, paced single uploads", &l.stages, l.wall_s);
@@ -589,7 +678,12 @@ pub fn print_and_save(
         "duration_s": elapsed.as_secs_f64(),
         "result": {"ratio": ratio, "ratio_shared": ratio_shared, "ratio_medcat_own_core": own_core.as_ref().map(|p| p.ratio),
                    "direct_docs_per_s": direct, "pipeline_docs_per_s": piped,
-                   "ceiling_docs_per_s": ceiling_docs, "upload_p50_ms": p50, "upload_p99_ms": p99,
+                   "ceiling_docs_per_s": ceiling_docs, "hops": hops,
+                   "ratio_plain": tls_vs_plain.as_ref().map(|(_, p)| p.ratio),
+                   "ratio_tls_vs_plain": tls_vs_plain.as_ref().map(|(t, p)| t.ratio / p.ratio),
+                   "ceiling_plain_docs_per_s": (ceiling_plain > 0.0).then_some(ceiling_plain),
+                   "ceiling_tls_vs_plain": (ceiling_plain > 0.0).then_some(ceiling_tls_vs_plain),
+                   "upload_p50_ms": p50, "upload_p99_ms": p99,
                    "saturated_upload_p99_ms": saturated_p99, "live_done_p99_ms": live_p99, "sink_events_per_s": sink_rate, "uploads_throttled": throttled,
                    "query_p99_ms": query_p99},
         "figures": figures,
@@ -600,7 +694,7 @@ pub fn print_and_save(
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("\nfigures written to {}", path.display());
     println!(
-        "RESULT ratio={ratio:.3} ratio_shared={ratio_shared:.3} ceiling_docs_per_s={ceiling_docs:.0} upload_p99_ms={p99:.1} live_done_p99_ms={live_p99:.0} sink_events_per_s={sink_rate:.0} query_p99_ms={query_p99:.1}"
+        "RESULT ratio={ratio:.3} ratio_shared={ratio_shared:.3} ceiling_docs_per_s={ceiling_docs:.0} upload_p99_ms={p99:.1} live_done_p99_ms={live_p99:.0} sink_events_per_s={sink_rate:.0} query_p99_ms={query_p99:.1} ratio_plain={ratio_plain:.3} ceiling_plain_docs_per_s={ceiling_plain:.0} ceiling_tls_vs_plain={ceiling_tls_vs_plain:.3}"
     );
     Ok(())
 }

@@ -8,10 +8,10 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
-use crate::cli::Cli;
+use crate::cli::{Cli, HopsArg};
 use crate::measure::{Bench, measure};
 use crate::plan::Plan;
-use crate::stack::Stack;
+use crate::stack::{Hops, Links, Stack, TlsFiles};
 use crate::{notes, phases, report};
 
 /// Runs the benchmark `cli` asks for; the figures go to stdout and
@@ -23,8 +23,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let owner = fresh_database(&cli.admin_url, &cli.database).await?;
     let admin: PgConnectOptions = cli.admin_url.parse().context("--admin-url")?;
     let (host, port) = (admin.get_host().to_owned(), admin.get_port());
-    let database = cli.database.clone();
-    let database_url = move |role: &str| format!("postgres://{role}@{host}:{port}/{database}");
+    let database_url = |role: &str| format!("postgres://{role}@{host}:{port}/{}", cli.database);
     let topology = clinflow::amqp::Topology::new(&cli.queue_prefix);
     let amqp = clinflow::amqp::connect(&cli.amqp_url.clone().into(), "clinflow-bench").await?;
     phases::delete_queues(&amqp, &topology).await;
@@ -35,14 +34,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut master_key = [0u8; 32];
     master_key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     master_key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    let mut stack = Stack::new(
-        cli.bin_dir.clone(),
-        cli.log_dir.clone(),
-        database_url,
-        cli.amqp_url.clone(),
-        &cli.queue_prefix,
-        &master_key,
-    )?;
+    let links = Links {
+        database_url: database_url("clinflow_api"),
+        audit_reader_url: database_url("clinflow_audit_reader"),
+        amqp_url: cli.amqp_url.clone(),
+        tls: tls_files(&cli),
+    };
+    let hops = if cli.hops == HopsArg::Plain { Hops::Plain } else { Hops::Tls };
+    let mut stack = Stack::new(cli.bin_dir.clone(), cli.log_dir.clone(), links, hops, &cli.queue_prefix, &master_key)?;
     stack.medcat_pid = cli.medcat_pid;
     let password = uuid::Uuid::new_v4().to_string();
     stack.create_user("bench-ingest", "ingest", &password).await?;
@@ -62,6 +61,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut figures = result?;
     figures.peak_rss_mib = rss.into_iter().chain(figures.peak_rss_mib).collect();
     report::print_and_save(&cli.results_dir, cli.mode, &cli.profile, &plan, &figures, started.elapsed())
+}
+
+/// What TLS hops need, when every flag for it is given.
+fn tls_files(cli: &Cli) -> Option<TlsFiles> {
+    Some(TlsFiles {
+        ca_file: cli.ca_file.clone()?,
+        cert: cli.tls_cert.clone()?,
+        key: cli.tls_key.clone()?,
+        amqp_url: cli.amqp_tls_url.clone()?,
+    })
 }
 
 async fn fresh_database(admin_url: &str, name: &str) -> anyhow::Result<sqlx::PgPool> {

@@ -12,9 +12,56 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base64::Engine as _;
 use clinflow::crypto::{IndexKey, Keyring};
+use clinflow::tls::ALLOW_PLAINTEXT;
 use secrecy::SecretBox;
+use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
+
+/// How the services' connections are carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hops {
+    /// TLS on every hop, each server verified against the CA: PostgreSQL
+    /// `verify-full`, amqps, HTTPS to the api and to the NLP service. No
+    /// `CLINFLOW_ALLOW_PLAINTEXT`, so a plaintext URL would stop a service.
+    #[default]
+    Tls,
+    /// Plain TCP to PostgreSQL and RabbitMQ, plain HTTP to the api and the
+    /// stand-in, with `CLINFLOW_ALLOW_PLAINTEXT=1` (MedCAT itself serves
+    /// HTTPS only: the worker reaches it over TLS either way).
+    Plain,
+}
+
+impl Hops {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hops::Tls => "TLS",
+            Hops::Plain => "plaintext",
+        }
+    }
+}
+
+/// What TLS hops need.
+pub struct TlsFiles {
+    pub ca_file: PathBuf,
+    /// The certificate and key the api and the stand-in serve.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `amqps://…?cacertfile=…`.
+    pub amqp_url: String,
+}
+
+/// The services' connections, to be carried either way.
+pub struct Links {
+    /// `postgres://clinflow_api@host:port/database`, and the same as the
+    /// audit reader; `sslmode` is added (verify-full, or disable for plaintext).
+    pub database_url: String,
+    pub audit_reader_url: String,
+    /// The broker, plaintext.
+    pub amqp_url: String,
+    pub tls: Option<TlsFiles>,
+}
 
 /// Everything the services need to find each other.
 pub struct Stack {
@@ -22,8 +69,14 @@ pub struct Stack {
     pub log_dir: PathBuf,
     pub env: BTreeMap<String, String>,
     pub api_url: String,
+    /// How the services started next connect (`set_hops`).
+    pub hops: Hops,
+    links: Links,
     /// MedCAT's process, when `bench/run` found it (`--medcat-pid`).
     pub medcat_pid: Option<u32>,
+    /// The worker's audit key, for events the harness publishes in its name
+    /// (the sink stores only events signed by a producer it knows).
+    pub worker_signer: clinflow::audit::Signer,
     services: BTreeMap<&'static str, Service>,
 }
 
@@ -43,27 +96,21 @@ impl Stack {
         self.medcat_pid.map_or_else(|| pids_of(&["python", "python3"]), |pid| vec![pid])
     }
 
+    /// The services' environment, their connections carried as `hops`.
     pub fn new(
         bin_dir: PathBuf,
         log_dir: PathBuf,
-        database_url: impl Fn(&str) -> String,
-        amqp_url: String,
+        links: Links,
+        hops: Hops,
         prefix: &str,
         master_key: &[u8; 32],
     ) -> anyhow::Result<Self> {
         let b64 = base64::engine::general_purpose::STANDARD;
-        let api_addr = free_addr()?;
         let mut env: BTreeMap<String, String> = [
-            // Each service as its own role (the api's is the default, for
-            // its commands); see `start`.
-            ("DATABASE_URL", database_url("clinflow_api")),
-            ("AUDIT_READER_DATABASE_URL", database_url("clinflow_audit_reader")),
-            ("AMQP_URL", amqp_url),
             ("CLINFLOW_QUEUE_PREFIX", prefix.to_owned()),
             ("CLINFLOW_MASTER_KEY", b64.encode(master_key)),
             ("JWT_SECRET", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
             ("CLINFLOW_INDEX_KEY", b64.encode(uuid::Uuid::new_v4().as_bytes().repeat(3))),
-            ("API_ADDR", api_addr.clone()),
             ("RUST_LOG", "warn".to_owned()),
         ]
         .into_iter()
@@ -73,7 +120,8 @@ impl Stack {
         env.insert("AUDIT_CHECKPOINT_FILE".into(), log_dir.join("audit-checkpoints.jsonl").display().to_string());
         // Every service signs its audit events with a key of its own (the
         // api's is the default, for its commands; see `start`).
-        let keys = audit_keys(&log_dir.join("audit-keys"))?;
+        let keys = log_dir.join("audit-keys");
+        let worker_signer = audit_keys(&keys)?;
         env.insert("AUDIT_PUBLIC_KEYS".into(), keys.join("public").display().to_string());
         env.insert("AUDIT_SIGNING_KEY_FILE".into(), keys.join("api.key").display().to_string());
         // Tuning knobs given to ./bench/run reach the services (and are
@@ -84,14 +132,58 @@ impl Stack {
             }
         }
         std::fs::create_dir_all(&log_dir)?;
-        Ok(Self {
+        let mut stack = Self {
             bin_dir,
             log_dir,
             env,
-            api_url: format!("http://{api_addr}"),
+            api_url: String::new(),
+            hops,
+            links,
             medcat_pid: None,
+            worker_signer,
             services: BTreeMap::new(),
-        })
+        };
+        stack.set_hops(hops)?;
+        Ok(stack)
+    }
+
+    /// The services started from now on connect as `hops` (stop them first).
+    /// Each service gets its own role in `start`; the api's is the default,
+    /// for its commands.
+    pub fn set_hops(&mut self, hops: Hops) -> anyhow::Result<()> {
+        anyhow::ensure!(self.services.is_empty(), "stop the services before changing their hops");
+        let links = &self.links;
+        let tls = match hops {
+            Hops::Tls => {
+                Some(links.tls.as_ref().context("TLS hops need --ca-file, --tls-cert, --tls-key and --amqp-tls-url")?)
+            }
+            Hops::Plain => None,
+        };
+        // Plaintext says so: sqlx's default (`prefer`) would take TLS where
+        // the server offers it, as PostgreSQL here does.
+        let query = tls.map_or("?sslmode=disable".to_owned(), |t| {
+            format!("?sslmode=verify-full&sslrootcert={}", t.ca_file.display())
+        });
+        let mut env = vec![
+            ("DATABASE_URL", format!("{}{query}", links.database_url)),
+            ("AUDIT_READER_DATABASE_URL", format!("{}{query}", links.audit_reader_url)),
+            ("AMQP_URL", tls.map_or(links.amqp_url.clone(), |t| t.amqp_url.clone())),
+        ];
+        for k in [ALLOW_PLAINTEXT, "API_TLS_CERT", "API_TLS_KEY"] {
+            self.env.remove(k);
+        }
+        match tls {
+            Some(t) => env
+                .extend([("API_TLS_CERT", t.cert.display().to_string()), ("API_TLS_KEY", t.key.display().to_string())]),
+            None => env.push((ALLOW_PLAINTEXT, "1".to_owned())),
+        }
+        // A fresh port each time: the last api's connections may linger.
+        let api_addr = free_addr()?;
+        env.push(("API_ADDR", api_addr.clone()));
+        self.env.extend(env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        self.api_url = format!("{}://{api_addr}", if tls.is_some() { "https" } else { "http" });
+        self.hops = hops;
+        Ok(())
     }
 
     /// Starts service `name` (`api`, `worker`, `audit-sink`) with `extra`
@@ -109,6 +201,8 @@ impl Stack {
         let database_url = self.env.get("DATABASE_URL").map(|u| u.replacen("clinflow_api@", &format!("{role}@"), 1));
         let signing_key = self.log_dir.join("audit-keys").join(format!("{name}.key"));
         command
+            // Only as `set_hops` says, never inherited from the harness.
+            .env_remove(ALLOW_PLAINTEXT)
             .envs(&self.env)
             .envs(database_url.map(|u| ("DATABASE_URL".to_owned(), u)))
             .env("AUDIT_SIGNING_KEY_FILE", signing_key)
@@ -203,24 +297,20 @@ impl Stack {
     }
 }
 
-impl Stack {
-    /// The audit signing key of service `name`, as the service has it.
-    pub fn audit_signer(&self, name: &str) -> anyhow::Result<clinflow::audit::Signer> {
-        let pem = std::fs::read_to_string(self.log_dir.join("audit-keys").join(format!("{name}.key")))?;
-        Ok(clinflow::audit::Signer::from_pem(name, &pem)?)
-    }
-}
-
 /// A fresh Ed25519 key per service in `dir` (`<name>.key`), and their
-/// public keys in `dir/public` (`<name>.pem`).
-fn audit_keys(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+/// public keys in `dir/public` (`<name>.pem`); returns the worker's.
+fn audit_keys(dir: &std::path::Path) -> anyhow::Result<clinflow::audit::Signer> {
     std::fs::create_dir_all(dir.join("public"))?;
+    let mut worker = None;
     for name in [API, WORKER, SINK] {
         let signer = clinflow::audit::Signer::generate(name);
         std::fs::write(dir.join(format!("{name}.key")), signer.private_pem()?.as_bytes())?;
         std::fs::write(dir.join("public").join(format!("{name}.pem")), signer.public_pem()?)?;
+        if name == WORKER {
+            worker = Some(signer);
+        }
     }
-    Ok(dir.to_path_buf())
+    worker.context("no worker key")
 }
 
 fn free_addr() -> anyhow::Result<String> {

@@ -5,8 +5,11 @@
 //! (upload, queues, encryption, database, audit) with the NLP stage taken
 //! out. It finds nothing in the text.
 
+use std::path::Path;
+
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use axum_server::tls_rustls::RustlsConfig;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -22,9 +25,11 @@ const CONCEPTS: [(&str, &str, &str); 4] = [
 ];
 const ANNOTATIONS_PER_DOC: usize = 8;
 
-/// Serves the stand-in on an ephemeral port; returns its base URL.
-pub async fn start() -> anyhow::Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+/// Serves the stand-in on an ephemeral port, over HTTPS with `tls` (the
+/// certificate and key files), else plain HTTP; returns its base URL.
+pub async fn start(tls: Option<(&Path, &Path)>) -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/api/info", get(|| async { Json(info()) }))
@@ -35,6 +40,14 @@ pub async fn start() -> anyhow::Result<String> {
         )
         .route("/api/process", post(process))
         .route("/api/process_bulk", post(process_bulk));
+    if let Some((cert, key)) = tls {
+        clinflow::tls::install_crypto_provider();
+        let config = RustlsConfig::from_pem_file(cert, key).await?;
+        let server = axum_server::from_tcp_rustls(listener, config)?;
+        tokio::spawn(server.serve(app.into_make_service()));
+        return Ok(format!("https://{addr}"));
+    }
+    let listener = TcpListener::from_std(listener)?;
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(format!("http://{addr}"))
 }

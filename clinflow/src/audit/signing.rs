@@ -123,11 +123,6 @@ impl Signer {
         Ok(signer)
     }
 
-    /// A PKCS#8 PEM Ed25519 key (what [`Signer::private_pem`] writes).
-    pub fn from_pem(key_id: impl Into<String>, pem: &str) -> Result<Self, ed25519_dalek::pkcs8::Error> {
-        Ok(Self::new(key_id, SigningKey::from_pkcs8_pem(pem)?))
-    }
-
     /// A new key from the operating system's random source.
     pub fn generate(key_id: impl Into<String>) -> Self {
         Self::new(key_id, SigningKey::from_bytes(&crate::crypto::random_32()))
