@@ -16,8 +16,9 @@
 //! Modules import in one direction only (`tests/module_graph.rs` fails on an
 //! import circle): `wire`, `crypto`, `amqp` and `annotation` import nothing
 //! of the crate; `config` builds on `crypto`; `audit` on `amqp` and `config`
-//! (the producers' signing keys), `jobs` and `link` on `amqp`; `outbox` on `audit` and `jobs`, `relay` on `outbox`; `documents` on
-//! `crypto`, `concepts` and `amqp`'s lanes; `keys` on `documents`;
+//! (the producers' signing keys); `jobs` and `link` on `amqp`; `outbox` on
+//! `audit` and `jobs`, `relay` on `outbox`; `documents` on `crypto`,
+//! `concepts` and `amqp`'s lanes; `keys` on `documents`;
 //! `deadletters` and key rotation on what they run; `chain` on `audit`,
 //! `checkpoint` on `chain`.
 //!
