@@ -137,6 +137,7 @@ async fn run_server() -> anyhow::Result<()> {
             std::num::NonZeroU32::new(config.logins_per_minute).unwrap_or(std::num::NonZeroU32::MIN),
         )),
         break_glass_for: config.break_glass_for,
+        break_glass_per_day: config.break_glass_per_day,
         edge: config.edge,
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)

@@ -57,6 +57,9 @@ pub struct AppState {
     pub login: Arc<LoginGuard>,
     /// How long a break-glass grant lasts (`BREAK_GLASS_MINUTES`).
     pub break_glass_for: Duration,
+    /// Grants one clinician may take in 24 hours
+    /// (`BREAK_GLASS_GRANTS_PER_DAY`); past it, 429 `break_glass_limit`.
+    pub break_glass_per_day: u32,
     /// Request timeouts, `/docs`, trusted proxies.
     pub edge: Edge,
 }

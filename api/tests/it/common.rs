@@ -41,6 +41,7 @@ pub struct AccessOptions {
     pub lockout: LockoutPolicy,
     pub logins_per_minute: u32,
     pub break_glass_for: Duration,
+    pub break_glass_per_day: u32,
     pub idle_timeout: Duration,
 }
 
@@ -50,6 +51,7 @@ impl Default for AccessOptions {
             lockout: LockoutPolicy::default(),
             logins_per_minute: 100_000,
             break_glass_for: Duration::from_secs(3600),
+            break_glass_per_day: 50,
             idle_timeout: IDLE_TIMEOUT,
         }
     }
@@ -119,7 +121,7 @@ impl Stack {
     }
 
     async fn start_with(amqp_url: SecretString, db: TestDb, limits: UploadLimits, access: AccessOptions) -> Self {
-        let AccessOptions { lockout, logins_per_minute, break_glass_for, idle_timeout } = access;
+        let AccessOptions { lockout, logins_per_minute, break_glass_for, break_glass_per_day, idle_timeout } = access;
         clinflow::telemetry::init_tracing();
         let (topology, amqp) = testing::topology_on(&amqp_url).await;
         let keys = Arc::new(testing::keys());
@@ -148,6 +150,7 @@ impl Stack {
             denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(std::num::NonZeroU32::new(60).unwrap())),
             login: Arc::new(LoginGuard::new(lockout, std::num::NonZeroU32::new(logins_per_minute).unwrap())),
             break_glass_for,
+            break_glass_per_day,
             edge: Edge::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
