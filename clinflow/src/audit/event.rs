@@ -126,6 +126,11 @@ pub enum Action {
     /// A patient's data was erased; resource: blind index.
     #[serde(rename = "patient.erase")]
     PatientErase,
+    /// An operator re-applied an erasure of the erasure journal to a copy
+    /// restored from a backup (resource: blind index; reason
+    /// `journal_event:<the erasure's audit event id>`).
+    #[serde(rename = "patient.erase.reapply")]
+    PatientEraseReapply,
     /// An operator re-wrapped data keys under the primary key-encryption
     /// key (one event per batch: resource `data_keys`/count, reason
     /// `kek:<id>`); no document was decrypted.
@@ -180,6 +185,7 @@ impl Action {
             Action::ConceptRead => "concept.read",
             Action::PatientExport => "patient.export",
             Action::PatientErase => "patient.erase",
+            Action::PatientEraseReapply => "patient.erase.reapply",
             Action::KeysRotate => "keys.rotate",
             Action::KeysReencrypt => "keys.reencrypt",
             Action::KeysMigrateV1 => "keys.migrate_v1",
@@ -211,6 +217,13 @@ impl AuditEvent {
             outcome,
             reason: None,
         }
+    }
+
+    /// This id rather than a fresh one (for an event whose id must be
+    /// known before it is built: the erasure journal names it).
+    pub fn id(mut self, id: Uuid) -> Self {
+        self.event_id = id;
+        self
     }
 
     pub fn resource(mut self, kind: &str, id: &str) -> Self {
