@@ -57,6 +57,9 @@ pub struct AppState {
     pub login: Arc<LoginGuard>,
     /// How long a break-glass grant lasts (`BREAK_GLASS_MINUTES`).
     pub break_glass_for: Duration,
+    /// Where erasures are journalled, outside the database
+    /// (`ERASURE_JOURNAL_DIR`); without it erasure answers 503.
+    pub erasure_journal: Option<Arc<clinflow::erasure::Journal>>,
     /// Request timeouts, `/docs`, trusted proxies.
     pub edge: Edge,
 }

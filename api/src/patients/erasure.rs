@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::extract::State;
 use clinflow::audit::{Action, Outcome};
+use clinflow::erasure::ErasureError;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -41,6 +42,8 @@ pub struct Erased {
     extensions(("x-errors" = json!([
         "not_found: nothing is held on this patient", "invalid_patient_ref",
         "invalid_reason: not a code of 3-64 lowercase letters and `_`",
+        "erasure_refused: documents without a patient index remain (`keys migrate-v1`, `reindex-patients`)",
+        "unavailable: the database, or the erasure journal (`ERASURE_JOURNAL_DIR`), cannot be written",
     ]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn erase(
@@ -57,33 +60,25 @@ pub(crate) async fn erase(
             "reason must be a code of 3-64 lowercase letters and _, e.g. gdpr_erasure_request",
         ));
     }
+    let journal = state.erasure_journal.as_deref().ok_or(ApiError::Unavailable("the erasure journal"))?;
+    let event_id = Uuid::now_v7();
     let mut tx = state.db.begin().await?;
-    let destroyed: Vec<Uuid> = sqlx::query_scalar!("SELECT id FROM data_keys WHERE patient_index = $1", patient.index)
-        .fetch_all(&mut *tx)
-        .await?;
-    let counts = sqlx::query!(
-        r#"SELECT documents AS "documents!", results AS "results!", concepts AS "concepts!",
-                  team_entries AS "team_entries!", grants AS "grants!", data_keys AS "data_keys!"
-           FROM erase_patient($1)"#,
-        patient.index
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    if counts.documents == 0 && counts.team_entries == 0 && counts.grants == 0 {
+    let erased = clinflow::erasure::erase_patient(&mut tx, journal, &patient.index, event_id).await.map_err(refused)?;
+    let counts = erased.counts;
+    if counts.is_empty() {
         tx.rollback().await?;
         return Err(ApiError::NotFound);
     }
     let event = user
         .event(Action::PatientErase, Outcome::Success)
+        .id(event_id)
         .resource("patient", &patient.audit_id())
         .reason(&format!("{reason} documents:{} data_keys:{}", counts.documents, counts.data_keys));
     state.audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
-    // This process forgets the key at once; others' caches drop it within
-    // their time limit (5 minutes), and no row names it any more.
-    for id in destroyed {
-        state.keys.forget(id);
-    }
+    // Every process, this one included, drops the keys when it hears the
+    // commit's NOTIFY; this one at once.
+    erased.after_commit(&state.keys);
     state.relay.wake();
     Ok(Json(Erased {
         documents: counts.documents,
@@ -93,4 +88,22 @@ pub(crate) async fn erase(
         break_glass_grants: counts.grants,
         data_keys: counts.data_keys,
     }))
+}
+
+/// Erasure refused while documents it cannot find remain (409), or while
+/// the journal cannot be written (503: the erasure would not survive a
+/// restore).
+fn refused(e: ErasureError) -> ApiError {
+    match e {
+        ErasureError::Unindexed => ApiError::BadRequest {
+            status: axum::http::StatusCode::CONFLICT,
+            code: "erasure_refused",
+            message: e.to_string(),
+        },
+        ErasureError::Journal(e) => {
+            tracing::error!(error = %e, "the erasure journal cannot be written; erasure refused");
+            ApiError::Unavailable("the erasure journal")
+        }
+        ErasureError::Database(e) => e.into(),
+    }
 }

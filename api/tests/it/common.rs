@@ -74,6 +74,10 @@ pub struct Stack {
     /// The sink's checkpoint file (one every 10 events or second).
     pub checkpoints: std::path::PathBuf,
     _checkpoint_dir: tempfile::TempDir,
+    /// The api's erasure journal (`ERASURE_JOURNAL_DIR`), under
+    /// `testing::ERASURE_JOURNAL_KEY`.
+    pub erasure_journal: std::path::PathBuf,
+    _erasure_journal_dir: tempfile::TempDir,
 }
 
 impl Stack {
@@ -129,6 +133,7 @@ impl Stack {
         let relay = RelayHandle::default();
         let checkpoint_dir = tempfile::tempdir().unwrap();
         let checkpoints = checkpoint_dir.path().join("audit-checkpoints.jsonl");
+        let erasure_journal_dir = tempfile::tempdir().unwrap();
         let state = AppState {
             db: db.api.clone(),
             audit_db: Some(db.audit_reader.clone()),
@@ -148,6 +153,7 @@ impl Stack {
             denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(std::num::NonZeroU32::new(60).unwrap())),
             login: Arc::new(LoginGuard::new(lockout, std::num::NonZeroU32::new(logins_per_minute).unwrap())),
             break_glass_for,
+            erasure_journal: Some(Arc::new(testing::erasure_journal(erasure_journal_dir.path()))),
             edge: Edge::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -206,6 +212,8 @@ impl Stack {
             state,
             checkpoints,
             _checkpoint_dir: checkpoint_dir,
+            erasure_journal: erasure_journal_dir.path().to_owned(),
+            _erasure_journal_dir: erasure_journal_dir,
             amqp_url,
         }
     }
