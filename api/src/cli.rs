@@ -174,7 +174,7 @@ async fn run_server() -> anyhow::Result<()> {
     };
     let relay = tokio::spawn(relay.run(stop_relay.clone()));
     // Destroyed data keys leave the cache when erasure commits, in any api.
-    clinflow::keys::watch_destroyed_keys(&state.db, Arc::clone(&state.keys), shutdown.clone())
+    clinflow::keys::destroyed::watch_destroyed_keys(&state.db, Arc::clone(&state.keys), shutdown.clone())
         .await
         .context("listening for destroyed data keys")?;
     clinflow::telemetry::serve_ops(config.metrics_addr, probes).await?;

@@ -3,7 +3,7 @@
 //! (`erase_patient()`, migrations/20261208000020_complete_erasure.sql), the
 //! erasure written to the [`journal`] outside the database, and every
 //! process told to drop the key from its cache (NOTIFY, delivered on
-//! commit; [`crate::keys::watch_destroyed_keys`]). A copy restored from a
+//! commit; [`crate::keys::destroyed::watch_destroyed_keys`]). A copy restored from a
 //! backup taken before the erasure has it applied again by
 //! `erasures reapply` ([`command`]). docs/encryption.md, "Erasure".
 

@@ -5,16 +5,14 @@
 //! the `keys` command over them: [`command`]; filling the patient blind
 //! index of documents stored before it existed: [`reindex`]; dropping
 //! destroyed keys from the cache as the database announces them:
-//! [`watch_destroyed_keys`].
+//! [`destroyed`].
 
 pub mod command;
-mod destroyed;
+pub mod destroyed;
 mod migrate_v1;
 pub mod reindex;
 mod reseal;
 pub mod rotation;
-
-pub use destroyed::{DESTROYED_CHANNEL, watch_destroyed_keys};
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;

@@ -247,7 +247,7 @@ async fn every_process_drops_an_erased_key_from_its_cache_at_once() {
     // listening, shows what the cache would still serve.
     let other_db = own_pool(&db.api);
     let other = Arc::new(testing::keys());
-    clinflow::keys::watch_destroyed_keys(&other_db, Arc::clone(&other), shutdown.clone()).await.unwrap();
+    clinflow::keys::destroyed::watch_destroyed_keys(&other_db, Arc::clone(&other), shutdown.clone()).await.unwrap();
     let deaf = testing::keys();
     let eraser = testing::keys();
     let patient = seed(&db.owner, &eraser, "PAT-ERASE-D", uploader).await;
@@ -275,7 +275,7 @@ async fn a_cache_whose_listener_lost_its_connection_is_emptied_when_it_listens_a
     let shutdown = CancellationToken::new();
     let pool = own_pool(&db.api);
     let keys = Arc::new(testing::keys());
-    clinflow::keys::watch_destroyed_keys(&pool, Arc::clone(&keys), shutdown.clone()).await.unwrap();
+    clinflow::keys::destroyed::watch_destroyed_keys(&pool, Arc::clone(&keys), shutdown.clone()).await.unwrap();
     let index = documents::patient_index(&testing::index_key(), "PAT-ERASE-E");
     let mut tx = db.owner.begin().await.unwrap();
     let key = keys.for_patient(&mut tx, PatientRef::new(&index, "PAT-ERASE-E")).await.unwrap();

@@ -140,7 +140,7 @@ async fn work() -> anyhow::Result<()> {
     let keys = Arc::new(Keys::new(keyring));
     let shutdown = clinflow::shutdown::on_signal();
     // Destroyed data keys leave the cache when erasure commits.
-    clinflow::keys::watch_destroyed_keys(&db, Arc::clone(&keys), shutdown.clone())
+    clinflow::keys::destroyed::watch_destroyed_keys(&db, Arc::clone(&keys), shutdown.clone())
         .await
         .context("listening for destroyed data keys")?;
     let worker =
