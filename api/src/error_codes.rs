@@ -37,6 +37,12 @@ const CODES: &[(&str, u16, &str)] = &[
     ),
     ("too_many_logins", 429, "too many attempts from this address; retry after `Retry-After`"),
     ("login_busy", 503, "too many password checks waiting; retry after `Retry-After`"),
+    (
+        "erasure_refused",
+        409,
+        "erasure would miss rows: documents without a patient index remain (run `keys migrate-v1`, then \
+         `reindex-patients`)",
+    ),
     ("wrong_password", 403, "the password given is not the caller's"),
     ("not_a_session", 422, "an API key has no session (an admin revokes keys)"),
     (

@@ -60,6 +60,9 @@ pub struct AppState {
     /// Grants one clinician may take in 24 hours
     /// (`BREAK_GLASS_GRANTS_PER_DAY`); past it, 429 `break_glass_limit`.
     pub break_glass_per_day: u32,
+    /// Where erasures are journalled, outside the database
+    /// (`ERASURE_JOURNAL_DIR`); without it erasure answers 503.
+    pub erasure_journal: Option<Arc<clinflow::erasure::Journal>>,
     /// Request timeouts, `/docs`, trusted proxies.
     pub edge: Edge,
 }

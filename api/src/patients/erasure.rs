@@ -8,6 +8,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
+use clinflow::erasure::ErasureError;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -171,6 +172,8 @@ pub(crate) async fn pending_erasures(
     extensions(("x-errors" = json!([
         "not_found: no open erasure request has this id",
         "four_eyes_required: the officer who asked cannot approve",
+        "erasure_refused: documents without a patient index remain (`keys migrate-v1`, `reindex-patients`)",
+        "unavailable: the database, or the erasure journal (`ERASURE_JOURNAL_DIR`), cannot be written",
     ]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn approve_erasure(
@@ -178,6 +181,7 @@ pub(crate) async fn approve_erasure(
     user: AuthUser,
     PathParams(ErasurePath { id }): PathParams<ErasurePath>,
 ) -> Result<Json<Erased>, ApiError> {
+    let journal = state.erasure_journal.as_deref().ok_or(ApiError::Unavailable("the erasure journal"))?;
     let mut tx = state.db.begin().await?;
     let request = sqlx::query!(
         "SELECT patient_index, reason, case_ref, requested_by FROM erasure_requests
@@ -203,29 +207,20 @@ pub(crate) async fn approve_erasure(
     sqlx::query!("UPDATE erasure_requests SET approved_by = $2, approved_at = now() WHERE id = $1", id, user.id)
         .execute(&mut *tx)
         .await?;
-    let destroyed: Vec<Uuid> =
-        sqlx::query_scalar!("SELECT id FROM data_keys WHERE patient_index = $1", request.patient_index)
-            .fetch_all(&mut *tx)
-            .await?;
-    let counts = sqlx::query!(
-        r#"SELECT documents AS "documents!", results AS "results!", concepts AS "concepts!",
-                  team_entries AS "team_entries!", grants AS "grants!", data_keys AS "data_keys!"
-           FROM erase_patient($1)"#,
-        request.patient_index
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let event = event.outcome(Outcome::Success).reason(&format!(
+    // The journal names the erasure's audit event: its id is chosen first.
+    let event_id = Uuid::now_v7();
+    let erased =
+        clinflow::erasure::erase_patient(&mut tx, journal, &request.patient_index, event_id).await.map_err(refused)?;
+    let counts = erased.counts;
+    let event = event.id(event_id).outcome(Outcome::Success).reason(&format!(
         "{} case:{} request:{id} documents:{} data_keys:{}",
         request.reason, request.case_ref, counts.documents, counts.data_keys
     ));
     state.audit_in(&mut tx, &[event]).await?;
     tx.commit().await?;
-    // This process forgets the key at once; others' caches drop it within
-    // their time limit (5 minutes), and no row names it any more.
-    for id in destroyed {
-        state.keys.forget(id);
-    }
+    // Every process, this one included, drops the keys when it hears the
+    // commit's NOTIFY; this one at once.
+    erased.after_commit(&state.keys);
     state.relay.wake();
     crate::telemetry::privacy_event("erasure");
     Ok(Json(Erased {
@@ -236,4 +231,20 @@ pub(crate) async fn approve_erasure(
         break_glass_grants: counts.grants,
         data_keys: counts.data_keys,
     }))
+}
+
+/// Erasure refused while documents it cannot find remain (409), or while
+/// the journal cannot be written (503: the erasure would not survive a
+/// restore).
+fn refused(e: ErasureError) -> ApiError {
+    match e {
+        ErasureError::Unindexed => {
+            ApiError::BadRequest { status: StatusCode::CONFLICT, code: "erasure_refused", message: e.to_string() }
+        }
+        ErasureError::Journal(e) => {
+            tracing::error!(error = %e, "the erasure journal cannot be written; erasure refused");
+            ApiError::Unavailable("the erasure journal")
+        }
+        ErasureError::Database(e) => e.into(),
+    }
 }

@@ -76,6 +76,10 @@ pub struct Stack {
     /// The sink's checkpoint file (one every 10 events or second).
     pub checkpoints: std::path::PathBuf,
     _checkpoint_dir: tempfile::TempDir,
+    /// The api's erasure journal (`ERASURE_JOURNAL_DIR`), under
+    /// `testing::ERASURE_JOURNAL_KEY`.
+    pub erasure_journal: std::path::PathBuf,
+    _erasure_journal_dir: tempfile::TempDir,
 }
 
 impl Stack {
@@ -131,6 +135,7 @@ impl Stack {
         let relay = RelayHandle::default();
         let checkpoint_dir = tempfile::tempdir().unwrap();
         let checkpoints = checkpoint_dir.path().join("audit-checkpoints.jsonl");
+        let erasure_journal_dir = tempfile::tempdir().unwrap();
         let state = AppState {
             db: db.api.clone(),
             audit_db: Some(db.audit_reader.clone()),
@@ -151,6 +156,7 @@ impl Stack {
             login: Arc::new(LoginGuard::new(lockout, std::num::NonZeroU32::new(logins_per_minute).unwrap())),
             break_glass_for,
             break_glass_per_day,
+            erasure_journal: Some(Arc::new(testing::erasure_journal(erasure_journal_dir.path()))),
             edge: Edge::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -209,6 +215,8 @@ impl Stack {
             state,
             checkpoints,
             _checkpoint_dir: checkpoint_dir,
+            erasure_journal: erasure_journal_dir.path().to_owned(),
+            _erasure_journal_dir: erasure_journal_dir,
             amqp_url,
         }
     }

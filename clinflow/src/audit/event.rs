@@ -151,6 +151,11 @@ pub enum Action {
     /// account's upload; resource: the team; the patient is named.
     #[serde(rename = "care_team.patient_add")]
     TeamPatientAdd,
+    /// An operator re-applied an erasure of the erasure journal to a copy
+    /// restored from a backup (resource: blind index; reason
+    /// `journal_event:<the erasure's audit event id>`).
+    #[serde(rename = "patient.erase.reapply")]
+    PatientEraseReapply,
     /// An operator re-wrapped data keys under the primary key-encryption
     /// key (one event per batch: resource `data_keys`/count, reason
     /// `kek:<id>`); no document was decrypted.
@@ -210,6 +215,7 @@ impl Action {
             Action::AuditDisclosures => "audit.disclosures",
             Action::PasswordChange => "auth.password_change",
             Action::TeamPatientAdd => "care_team.patient_add",
+            Action::PatientEraseReapply => "patient.erase.reapply",
             Action::KeysRotate => "keys.rotate",
             Action::KeysReencrypt => "keys.reencrypt",
             Action::KeysMigrateV1 => "keys.migrate_v1",
@@ -253,6 +259,13 @@ impl AuditEvent {
     /// Names the patients this event disclosed, by blind index.
     pub fn patients<'a>(mut self, indexes: impl IntoIterator<Item = &'a [u8]>) -> Self {
         self.patients.extend(indexes.into_iter().map(hex));
+        self
+    }
+
+    /// This id rather than a fresh one (for an event whose id must be
+    /// known before it is built: the erasure journal names it).
+    pub fn id(mut self, id: Uuid) -> Self {
+        self.event_id = id;
         self
     }
 
