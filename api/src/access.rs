@@ -21,7 +21,7 @@ use crate::error::ApiError;
 pub use crate::guard::Access;
 use crate::state::AppState;
 use crate::users::Role;
-use crate::{admin, audit_api, batch, care, docs, documents, guard, health, login, ops, patients};
+use crate::{admin, audit_api, batch, care, consents, docs, documents, guard, health, login, ops, patients};
 
 const ANY_USER: &[Role] = &[Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor, Role::PrivacyOfficer];
 /// Admin manages accounts and sees no PHI; ops and auditors see none either.
@@ -74,6 +74,7 @@ pub fn endpoints() -> Vec<Endpoint> {
             A::on(PRIVACY_OFFICERS, Do::PatientErase, "erasure_request"),
             routes!(patients::erasure::approve_erasure),
         ),
+        Endpoint::new(A::roles(PRIVACY_OFFICERS, Do::ConsentWithdraw), routes!(consents::withdraw)),
         // Administration
         Endpoint::new(admin_read(), routes!(admin::users::list_users)),
         Endpoint::new(A::roles(ADMINS, Do::AdminUser), routes!(admin::users::create_user)),

@@ -131,6 +131,8 @@ pub struct AuthUser {
     pub role: Role,
     /// The session of a token; None for an API key.
     pub session_id: Option<Uuid>,
+    /// The lawful basis of this account's uploads that name none.
+    pub default_basis: Option<clinflow::retention::Basis>,
     pub meta: RequestMeta,
 }
 

@@ -112,7 +112,7 @@ fn parse_line(state: &AppState, user: &AuthUser, number: usize, bytes: &[u8]) ->
         let (code, message) = describe_json_error(&e);
         LineOutcome::Rejected { line: number, code: code.into(), message }
     })?;
-    let upload = validate(request).map_err(rejected)?;
+    let upload = validate(request, user.default_basis).map_err(rejected)?;
     check_care_team(user, &upload).map_err(rejected)?;
     let patient_index = documents::patient_index(&state.index_key, &upload.patient_ref);
     Ok(Pending { line: number, id: Uuid::now_v7(), patient_index, upload })

@@ -58,6 +58,28 @@ pub enum Command {
         /// Succeed without changes when the user exists already.
         #[arg(long)]
         if_not_exists: bool,
+        /// The lawful basis of this account's uploads that name none
+        /// (`direct_care` or `legal_obligation`; research needs a consent
+        /// per upload).
+        #[arg(long, value_parser = ["direct_care", "legal_obligation"])]
+        lawful_basis: Option<String>,
+    },
+    /// Remove documents kept longer than their lawful basis allows
+    /// (RETENTION_YEARS_DIRECT_CARE, _RESEARCH, _LEGAL_OBLIGATION): a dry run
+    /// that counts them unless `--apply`. Each purged document is audited,
+    /// and a patient left with nothing loses their data key. Run it daily
+    /// (docs/operations.md, Retention).
+    Purge {
+        /// Purge; without it, only count.
+        #[arg(long)]
+        apply: bool,
+        /// Documents per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch_size: i64,
+        /// Write the run's counts to this file in the Prometheus text format
+        /// (for node_exporter's textfile collector), replaced atomically.
+        #[arg(long)]
+        metrics_file: Option<std::path::PathBuf>,
     },
     /// Fill the patient blind index of documents stored before it existed
     /// (decrypts each patient reference once; resumable, idempotent).
@@ -82,7 +104,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => run_server().await,
         Command::Migrate => migrate().await,
-        Command::CreateUser { username, role, if_not_exists } => create_user(&username, role, if_not_exists).await,
+        Command::CreateUser { username, role, if_not_exists, lawful_basis } => {
+            create_user(&username, role, if_not_exists, lawful_basis.as_deref()).await
+        }
+        Command::Purge { apply, batch_size, metrics_file } => purge(apply, batch_size, metrics_file.as_deref()).await,
         Command::ReindexPatients => reindex_patients().await,
         Command::Keys(command) => clinflow::keys::command::run(command, "clinflow-api").await,
         Command::Broker(command) => clinflow::amqp::command::run(command, "clinflow-api-broker").await,
@@ -211,7 +236,12 @@ async fn migrate() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn create_user(username: &str, role: Role, if_not_exists: bool) -> anyhow::Result<()> {
+async fn create_user(
+    username: &str,
+    role: Role,
+    if_not_exists: bool,
+    lawful_basis: Option<&str>,
+) -> anyhow::Result<()> {
     let url = config::database_url()?;
     let mut password = String::new();
     std::io::stdin().lock().read_line(&mut password).context("reading the password from stdin")?;
@@ -226,6 +256,70 @@ async fn create_user(username: &str, role: Role, if_not_exists: bool) -> anyhow:
         Ok(id) => println!("created user {username} ({}) with id {id}", role.as_str()),
         Err(UserError::Exists(_)) if if_not_exists => println!("user {username} exists; unchanged"),
         Err(e) => return Err(e.into()),
+    }
+    if let Some(basis) = lawful_basis {
+        sqlx::query!("UPDATE users SET default_lawful_basis = $2 WHERE username = $1", username, basis)
+            .execute(&db)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn purge(apply: bool, batch: i64, metrics_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use clinflow::retention::{self, BASES, Policy, Selection};
+    let policy = Policy::from_env()?;
+    let url = config::database_url()?;
+    let db = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url.expose_secret())
+        .await
+        .context("connecting to PostgreSQL")?;
+    let selection = Selection::Expired(policy);
+    let started = std::time::Instant::now();
+    let by_basis = if apply {
+        let operator = clinflow::audit::Operator::from_env("clinflow-api")?;
+        let purged = retention::purge(&db, &selection, &operator, batch, |p| {
+            tracing::info!(documents = p.documents, data_keys = p.data_keys, "purging");
+        })
+        .await?;
+        println!(
+            "purged {} documents ({} results, {} concept rows); {} patients left with nothing lost their data key",
+            purged.documents, purged.results, purged.concepts, purged.data_keys
+        );
+        BASES.into_iter().zip(purged.by_basis).collect::<Vec<_>>()
+    } else {
+        let counts = retention::count(&db, &selection).await?;
+        println!("dry run (nothing purged; --apply purges):");
+        counts
+    };
+    let years = [policy.direct_care_years, policy.research_years, policy.legal_obligation_years];
+    for ((basis, n), years) in by_basis.iter().zip(years) {
+        println!("  {:<17} kept {years} years: {n} documents past it", basis.as_str());
+    }
+    if let Some(path) = metrics_file {
+        let mut text = String::from(
+            "# HELP clinflow_purge_documents Documents past their retention at the last purge run (purged with --apply)\n\
+             # TYPE clinflow_purge_documents gauge\n",
+        );
+        for (basis, n) in &by_basis {
+            text.push_str(&format!(
+                "clinflow_purge_documents{{basis=\"{}\",applied=\"{apply}\"}} {n}\n",
+                basis.as_str()
+            ));
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        text.push_str(&format!(
+            "# HELP clinflow_purge_last_run_timestamp_seconds When the last purge run ended\n\
+             # TYPE clinflow_purge_last_run_timestamp_seconds gauge\n\
+             clinflow_purge_last_run_timestamp_seconds {now}\n\
+             # HELP clinflow_purge_last_run_seconds How long the last purge run took\n\
+             # TYPE clinflow_purge_last_run_seconds gauge\n\
+             clinflow_purge_last_run_seconds {:.3}\n",
+            started.elapsed().as_secs_f64()
+        ));
+        let partial = path.with_extension("prom.partial");
+        std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -113,7 +113,8 @@ pub(crate) async fn statuses(
     extensions(("x-errors" = json!([
         "care_team_forbidden", "duplicate_source_ref", "text_too_large", "invalid_patient_ref", "empty_text",
         "invalid_source_ref", "invalid_document_date", "unknown_care_team", "idempotency_key_reused",
-        "invalid_idempotency_key", "busy",
+        "invalid_idempotency_key", "busy", "care_team_not_bound", "missing_lawful_basis", "invalid_lawful_basis",
+        "missing_consent_ref", "invalid_consent_ref",
     ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, document_id))]
@@ -134,7 +135,7 @@ async fn upload_one(
     headers: HeaderMap,
     req: UploadRequest,
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
-    let upload = validate(req)?;
+    let upload = validate(req, user.default_basis)?;
     check_care_team(&user, &upload)?;
     let idempotency = idempotency::Key::from_request(&state, &headers, &upload)?;
     let replay = |id| Ok((StatusCode::ACCEPTED, Json(UploadResponse { id, status: Status::Queued })));

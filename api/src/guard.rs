@@ -113,7 +113,7 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, 
         };
         let row = sqlx::query!(
             r#"WITH live AS (
-                   SELECT k.id, k.user_id, k.secret_hash, k.last_used_at, u.username, u.role
+                   SELECT k.id, k.user_id, k.secret_hash, k.last_used_at, u.username, u.role, u.default_lawful_basis
                    FROM api_keys k JOIN users u ON u.id = k.user_id
                    WHERE k.id = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL AND u.kind = 'service'
                ), touched AS (
@@ -121,7 +121,7 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, 
                    WHERE id IN (SELECT id FROM live
                                 WHERE last_used_at IS NULL OR last_used_at < now() - interval '60 seconds')
                )
-               SELECT user_id, secret_hash, username, role FROM live"#,
+               SELECT user_id, secret_hash, username, role, default_lawful_basis FROM live"#,
             key_id,
         )
         .fetch_optional(&state.db)
@@ -132,7 +132,9 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, 
         };
         let role = Role::parse(&row.role).ok_or(ApiError::Unauthenticated)?;
         metrics::histogram!("clinflow_api_stage_seconds", "stage" => "auth").record(started.elapsed().as_secs_f64());
-        return Ok((AuthUser { id: row.user_id, username: row.username, role, session_id: None, meta }, false));
+        let default_basis = row.default_lawful_basis.as_deref().and_then(clinflow::retention::Basis::parse);
+        let user = AuthUser { id: row.user_id, username: row.username, role, session_id: None, default_basis, meta };
+        return Ok((user, false));
     }
     let claims = match state.jwt.verify(token) {
         Ok(claims) => claims,
@@ -148,7 +150,7 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, 
     let touch_every = (idle / 10.0).min(5.0);
     let row = sqlx::query!(
         r#"WITH live AS (
-               SELECT s.id, u.username, u.role, u.password_change_required, s.last_seen_at
+               SELECT s.id, u.username, u.role, u.password_change_required, u.default_lawful_basis, s.last_seen_at
                FROM sessions s JOIN users u ON u.id = s.user_id
                WHERE s.id = $1 AND s.user_id = $2
                  AND s.revoked_at IS NULL AND u.disabled_at IS NULL
@@ -158,7 +160,7 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, 
                UPDATE sessions SET last_seen_at = now()
                WHERE id IN (SELECT id FROM live WHERE last_seen_at < now() - make_interval(secs => $4))
            )
-           SELECT username, role, password_change_required FROM live"#,
+           SELECT username, role, password_change_required, default_lawful_basis FROM live"#,
         claims.jti,
         claims.sub,
         idle,
@@ -172,6 +174,8 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, 
     };
     let role = Role::parse(&row.role).ok_or(ApiError::Unauthenticated)?;
     metrics::histogram!("clinflow_api_stage_seconds", "stage" => "auth").record(started.elapsed().as_secs_f64());
-    let user = AuthUser { id: claims.sub, username: row.username, role, session_id: Some(claims.jti), meta };
+    let default_basis = row.default_lawful_basis.as_deref().and_then(clinflow::retention::Basis::parse);
+    let user =
+        AuthUser { id: claims.sub, username: row.username, role, session_id: Some(claims.jti), default_basis, meta };
     Ok((user, row.password_change_required))
 }

@@ -6,7 +6,7 @@
 //!   description), `access` (the route table: every operation once, with who
 //!   may call it);
 //! - the handlers, one module per resource: `login`, `documents`, `batch`,
-//!   `care` (break-glass), `patients/`, `admin/`, `ops`, `audit_api`,
+//!   `care` (break-glass), `consents`, `patients/`, `admin/`, `ops`, `audit_api`,
 //!   `health`, `docs`;
 //! - the pieces they share: `guard` (authentication and the role check),
 //!   `state`, `auth`, `proxies` (the client's address behind a load
@@ -24,6 +24,7 @@ pub mod batch;
 mod care;
 pub mod cli;
 pub mod config;
+mod consents;
 mod dates;
 pub mod denials;
 mod docs;

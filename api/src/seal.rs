@@ -31,5 +31,7 @@ pub(crate) fn seal(
         source_ref_hmac: upload.source_ref.map(|s| state.index_key.hash(documents::SOURCE_REF_DOMAIN, s.as_bytes())),
         document_date: upload.document_date,
         uploaded_by: uploader,
+        lawful_basis: upload.lawful_basis.as_str(),
+        consent_index: upload.consent_ref.map(|c| clinflow::retention::consent_index(&state.index_key, &c)),
     })
 }

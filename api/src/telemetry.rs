@@ -62,6 +62,14 @@ pub fn register() {
     for event in PRIVACY {
         metrics::counter!(PRIVACY_EVENTS, "event" => event).absolute(0);
     }
+    metrics::describe_counter!(
+        clinflow::retention::PURGED,
+        "Documents purged by this api, by lawful basis (a research consent withdrawn); \
+         `clinflow-api purge` writes its own counts to its --metrics-file"
+    );
+    for basis in clinflow::retention::BASES {
+        metrics::counter!(clinflow::retention::PURGED, "basis" => basis.as_str()).absolute(0);
+    }
     for reason in ["role_forbidden", "out_of_scope", "password_change_required"] {
         metrics::counter!("clinflow_api_forbidden_total", "reason" => reason).absolute(0);
     }

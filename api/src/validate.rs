@@ -2,6 +2,7 @@
 //! references, names. A refusal names the field and never echoes its value.
 
 use axum::http::StatusCode;
+use clinflow::retention::Basis;
 use clinflow::wire::UploadRequest;
 use time::Date;
 
@@ -20,6 +21,9 @@ pub(crate) struct ValidUpload {
     pub(crate) source_ref: Option<String>,
     pub(crate) document_date: Option<Date>,
     pub(crate) care_team: Option<String>,
+    pub(crate) lawful_basis: Basis,
+    /// The research consent (`lawful_basis: research` only).
+    pub(crate) consent_ref: Option<String>,
 }
 
 /// A patient reference, trimmed, or a message that does not echo it.
@@ -50,8 +54,11 @@ pub(crate) fn check_care_team(user: &AuthUser, upload: &ValidUpload) -> Result<(
     Ok(())
 }
 
-pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
+/// An upload's fields, checked; `default_basis` is the uploading account's
+/// (used when the upload names no lawful basis).
+pub(crate) fn validate(req: UploadRequest, default_basis: Option<Basis>) -> Result<ValidUpload, ApiError> {
     let patient_ref = valid_patient_ref(&req.patient_ref)?;
+    let (lawful_basis, consent_ref) = lawful_basis(&req, default_basis)?;
     if req.text.trim().is_empty() {
         return Err(ApiError::invalid("empty_text", "text must not be empty"));
     }
@@ -79,7 +86,41 @@ pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
             })?),
         };
     let care_team = req.care_team.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
-    Ok(ValidUpload { patient_ref, text: req.text, source_ref, document_date, care_team })
+    Ok(ValidUpload { patient_ref, text: req.text, source_ref, document_date, care_team, lawful_basis, consent_ref })
+}
+
+const MAX_CONSENT_REF_CHARS: usize = 128;
+
+/// Why the note is held: the upload's own basis, else the account's; research
+/// needs the consent it rests on, and only research takes one.
+fn lawful_basis(req: &UploadRequest, default_basis: Option<Basis>) -> Result<(Basis, Option<String>), ApiError> {
+    let basis = match req.lawful_basis.as_deref().map(str::trim) {
+        Some(b) => Basis::parse(b).ok_or_else(|| {
+            ApiError::invalid("invalid_lawful_basis", "lawful_basis must be direct_care, research or legal_obligation")
+        })?,
+        None => default_basis.ok_or_else(|| {
+            ApiError::invalid(
+                "missing_lawful_basis",
+                "lawful_basis is required (direct_care, research with consent_ref, or legal_obligation): \
+                 this account has no default basis",
+            )
+        })?,
+    };
+    let consent = req.consent_ref.as_deref().map(str::trim).filter(|c| !c.is_empty());
+    match (basis, consent) {
+        (Basis::Research, None) => {
+            Err(ApiError::invalid("missing_consent_ref", "consent_ref is required when lawful_basis is research"))
+        }
+        (Basis::Research, Some(c)) if c.chars().count() > MAX_CONSENT_REF_CHARS || c.chars().any(char::is_control) => {
+            Err(ApiError::invalid(
+                "invalid_consent_ref",
+                format!("consent_ref must be 1-{MAX_CONSENT_REF_CHARS} characters without control characters"),
+            ))
+        }
+        (Basis::Research, Some(c)) => Ok((basis, Some(c.to_owned()))),
+        (_, Some(_)) => Err(ApiError::invalid("invalid_consent_ref", "consent_ref is for lawful_basis research only")),
+        (_, None) => Ok((basis, None)),
+    }
 }
 
 /// Why, as a code (`gdpr_erasure_request`, `data_entry_error`, …): 3-64
@@ -127,6 +168,8 @@ mod tests {
             source_ref: None,
             document_date: date.map(Into::into),
             care_team: None,
+            lawful_basis: None,
+            consent_ref: None,
         }
     }
 
@@ -138,12 +181,31 @@ mod tests {
             req("PAT-1", "x", Some("14/02/2026")),
             req("PAT\u{7}", "x", None),
         ] {
-            let err = validate(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            let err = validate(bad, Some(Basis::DirectCare)).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(!err.is_empty());
             assert!(!err.contains("14/02") && !err.contains("PAT"), "{err}");
         }
-        let ok = validate(req(" PAT-1 ", "metformin", Some("2026-02-14"))).unwrap();
+        let ok = validate(req(" PAT-1 ", "metformin", Some("2026-02-14")), Some(Basis::DirectCare)).unwrap();
         assert_eq!(ok.patient_ref, "PAT-1");
         assert_eq!(ok.document_date, Some(time::macros::date!(2026 - 02 - 14)));
+    }
+
+    #[test]
+    fn every_upload_has_a_lawful_basis_and_research_its_consent() {
+        let with = |basis: Option<&str>, consent: Option<&str>| UploadRequest {
+            lawful_basis: basis.map(Into::into),
+            consent_ref: consent.map(Into::into),
+            ..req("PAT-1", "x", None)
+        };
+        let code = |r: Result<ValidUpload, ApiError>| r.err().map(|e| e.code_and_message().0);
+        assert_eq!(code(validate(with(None, None), None)), Some("missing_lawful_basis"));
+        assert_eq!(code(validate(with(Some("marketing"), None), None)), Some("invalid_lawful_basis"));
+        assert_eq!(code(validate(with(Some("research"), None), None)), Some("missing_consent_ref"));
+        assert_eq!(code(validate(with(Some("direct_care"), Some("C-1")), None)), Some("invalid_consent_ref"));
+        assert_eq!(code(validate(with(None, Some("C-1")), Some(Basis::DirectCare))), Some("invalid_consent_ref"));
+        let account = validate(with(None, None), Some(Basis::LegalObligation)).unwrap();
+        assert_eq!((account.lawful_basis, account.consent_ref), (Basis::LegalObligation, None));
+        let own = validate(with(Some("research"), Some(" C-1 ")), Some(Basis::DirectCare)).unwrap();
+        assert_eq!((own.lawful_basis, own.consent_ref.as_deref()), (Basis::Research, Some("C-1")));
     }
 }

@@ -445,8 +445,8 @@ async fn prefill(
             key_ids.push(key.id());
         }
         sqlx::query(
-            "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, lane, data_key_id, patient_index)
-             SELECT id, p, t, $4, $5, k, i
+            "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, lane, data_key_id, patient_index, lawful_basis)
+             SELECT id, p, t, $4, $5, k, i, 'direct_care'
              FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $6::uuid[], $7::bytea[]) AS u(id, p, t, k, i)",
         )
         .bind(&ids)

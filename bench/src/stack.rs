@@ -283,9 +283,12 @@ impl Stack {
 
     /// Creates a user through `clinflow-api create-user`, as an operator would.
     pub async fn create_user(&self, username: &str, role: &str, password: &str) -> anyhow::Result<()> {
+        // Uploaders' notes are held for direct care (their account's basis).
+        let basis: &[&str] = if role == "ingest" { &["--lawful-basis", "direct_care"] } else { &[] };
         let mut child = Command::new(self.bin_dir.join("clinflow-api"))
             .envs(&self.env)
             .args(["create-user", "--username", username, "--role", role, "--if-not-exists"])
+            .args(basis)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()?;

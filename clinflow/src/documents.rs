@@ -37,6 +37,10 @@ pub struct NewDocument {
     pub source_ref_hmac: Option<Vec<u8>>,
     pub document_date: Option<Date>,
     pub uploaded_by: Uuid,
+    /// Why it is held (`retention::Basis::as_str`).
+    pub lawful_basis: &'static str,
+    /// The research consent it rests on (`retention::consent_index`).
+    pub consent_index: Option<Vec<u8>>,
 }
 
 /// Domain of `source_ref` hashes under the index key.
@@ -60,8 +64,9 @@ pub enum Inserted {
 
 pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Inserted, sqlx::Error> {
     let inserted = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id,
+                                  lawful_basis, consent_index)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
            ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
            RETURNING id"#,
         doc.id,
@@ -72,6 +77,8 @@ pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Insert
         doc.uploaded_by,
         doc.patient_index,
         doc.data_key_id,
+        doc.lawful_basis,
+        doc.consent_index,
     )
     .fetch_optional(&mut *conn)
     .await?;
@@ -104,9 +111,13 @@ pub async fn insert_many(
     let uploaders: Vec<Uuid> = docs.iter().map(|d| d.uploaded_by).collect();
     let patient_indexes: Vec<&[u8]> = docs.iter().map(|d| d.patient_index.as_slice()).collect();
     let data_keys: Vec<Uuid> = docs.iter().map(|d| d.data_key_id).collect();
+    let bases: Vec<&str> = docs.iter().map(|d| d.lawful_basis).collect();
+    let consents: Vec<Option<&[u8]>> = docs.iter().map(|d| d.consent_index.as_deref()).collect();
     let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id, lane)
-           SELECT *, $9 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[], $7::bytea[], $8::uuid[])
+        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id,
+                                  lawful_basis, consent_index, lane)
+           SELECT *, $11 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[], $7::bytea[], $8::uuid[],
+                                     $9::text[], $10::bytea[])
            ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
            RETURNING id"#,
         &ids,
@@ -117,6 +128,8 @@ pub async fn insert_many(
         &uploaders,
         &patient_indexes as &[&[u8]],
         &data_keys,
+        &bases as &[&str],
+        &consents as &[Option<&[u8]>],
         lane.as_str(),
     )
     .fetch_all(&mut *conn)

@@ -20,7 +20,8 @@
 //! `audit` and `jobs`, `relay` on `outbox`; `documents` on `crypto`,
 //! `concepts` and `amqp`'s lanes; `keys` on `documents`; `erasure` (a
 //! patient's erasure, its journal outside the database) on `keys`, `audit`
-//! and `outbox`;
+//! and `outbox`; `retention` (lawful bases, the retention policy, the
+//! purge) on `audit`, `config`, `crypto` and `outbox`;
 //! `deadletters` and key rotation on what they run; `chain` on `audit`,
 //! `checkpoint` on `chain`.
 //!
@@ -84,6 +85,8 @@ pub mod link;
 pub mod outbox;
 #[cfg(feature = "server")]
 pub mod relay;
+#[cfg(feature = "server")]
+pub mod retention;
 #[cfg(feature = "server")]
 pub mod telemetry;
 #[cfg(feature = "server")]

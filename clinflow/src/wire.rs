@@ -74,6 +74,15 @@ pub struct UploadRequest {
     /// patient is added to it. Only ingest accounts may name one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub care_team: Option<String>,
+    /// Why the note is held: `direct_care`, `research` (with `consent_ref`)
+    /// or `legal_obligation`. Without it, the uploading account's default
+    /// basis; an account with none is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lawful_basis: Option<String>,
+    /// The research consent the note rests on (`lawful_basis: research`
+    /// only): withdrawing it purges the note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_ref: Option<String>,
 }
 
 // By hand so that `{:?}` can never put PHI in a log line.
@@ -84,6 +93,8 @@ impl fmt::Debug for UploadRequest {
             .field("text_bytes", &self.text.len())
             .field("source_ref", &self.source_ref.as_ref().map(|_| "<redacted>"))
             .field("document_date", &self.document_date.as_ref().map(|_| "<redacted>"))
+            .field("lawful_basis", &self.lawful_basis)
+            .field("consent_ref", &self.consent_ref.as_ref().map(|_| "<redacted>"))
             .field("care_team", &self.care_team)
             .finish()
     }
@@ -248,6 +259,8 @@ mod tests {
             source_ref: None,
             document_date: None,
             care_team: None,
+            lawful_basis: None,
+            consent_ref: None,
         };
         assert_eq!(serde_json::to_string(&body).unwrap(), r#"{"patient_ref":"P","text":"t"}"#);
     }
@@ -260,6 +273,8 @@ mod tests {
             source_ref: Some("smith_john.txt".into()),
             document_date: Some("2026-01-02".into()),
             care_team: None,
+            lawful_basis: None,
+            consent_ref: None,
         };
         let shown = format!("{body:?}");
         for phi in ["SECRET", "secret", "smith", "2026"] {

@@ -60,6 +60,8 @@ async fn seed(db: &PgPool, keys: &Keys, patient: &str, uploader: Uuid) -> Seeded
         source_ref_hmac: None,
         document_date: None,
         uploaded_by: uploader,
+        lawful_basis: "direct_care",
+        consent_index: None,
     };
     documents::insert(&mut tx, &doc).await.unwrap();
     sqlx::query(
@@ -85,7 +87,8 @@ async fn seed(db: &PgPool, keys: &Keys, patient: &str, uploader: Uuid) -> Seeded
     let old = Uuid::now_v7();
     let ring = keys.keyring();
     sqlx::query(
-        "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, patient_index) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, patient_index, lawful_basis)
+         VALUES ($1, $2, $3, $4, $5, 'direct_care')",
     )
     .bind(old)
     .bind(ring.seal_v1(documents::patient_ref_field(old), patient.as_bytes()).unwrap())
@@ -198,14 +201,17 @@ async fn erasure_refuses_while_documents_without_a_patient_index_remain() {
     // A format-1 document from before the blind index: nothing says whose.
     let orphan = Uuid::now_v7();
     let ring = keys.keyring();
-    sqlx::query("INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by) VALUES ($1, $2, $3, $4)")
-        .bind(orphan)
-        .bind(ring.seal_v1(documents::patient_ref_field(orphan), b"PAT-ERASE-C").unwrap())
-        .bind(ring.seal_v1(documents::text_field(orphan), b"Old note.").unwrap())
-        .bind(uploader)
-        .execute(&db.owner)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, lawful_basis)
+         VALUES ($1, $2, $3, $4, 'direct_care')",
+    )
+    .bind(orphan)
+    .bind(ring.seal_v1(documents::patient_ref_field(orphan), b"PAT-ERASE-C").unwrap())
+    .bind(ring.seal_v1(documents::text_field(orphan), b"Old note.").unwrap())
+    .bind(uploader)
+    .execute(&db.owner)
+    .await
+    .unwrap();
 
     let refused = erase(&db.api, &journal, &patient.index).await.unwrap_err();
     assert!(matches!(refused, ErasureError::Unindexed), "{refused}");

@@ -5,6 +5,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use clinflow::audit::{Action, Outcome};
+use clinflow::retention::Basis;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -22,6 +23,11 @@ use crate::validate::plain_name;
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewServiceAccount {
     username: String,
+    /// The lawful basis of its uploads that name none: `direct_care` (the
+    /// default) or `legal_obligation`. Research uploads name their basis
+    /// and consent each.
+    #[serde(default)]
+    lawful_basis: Option<String>,
 }
 
 /// A service account: role ingest, no password (it cannot log in), used
@@ -34,7 +40,7 @@ pub(crate) struct NewServiceAccount {
     responses(
         (status = 201, description = "Created", body = Created),
     ),
-    extensions(("x-errors" = json!(["user_exists", "invalid_username"]))),
+    extensions(("x-errors" = json!(["user_exists", "invalid_username", "invalid_lawful_basis"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id))]
 pub(crate) async fn create_service_account(
@@ -45,12 +51,20 @@ pub(crate) async fn create_service_account(
     if !users::valid_username(&req.username) {
         return Err(user_error(UserError::BadUsername));
     }
+    let basis = match req.lawful_basis.as_deref() {
+        None => Basis::DirectCare,
+        Some(b) => Basis::parse(b).filter(|b| *b != Basis::Research).ok_or_else(|| {
+            ApiError::invalid("invalid_lawful_basis", "lawful_basis must be direct_care or legal_obligation")
+        })?,
+    };
     let id = Uuid::now_v7();
     let inserted = sqlx::query_scalar!(
-        "INSERT INTO users (id, username, password_hash, role, kind) VALUES ($1, $2, '!', 'ingest', 'service')
+        "INSERT INTO users (id, username, password_hash, role, kind, default_lawful_basis)
+         VALUES ($1, $2, '!', 'ingest', 'service', $3)
          ON CONFLICT (username) DO NOTHING RETURNING id",
         id,
         req.username,
+        basis.as_str(),
     )
     .fetch_optional(&state.db)
     .await?;

@@ -262,8 +262,18 @@ impl Stack {
         tokio::spawn(relay.run(self.shutdown.clone()))
     }
 
+    /// A user with the tests' password; an uploader's account holds its
+    /// notes for direct care (its default lawful basis), as `./dev/up`'s do.
     pub async fn user(&self, name: &str, role: Role) -> uuid::Uuid {
-        users::create(&self.db.api, &self.passwords, name, PASSWORD, role).await.unwrap()
+        let id = users::create(&self.db.api, &self.passwords, name, PASSWORD, role).await.unwrap();
+        if matches!(role, Role::Ingest | Role::Clinician) {
+            sqlx::query("UPDATE users SET default_lawful_basis = 'direct_care' WHERE id = $1")
+                .bind(id)
+                .execute(&self.db.owner)
+                .await
+                .unwrap();
+        }
+        id
     }
 
     /// Puts these patients in a care team of `clinician`'s own (straight

@@ -346,8 +346,8 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
     let annotations = json!([{"cui": "372567009", "pretty_name": "Metformin", "start": 8, "end": 17, "acc": 1.0, "type_ids": [], "meta_anns": {}}]);
     let index = documents::patient_index(&testing::index_key(), "KEYS-PAT-V1");
     sqlx::query(
-        "INSERT INTO documents (id, status, patient_ref_ct, text_ct, uploaded_by, patient_index)
-         VALUES ($1, 'done', $2, $3, $4, $5)",
+        "INSERT INTO documents (id, status, patient_ref_ct, text_ct, uploaded_by, patient_index, lawful_basis)
+         VALUES ($1, 'done', $2, $3, $4, $5, 'direct_care')",
     )
     .bind(id)
     .bind(ring.seal_v1(documents::patient_ref_field(id), b"KEYS-PAT-V1").unwrap())

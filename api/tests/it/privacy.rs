@@ -336,3 +336,178 @@ async fn the_accounting_of_disclosures_lists_exactly_who_accessed_a_patient() {
     assert_eq!((status, verified["intact"].as_bool()), (200, Some(true)), "{verified}");
     stack.stop().await;
 }
+
+/// `clinflow-api purge`, as an operator runs it (the binary, over TLS, as
+/// the api's database role): its output and exit status.
+async fn purge(stack: &Stack, args: &[&str]) -> String {
+    let admin: sqlx::postgres::PgConnectOptions = clinflow::testing::admin_url().parse().unwrap();
+    let tls = clinflow::testing::admin_url().split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let url = format!("postgres://clinflow_api@{}:{}/{}{tls}", admin.get_host(), admin.get_port(), stack.db.name);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-api"))
+        .arg("purge")
+        .args(args)
+        .envs(clinflow::testing::audit_keys().env("api"))
+        .env("DATABASE_URL", url)
+        .env("LOG_FORMAT", "text")
+        .env("RETENTION_YEARS_DIRECT_CARE", "8")
+        .env("RETENTION_YEARS_LEGAL_OBLIGATION", "10")
+        .output()
+        .await
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "purge {args:?}: {said}");
+    said
+}
+
+/// Rows of a patient: (documents, results, concept rows, data keys).
+async fn held(stack: &Stack, patient: &str) -> [i64; 4] {
+    let index = clinflow::documents::patient_index(&clinflow::testing::index_key(), patient);
+    let row: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM documents WHERE patient_index = $1),
+                (SELECT count(*) FROM document_results r JOIN documents d ON d.id = r.document_id
+                 WHERE d.patient_index = $1),
+                (SELECT count(*) FROM document_concepts WHERE patient_index = $1),
+                (SELECT count(*) FROM data_keys WHERE patient_index = $1)",
+    )
+    .bind(index)
+    .fetch_one(&stack.db.owner)
+    .await
+    .unwrap();
+    [row.0, row.1, row.2, row.3]
+}
+
+#[tokio::test]
+async fn every_upload_has_a_lawful_basis_and_purge_removes_what_is_kept_longer_than_it_allows() {
+    let stack = Stack::start().await;
+    stack.user("loader", Role::Ingest).await;
+    let bare = stack.user("bare", Role::Ingest).await;
+    sqlx::query("UPDATE users SET default_lawful_basis = NULL WHERE id = $1")
+        .bind(bare)
+        .execute(&stack.db.owner)
+        .await
+        .unwrap();
+    stack.user("privacy", Role::PrivacyOfficer).await;
+    stack.user("doctor", Role::Clinician).await;
+    let (loader, bare) = (stack.login("loader").await, stack.login("bare").await);
+    let note = |patient: &str, date: &str, extra: Value| {
+        let mut doc =
+            json!({"patient_ref": patient, "text": "Atrial fibrillation, on apixaban.", "document_date": date});
+        doc.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        doc
+    };
+
+    // No basis, and none on the account: refused, naming the field.
+    let (status, body) = stack.post("/v1/documents", Some(&bare), &note("PAT-X", "2025-01-01", json!({}))).await;
+    assert_eq!((status, code(&body)), (422, Some("missing_lawful_basis")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("lawful_basis"));
+    let research = json!({"lawful_basis": "research"});
+    let (status, body) = stack.post("/v1/documents", Some(&bare), &note("PAT-X", "2025-01-01", research)).await;
+    assert_eq!((status, code(&body)), (422, Some("missing_consent_ref")));
+    let lines = [json!({}), json!({"lawful_basis": "legal_obligation"})]
+        .map(|basis| format!("{}\n", note("PAT-X", "2025-01-01", basis)))
+        .concat();
+    let resp = stack
+        .http
+        .post(format!("{}/v1/documents/batch", stack.base))
+        .bearer_auth(&bare)
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    let batch: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (batch["accepted"].as_i64(), batch["outcomes"][0]["code"].as_str()),
+        (Some(1), Some("missing_lawful_basis"))
+    );
+
+    // Kept, each with its basis: the account's default, or the upload's own.
+    let uploads = [
+        ("PAT-OLD", "2012-01-01", json!({})),
+        ("PAT-OLD", "2025-01-01", json!({})),
+        ("PAT-GONE", "2010-05-05", json!({"lawful_basis": "legal_obligation"})),
+        ("PAT-R1", "2024-03-01", json!({"lawful_basis": "research", "consent_ref": "CONSENT-1"})),
+        ("PAT-R2", "2024-03-01", json!({"lawful_basis": "research", "consent_ref": "CONSENT-1"})),
+        ("PAT-R2", "2024-03-02", json!({"lawful_basis": "research", "consent_ref": "CONSENT-2"})),
+    ];
+    let mut ids = Vec::new();
+    for (patient, date, basis) in uploads {
+        let (status, body) = stack.post("/v1/documents", Some(&loader), &note(patient, date, basis)).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    wait_for_all_done(&stack, &ids).await;
+    let stored: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT lawful_basis, consent_index IS NOT NULL FROM documents WHERE id = ANY($1::uuid[]) ORDER BY id",
+    )
+    .bind(&ids)
+    .fetch_all(&stack.db.owner)
+    .await
+    .unwrap();
+    let bases: Vec<&str> = stored.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(bases, ["direct_care", "direct_care", "legal_obligation", "research", "research", "research"]);
+    assert_eq!(stored.iter().filter(|s| s.1).count(), 3, "research documents hold their consent's index");
+    let before = held(&stack, "PAT-OLD").await;
+    assert!(before[0] == 2 && before[1] == 2 && before[2] > 0 && before[3] == 1, "{before:?}");
+
+    // The dry run counts and removes nothing.
+    let said = purge(&stack, &[]).await;
+    assert!(said.contains("dry run"), "{said}");
+    assert!(said.contains("direct_care       kept 8 years: 1 documents"), "{said}");
+    assert!(said.contains("legal_obligation  kept 10 years: 1 documents"), "{said}");
+    assert_eq!(held(&stack, "PAT-OLD").await, before);
+
+    // Applied: the 2012 and 2010 notes go with their results and concepts;
+    // PAT-GONE, left with nothing, loses their data key too.
+    let metrics = tempfile::tempdir().unwrap();
+    let metrics_file = metrics.path().join("purge.prom");
+    let said = purge(&stack, &["--apply", "--batch-size", "1", "--metrics-file", metrics_file.to_str().unwrap()]).await;
+    assert!(said.contains("purged 2 documents"), "{said}");
+    let after = held(&stack, "PAT-OLD").await;
+    assert_eq!((after[0], after[1], after[3]), (1, 1, 1), "one note kept, and the key");
+    assert!(after[2] < before[2], "{before:?} -> {after:?}");
+    assert_eq!(held(&stack, "PAT-GONE").await, [0, 0, 0, 0]);
+    let prom = std::fs::read_to_string(&metrics_file).unwrap();
+    assert!(prom.contains(r#"clinflow_purge_documents{basis="direct_care",applied="true"} 1"#), "{prom}");
+    assert!(prom.contains("clinflow_purge_last_run_timestamp_seconds"), "{prom}");
+    assert!(purge(&stack, &[]).await.contains("direct_care       kept 8 years: 0 documents"));
+
+    // A research consent withdrawn: its documents go, the other consent's stay.
+    let doctor = stack.login("doctor").await;
+    let withdraw = json!({"consent_ref": "CONSENT-1", "case_ref": "WD-2026-3"});
+    assert_eq!(stack.post("/v1/privacy/consents/withdraw", Some(&doctor), &withdraw).await.0, 403);
+    let privacy = stack.login("privacy").await;
+    let (status, gone) = stack.post("/v1/privacy/consents/withdraw", Some(&privacy), &withdraw).await;
+    assert_eq!((status, gone["documents"].as_i64(), gone["data_keys"].as_i64()), (200, Some(2), Some(1)), "{gone}");
+    assert_eq!(held(&stack, "PAT-R1").await, [0, 0, 0, 0]);
+    assert_eq!(held(&stack, "PAT-R2").await[0], 1, "CONSENT-2's note stays");
+
+    // Each purged document is on the trail, naming its patient and why.
+    let purged_of = |patient: &str, reason: &str| (blind_index(patient), reason.to_owned());
+    let mut expected = vec![
+        purged_of("PAT-OLD", "retention:direct_care"),
+        purged_of("PAT-GONE", "retention:legal_obligation"),
+        purged_of("PAT-R1", "consent_withdrawn"),
+        purged_of("PAT-R2", "consent_withdrawn"),
+    ];
+    expected.sort();
+    wait_until("purges audited", Duration::from_secs(30), async || {
+        let mut rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT patients[1], reason FROM audit_events WHERE action = 'document.purge' AND resource_kind = 'document'",
+        )
+        .fetch_all(&stack.db.owner)
+        .await
+        .unwrap();
+        rows.sort();
+        let withdrawn: i64 =
+            sqlx::query_scalar(
+                "SELECT count(*) FROM audit_events WHERE action = 'privacy.consent_withdraw' AND outcome = 'success'",
+            )
+                .fetch_one(&stack.db.owner)
+                .await
+                .unwrap();
+        rows == expected && withdrawn == 1
+    })
+    .await;
+    stack.stop().await;
+}

@@ -162,7 +162,7 @@ impl Generator {
                 key.id()
             )?;
             bytea(&mut out, &self.indexes[d.patient]);
-            writeln!(out, "\t{MODEL}")?;
+            writeln!(out, "\t{MODEL}\tdirect_care")?;
         }
         Ok(out)
     }
@@ -258,7 +258,7 @@ pub async fn load(
     let g = Arc::clone(&generator);
     let chunks = (0..set.docs).step_by(CHUNK).map(move |first| g.documents(first..(first + CHUNK).min(g.set.docs)));
     let columns = "(id, status, patient_ref_ct, text_ct, document_date, uploaded_by, created_at, updated_at, \
-                   attempts, lane, data_key_id, patient_index, result_model)";
+                   attempts, lane, data_key_id, patient_index, result_model, lawful_basis)";
     loads.push(copy_in(db, "documents", columns, chunks).await?);
 
     let g = Arc::clone(&generator);

@@ -147,6 +147,15 @@ pub enum Action {
     /// A user replaced their own password (one an admin set is one-time).
     #[serde(rename = "auth.password_change")]
     PasswordChange,
+    /// A document was purged: kept longer than its lawful basis allows
+    /// (`reason` `retention:<basis>`), or its research consent was withdrawn
+    /// (`consent_withdrawn`); the patient is named.
+    #[serde(rename = "document.purge")]
+    DocumentPurge,
+    /// A privacy officer recorded a research consent's withdrawal (the
+    /// consent's documents are purged, each its own `document.purge`).
+    #[serde(rename = "privacy.consent_withdraw")]
+    ConsentWithdraw,
     /// A patient was put in a care team, by an admin or by an ingest
     /// account's upload; resource: the team; the patient is named.
     #[serde(rename = "care_team.patient_add")]
@@ -215,6 +224,8 @@ impl Action {
             Action::AuditDisclosures => "audit.disclosures",
             Action::PasswordChange => "auth.password_change",
             Action::TeamPatientAdd => "care_team.patient_add",
+            Action::DocumentPurge => "document.purge",
+            Action::ConsentWithdraw => "privacy.consent_withdraw",
             Action::PatientEraseReapply => "patient.erase.reapply",
             Action::KeysRotate => "keys.rotate",
             Action::KeysReencrypt => "keys.reencrypt",

@@ -27,6 +27,9 @@ impl Document {
             source_ref: Some(self.source_ref.clone()),
             document_date: self.document_date.map(|d| d.to_string()),
             care_team: care_team.map(str::to_owned),
+            // The account's default basis (a service account's, set by an admin).
+            lawful_basis: None,
+            consent_ref: None,
         }
     }
 }

@@ -167,6 +167,8 @@ impl Setup {
                 source_ref_hmac: None,
                 document_date: None,
                 uploaded_by: self.uploader,
+                lawful_basis: "direct_care",
+                consent_index: None,
             };
             documents::insert(&mut conn, &doc).await.unwrap();
             clinflow::jobs::publish(&self.publisher, &self.topology, lane, id).await.unwrap();
