@@ -108,6 +108,9 @@ pub enum Only {
     Queries,
     /// The warm-up and the ratio rounds.
     Ratio,
+    /// The clinician queries' data, then the privacy phase: disclosure
+    /// lookups among many audit rows, a purge under uploads.
+    Privacy,
 }
 
 /// A database name or queue prefix: lowercase letters, digits, `_` and `-`

@@ -4,8 +4,9 @@
 //! MedCAT's `/api/process_bulk` and through the whole pipeline (the ratio),
 //! the pipeline with a STAND-IN for MedCAT (its ceiling, upload latency and
 //! the per-stage breakdown), the audit sink draining a pre-filled queue, and
-//! in `full` mode a backlog drain, and last the clinician queries over
-//! bulk-loaded documents. The services run with TLS on every hop; the
+//! in `full` mode a backlog drain, the clinician queries over bulk-loaded
+//! documents, and last the privacy phase (disclosure lookups among many
+//! audit rows, a purge under uploads). The services run with TLS on every hop; the
 //! ratio and the ceiling are also measured with plaintext hops, alternated
 //! with the TLS ones (`--hops`). Figures go to stdout as a table and to
 //! `bench/results/*.json`; the last line is the `RESULT` line.
@@ -13,8 +14,8 @@
 //!
 //! The modules: `cli` (the flags) and `plan` (how much work each mode
 //! does); `stack` (the services under test), `standin`, `notes`, `pin`,
-//! `prom`, `disk` and `poll` (what the phases use); `phases` and `queries`
-//! (the measurements); `measure` (the phases in order), `report` (the
+//! `prom`, `disk` and `poll` (what the phases use); `phases`, `queries` and
+//! `privacy` (the measurements); `measure` (the phases in order), `report` (the
 //! table and the JSON) and `run` (a whole run, database and queues
 //! included).
 
@@ -28,6 +29,7 @@ mod phases;
 mod pin;
 mod plan;
 mod poll;
+mod privacy;
 mod prom;
 mod queries;
 mod report;

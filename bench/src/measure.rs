@@ -33,10 +33,13 @@ pub(crate) struct Bench<'a> {
 /// Runs the phases, with the services of `stack`; `master_key` is theirs.
 pub(crate) async fn measure(b: &Bench<'_>, master_key: &[u8; 32], stack: &mut Stack) -> anyhow::Result<Figures> {
     let mut figures = Figures { hops: stack.hops, ..Figures::default() };
-    if b.cli.only == Some(Only::Queries) {
+    if matches!(b.cli.only, Some(Only::Queries | Only::Privacy)) {
         stack.start(SINK, &[]).await?;
         stack.start(API, &[]).await?;
         figures.queries = queries_phase(b, stack).await?;
+        if b.cli.only == Some(Only::Privacy) {
+            figures.privacy = privacy_phase(b, stack).await?;
+        }
         return Ok(figures);
     }
     let mut client = start(b, stack, &b.cli.medcat_url).await?;
@@ -46,7 +49,22 @@ pub(crate) async fn measure(b: &Bench<'_>, master_key: &[u8; 32], stack: &mut St
     }
     with_standin(b, master_key, stack, &mut client, &mut figures).await?;
     figures.queries = queries_phase(b, stack).await?;
+    figures.privacy = privacy_phase(b, stack).await?;
     Ok(figures)
+}
+
+/// Disclosure lookups among many audit rows, then a purge of many expired
+/// documents under paced single uploads (after the queries phase, whose
+/// patients' data keys the expired documents use).
+async fn privacy_phase(b: &Bench<'_>, stack: &Stack) -> anyhow::Result<Option<crate::privacy::Privacy>> {
+    if b.plan.purge_docs == 0 || b.plan.query_docs == 0 {
+        return Ok(None);
+    }
+    eprintln!(
+        "== privacy: disclosures among {} audit rows; purge of {} expired documents under uploads",
+        b.plan.disclosure_rows, b.plan.purge_docs
+    );
+    Ok(Some(crate::privacy::run(b.ctx.db, stack, b.plan, b.password).await?))
 }
 
 /// Starts the services, the worker with the NLP service at `medcat_url`,

@@ -44,6 +44,17 @@ pub struct Plan {
     pub query_rounds: usize,
     /// Length of the mixed saturation run.
     pub query_saturation_s: f64,
+    /// Audit rows the disclosures lookup is measured among, and the lookups
+    /// (auditors at once, each at this rate).
+    pub disclosure_rows: usize,
+    pub disclosure_requests: usize,
+    pub disclosure_clients: usize,
+    pub disclosure_rate_per_client: f64,
+    /// Expired documents `clinflow-api purge` removes while single uploads
+    /// go on (0: no privacy phase), and how long uploads are measured
+    /// without a purge.
+    pub purge_docs: usize,
+    pub purge_upload_s: f64,
 }
 
 impl Plan {
@@ -70,6 +81,12 @@ impl Plan {
             query_requests: 2_000,
             query_rounds: 1,
             query_saturation_s: 10.0,
+            disclosure_rows: 1_000_000,
+            disclosure_requests: 2_000,
+            disclosure_clients: 10,
+            disclosure_rate_per_client: 10.0,
+            purge_docs: 100_000,
+            purge_upload_s: 20.0,
         };
         let plan = match mode {
             Mode::Tiny => Plan {
@@ -83,6 +100,10 @@ impl Plan {
                 query_docs: 2_000,
                 query_requests: 200,
                 query_saturation_s: 2.0,
+                disclosure_rows: 20_000,
+                disclosure_requests: 100,
+                purge_docs: 2_000,
+                purge_upload_s: 3.0,
                 ..base
             },
             Mode::Quick => base,

@@ -33,6 +33,7 @@ pub struct Figures {
     pub lanes: Option<Lanes>,
     pub backlog: Option<Backlog>,
     pub queries: Option<Queries>,
+    pub privacy: Option<crate::privacy::Privacy>,
     pub peak_rss_mib: BTreeMap<String, f64>,
 }
 
@@ -628,6 +629,41 @@ pub fn print_and_save(
     }
     if let Some(q) = &figures.queries {
         print_queries(&row, q);
+    }
+    if let Some(p) = &figures.privacy {
+        row(
+            &format!("disclosures, first page, among {}k audit rows", p.audit_rows / 1000),
+            format!("{:.1} ms p99", p.disclosure_p99_ms),
+            "< 50 ms",
+            Some(p.disclosure_p99_ms < 50.0),
+        );
+        row(
+            &format!("  p50 / max ({} lookups, {} auditors)", p.disclosure_requests, p.disclosure_clients),
+            format!("{:.1} / {:.1} ms", p.disclosure_p50_ms, p.disclosure_max_ms),
+            "",
+            None,
+        );
+        row(
+            &format!("purge of {}k expired documents under uploads", p.purge_docs / 1000),
+            format!("{:.0} docs/s", p.purge_docs_per_s),
+            "≥ 1000/s",
+            Some(p.purge_docs_per_s >= 1000.0),
+        );
+        row(
+            "  upload p99 without / during the purge",
+            format!("{:.1} / {:.1} ms", p.uploads_without.p99_ms, p.uploads_during.p99_ms),
+            "",
+            None,
+        );
+        row(
+            "  uploads without / during (p50)",
+            format!(
+                "{} ({:.1} ms) / {} ({:.1} ms)",
+                p.uploads_without.count, p.uploads_without.p50_ms, p.uploads_during.count, p.uploads_during.p50_ms
+            ),
+            "",
+            None,
+        );
     }
     for (name, mib) in &figures.peak_rss_mib {
         let limit = match name.as_str() {
