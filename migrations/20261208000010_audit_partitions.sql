@@ -159,7 +159,7 @@ DECLARE
 BEGIN
     SELECT date_trunc('month', min(recorded_at) AT TIME ZONE 'UTC')::date INTO oldest FROM audit_events_unpartitioned;
     oldest := coalesce(least(oldest, this_month), this_month);
-    WHILE oldest <= this_month + 1 LOOP
+    WHILE oldest <= this_month + interval '1 month' LOOP
         PERFORM audit_events_create_partition(oldest);
         oldest := (oldest + interval '1 month')::date;
     END LOOP;
@@ -243,7 +243,8 @@ GRANT SELECT, INSERT ON audit_archives TO clinflow_sink;
 GRANT SELECT ON audit_archives TO clinflow_audit_reader;
 
 -- 8. Dropping a month: only the oldest partition, only once it is archived
--- (its rows exactly those the archive record names) and only when the month
+-- (its rows exactly those the archive record names; a month without rows
+-- needs none) and only when the month
 -- ended at least retention_days ago, never fewer than 2,555 (seven years).
 -- SECURITY DEFINER, for the sink's `archive --drop`: whoever holds the
 -- sink's role could at worst drop the oldest month past seven years that an
@@ -276,15 +277,20 @@ BEGIN
         RAISE EXCEPTION 'audit partition % is not the oldest: drop the older months first', name
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    SELECT * INTO archived FROM public.audit_archives a WHERE a.month = date_trunc('month', for_month)::date;
-    IF NOT FOUND OR archived.dropped_at IS NOT NULL THEN
-        RAISE EXCEPTION 'audit month % has no archive record', to_char(for_month, 'YYYY-MM')
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
     EXECUTE format('SELECT count(*) AS n, min(seq) AS first_seq, max(seq) AS last_seq, '
                    '(SELECT row_hash FROM public.%I ORDER BY seq DESC LIMIT 1) AS last_row_hash FROM public.%I',
                    name, name)
        INTO present;
+    SELECT * INTO archived FROM public.audit_archives a WHERE a.month = date_trunc('month', for_month)::date;
+    IF present.n = 0 AND NOT FOUND THEN
+        -- A month without events: nothing to archive.
+        EXECUTE format('DROP TABLE public.%I', name);
+        RETURN 0;
+    END IF;
+    IF NOT FOUND OR archived.dropped_at IS NOT NULL THEN
+        RAISE EXCEPTION 'audit month % has no archive record', to_char(for_month, 'YYYY-MM')
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     IF present.n <> archived.row_count OR present.first_seq IS DISTINCT FROM archived.first_seq
        OR present.last_seq IS DISTINCT FROM archived.last_seq OR present.last_row_hash IS DISTINCT FROM archived.last_row_hash THEN
         RAISE EXCEPTION 'audit partition % does not hold what its archive holds', name
