@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use clinflow::audit::{Action, Actor, AuditEvent, Outcome as EventOutcome, SignedEvent};
-use clinflow::testing::{API_ROLE, AUDIT_READER_ROLE, SINK_ROLE, TestDb, WORKER_ROLE, audit_keys};
+use clinflow::testing::{self, API_ROLE, AUDIT_READER_ROLE, SINK_ROLE, TestDb, WORKER_ROLE, audit_keys};
 use clinflow_audit_sink::archive::{self, Archiver, Outcome};
 use clinflow_audit_sink::chain::{self, ChainError};
 use clinflow_audit_sink::checkpoint::{self, CheckpointConfig, Checkpointer};
@@ -428,4 +428,69 @@ async fn the_archive_command_archives_drops_and_verifies_and_refuses_a_short_ret
     .await;
     assert!(ok && text.contains("audit chain intact: 7 events"), "{text}");
     db.drop_database().await;
+}
+
+#[tokio::test]
+async fn the_migration_carries_an_existing_chain_into_month_partitions() {
+    use sqlx::ConnectOptions;
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    // A database migrated to just before the partitions, with a chain in it.
+    let admin: PgConnectOptions = testing::admin_url().parse().unwrap();
+    let name = format!("clinflow_test_{}", Uuid::new_v4().simple());
+    let mut conn = admin.connect().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    let pool = |role: Option<&str>| {
+        let options = admin.clone().database(&name);
+        let options = match role {
+            Some(role) => options.username(role),
+            None => options,
+        };
+        PgPoolOptions::new().max_connections(2).connect_lazy_with(options)
+    };
+    let (owner, sink, reader) = (pool(None), pool(Some(SINK_ROLE)), pool(Some(AUDIT_READER_ROLE)));
+    clinflow::MIGRATOR.run_to(20261208000009, &owner).await.unwrap();
+    let all = events(8);
+    for batch in [&all[0..2], &all[2..4], &all[4..6]] {
+        chain::append(&sink, &audit_keys().sink, batch).await.unwrap();
+    }
+    // seq 1–2 in January, 3–4 earlier still (a batch that waited for the
+    // lock under now() could), 5–6 now.
+    let mut tx = owner.begin().await.unwrap();
+    for sql in [
+        "ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only",
+        "UPDATE audit_events SET recorded_at = '2026-01-10 10:00:00+00' WHERE seq <= 2",
+        "UPDATE audit_events SET recorded_at = '2026-01-05 10:00:00+00' WHERE seq IN (3, 4)",
+        "ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_append_only",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    clinflow::MIGRATOR.run(&owner).await.unwrap();
+
+    let rows: Vec<(String, i64, time::OffsetDateTime)> =
+        sqlx::query_as("SELECT tableoid::regclass::text, seq, recorded_at FROM audit_events ORDER BY seq")
+            .fetch_all(&owner)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 6);
+    assert!(rows[..4].iter().all(|(p, ..)| p == "audit_events_2026_01"), "{rows:?}");
+    assert!(rows[2].2 == rows[0].2, "moved up to the batch before it, never down: {rows:?}");
+    assert!(rows.windows(2).all(|w| w[0].2 <= w[1].2), "{rows:?}");
+    let months = archive::partitions(&sink).await.unwrap();
+    assert_eq!(months.first(), Some(&date!(2026 - 01 - 01)), "{months:?}");
+    let this = time::OffsetDateTime::now_utc().date().replace_day(1).unwrap();
+    assert!(months.contains(&this) && months.contains(&archive::add_months(this, 1)), "{months:?}");
+    // The chain holds, the sink goes on appending, the reader reads.
+    let trust = audit_keys().trust();
+    assert_eq!(chain::verify(&reader, &trust).await.unwrap(), 6);
+    chain::append(&sink, &audit_keys().sink, &all[6..8]).await.unwrap();
+    assert_eq!(chain::verify(&reader, &trust).await.unwrap(), 8);
+    let (code, _) = refused(&mut *reader.acquire().await.unwrap(), "DELETE FROM audit_events_2026_01").await;
+    assert_eq!(code, "42501");
+
+    for p in [&owner, &sink, &reader] {
+        p.close().await;
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut conn).await.unwrap();
 }
