@@ -486,7 +486,7 @@ async fn the_migration_carries_an_existing_chain_into_month_partitions() {
     assert_eq!(chain::verify(&reader, &trust).await.unwrap(), 6);
     chain::append(&sink, &audit_keys().sink, &all[6..8]).await.unwrap();
     assert_eq!(chain::verify(&reader, &trust).await.unwrap(), 8);
-    let (code, _) = refused(&mut *reader.acquire().await.unwrap(), "DELETE FROM audit_events_2026_01").await;
+    let (code, _) = refused(&mut reader.acquire().await.unwrap(), "DELETE FROM audit_events_2026_01").await;
     assert_eq!(code, "42501");
 
     for p in [&owner, &sink, &reader] {
