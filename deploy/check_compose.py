@@ -46,6 +46,7 @@ SECRETS = {
 CLINFLOW_SECRET_VARS = {
     "DATABASE_URL", "AUDIT_READER_DATABASE_URL", "MIGRATION_DATABASE_URL", "AMQP_URL",
     "CLINFLOW_MASTER_KEY", "JWT_SECRET", "CLINFLOW_INDEX_KEY", "AUDIT_SIGNING_KEY", "AUDIT_HMAC_KEY",
+    "ERASURE_JOURNAL_KEY",
 }
 # Who may mount each compose secret (each service only what it uses):
 # scripts/compose-env writes the first ones, scripts/compose-certs the TLS keys.
@@ -53,6 +54,7 @@ SECRET_HOLDERS = {
     "master_key": {"api", "worker"},
     "jwt_secret": {"api"},
     "index_key": {"api"},
+    "erasure_journal_key": {"api"},
     "owner_database_url": {"migrate"},
     "api_database_url": {"api"},
     "worker_database_url": {"worker"},

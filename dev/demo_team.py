@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Puts the sample notes' patients in the care team `demo-ward` with
-demo-clinician in it, through the admin API (idempotent), so that the quick
+demo-clinician and demo-ingest (bound, so its uploads may name it) in it,
+through the admin API (idempotent), so that the quick
 start's clinician can read the sample results. Stdlib only.
 
 usage: demo_team.py API_URL NOTES_DIR   (password in CLINFLOW_PASSWORD; an
@@ -14,7 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 
-TEAM, CLINICIAN, ADMIN = "demo-ward", "demo-clinician", "demo-admin"
+TEAM, CLINICIAN, UPLOADER, ADMIN = "demo-ward", "demo-clinician", "demo-ingest", "demo-admin"
 TLS = ssl.create_default_context(cafile=os.environ.get("CLINFLOW_API_CA_FILE") or None)
 
 
@@ -54,8 +55,11 @@ def main():
     _, teams = call(base, "GET", "/v1/admin/teams", token=token)
     team = next(t["id"] for t in teams if t["name"] == TEAM)
     _, users = call(base, "GET", "/v1/admin/users", token=token)
-    clinician = next(u["id"] for u in users if u["username"] == CLINICIAN)
-    call(base, "PUT", f"/v1/admin/teams/{team}/members/{clinician}", token=token)
+    # The clinician reads the team's patients; the ingest account is bound
+    # to the team, so its uploads may name it (`--care-team`).
+    for member in (CLINICIAN, UPLOADER):
+        member_id = next(u["id"] for u in users if u["username"] == member)
+        call(base, "PUT", f"/v1/admin/teams/{team}/members/{member_id}", token=token)
     refs = patient_refs(notes)
     for ref in refs:
         call(base, "POST", f"/v1/admin/teams/{team}/patients", {"patient_ref": ref}, token)

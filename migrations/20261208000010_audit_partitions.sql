@@ -205,6 +205,9 @@ BEGIN
 END
 $$;
 ALTER TABLE audit_events ADD PRIMARY KEY (seq, recorded_at);
+-- The disclosures written with the events (20261208000001) keep the event
+-- row's own recorded_at: the same value, cached for the transaction.
+ALTER TABLE audit_disclosures ALTER COLUMN recorded_at SET DEFAULT audit_events_recorded_at();
 CREATE INDEX audit_events_event_id_idx ON audit_events (event_id);
 -- The newest row by recorded_at reads the last partition only.
 CREATE INDEX audit_events_recorded_at_idx ON audit_events (recorded_at);

@@ -23,7 +23,7 @@ use crate::state::AppState;
 use crate::users::Role;
 use crate::{admin, audit_api, batch, care, docs, documents, guard, health, login, ops, patients};
 
-const ANY_USER: &[Role] = &[Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor];
+const ANY_USER: &[Role] = &[Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor, Role::PrivacyOfficer];
 /// Admin manages accounts and sees no PHI; ops and auditors see none either.
 const UPLOADERS: &[Role] = &[Role::Ingest, Role::Clinician];
 const BATCH_UPLOADERS: &[Role] = &[Role::Ingest];
@@ -35,6 +35,12 @@ const CLINICIANS: &[Role] = &[Role::Clinician];
 const ADMINS: &[Role] = &[Role::Admin];
 const OPERATORS: &[Role] = &[Role::Ops];
 const AUDITORS: &[Role] = &[Role::Auditor];
+/// GDPR export (any patient, with a case) and erasure (two of them).
+const PRIVACY_OFFICERS: &[Role] = &[Role::PrivacyOfficer];
+/// A patient's export: a clinician within their scope, or a privacy officer.
+const EXPORTERS: &[Role] = &[Role::Clinician, Role::PrivacyOfficer];
+/// Who accessed a patient: auditors and privacy officers.
+const DISCLOSURE_READERS: &[Role] = &[Role::Auditor, Role::PrivacyOfficer];
 
 /// Every endpoint of the api.
 pub fn endpoints() -> Vec<Endpoint> {
@@ -47,6 +53,7 @@ pub fn endpoints() -> Vec<Endpoint> {
     vec![
         Endpoint::new(public(), routes!(login::login)),
         Endpoint::new(A::roles(ANY_USER, Do::Logout), routes!(login::logout)),
+        Endpoint::new(A::roles(ANY_USER, Do::PasswordChange), routes!(login::change_password)),
         // Documents
         Endpoint::new(A::roles(UPLOADERS, Do::DocumentUpload), routes!(documents::upload)),
         Endpoint::new(A::roles(STATUS_READERS, Do::DocumentStatus), routes!(documents::statuses)),
@@ -59,8 +66,14 @@ pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::new(A::roles(CLINICIANS, Do::PatientRead), routes!(patients::reads::patient_concepts)),
         Endpoint::new(A::roles(CLINICIANS, Do::ConceptRead), routes!(patients::concepts::concept_patients)),
         Endpoint::new(A::roles(CLINICIANS, Do::ConceptRead), routes!(patients::concepts::concept_documents)),
-        Endpoint::new(A::roles(&[Role::Clinician, Role::Admin], Do::PatientExport), routes!(patients::fhir::export)),
-        Endpoint::new(A::roles(ADMINS, Do::PatientErase), routes!(patients::erasure::erase)),
+        // Privacy
+        Endpoint::new(A::roles(EXPORTERS, Do::PatientExport), routes!(patients::fhir::export)),
+        Endpoint::new(A::roles(PRIVACY_OFFICERS, Do::PatientEraseRequest), routes!(patients::erasure::request_erasure)),
+        Endpoint::new(A::roles(PRIVACY_OFFICERS, Do::PrivacyRead), routes!(patients::erasure::pending_erasures)),
+        Endpoint::new(
+            A::on(PRIVACY_OFFICERS, Do::PatientErase, "erasure_request"),
+            routes!(patients::erasure::approve_erasure),
+        ),
         // Administration
         Endpoint::new(admin_read(), routes!(admin::users::list_users)),
         Endpoint::new(A::roles(ADMINS, Do::AdminUser), routes!(admin::users::create_user)),
@@ -85,6 +98,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::new(A::roles(OPERATORS, Do::Reprocess), routes!(ops::reprocess)),
         Endpoint::new(A::roles(AUDITORS, Do::AuditRead), routes!(audit_api::events)),
         Endpoint::new(A::roles(AUDITORS, Do::AuditVerify), routes!(audit_api::verify)),
+        Endpoint::new(A::roles(DISCLOSURE_READERS, Do::AuditDisclosures), routes!(audit_api::disclosures)),
         // Public: health and this description
         Endpoint::new(public(), routes!(health::live)),
         Endpoint::new(public(), routes!(health::ready)),
@@ -159,4 +173,43 @@ pub fn router(state: &AppState) -> Router<AppState> {
 /// turns into the JSON `timeout` error.
 pub(crate) fn time_limit(limit: std::time::Duration) -> TimeoutLayer {
     TimeoutLayer::with_status_code(ApiError::Timeout.status(), limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::openapi::path::ParameterIn;
+
+    use super::*;
+
+    /// Patient references never travel in a URL (proxies' access logs keep
+    /// URLs): no route template names a patient, and no operation takes one
+    /// as a path or query parameter; the routes that need one take it in
+    /// their JSON body.
+    #[test]
+    fn no_route_puts_a_patient_reference_in_its_url() {
+        let endpoints = endpoints();
+        for e in &endpoints {
+            assert!(!e.path.to_ascii_lowercase().contains("patient_ref"), "{} {}", e.method, e.path);
+            let params: Vec<&str> = e.path.split('{').skip(1).filter_map(|p| p.split('}').next()).collect();
+            for param in params {
+                assert!(["id", "user_id", "cui"].contains(&param), "{} {}: path parameter {param}", e.method, e.path);
+            }
+        }
+        let spec = crate::openapi::spec();
+        for (path, item) in &spec.paths.paths {
+            for operation in [&item.get, &item.post, &item.put, &item.patch, &item.delete].into_iter().flatten() {
+                for param in operation.parameters.iter().flatten() {
+                    let utoipa::openapi::RefOr::T(param) = param else { continue };
+                    let place = matches!(param.parameter_in, ParameterIn::Path | ParameterIn::Query);
+                    assert!(!(place && param.name.contains("patient")), "{path}: parameter {}", param.name);
+                }
+            }
+        }
+        // The patient routes are there, taking the reference in the body.
+        let posts: Vec<&str> = endpoints.iter().filter(|e| e.method == Method::POST).map(|e| e.path).collect();
+        for path in ["/v1/patients/documents", "/v1/patients/concepts", "/v1/patients/export", "/v1/audit/disclosures"]
+        {
+            assert!(posts.contains(&path), "{path}");
+        }
+    }
 }

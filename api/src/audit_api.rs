@@ -15,8 +15,9 @@ use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::extract::QueryParams;
+use crate::extract::{JsonBody, QueryParams};
 use crate::state::AppState;
+use crate::validate::valid_patient_ref;
 
 const MAX_PAGE: i64 = 1_000;
 
@@ -72,6 +73,9 @@ pub struct StoredEvent {
     resource_id: Option<String>,
     outcome: String,
     reason: Option<String>,
+    /// The patients the event disclosed, by blind index (hex).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    patients: Vec<String>,
 }
 
 /// The audit trail in `seq` order, filtered, a page at a time (pass
@@ -101,7 +105,8 @@ pub(crate) async fn events(
     }
     let rows = sqlx::query!(
         r#"SELECT seq, event_id, occurred_at, recorded_at, actor_kind, actor_id, actor_name, actor_role,
-                  host(source_ip) AS source_ip, request_id, action, resource_kind, resource_id, outcome, reason
+                  host(source_ip) AS source_ip, request_id, action, resource_kind, resource_id, outcome, reason,
+                  patients
            FROM audit_events
            WHERE seq > $1
              AND ($2::text IS NULL OR actor_name = $2)
@@ -146,6 +151,7 @@ pub(crate) async fn events(
             resource_id: r.resource_id,
             outcome: r.outcome,
             reason: r.reason,
+            patients: r.patients.unwrap_or_default(),
         })
         .collect();
     state.audit(&user.event(Action::AuditRead, Outcome::Success)).await?;
@@ -227,4 +233,129 @@ pub(crate) async fn verify(State(state): State<AppState>, user: AuthUser) -> Res
     }
     state.audit(&event).await?;
     Ok(Json(answer))
+}
+
+/// Whose accesses: the body of `POST /v1/audit/disclosures` (the reference
+/// travels in the body, never in a URL).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisclosureQuery {
+    /// The patient reference, as uploaded
+    patient_ref: String,
+    /// The `next_cursor` of the previous page.
+    after: Option<i64>,
+    /// Accesses per page, 1-1000 (default 100).
+    #[schema(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+/// One access to the patient: who, when, what, and under which grant.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Disclosure {
+    seq: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    occurred_at: OffsetDateTime,
+    actor_kind: String,
+    actor_id: Option<Uuid>,
+    actor_name: Option<String>,
+    actor_role: Option<String>,
+    source_ip: Option<String>,
+    action: String,
+    outcome: String,
+    resource_kind: Option<String>,
+    resource_id: Option<String>,
+    /// The reason code the event carries (`out_of_scope`, a privacy
+    /// officer's reason and `case:…`, …).
+    reason: Option<String>,
+    /// The break-glass grant the access was made under, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    break_glass_grant: Option<Uuid>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DisclosurePage {
+    disclosures: Vec<Disclosure>,
+    /// Pass as `after` for the next page; absent on the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<i64>,
+}
+
+/// The accounting of disclosures (HIPAA §164.528, GDPR Art. 15): every
+/// access to one patient on the audit trail, newest first, a page at a time.
+/// Reads, concept pages that listed them, exports, break-glass grants for
+/// them, refusals, care-team additions and erasure; the lookup itself is
+/// audited and names the patient too.
+#[utoipa::path(
+    post,
+    path = "/v1/audit/disclosures",
+    tag = "audit",
+    request_body = DisclosureQuery,
+    responses(
+        (status = 200, description = "A page of the patient's disclosures, newest first", body = DisclosurePage),
+    ),
+    extensions(("x-errors" = json!([
+        "invalid_patient_ref", "invalid_limit",
+        "unavailable: the api has no audit reader connection (`AUDIT_READER_DATABASE_URL`)",
+    ]))),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn disclosures(
+    State(state): State<AppState>,
+    user: AuthUser,
+    JsonBody(q): JsonBody<DisclosureQuery>,
+) -> Result<Json<DisclosurePage>, ApiError> {
+    let db = audit_db(&state)?;
+    let patient = clinflow::documents::patient_index(&state.index_key, &valid_patient_ref(&q.patient_ref)?);
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid("invalid_limit", format!("limit must be 1-{MAX_PAGE}")));
+    }
+    // The lookup is on the trail before anything is answered.
+    let event = user.event(Action::AuditDisclosures, Outcome::Success).patient(&patient);
+    state.audit(&event).await?;
+    let rows = sqlx::query!(
+        r#"SELECT e.seq, e.occurred_at, e.actor_kind, e.actor_id, e.actor_name, e.actor_role,
+                  host(e.source_ip) AS source_ip, e.action, e.outcome, e.resource_kind, e.resource_id, e.reason
+           FROM audit_disclosures d
+           JOIN audit_events e ON e.seq = d.seq
+           WHERE d.patient_index = $1 AND ($2::bigint IS NULL OR d.seq < $2)
+           ORDER BY d.seq DESC
+           LIMIT $3"#,
+        patient,
+        q.after,
+        limit,
+    )
+    .fetch_all(db)
+    .await?;
+    let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.seq)).flatten();
+    let disclosures = rows
+        .into_iter()
+        .map(|r| Disclosure {
+            // A read under a grant names it in its reason; the grant itself
+            // is its resource.
+            break_glass_grant: match (r.resource_kind.as_deref(), r.resource_id.as_deref()) {
+                (Some("break_glass"), Some(id)) => Uuid::try_parse(id).ok(),
+                _ => r.reason.as_deref().and_then(break_glass_grant),
+            },
+            seq: r.seq,
+            occurred_at: r.occurred_at,
+            actor_kind: r.actor_kind,
+            actor_id: r.actor_id,
+            actor_name: r.actor_name,
+            actor_role: r.actor_role,
+            source_ip: r.source_ip,
+            action: r.action,
+            outcome: r.outcome,
+            resource_kind: r.resource_kind,
+            resource_id: r.resource_id,
+            reason: r.reason,
+        })
+        .collect();
+    Ok(Json(DisclosurePage { disclosures, next_cursor }))
+}
+
+/// The grant a read was made under: `break_glass:<id>` in its reason (a
+/// grant itself names its id as its resource).
+fn break_glass_grant(reason: &str) -> Option<Uuid> {
+    reason.split(' ').find_map(|word| word.strip_prefix("break_glass:")).and_then(|id| Uuid::try_parse(id).ok())
 }

@@ -135,7 +135,7 @@ async fn store(
     let mut names: Vec<String> = pending.iter().filter_map(|p| p.upload.care_team.clone()).collect();
     names.sort_unstable();
     names.dedup();
-    let teams = scope::team_ids(&mut *tx, &names).await?;
+    let teams = scope::upload_teams(&mut *tx, user.id, &names).await?;
     let patients: Vec<PatientRef> =
         pending.iter().map(|p| PatientRef::new(&p.patient_index, &p.upload.patient_ref)).collect();
     let keys = state.keys.for_patients(&mut tx, &patients).await?;
@@ -143,15 +143,19 @@ async fn store(
     let mut docs = Vec::with_capacity(pending.len());
     let mut memberships = Vec::new();
     for p in pending {
-        match p.upload.care_team.as_ref().map(|name| teams.get(name)) {
-            Some(None) => response.push(LineOutcome::Rejected {
-                line: p.line,
-                code: "unknown_care_team".into(),
-                message: "no care team has this name".into(),
-            }),
-            team => {
-                if let Some(Some(team)) = team {
-                    memberships.push((*team, p.patient_index.clone()));
+        let team = match p.upload.care_team.as_ref().map(|name| teams.get(name)) {
+            None => Ok(None),
+            Some(None) => Err(ApiError::invalid("unknown_care_team", "no care team has this name")),
+            Some(Some(team)) => scope::bound(team).map(Some),
+        };
+        match team {
+            Err(e) => {
+                let (code, message) = e.code_and_message();
+                response.push(LineOutcome::Rejected { line: p.line, code: code.into(), message });
+            }
+            Ok(team) => {
+                if let Some(team) = team {
+                    memberships.push((team, p.patient_index.clone()));
                 }
                 let key = keys.get(&p.patient_index).ok_or_else(|| anyhow::anyhow!("no data key for a patient"))?;
                 numbers.push(p.line);
@@ -174,8 +178,17 @@ async fn store(
             Inserted::DuplicateSourceRef(id) => response.push(LineOutcome::Duplicate { line: *number, id: *id }),
         }
     }
+    // Only the accepted lines' patients join their teams.
+    let accepted: std::collections::HashSet<&[u8]> = docs
+        .iter()
+        .zip(&inserted)
+        .filter(|(_, fate)| matches!(fate, Inserted::New))
+        .map(|(doc, _)| doc.patient_index.as_slice())
+        .collect();
+    memberships.retain(|(_, patient)| accepted.contains(patient.as_slice()));
+    let added = scope::add_patients(&mut tx, &memberships).await?;
+    messages.extend(scope::additions_audited(&state.audit_signer, user, &added)?);
     outbox::enqueue(&mut tx, &messages).await?;
-    scope::add_patients(&mut tx, &memberships).await?;
     tx.commit().await?;
     state.relay.wake();
     Ok(())

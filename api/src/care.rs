@@ -54,7 +54,9 @@ pub struct BreakGlassResponse {
         (status = 201, description = "The grant and when it ends", body = BreakGlassResponse),
     ),
     extensions(("x-errors" = json!([
-        "wrong_password", "invalid_patient_ref", "invalid_reason: not 10-1000 characters", "login_busy",
+        "wrong_password: also once the account is locked (wrong passwords here count toward its lockout)",
+        "invalid_patient_ref", "invalid_reason: not 10-1000 characters", "login_busy",
+        "break_glass_limit: BREAK_GLASS_GRANTS_PER_DAY grants in the last 24 hours",
     ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
@@ -71,19 +73,43 @@ pub(crate) async fn break_glass(
             format!("reason must be {MIN_REASON_CHARS}-{MAX_REASON_CHARS} characters: say why you need this record"),
         ));
     }
-    let creds = crate::users::credentials(&state.db, user.id).await?;
-    let admitted = state.passwords.admit().map_err(|_| ApiError::LoginBusy)?;
-    let ok = state.passwords.verify(&admitted, req.password, creds.map(|c| c.password_hash)).await;
-    drop(admitted);
-    if !ok {
-        state.audit(&user.event(Action::BreakGlass, Outcome::Denied).reason("wrong_password")).await?;
-        return Err(ApiError::WrongPassword);
+    let patient_index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
+    // A wrong password counts toward the account's lockout, as at login.
+    crate::reauth::confirm_password(&state, &user, req.password, Action::BreakGlass).await?;
+    let mut tx = state.db.begin().await?;
+    // At most `break_glass_per_day` grants per clinician in 24 hours: the
+    // count is taken under a lock on the clinician's row, so concurrent
+    // requests cannot pass it together.
+    sqlx::query!("SELECT id FROM users WHERE id = $1 FOR UPDATE", user.id).fetch_one(&mut *tx).await?;
+    let taken = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM break_glass_grants
+           WHERE user_id = $1 AND granted_at > now() - interval '24 hours'"#,
+        user.id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if taken >= i64::from(state.break_glass_per_day) {
+        tx.rollback().await?;
+        let event = user.event(Action::BreakGlass, Outcome::Denied).patient(&patient_index).reason("daily_limit");
+        state.audit(&event).await?;
+        return Err(ApiError::BadRequest {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "break_glass_limit",
+            message: format!(
+                "at most {} break-glass grants per clinician in 24 hours; ask a colleague in the patient's care team, \
+                 or an admin to add the patient to yours",
+                state.break_glass_per_day
+            ),
+        });
     }
     let id = Uuid::now_v7();
-    let patient_index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
     let minutes = state.break_glass_for.as_secs_f64();
-    let event = user.event(Action::BreakGlass, Outcome::Success).resource("break_glass", &id.to_string());
-    let mut tx = state.db.begin().await?;
+    // The grant names the patient (by blind index): who broke the glass for
+    // whom is part of that patient's accounting of disclosures.
+    let event = user
+        .event(Action::BreakGlass, Outcome::Success)
+        .resource("break_glass", &id.to_string())
+        .patient(&patient_index);
     // The reason is free text about the patient: sealed under their data
     // key (created here if they have none yet), shredded with it.
     let key = state.keys.for_patient(&mut tx, PatientRef::new(&patient_index, &patient_ref)).await?;
@@ -103,5 +129,6 @@ pub(crate) async fn break_glass(
     tx.commit().await?;
     state.relay.wake();
     metrics::counter!("clinflow_break_glass_grants_total").increment(1);
+    crate::telemetry::privacy_event("break_glass");
     Ok((StatusCode::CREATED, Json(BreakGlassResponse { id, expires_at })))
 }

@@ -11,6 +11,7 @@ use clap::Subcommand;
 use clinflow::amqp::Topology;
 use clinflow::amqp::command::BrokerCommand;
 use clinflow::crypto::IndexKey;
+use clinflow::erasure::command::ErasuresCommand;
 use clinflow::keys::Keys;
 use clinflow::keys::command::KeysCommand;
 use clinflow::relay::{Relay, RelayHandle};
@@ -69,6 +70,11 @@ pub enum Command {
     /// administrator (AMQP_URL), before the services start; `check` looks.
     #[command(subcommand)]
     Broker(BrokerCommand),
+    /// The erasure journal (ERASURE_JOURNAL_DIR, ERASURE_JOURNAL_KEY):
+    /// `reapply` to a copy restored from a backup (DATABASE_URL, as its
+    /// schema owner), `check` its entries.
+    #[command(subcommand)]
+    Erasures(ErasuresCommand),
 }
 
 /// Runs what `cli` asks for.
@@ -80,6 +86,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ReindexPatients => reindex_patients().await,
         Command::Keys(command) => clinflow::keys::command::run(command, "clinflow-api").await,
         Command::Broker(command) => clinflow::amqp::command::run(command, "clinflow-api-broker").await,
+        Command::Erasures(command) => clinflow::erasure::command::run(command, "clinflow-api").await,
     }
 }
 
@@ -137,6 +144,8 @@ async fn run_server() -> anyhow::Result<()> {
             std::num::NonZeroU32::new(config.logins_per_minute).unwrap_or(std::num::NonZeroU32::MIN),
         )),
         break_glass_for: config.break_glass_for,
+        break_glass_per_day: config.break_glass_per_day,
+        erasure_journal: config.erasure_journal.map(Arc::new),
         edge: config.edge,
     };
     let listener = tokio::net::TcpListener::bind(config.api_addr)
@@ -165,6 +174,10 @@ async fn run_server() -> anyhow::Result<()> {
         .with_liveness(move || alive.alive())
     };
     let relay = tokio::spawn(relay.run(stop_relay.clone()));
+    // Destroyed data keys leave the cache when erasure commits, in any api.
+    clinflow::keys::destroyed::watch_destroyed_keys(&state.db, Arc::clone(&state.keys), shutdown.clone())
+        .await
+        .context("listening for destroyed data keys")?;
     clinflow::telemetry::serve_ops(config.metrics_addr, probes).await?;
     tokio::spawn(crate::idempotency::purge_periodically(
         db_for_purge,

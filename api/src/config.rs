@@ -28,6 +28,10 @@ pub struct ApiConfig {
     /// Password checks that may wait for a core before logins are shed.
     pub password_queue: usize,
     pub break_glass_for: std::time::Duration,
+    pub break_glass_per_day: u32,
+    /// `ERASURE_JOURNAL_DIR` and `ERASURE_JOURNAL_KEY`: without them erasure
+    /// answers 503 (an erasure must outlive a restore).
+    pub erasure_journal: Option<clinflow::erasure::Journal>,
     pub api_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub edge: crate::state::Edge,
@@ -82,6 +86,8 @@ impl ApiConfig {
             password_queue: usize::try_from(count("PASSWORD_CHECK_QUEUE", crate::users::DEFAULT_QUEUE as u64)?)
                 .unwrap_or(crate::users::DEFAULT_QUEUE),
             break_glass_for: std::time::Duration::from_secs(60 * count("BREAK_GLASS_MINUTES", 60)?.max(1)),
+            break_glass_per_day: u32::try_from(count("BREAK_GLASS_GRANTS_PER_DAY", 5)?.max(1)).unwrap_or(5),
+            erasure_journal: clinflow::erasure::Journal::from_env()?,
             api_addr: config::socket_addr("API_ADDR", "127.0.0.1:8080")?,
             metrics_addr: config::socket_addr("METRICS_ADDR", "127.0.0.1:9101")?,
             edge: edge()?,

@@ -149,12 +149,12 @@ async fn upload_one(
     state.check_backpressure()?;
     let team = match &upload.care_team {
         None => None,
-        Some(name) => Some(
-            *scope::team_ids(&state.db, std::slice::from_ref(name))
-                .await?
-                .get(name)
-                .ok_or_else(|| ApiError::invalid("unknown_care_team", "no care team has this name"))?,
-        ),
+        Some(name) => {
+            let teams = scope::upload_teams(&state.db, user.id, std::slice::from_ref(name)).await?;
+            let team =
+                teams.get(name).ok_or_else(|| ApiError::invalid("unknown_care_team", "no care team has this name"))?;
+            Some(scope::bound(team)?)
+        }
     };
     let event = user.event(Action::DocumentUpload, Outcome::Success).document(id);
     let messages = [
@@ -177,7 +177,8 @@ async fn upload_one(
     }
     timed(STAGE, "outbox", outbox::enqueue(&mut tx, &messages)).await?;
     if let Some(team) = team {
-        scope::add_patients(&mut tx, &[(team, doc.patient_index.clone())]).await?;
+        let added = scope::add_patients(&mut tx, &[(team, doc.patient_index.clone())]).await?;
+        outbox::enqueue(&mut tx, &scope::additions_audited(&state.audit_signer, &user, &added)?).await?;
     }
     if let Some(key) = &idempotency
         && !key.record(&mut tx, user.id, id).await?
@@ -268,7 +269,11 @@ pub(crate) async fn read(
     };
     let Some(grant) = grant else {
         metrics::counter!("clinflow_api_forbidden_total", "reason" => "out_of_scope").increment(1);
-        state.audit(&user.event(Action::DocumentRead, Outcome::Denied).document(id).reason("out_of_scope")).await?;
+        let mut event = user.event(Action::DocumentRead, Outcome::Denied).document(id).reason("out_of_scope");
+        if let Some(patient) = &row.patient_index {
+            event = event.patient(patient);
+        }
+        state.audit(&event).await?;
         return Err(ApiError::OutOfScope);
     };
     let status = Status::parse(&row.status).ok_or_else(|| anyhow::anyhow!("unknown document status"))?;
@@ -303,6 +308,9 @@ pub(crate) async fn read(
     };
     // No PHI leaves unless its read is on the audit trail.
     let mut event = user.event(Action::DocumentRead, Outcome::Success).document(id);
+    if let Some(patient) = &row.patient_index {
+        event = event.patient(patient);
+    }
     let reason = [with_text.then(|| "with_text".to_owned()), grant.audit_reason()];
     let reason: Vec<String> = reason.into_iter().flatten().collect();
     if !reason.is_empty() {

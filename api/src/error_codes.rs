@@ -37,14 +37,32 @@ const CODES: &[(&str, u16, &str)] = &[
     ),
     ("too_many_logins", 429, "too many attempts from this address; retry after `Retry-After`"),
     ("login_busy", 503, "too many password checks waiting; retry after `Retry-After`"),
+    (
+        "erasure_refused",
+        409,
+        "erasure would miss rows: documents without a patient index remain (run `keys migrate-v1`, then \
+         `reindex-patients`)",
+    ),
     ("wrong_password", 403, "the password given is not the caller's"),
     ("not_a_session", 422, "an API key has no session (an admin revokes keys)"),
+    (
+        "password_change_required",
+        403,
+        "the caller's password was set by an admin and is one-time: `POST /v1/auth/password` first",
+    ),
+    ("same_password", 422, "`new_password` is the current one"),
     // Care-team scope.
     ("out_of_scope", 403, "the patient is outside the caller's care teams and no break-glass grant covers it"),
     ("invalid_reason", 422, "the reason given is not one this operation takes"),
+    ("break_glass_limit", 429, "the clinician took `BREAK_GLASS_GRANTS_PER_DAY` grants in the last 24 hours"),
+    // Privacy.
+    ("invalid_case_ref", 422, "`case_ref` is missing or not 1-64 letters, digits and ._/-"),
+    ("erasure_pending", 409, "the patient already has an open erasure request"),
+    ("four_eyes_required", 403, "the privacy officer who asked for an erasure cannot approve it"),
     // Uploads.
     ("busy", 429, "the pipeline is behind; retry after `Retry-After`"),
     ("care_team_forbidden", 403, "only ingest accounts may name a care team"),
+    ("care_team_not_bound", 403, "the ingest account is not bound to this care team (an admin adds it as a member)"),
     ("duplicate_source_ref", 409, "the caller sent this `source_ref` before; `id` is that document"),
     ("text_too_large", 413, "`text` is over 1,000,000 bytes"),
     ("invalid_patient_ref", 422, "not 1-128 characters without control characters"),
@@ -74,7 +92,7 @@ const CODES: &[(&str, u16, &str)] = &[
     ("not_a_service_account", 422, "API keys are for service accounts only"),
     ("team_exists", 409, "a care team with this name exists"),
     ("invalid_team_name", 422, "not 1-64 characters of letters, digits and ._@ -"),
-    ("not_a_clinician", 422, "care team members are clinicians"),
+    ("invalid_member_role", 422, "care team members are clinicians, or ingest service accounts bound to the team"),
     ("invalid_selection", 422, "not one of the selections this operation takes"),
 ];
 

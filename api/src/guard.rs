@@ -37,6 +37,15 @@ impl Access {
         Self::Roles { roles, action, resource: Some(resource) }
     }
 
+    /// Whether a caller whose password an admin set (one-time) may call
+    /// this before replacing it: only the password change and logout.
+    pub fn open_before_password_change(&self) -> bool {
+        match self {
+            Self::Public => true,
+            Self::Roles { action, .. } => matches!(action, Action::PasswordChange | Action::Logout),
+        }
+    }
+
     pub fn allows(&self, role: Role) -> bool {
         match self {
             Self::Public => true,
@@ -48,10 +57,20 @@ impl Access {
 pub(crate) async fn guard(State(state): State<AppState>, access: Access, req: Request, next: Next) -> Response {
     let Access::Roles { roles, action, resource } = access else { return next.run(req).await };
     let (mut parts, body) = req.into_parts();
-    let user = match authenticate(&mut parts, &state).await {
+    let (user, password_change_required) = match authenticate(&mut parts, &state).await {
         Ok(user) => user,
         Err(e) => return e.into_response(),
     };
+    if password_change_required && !access.open_before_password_change() {
+        metrics::counter!("clinflow_api_forbidden_total", "reason" => "password_change_required").increment(1);
+        state.audit_denial(user.event(action, Outcome::Denied).reason("password_change_required")).await;
+        return ApiError::BadRequest {
+            status: axum::http::StatusCode::FORBIDDEN,
+            code: "password_change_required",
+            message: "your password was set by an admin and is one-time: replace it with POST /v1/auth/password".into(),
+        }
+        .into_response();
+    }
     if !roles.contains(&user.role) {
         let mut event = user.event(action, Outcome::Denied).reason("role_forbidden");
         if let Some(kind) = resource
@@ -70,9 +89,10 @@ pub(crate) async fn guard(State(state): State<AppState>, access: Access, req: Re
 }
 
 /// Who is calling: a bearer JWT whose session is live, or a live API key of
-/// a service account. Every refusal is audited (rate-limited) and answered
-/// 401 without saying why.
-async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<AuthUser, ApiError> {
+/// a service account; and whether they must replace their password first.
+/// Every refusal is audited (rate-limited) and answered 401 without saying
+/// why.
+async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, bool), ApiError> {
     let started = std::time::Instant::now();
     let Ok(meta) = RequestMeta::from_request_parts(parts, state).await;
     let refuse = async |actor: Actor, reason: &'static str| {
@@ -112,7 +132,7 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<AuthUser, A
         };
         let role = Role::parse(&row.role).ok_or(ApiError::Unauthenticated)?;
         metrics::histogram!("clinflow_api_stage_seconds", "stage" => "auth").record(started.elapsed().as_secs_f64());
-        return Ok(AuthUser { id: row.user_id, username: row.username, role, session_id: None, meta });
+        return Ok((AuthUser { id: row.user_id, username: row.username, role, session_id: None, meta }, false));
     }
     let claims = match state.jwt.verify(token) {
         Ok(claims) => claims,
@@ -128,7 +148,7 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<AuthUser, A
     let touch_every = (idle / 10.0).min(5.0);
     let row = sqlx::query!(
         r#"WITH live AS (
-               SELECT s.id, u.username, u.role, s.last_seen_at
+               SELECT s.id, u.username, u.role, u.password_change_required, s.last_seen_at
                FROM sessions s JOIN users u ON u.id = s.user_id
                WHERE s.id = $1 AND s.user_id = $2
                  AND s.revoked_at IS NULL AND u.disabled_at IS NULL
@@ -138,7 +158,7 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<AuthUser, A
                UPDATE sessions SET last_seen_at = now()
                WHERE id IN (SELECT id FROM live WHERE last_seen_at < now() - make_interval(secs => $4))
            )
-           SELECT username, role FROM live"#,
+           SELECT username, role, password_change_required FROM live"#,
         claims.jti,
         claims.sub,
         idle,
@@ -152,5 +172,6 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<AuthUser, A
     };
     let role = Role::parse(&row.role).ok_or(ApiError::Unauthenticated)?;
     metrics::histogram!("clinflow_api_stage_seconds", "stage" => "auth").record(started.elapsed().as_secs_f64());
-    Ok(AuthUser { id: claims.sub, username: row.username, role, session_id: Some(claims.jti), meta })
+    let user = AuthUser { id: claims.sub, username: row.username, role, session_id: Some(claims.jti), meta };
+    Ok((user, row.password_change_required))
 }

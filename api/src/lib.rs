@@ -10,7 +10,7 @@
 //!   `health`, `docs`;
 //! - the pieces they share: `guard` (authentication and the role check),
 //!   `state`, `auth`, `proxies` (the client's address behind a load
-//!   balancer), `lockout`, `denials`, `users`, `extract`, `validate`,
+//!   balancer), `reauth` (the password asked again), `lockout`, `denials`, `users`, `extract`, `validate`,
 //!   `seal`, `scope` (care teams), `idempotency`, `dates`, `telemetry`,
 //!   `error`, `error_codes` (every error code, its status and description),
 //!   `https` (the api's own TLS: certificate, versions, reload),
@@ -41,6 +41,7 @@ pub mod openapi;
 mod ops;
 mod patients;
 pub mod proxies;
+mod reauth;
 mod scope;
 mod seal;
 mod server;

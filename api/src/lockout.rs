@@ -61,6 +61,8 @@ pub struct Attempt {
     pub role: String,
     /// Failed attempts in the current window, this one included.
     pub failures: i64,
+    /// An admin set the password: it must be replaced before anything else.
+    pub password_change_required: bool,
 }
 
 /// Counts an attempt against `username` before its password is checked.
@@ -87,7 +89,7 @@ pub async fn begin_attempt(
                                    THEN now() ELSE failed_since END
            WHERE username = $1 AND disabled_at IS NULL AND kind = 'person'
              AND (locked_until IS NULL OR locked_until <= now())
-           RETURNING id, password_hash, role, failed_logins::int8 AS "failures!""#,
+           RETURNING id, password_hash, role, failed_logins::int8 AS "failures!", password_change_required"#,
         username,
         policy.window.as_secs_f64(),
     )

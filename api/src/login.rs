@@ -124,7 +124,12 @@ pub(crate) async fn login(
         return Err(e);
     }
     outcome("success");
-    Ok(Json(LoginResponse { access_token: token, token_type: "bearer".into(), expires_at }))
+    Ok(Json(LoginResponse {
+        access_token: token,
+        token_type: "bearer".into(),
+        expires_at,
+        password_change_required: attempt.password_change_required,
+    }))
 }
 
 /// End the caller's session (its token is refused from now on).
@@ -152,4 +157,62 @@ async fn revoke(state: &AppState, session_id: Uuid) -> Result<(), ApiError> {
         .execute(&state.db)
         .await?;
     Ok(())
+}
+
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PasswordChange {
+    /// The password in use (an admin's one-time password, or the caller's own).
+    #[schema(format = Password)]
+    current_password: String,
+    /// At least 12 characters, not the current one.
+    #[schema(format = Password)]
+    new_password: String,
+}
+
+/// Replace the caller's own password. Ends their other sessions; this one
+/// goes on, no longer held to the password change an admin's one-time
+/// password requires. A wrong current password counts toward the lockout.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/password",
+    tag = "auth",
+    request_body = PasswordChange,
+    responses((status = 204, description = "Changed")),
+    extensions(("x-errors" = json!([
+        "wrong_password", "weak_password", "same_password: the new password is the current one",
+        "not_a_session", "login_busy",
+    ]))),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn change_password(
+    State(state): State<AppState>,
+    user: AuthUser,
+    JsonBody(req): JsonBody<PasswordChange>,
+) -> Result<StatusCode, ApiError> {
+    let Some(session_id) = user.session_id else {
+        return Err(ApiError::invalid("not_a_session", "a service account has no password"));
+    };
+    users::valid_password(&req.new_password)
+        .map_err(|e| ApiError::invalid("weak_password", format!("new_password: {e}")))?;
+    if req.new_password == req.current_password {
+        return Err(ApiError::invalid("same_password", "new_password must differ from current_password"));
+    }
+    crate::reauth::confirm_password(&state, &user, req.current_password, Action::PasswordChange).await?;
+    let hash = state.passwords.hash(req.new_password).await.map_err(anyhow::Error::new)?;
+    let mut tx = state.db.begin().await?;
+    sqlx::query!("UPDATE users SET password_hash = $2, password_change_required = false WHERE id = $1", user.id, hash)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query!(
+        "UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
+        user.id,
+        session_id
+    )
+    .execute(&mut *tx)
+    .await?;
+    state.audit_in(&mut tx, &[user.event(Action::PasswordChange, Outcome::Success)]).await?;
+    tx.commit().await?;
+    state.relay.wake();
+    Ok(StatusCode::NO_CONTENT)
 }

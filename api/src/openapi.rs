@@ -130,6 +130,9 @@ fn describe_access(operation: &mut Operation, access: &Access) {
         for code in ["unauthenticated", "forbidden", "internal", "unavailable"] {
             add_error(operation, code, None);
         }
+        if !access.open_before_password_change() {
+            add_error(operation, "password_change_required", None);
+        }
     }
     let has = |operation: &Operation, place: ParameterIn| {
         operation.parameters.iter().flatten().any(|p| matches!(p, RefOr::T(p) if p.parameter_in == place))

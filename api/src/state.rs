@@ -57,6 +57,12 @@ pub struct AppState {
     pub login: Arc<LoginGuard>,
     /// How long a break-glass grant lasts (`BREAK_GLASS_MINUTES`).
     pub break_glass_for: Duration,
+    /// Grants one clinician may take in 24 hours
+    /// (`BREAK_GLASS_GRANTS_PER_DAY`); past it, 429 `break_glass_limit`.
+    pub break_glass_per_day: u32,
+    /// Where erasures are journalled, outside the database
+    /// (`ERASURE_JOURNAL_DIR`); without it erasure answers 503.
+    pub erasure_journal: Option<Arc<clinflow::erasure::Journal>>,
     /// Request timeouts, `/docs`, trusted proxies.
     pub edge: Edge,
 }

@@ -54,12 +54,30 @@ pub fn register() {
     }
     metrics::counter!("clinflow_account_lockouts_total").absolute(0);
     metrics::counter!("clinflow_break_glass_grants_total").absolute(0);
-    for reason in ["role_forbidden", "out_of_scope"] {
+    metrics::describe_counter!(
+        PRIVACY_EVENTS,
+        "Disclosures and erasures a privacy officer must hear of, by event (export, erasure_request, erasure, \
+         break_glass); each one raises an alert"
+    );
+    for event in PRIVACY {
+        metrics::counter!(PRIVACY_EVENTS, "event" => event).absolute(0);
+    }
+    for reason in ["role_forbidden", "out_of_scope", "password_change_required"] {
         metrics::counter!("clinflow_api_forbidden_total", "reason" => reason).absolute(0);
     }
     for reason in ["missing_token", "invalid_token", "expired_token", "session_ended", "invalid_api_key"] {
         metrics::counter!("clinflow_api_auth_rejected_total", "reason" => reason).absolute(0);
     }
+}
+
+const PRIVACY_EVENTS: &str = "clinflow_privacy_events_total";
+const PRIVACY: [&str; 4] = ["export", "erasure_request", "erasure", "break_glass"];
+
+/// Counts an export, an erasure (asked or done) or a break-glass grant:
+/// `event` is one of [`PRIVACY`].
+pub(crate) fn privacy_event(event: &'static str) {
+    debug_assert!(PRIVACY.contains(&event));
+    metrics::counter!(PRIVACY_EVENTS, "event" => event).increment(1);
 }
 
 /// Counts one single upload by what it was answered.

@@ -21,6 +21,10 @@ pub enum Role {
     Ingest,
     Ops,
     Auditor,
+    /// Performs a patient's GDPR export and (with a second one) erasure,
+    /// and reads the accounting of disclosures.
+    #[value(name = "privacy_officer")]
+    PrivacyOfficer,
 }
 
 impl Role {
@@ -31,11 +35,14 @@ impl Role {
             Role::Ingest => "ingest",
             Role::Ops => "ops",
             Role::Auditor => "auditor",
+            Role::PrivacyOfficer => "privacy_officer",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor].into_iter().find(|r| r.as_str() == s)
+        [Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor, Role::PrivacyOfficer]
+            .into_iter()
+            .find(|r| r.as_str() == s)
     }
 }
 

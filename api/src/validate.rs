@@ -82,6 +82,34 @@ pub(crate) fn validate(req: UploadRequest) -> Result<ValidUpload, ApiError> {
     Ok(ValidUpload { patient_ref, text: req.text, source_ref, document_date, care_team })
 }
 
+/// Why, as a code (`gdpr_erasure_request`, `data_entry_error`, …): 3-64
+/// lowercase letters and `_`. It goes on the audit trail, which takes no
+/// free text.
+pub(crate) fn reason_code(field: &'static str, value: &str) -> Result<String, ApiError> {
+    let value = value.trim();
+    if !(3..=64).contains(&value.len()) || !value.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+        return Err(ApiError::invalid(
+            "invalid_reason",
+            format!("{field} must be a code of 3-64 lowercase letters and _, e.g. gdpr_erasure_request"),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// The privacy case's reference (`DSAR-2026-0042`): 1-64 letters, digits and
+/// `._/-`. It goes on the audit trail, so it must name the case, never the
+/// patient.
+pub(crate) fn case_ref(value: &str) -> Result<String, ApiError> {
+    let value = value.trim();
+    if !(1..=64).contains(&value.len()) || !value.chars().all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c)) {
+        return Err(ApiError::invalid(
+            "invalid_case_ref",
+            "case_ref must be 1-64 letters, digits and ._/- (the case's reference, never the patient's)",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 /// A team name or key label: 1-64 letters, digits and `._@ -` (the
 /// database's CHECKs say the same).
 pub(crate) fn plain_name(s: &str) -> bool {

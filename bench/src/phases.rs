@@ -107,6 +107,15 @@ impl Client {
         Ok((status, response.bytes().await?.to_vec()))
     }
 
+    /// `POST path` with a JSON body (such as `/v1/patients/documents`,
+    /// whose patient reference travels in the body): the status and the body.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<(u16, Vec<u8>)> {
+        let url = format!("{}{path}", self.base);
+        let response = self.send(|| self.http.post(&url).json(body)).await?;
+        let status = response.status().as_u16();
+        Ok((status, response.bytes().await?.to_vec()))
+    }
+
     /// One upload; its latency counted from `started` (the scheduled send
     /// time of a paced client).
     async fn upload(&self, note: &Note, started: Instant) -> anyhow::Result<Duration> {

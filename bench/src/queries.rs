@@ -46,10 +46,10 @@ impl Endpoint {
 
     fn route(self) -> &'static str {
         match self {
-            Self::PatientDocuments => "/v1/patients/{patient_ref}/documents",
-            Self::PatientConcepts => "/v1/patients/{patient_ref}/concepts",
-            Self::ConceptDocuments => "/v1/concepts/{cui}/documents",
-            Self::ConceptPatients => "/v1/concepts/{cui}/patients",
+            Self::PatientDocuments => "POST /v1/patients/documents",
+            Self::PatientConcepts => "POST /v1/patients/concepts",
+            Self::ConceptDocuments => "GET /v1/concepts/{cui}/documents",
+            Self::ConceptPatients => "GET /v1/concepts/{cui}/patients",
         }
     }
 
@@ -76,16 +76,19 @@ struct Questions {
 
 impl Questions {
     /// A request of `endpoint` by a member of `team`: one of the team's
-    /// patients, or a concept picked as often as documents name it.
-    fn path(&self, endpoint: Endpoint, team: usize, rng: &mut SplitMix64) -> String {
+    /// patients (in a POST body: references never travel in URLs), or a
+    /// concept picked as often as documents name it.
+    fn request(&self, endpoint: Endpoint, team: usize, rng: &mut SplitMix64) -> (String, Option<serde_json::Value>) {
         let patient = |rng: &mut SplitMix64| {
-            Dataset::patient_ref(self.set.team_patient(team, rng.below(self.set.team_size() as u64) as usize))
+            let patient_ref =
+                Dataset::patient_ref(self.set.team_patient(team, rng.below(self.set.team_size() as u64) as usize));
+            Some(serde_json::json!({ "patient_ref": patient_ref }))
         };
         match endpoint {
-            Endpoint::PatientDocuments => format!("/v1/patients/{}/documents", patient(rng)),
-            Endpoint::PatientConcepts => format!("/v1/patients/{}/concepts", patient(rng)),
-            Endpoint::ConceptDocuments => format!("/v1/concepts/{}/documents", self.concepts.pick(rng).cui),
-            Endpoint::ConceptPatients => format!("/v1/concepts/{}/patients", self.concepts.pick(rng).cui),
+            Endpoint::PatientDocuments => ("/v1/patients/documents".into(), patient(rng)),
+            Endpoint::PatientConcepts => ("/v1/patients/concepts".into(), patient(rng)),
+            Endpoint::ConceptDocuments => (format!("/v1/concepts/{}/documents", self.concepts.pick(rng).cui), None),
+            Endpoint::ConceptPatients => (format!("/v1/concepts/{}/patients", self.concepts.pick(rng).cui), None),
         }
     }
 
@@ -122,7 +125,10 @@ impl Questions {
         rng: &mut SplitMix64,
         scheduled: Instant,
     ) -> anyhow::Result<(Duration, Option<String>)> {
-        let (status, body) = client.get(&self.path(endpoint, team, rng)).await?;
+        let (status, body) = match self.request(endpoint, team, rng) {
+            (path, Some(body)) => client.post(&path, &body).await?,
+            (path, None) => client.get(&path).await?,
+        };
         let latency = scheduled.elapsed();
         Ok((latency, self.problem(endpoint, team, status, &body)))
     }
@@ -299,8 +305,9 @@ async fn sanity(
         "{stored} documents stored for a patient, {} loaded",
         loaded[ours]
     );
-    let (status, body) =
-        clinician.get(&format!("/v1/patients/{}/documents?limit=1000", Dataset::patient_ref(ours))).await?;
+    let (status, body) = clinician
+        .post("/v1/patients/documents", &serde_json::json!({"patient_ref": Dataset::patient_ref(ours), "limit": 1000}))
+        .await?;
     let page: serde_json::Value = serde_json::from_slice(&body)?;
     let items = page["items"].as_array().map_or(0, Vec::len);
     anyhow::ensure!(
@@ -309,7 +316,7 @@ async fn sanity(
         loaded[ours]
     );
     let theirs = Dataset::patient_ref(set.team_patient(1, 0));
-    let (status, body) = clinician.get(&format!("/v1/patients/{theirs}/documents")).await?;
+    let (status, body) = clinician.post("/v1/patients/documents", &serde_json::json!({"patient_ref": theirs})).await?;
     let answer: serde_json::Value = serde_json::from_slice(&body)?;
     anyhow::ensure!(
         status == 403 && answer["error"]["code"] == "out_of_scope",

@@ -172,6 +172,9 @@ struct Rows {
     row_hash: Vec<Vec<u8>>,
     head_key_id: Vec<Option<String>>,
     head_signature: Vec<Option<Vec<u8>>>,
+    /// Per row, its patients' blind indexes (hex) joined by spaces: arrays
+    /// of arrays do not pass through UNNEST.
+    patients: Vec<Option<String>>,
 }
 
 impl Rows {
@@ -197,6 +200,7 @@ impl Rows {
         self.row_hash.push(hash);
         self.head_key_id.push(None);
         self.head_signature.push(None);
+        self.patients.push((!e.patients.is_empty()).then(|| e.patients.join(" ")));
     }
 
     /// The sink's signature of the last row pushed (`seq`, `hash`).
@@ -207,15 +211,22 @@ impl Rows {
         }
     }
 
+    /// The rows, and one `audit_disclosures` row per patient each names.
     async fn insert(&self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
         sqlx::query!(
             r#"INSERT INTO audit_events (seq, event_id, occurred_at, actor_kind, actor_id, actor_name, actor_role,
                                          source_ip, request_id, action, resource_kind, resource_id, outcome, reason,
-                                         key_id, signature, prev_hash, row_hash, head_key_id, head_signature)
-               SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::timestamptz[], $4::text[], $5::uuid[], $6::text[],
-                                    $7::text[], $8::inet[], $9::text[], $10::text[], $11::text[], $12::text[],
-                                    $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bytea[], $18::bytea[],
-                                    $19::text[], $20::bytea[])"#,
+                                         key_id, signature, prev_hash, row_hash, head_key_id, head_signature, patients)
+               SELECT seq, event_id, occurred_at, actor_kind, actor_id, actor_name, actor_role, source_ip, request_id,
+                      action, resource_kind, resource_id, outcome, reason, key_id, signature, prev_hash, row_hash,
+                      head_key_id, head_signature, string_to_array(patients, ' ')
+               FROM UNNEST($1::bigint[], $2::uuid[], $3::timestamptz[], $4::text[], $5::uuid[], $6::text[],
+                           $7::text[], $8::inet[], $9::text[], $10::text[], $11::text[], $12::text[],
+                           $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bytea[], $18::bytea[],
+                           $19::text[], $20::bytea[], $21::text[])
+                    AS t (seq, event_id, occurred_at, actor_kind, actor_id, actor_name, actor_role, source_ip,
+                          request_id, action, resource_kind, resource_id, outcome, reason, key_id, signature,
+                          prev_hash, row_hash, head_key_id, head_signature, patients)"#,
             &self.seq,
             &self.event_id,
             &self.occurred_at,
@@ -236,9 +247,23 @@ impl Rows {
             &self.row_hash,
             &self.head_key_id as &[Option<String>],
             &self.head_signature as &[Option<Vec<u8>>],
+            &self.patients as &[Option<String>],
         )
-        .execute(tx)
+        .execute(&mut *tx)
         .await?;
+        if self.patients.iter().any(Option::is_some) {
+            // A patient named twice in one event is one disclosure.
+            sqlx::query!(
+                "INSERT INTO audit_disclosures (patient_index, seq)
+                 SELECT DISTINCT decode(p, 'hex'), t.seq
+                 FROM UNNEST($1::bigint[], $2::text[]) AS t (seq, patients),
+                      unnest(string_to_array(t.patients, ' ')) AS p",
+                &self.seq,
+                &self.patients as &[Option<String>],
+            )
+            .execute(tx)
+            .await?;
+        }
         Ok(())
     }
 }
@@ -337,7 +362,7 @@ pub async fn verify_from(db: &PgPool, trust: &Trust, from: &Head) -> Result<Head
         StoredRow,
         r#"SELECT seq, event_id, occurred_at, actor_kind, actor_id, actor_name, actor_role, source_ip, request_id,
                   action, resource_kind, resource_id, outcome, reason, key_id, signature, prev_hash, row_hash,
-                  head_key_id, head_signature
+                  head_key_id, head_signature, patients
            FROM audit_events WHERE seq >= $1 ORDER BY seq"#,
         from.seq
     )
@@ -401,6 +426,9 @@ pub struct StoredRow {
     pub head_key_id: Option<String>,
     #[serde(default, deserialize_with = "pg_json::bytea_opt")]
     pub head_signature: Option<Vec<u8>>,
+    /// The patients the event disclosed (blind indexes, hex).
+    #[serde(default)]
+    pub patients: Option<Vec<String>>,
 }
 
 /// How `to_jsonb` writes `bytea` and `inet`.
@@ -460,6 +488,7 @@ impl StoredRow {
             },
             outcome: parse_enum::<Outcome>(&self.outcome).ok_or_else(|| broken("unknown outcome"))?,
             reason: self.reason.clone(),
+            patients: self.patients.clone().unwrap_or_default(),
         })
     }
 }

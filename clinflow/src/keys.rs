@@ -3,9 +3,12 @@
 //! time-limited cache shared by the process, and used to open any
 //! ciphertext (format 1 or 2). Rotation and re-encryption: [`rotation`];
 //! the `keys` command over them: [`command`]; filling the patient blind
-//! index of documents stored before it existed: [`reindex`].
+//! index of documents stored before it existed: [`reindex`]; dropping
+//! destroyed keys from the cache as the database announces them:
+//! [`destroyed`].
 
 pub mod command;
+pub mod destroyed;
 mod migrate_v1;
 pub mod reindex;
 mod reseal;
@@ -305,6 +308,12 @@ impl Keys {
     pub fn forget(&self, id: Uuid) {
         self.cache.remove(id);
     }
+
+    /// Drops every key from this process's cache (when announcements of
+    /// destroyed keys may have been missed).
+    pub fn forget_all(&self) {
+        self.cache.clear();
+    }
 }
 
 /// Opens the ciphertexts it was made for ([`Keys::opener`]).
@@ -366,6 +375,10 @@ impl Cache {
 
     fn remove(&self, id: Uuid) {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner).pop(&id);
+    }
+
+    fn clear(&self) {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 }
 

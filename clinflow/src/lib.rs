@@ -18,7 +18,9 @@
 //! of the crate; `config` builds on `crypto`; `audit` on `amqp` and `config`
 //! (the producers' signing keys); `jobs` and `link` on `amqp`; `outbox` on
 //! `audit` and `jobs`, `relay` on `outbox`; `documents` on `crypto`,
-//! `concepts` and `amqp`'s lanes; `keys` on `documents`;
+//! `concepts` and `amqp`'s lanes; `keys` on `documents`; `erasure` (a
+//! patient's erasure, its journal outside the database) on `keys`, `audit`
+//! and `outbox`;
 //! `deadletters` and key rotation on what they run; `chain` on `audit`,
 //! `checkpoint` on `chain`.
 //!
@@ -68,6 +70,8 @@ pub mod crypto;
 pub mod deadletters;
 #[cfg(feature = "server")]
 pub mod documents;
+#[cfg(feature = "server")]
+pub mod erasure;
 #[cfg(feature = "server")]
 pub mod headers;
 #[cfg(feature = "server")]

@@ -218,6 +218,14 @@ pub fn index_key() -> IndexKey {
     IndexKey::new(SecretBox::new(Box::new(b"test index key, at least 32 bytes long".to_vec())))
 }
 
+/// The tests' `ERASURE_JOURNAL_KEY` (as a binary reads it).
+pub const ERASURE_JOURNAL_KEY: &str = "test erasure journal key, 32 bytes or more";
+
+/// A journal of erasures in `dir` under [`ERASURE_JOURNAL_KEY`].
+pub fn erasure_journal(dir: &std::path::Path) -> crate::erasure::Journal {
+    crate::erasure::Journal::new(dir, IndexKey::new(SecretBox::new(Box::new(ERASURE_JOURNAL_KEY.as_bytes().to_vec()))))
+}
+
 /// The tests' master key (base64 of it for a binary's CLINFLOW_MASTER_KEY).
 pub fn master_key() -> [u8; 32] {
     let mut key = [0u8; 32];

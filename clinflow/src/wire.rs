@@ -46,6 +46,11 @@ pub struct LoginResponse {
     pub token_type: Cow<'static, str>,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+    /// The password was set by an admin and is one-time: until it is
+    /// replaced (`POST /v1/auth/password`), every other call is refused with
+    /// 403 `password_change_required`.
+    #[serde(default)]
+    pub password_change_required: bool,
 }
 
 /// One document to upload: the body of `POST /v1/documents` and one line of

@@ -138,10 +138,14 @@ async fn work() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")?;
     let keys = Arc::new(Keys::new(keyring));
+    let shutdown = clinflow::shutdown::on_signal();
+    // Destroyed data keys leave the cache when erasure commits.
+    clinflow::keys::destroyed::watch_destroyed_keys(&db, Arc::clone(&keys), shutdown.clone())
+        .await
+        .context("listening for destroyed data keys")?;
     let worker =
         Arc::new(Worker { db, keys, medcat, model_version, topology: topology()?, audit_signer, batch, retry });
     // RabbitMQ is connected (and reconnected) inside `run`.
-    let shutdown = clinflow::shutdown::on_signal();
     let link = LinkState::default();
     let medcat_health = MedcatHealth::default();
     tokio::spawn(medcat_health.clone().watch(worker.medcat.clone(), Duration::from_secs(5), shutdown.clone()));

@@ -135,7 +135,7 @@ pub(crate) struct MemberPath {
     responses(
         (status = 204, description = "A member (already or now)"),
     ),
-    extensions(("x-errors" = json!(["not_found: no such team or user", "not_a_clinician"]))),
+    extensions(("x-errors" = json!(["not_found: no such team or user", "invalid_member_role"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, team_id = %team, member_id = %user))]
 pub(crate) async fn add_member(
@@ -147,8 +147,13 @@ pub(crate) async fn add_member(
         .fetch_optional(&state.db)
         .await?
         .ok_or(ApiError::NotFound)?;
-    if role != Role::Clinician.as_str() {
-        return Err(ApiError::invalid("not_a_clinician", "care team members are clinicians"));
+    // A clinician member reads the team's patients; an ingest account
+    // member may add patients to the team with its uploads (`care_team`).
+    if role != Role::Clinician.as_str() && role != Role::Ingest.as_str() {
+        return Err(ApiError::invalid(
+            "invalid_member_role",
+            "care team members are clinicians, or ingest accounts the team's uploads come from",
+        ));
     }
     let added = sqlx::query!(
         "INSERT INTO care_team_members (team_id, user_id) SELECT id, $2 FROM care_teams WHERE id = $1
@@ -234,8 +239,13 @@ pub(crate) async fn add_patient(
     if !team_exists(&state, team).await? {
         return Err(ApiError::NotFound);
     }
-    scope::add_patients(&mut *state.db.acquire().await?, &[(team, index)]).await?;
-    team_change(&state, &admin, team, "patient_add").await?;
+    let mut tx = state.db.begin().await?;
+    scope::add_patients(&mut tx, &[(team, index.clone())]).await?;
+    let event =
+        admin.event(Action::TeamPatientAdd, Outcome::Success).resource("care_team", &team.to_string()).patient(&index);
+    state.audit_in(&mut tx, &[event]).await?;
+    tx.commit().await?;
+    state.relay.wake();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -265,6 +275,7 @@ pub(crate) async fn remove_patient(
     if removed.rows_affected() == 0 {
         return Err(ApiError::NotFound);
     }
-    team_change(&state, &admin, team, "patient_remove").await?;
+    let event = admin.event(Action::AdminTeam, Outcome::Success).resource("care_team", &team.to_string());
+    state.audit(&event.patient(&index).reason("patient_remove")).await?;
     Ok(StatusCode::NO_CONTENT)
 }

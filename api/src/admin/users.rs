@@ -64,7 +64,8 @@ pub(crate) struct NewUser {
     password: String,
 }
 
-/// Create a person's account.
+/// Create a person's account. The password is one-time: the next login
+/// must replace it (`POST /v1/auth/password`) before any other call.
 #[utoipa::path(
     post,
     path = "/v1/admin/users",
@@ -83,6 +84,8 @@ pub(crate) async fn create_user(
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
     let id =
         users::create(&state.db, &state.passwords, &req.username, &req.password, req.role).await.map_err(user_error)?;
+    // The admin knows this password: its holder must replace it first.
+    sqlx::query!("UPDATE users SET password_change_required = true WHERE id = $1", id).execute(&state.db).await?;
     let event = admin.event(Action::AdminUser, Outcome::Success).resource("user", &id.to_string());
     state.audit(&event.reason(&format!("create:{}", req.role.as_str()))).await?;
     Ok((StatusCode::CREATED, Json(Created { id })))
@@ -167,6 +170,7 @@ pub(crate) struct NewPassword {
 }
 
 /// Sets a person's password, clears their lockout and ends their sessions.
+/// The password is one-time, as at creation.
 #[utoipa::path(
     post,
     path = "/v1/admin/users/{id}/password",
@@ -192,7 +196,7 @@ pub(crate) async fn reset_password(
     let mut tx = state.db.begin().await?;
     let changed = sqlx::query!(
         "UPDATE users SET password_hash = $2, failed_logins = 0, failed_since = NULL, locked_until = NULL,
-                          lockouts = 0
+                          lockouts = 0, password_change_required = true
          WHERE id = $1 AND kind = 'person'",
         id,
         hash

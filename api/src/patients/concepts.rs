@@ -94,6 +94,12 @@ pub(crate) async fn concept_patients(
     let more = rows.len() as i64 > limit;
     let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
     let mut refs = patient_refs(&state, rows.iter().map(|r| r.patient_index.as_slice())).await?;
+    // Every patient the page shows is disclosed to the caller: named on the
+    // audit trail (by blind index), for the accounting of disclosures.
+    let event = user
+        .event(Action::ConceptRead, Outcome::Success)
+        .resource("concept", cui)
+        .patients(rows.iter().map(|r| r.patient_index.as_slice()));
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
     for r in rows {
@@ -109,7 +115,6 @@ pub(crate) async fn concept_patients(
         last = Some(r.patient_index);
     }
     let next_cursor = if more { last.as_deref().map(hex) } else { None };
-    let event = user.event(Action::ConceptRead, Outcome::Success).resource("concept", cui);
     state.audit(&event.reason(&format!("patients:{}", items.len()))).await?;
     Ok(Json(Page { items, next_cursor }))
 }
@@ -185,6 +190,10 @@ pub(crate) async fn concept_documents(
     let more = rows.len() as i64 > limit;
     let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
     let refs = patient_refs(&state, rows.iter().map(|r| r.patient_index.as_slice())).await?;
+    // Rows come patient by patient: each patient shown is named once.
+    let mut shown: Vec<&[u8]> = rows.iter().map(|r| r.patient_index.as_slice()).collect();
+    shown.dedup();
+    let event = user.event(Action::ConceptRead, Outcome::Success).resource("concept", cui).patients(shown);
     let mut items = Vec::with_capacity(rows.len());
     let mut last = None;
     for r in rows {
@@ -204,7 +213,6 @@ pub(crate) async fn concept_documents(
         });
     }
     let next_cursor = if more { last.map(|(patient, id)| format!("{}.{id}", hex(&patient))) } else { None };
-    let event = user.event(Action::ConceptRead, Outcome::Success).resource("concept", cui);
     state.audit(&event.reason(&format!("documents:{}", items.len()))).await?;
     Ok(Json(Page { items, next_cursor }))
 }

@@ -10,13 +10,14 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Patient, PatientPath, in_scope};
+use super::{Patient, in_scope};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::extract::PathParams;
+use crate::extract::JsonBody;
 use crate::scope::Grant;
 use crate::state::AppState;
 use crate::users::Role;
+use crate::validate::{case_ref, reason_code};
 
 const SNOMED: &str = "http://snomed.info/sct";
 const SPAN_EXTENSION: &str = "https://clinflow.dev/fhir/StructureDefinition/evidence-span";
@@ -90,27 +91,60 @@ fn concept_resource(patient: &str, doc: Uuid, mentions: &[&Annotation], recorded
     json!({"fullUrl": format!("urn:uuid:{id}"), "resource": resource})
 }
 
-/// `GET /v1/patients/{patient_ref}/export`: everything held on the patient
-/// as a FHIR R4 `collection` Bundle: the Patient, a DocumentReference per
-/// note (its text as an attachment), and for each concept of each current
-/// result a Condition, MedicationStatement, Procedure or Observation coded in
-/// SNOMED CT, with its evidence spans. 404 when nothing is held.
-#[utoipa::path(get, path = "/v1/patients/{patient_ref}/export", tag = "patients",
-    params(PatientPath),
+/// Whose export, and (for a privacy officer) why.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    /// The patient reference, as uploaded
+    patient_ref: String,
+    /// A privacy officer's reason, as a code (`gdpr_access_request`, …);
+    /// required of them, optional for a clinician.
+    reason: Option<String>,
+    /// A privacy officer's case reference (`DSAR-2026-0042`); required of
+    /// them. Names the case, never the patient.
+    case_ref: Option<String>,
+}
+
+/// `POST /v1/patients/export`: everything held on the patient as a FHIR R4
+/// `collection` Bundle: the Patient, a DocumentReference per note (its text
+/// as an attachment), and for each concept of each current result a
+/// Condition, MedicationStatement, Procedure or Observation coded in SNOMED
+/// CT, with its evidence spans. 404 when nothing is held.
+///
+/// A clinician exports a patient in their scope; a privacy officer any
+/// patient (GDPR Art. 15 and 20), with a reason code and the case's
+/// reference. Every export raises an alert (`ClinflowPatientExported`).
+#[utoipa::path(post, path = "/v1/patients/export", tag = "patients",
+    request_body = ExportRequest,
     responses((status = 200, description = "A FHIR R4 Bundle (type collection)", body = Object)),
     extensions(("x-errors" = json!([
         "out_of_scope", "not_found: nothing is held on this patient", "invalid_patient_ref",
+        "invalid_reason: a privacy officer's reason is missing or not a code",
+        "invalid_case_ref: a privacy officer's case_ref is missing or malformed",
     ]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn export(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
+    JsonBody(req): JsonBody<ExportRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let patient = Patient::parse(&state, &patient_ref)?;
+    let patient = Patient::parse(&state, &req.patient_ref)?;
+    let mut why = Vec::new();
     let grant = match user.role {
-        Role::Admin => None,
-        _ => Some(in_scope(&state, &user, &patient, Action::PatientExport).await?),
+        Role::PrivacyOfficer => {
+            why.push(reason_code("reason", req.reason.as_deref().unwrap_or_default())?);
+            why.push(format!("case:{}", case_ref(req.case_ref.as_deref().unwrap_or_default())?));
+            None
+        }
+        _ => {
+            if let Some(reason) = req.reason.as_deref() {
+                why.push(reason_code("reason", reason)?);
+            }
+            if let Some(case) = req.case_ref.as_deref() {
+                why.push(format!("case:{}", case_ref(case)?));
+            }
+            Some(in_scope(&state, &user, &patient, Action::PatientExport).await?)
+        }
     };
     let docs = sqlx::query!(
         r#"SELECT d.id, d.status, d.text_ct, d.document_date, d.created_at, r.model_version AS "model_version?",
@@ -124,7 +158,7 @@ pub(crate) async fn export(
     .await?;
     if docs.is_empty() {
         let event = user.event(Action::PatientExport, Outcome::Failure).resource("patient", &patient.audit_id());
-        state.audit(&event.reason("not_found")).await?;
+        state.audit(&event.patient(&patient.index).reason("not_found")).await?;
         return Err(ApiError::NotFound);
     }
     let patient_id = Uuid::new_v5(&Uuid::NAMESPACE_OID, &patient.index);
@@ -178,12 +212,11 @@ pub(crate) async fn export(
         "timestamp": rfc3339(OffsetDateTime::now_utc()),
         "entry": entries,
     });
-    let mut reason = format!("documents:{} concepts:{concepts}", docs.len());
-    if let Some(glass) = grant.and_then(Grant::audit_reason) {
-        reason = format!("{reason} {glass}");
-    }
+    why.push(format!("documents:{} concepts:{concepts}", docs.len()));
+    why.extend(grant.and_then(Grant::audit_reason));
     let event = user.event(Action::PatientExport, Outcome::Success).resource("patient", &patient.audit_id());
-    state.audit(&event.reason(&reason)).await?;
+    state.audit(&event.patient(&patient.index).reason(&why.join(" "))).await?;
+    crate::telemetry::privacy_event("export");
     Ok(Json(bundle))
 }
 

@@ -17,7 +17,7 @@ pub mod reads;
 
 use clinflow::audit::{Action, Outcome};
 use clinflow::documents;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use time::Date;
 use uuid::Uuid;
 
@@ -29,14 +29,6 @@ use crate::validate::valid_patient_ref;
 
 const DEFAULT_PAGE: i64 = 100;
 const MAX_PAGE: i64 = 1000;
-
-/// The patient a path names (`/v1/patients/{patient_ref}…`).
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Path)]
-pub(crate) struct PatientPath {
-    /// The patient reference, as uploaded
-    patient_ref: String,
-}
 
 /// A patient as the caller named them: the blind index, and its hex for
 /// the audit trail.
@@ -79,20 +71,26 @@ pub(super) async fn in_scope(
         return Ok(grant);
     }
     metrics::counter!("clinflow_api_forbidden_total", "reason" => "out_of_scope").increment(1);
-    let event = user.event(action, Outcome::Denied).resource("patient", &patient.audit_id()).reason("out_of_scope");
+    let event = user
+        .event(action, Outcome::Denied)
+        .resource("patient", &patient.audit_id())
+        .patient(&patient.index)
+        .reason("out_of_scope");
     state.audit(&event).await?;
     Err(ApiError::OutOfScope)
 }
 
+/// A patient's data was read: on the audit trail, the patient named for the
+/// accounting of disclosures, with the break-glass grant it was read under.
 pub(super) async fn audit_read(
     state: &AppState,
     user: &AuthUser,
     action: Action,
-    kind: &str,
-    id: &str,
+    patient: &Patient,
     grant: Option<Grant>,
 ) -> Result<(), ApiError> {
-    let mut event = user.event(action, Outcome::Success).resource(kind, id);
+    let mut event =
+        user.event(action, Outcome::Success).resource("patient", &patient.audit_id()).patient(&patient.index);
     if let Some(reason) = grant.and_then(Grant::audit_reason) {
         event = event.reason(&reason);
     }

@@ -8,16 +8,19 @@ use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use super::{Page, Patient, PatientPath, audit_read, cursor_id, date_param, in_scope, page_size};
+use super::{Page, Patient, audit_read, cursor_id, date_param, in_scope, page_size};
 use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::extract::{PathParams, QueryParams};
+use crate::extract::JsonBody;
 use crate::state::AppState;
 
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
+/// Which patient, and which of their documents. The reference travels in
+/// the body, never in a URL (proxies' access logs keep URLs).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct DocumentFilter {
+pub struct PatientDocumentsQuery {
+    /// The patient reference, as uploaded
+    patient_ref: String,
     /// Document date (or upload date when the note has none) from,
     /// inclusive, as YYYY-MM-DD.
     from: Option<String>,
@@ -40,9 +43,10 @@ pub struct DocumentSummary {
     model_version: Option<String>,
 }
 
-/// `GET /v1/patients/{patient_ref}/documents`: newest first, no text.
-#[utoipa::path(get, path = "/v1/patients/{patient_ref}/documents", tag = "patients",
-    params(PatientPath, DocumentFilter),
+/// `POST /v1/patients/documents`: a patient's documents, newest first, no
+/// text.
+#[utoipa::path(post, path = "/v1/patients/documents", tag = "patients",
+    request_body = PatientDocumentsQuery,
     responses((status = 200, description = "The patient's documents, newest first", body = Page<DocumentSummary>)),
     extensions(("x-errors" = json!([
         "out_of_scope", "invalid_patient_ref", "invalid_date", "invalid_limit", "invalid_cursor",
@@ -51,10 +55,9 @@ pub struct DocumentSummary {
 pub(crate) async fn patient_documents(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
-    QueryParams(filter): QueryParams<DocumentFilter>,
+    JsonBody(filter): JsonBody<PatientDocumentsQuery>,
 ) -> Result<Json<Page<DocumentSummary>>, ApiError> {
-    let patient = Patient::parse(&state, &patient_ref)?;
+    let patient = Patient::parse(&state, &filter.patient_ref)?;
     let limit = page_size(filter.limit)?;
     let after = cursor_id(filter.after.as_deref())?;
     let (from, until) = (date_param("from", filter.from.as_deref())?, date_param("until", filter.until.as_deref())?);
@@ -89,14 +92,15 @@ pub(crate) async fn patient_documents(
         });
     }
     let next_cursor = (items.len() as i64 == limit).then(|| items.last().map(|d| d.id.to_string())).flatten();
-    audit_read(&state, &user, Action::PatientRead, "patient", &patient.audit_id(), Some(grant)).await?;
+    audit_read(&state, &user, Action::PatientRead, &patient, Some(grant)).await?;
     Ok(Json(Page { items, next_cursor }))
 }
 
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ConceptFilter {
+pub struct ProblemListQuery {
+    /// The patient reference, as uploaded
+    patient_ref: String,
     /// Count negated / hypothetical mentions too (default: only affirmed).
     #[serde(default)]
     include_negated: bool,
@@ -114,22 +118,21 @@ pub struct ProblemListEntry {
     last_date: Option<Date>,
 }
 
-/// `GET /v1/patients/{patient_ref}/concepts`: the problem list — each
+/// `POST /v1/patients/concepts`: the problem list — each
 /// concept in the patient's current results with its number of documents and
 /// first and last document date; concepts only ever mentioned negated (by
 /// MetaCAT) are left out unless `include_negated=true`.
-#[utoipa::path(get, path = "/v1/patients/{patient_ref}/concepts", tag = "patients",
-    params(PatientPath, ConceptFilter),
+#[utoipa::path(post, path = "/v1/patients/concepts", tag = "patients",
+    request_body = ProblemListQuery,
     responses((status = 200, description = "The patient's problem list", body = Page<ProblemListEntry>)),
     extensions(("x-errors" = json!(["out_of_scope", "invalid_patient_ref"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
 pub(crate) async fn patient_concepts(
     State(state): State<AppState>,
     user: AuthUser,
-    PathParams(PatientPath { patient_ref }): PathParams<PatientPath>,
-    QueryParams(filter): QueryParams<ConceptFilter>,
+    JsonBody(filter): JsonBody<ProblemListQuery>,
 ) -> Result<Json<Page<ProblemListEntry>>, ApiError> {
-    let patient = Patient::parse(&state, &patient_ref)?;
+    let patient = Patient::parse(&state, &filter.patient_ref)?;
     let grant = in_scope(&state, &user, &patient, Action::PatientRead).await?;
     let items = sqlx::query_as!(
         ProblemListEntry,
@@ -148,6 +151,6 @@ pub(crate) async fn patient_concepts(
     )
     .fetch_all(&state.db)
     .await?;
-    audit_read(&state, &user, Action::PatientRead, "patient", &patient.audit_id(), Some(grant)).await?;
+    audit_read(&state, &user, Action::PatientRead, &patient, Some(grant)).await?;
     Ok(Json(Page { items, next_cursor: None }))
 }

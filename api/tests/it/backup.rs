@@ -145,7 +145,8 @@ async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_int
     // Act 2: restore into a new database.
     let restored = format!("{}_restored", stack.db.name);
     let target_url = url(&superuser(), &restored);
-    let restore_args = ["--key", key.to_str().unwrap(), "--target-url", &target_url, backup.to_str().unwrap()];
+    let restore_args =
+        ["--key", key.to_str().unwrap(), "--target-url", &target_url, "--no-erasure-journal", backup.to_str().unwrap()];
     let out = run(repo_path("scripts/restore"), &restore_args, &[]).await;
     assert!(out.status.success(), "restore: {}", text(&out));
     let summary =
@@ -224,6 +225,145 @@ async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_int
     stack.db.drop_database().await;
 }
 
+/// Rows naming the patient of `index`, per table: documents, results,
+/// concept rows, care-team entries, data keys.
+async fn rows_of(db: &PgPool, index: &[u8]) -> [i64; 5] {
+    let mut counts = [0; 5];
+    let queries = [
+        "SELECT count(*) FROM documents WHERE patient_index = $1",
+        "SELECT count(*) FROM document_results r JOIN documents d ON d.id = r.document_id WHERE d.patient_index = $1",
+        "SELECT count(*) FROM document_concepts WHERE patient_index = $1",
+        "SELECT count(*) FROM care_team_patients WHERE patient_index = $1",
+        "SELECT count(*) FROM data_keys WHERE patient_index = $1",
+    ];
+    for (count, query) in counts.iter_mut().zip(queries) {
+        *count = sqlx::query_scalar(query).bind(index).fetch_one(db).await.unwrap();
+    }
+    counts
+}
+
+#[tokio::test]
+async fn a_patient_erased_after_a_backup_is_erased_again_when_the_backup_is_restored() {
+    // Arrange: two patients through the real pipeline (concept rows by
+    // MedCAT), in a care team; a backup holds both.
+    let stack = Stack::start().await;
+    stack.user("loader", Role::Ingest).await;
+    stack.user("doctor", Role::Clinician).await;
+    let loader = stack.login("loader").await;
+    let mut ids = Vec::new();
+    for (patient, note) in [("PAT-GONE", NOTES[0]), ("PAT-GONE", NOTES[1]), ("PAT-KEPT", NOTES[2])] {
+        let (status, body) =
+            stack.post("/v1/documents", Some(&loader), &json!({"patient_ref": patient, "text": note})).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    wait_for_all_done(&stack, &ids).await;
+    stack.care_team("doctor", &["PAT-GONE", "PAT-KEPT"]).await;
+    let index = |p: &str| clinflow::documents::patient_index(&testing::index_key(), p);
+    let (gone, kept) = (index("PAT-GONE"), index("PAT-KEPT"));
+    let before = rows_of(&stack.db.owner, &gone).await;
+    assert_eq!((before[0], before[1], before[3], before[4]), (2, 2, 1, 1), "{before:?}");
+    assert!(before[2] > 0, "MedCAT found concepts: {before:?}");
+    let kept_rows = rows_of(&stack.db.owner, &kept).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let key = new_key(work.path()).await;
+    let dir = work.path().join("backups");
+    let source_url = url(&superuser(), &stack.db.name);
+    let backup_args =
+        ["--database-url", &source_url, "--out-dir", dir.to_str().unwrap(), "--key", key.to_str().unwrap()];
+    let out = run(repo_path("scripts/backup"), &backup_args, &[]).await;
+    assert!(out.status.success(), "backup: {}", text(&out));
+    let backup = backups_in(&dir).pop().unwrap();
+
+    // Act: erase one patient (one privacy officer asks, another approves),
+    // then restore the backup taken before it, with the api's erasure
+    // journal.
+    stack.user("privacy", Role::PrivacyOfficer).await;
+    stack.user("privacy2", Role::PrivacyOfficer).await;
+    let (privacy, privacy2) = (stack.login("privacy").await, stack.login("privacy2").await);
+    let ask = json!({"patient_ref": "PAT-GONE", "reason": "gdpr_erasure_request", "case_ref": "DSAR-1"});
+    let (status, pending) = stack.post("/v1/privacy/erasures", Some(&privacy), &ask).await;
+    assert_eq!(status, 201, "{pending}");
+    let approve = format!("/v1/privacy/erasures/{}/approve", pending["id"].as_str().unwrap());
+    let (status, erased) = stack.post(&approve, Some(&privacy2), &json!({})).await;
+    assert_eq!(status, 200, "{erased}");
+    assert_eq!(rows_of(&stack.db.owner, &gone).await, [0; 5]);
+    // The journal lives outside the database, so outside its backups.
+    assert_eq!(std::fs::read_dir(&stack.erasure_journal).unwrap().count(), 1);
+
+    let api = env!("CARGO_BIN_EXE_clinflow-api");
+    let journal = stack.erasure_journal.to_str().unwrap();
+    // clinflow-api connects as the services do: over verified TLS.
+    let tls = testing::admin_url().split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let mut env: Vec<(&str, String)> = testing::audit_keys().env("api");
+    env.extend([
+        ("CLINFLOW_API", api.to_owned()),
+        ("ERASURE_JOURNAL_KEY", testing::ERASURE_JOURNAL_KEY.to_owned()),
+        ("LOG_FORMAT", "text".to_owned()),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let restore = async |db: &str, journal: Option<&str>| {
+        let target = format!("{}{tls}", url(&superuser(), db));
+        let mut args = vec!["--key", key.to_str().unwrap(), "--target-url", &target];
+        args.extend(journal.map_or(vec![], |j| vec!["--erasure-journal", j]));
+        args.push(backup.to_str().unwrap());
+        run(repo_path("scripts/restore"), &args, &env).await
+    };
+
+    // Without a journal (nor --no-erasure-journal), no restore at all.
+    let refused = format!("{}_nojournal", stack.db.name);
+    let out = restore(&refused, None).await;
+    assert!(!out.status.success() && text(&out).contains("--erasure-journal DIR is required"), "{}", text(&out));
+
+    let restored = format!("{}_restored", stack.db.name);
+    let out = restore(&restored, Some(journal)).await;
+    assert!(out.status.success(), "restore: {}", text(&out));
+    assert!(text(&out).contains("erasure journal re-applied: 1 entries, 1 found rows again"), "{}", text(&out));
+
+    // Assert: the patient is gone again, concept rows included; the other
+    // is whole; the re-application is on the copy's audit trail (outbox).
+    let copy = PgPoolOptions::new().max_connections(2).connect(&url(&superuser(), &restored)).await.unwrap();
+    assert_eq!(rows_of(&copy, &gone).await, [0; 5]);
+    assert_eq!(rows_of(&copy, &kept).await, kept_rows);
+    let grants: i64 = sqlx::query_scalar("SELECT count(*) FROM break_glass_grants WHERE patient_index = $1")
+        .bind(&gone)
+        .fetch_one(&copy)
+        .await
+        .unwrap();
+    assert_eq!(grants, 0);
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE convert_from(body, 'UTF8') LIKE '%patient.erase.reapply%'",
+    )
+    .fetch_one(&copy)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
+    copy.close().await;
+
+    // An altered journal entry: the restore is not done, and nothing kept.
+    let entry = std::fs::read_dir(&stack.erasure_journal).unwrap().next().unwrap().unwrap().path();
+    let original = std::fs::read_to_string(&entry).unwrap();
+    let hex_gone: String = gone.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&entry, original.replace(&hex_gone, &hex_gone.replace('a', "b").replace('1', "2"))).unwrap();
+    let tampered = format!("{}_tampered", stack.db.name);
+    let out = restore(&tampered, Some(journal)).await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("fails its check") && text(&out).contains("NOT done"), "{}", text(&out));
+    let made: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&tampered)
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
+    assert_eq!(made, 0, "the copy without the erasure is dropped");
+    assert!(!text(&out).contains("PAT-"), "no patient reference in the output: {}", text(&out));
+
+    drop_database(&restored).await;
+    drop_database(&refused).await;
+    testing::delete_queues(&stack.topology, &stack.amqp).await;
+    stack.db.drop_database().await;
+}
+
 #[tokio::test]
 async fn retention_keeps_the_newest_backups_and_a_damaged_one_is_not_restored() {
     let db = TestDb::new().await;
@@ -277,7 +417,14 @@ async fn retention_keeps_the_newest_backups_and_a_damaged_one_is_not_restored() 
     let target_url = url(&superuser(), &restored);
     let out = run(
         repo_path("scripts/restore"),
-        &["--key", key.to_str().unwrap(), "--target-url", &target_url, newest.to_str().unwrap()],
+        &[
+            "--key",
+            key.to_str().unwrap(),
+            "--target-url",
+            &target_url,
+            "--no-erasure-journal",
+            newest.to_str().unwrap(),
+        ],
         &[],
     )
     .await;

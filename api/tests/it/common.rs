@@ -41,6 +41,7 @@ pub struct AccessOptions {
     pub lockout: LockoutPolicy,
     pub logins_per_minute: u32,
     pub break_glass_for: Duration,
+    pub break_glass_per_day: u32,
     pub idle_timeout: Duration,
 }
 
@@ -50,6 +51,7 @@ impl Default for AccessOptions {
             lockout: LockoutPolicy::default(),
             logins_per_minute: 100_000,
             break_glass_for: Duration::from_secs(3600),
+            break_glass_per_day: 50,
             idle_timeout: IDLE_TIMEOUT,
         }
     }
@@ -74,6 +76,10 @@ pub struct Stack {
     /// The sink's checkpoint file (one every 10 events or second).
     pub checkpoints: std::path::PathBuf,
     _checkpoint_dir: tempfile::TempDir,
+    /// The api's erasure journal (`ERASURE_JOURNAL_DIR`), under
+    /// `testing::ERASURE_JOURNAL_KEY`.
+    pub erasure_journal: std::path::PathBuf,
+    _erasure_journal_dir: tempfile::TempDir,
 }
 
 impl Stack {
@@ -119,7 +125,7 @@ impl Stack {
     }
 
     async fn start_with(amqp_url: SecretString, db: TestDb, limits: UploadLimits, access: AccessOptions) -> Self {
-        let AccessOptions { lockout, logins_per_minute, break_glass_for, idle_timeout } = access;
+        let AccessOptions { lockout, logins_per_minute, break_glass_for, break_glass_per_day, idle_timeout } = access;
         clinflow::telemetry::init_tracing();
         let (topology, amqp) = testing::topology_on(&amqp_url).await;
         let keys = Arc::new(testing::keys());
@@ -129,6 +135,7 @@ impl Stack {
         let relay = RelayHandle::default();
         let checkpoint_dir = tempfile::tempdir().unwrap();
         let checkpoints = checkpoint_dir.path().join("audit-checkpoints.jsonl");
+        let erasure_journal_dir = tempfile::tempdir().unwrap();
         let state = AppState {
             db: db.api.clone(),
             audit_db: Some(db.audit_reader.clone()),
@@ -148,6 +155,8 @@ impl Stack {
             denials: Arc::new(clinflow_api::denials::DenialLimiter::per_minute(std::num::NonZeroU32::new(60).unwrap())),
             login: Arc::new(LoginGuard::new(lockout, std::num::NonZeroU32::new(logins_per_minute).unwrap())),
             break_glass_for,
+            break_glass_per_day,
+            erasure_journal: Some(Arc::new(testing::erasure_journal(erasure_journal_dir.path()))),
             edge: Edge::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -206,6 +215,8 @@ impl Stack {
             state,
             checkpoints,
             _checkpoint_dir: checkpoint_dir,
+            erasure_journal: erasure_journal_dir.path().to_owned(),
+            _erasure_journal_dir: erasure_journal_dir,
             amqp_url,
         }
     }

@@ -23,4 +23,5 @@ mod ops;
 mod outbox;
 mod patients;
 mod pipeline;
+mod privacy;
 mod startup;

@@ -210,7 +210,7 @@ async fn openapi_is_served_as_3_1_valid_and_documents_what_the_api_answers() {
     // answer is one its operation lists, and an error answer has the error
     // body.
     let mut tokens = BTreeMap::new();
-    for role in [Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor] {
+    for role in [Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor, Role::PrivacyOfficer] {
         stack.user(role.as_str(), role).await;
         tokens.insert(role.as_str(), stack.login(role.as_str()).await);
     }

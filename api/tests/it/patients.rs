@@ -46,6 +46,20 @@ fn strings(v: &Value, key: &str) -> BTreeSet<String> {
     v["items"].as_array().unwrap().iter().map(|i| i[key].as_str().unwrap().to_owned()).collect()
 }
 
+/// The ids of every page of a patient's documents, one a page, following
+/// `next_cursor` (the reference in the body, as the route takes it).
+async fn walk_patient_pages(stack: &Stack, token: &str, patient: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut query = json!({"patient_ref": patient, "limit": 1});
+    loop {
+        let (status, page) = stack.post("/v1/patients/documents", Some(token), &query).await;
+        assert_eq!(status, 200, "{page}");
+        ids.extend(page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()));
+        let Some(next) = page["next_cursor"].as_str() else { return ids };
+        query["after"] = json!(next);
+    }
+}
+
 /// The ids of every page of `path`, one item a page, following `next_cursor`.
 async fn walk_pages(stack: &Stack, token: &str, path: &str) -> Vec<String> {
     let mut ids = Vec::new();
@@ -65,21 +79,27 @@ async fn clinicians_query_patients_and_concepts_within_their_scope() {
     let ids = seed(&stack).await;
     let doctor = stack.login("doctor").await;
     let get = async |path: &str| stack.get(path, Some(&doctor)).await;
+    let post = async |path: &str, body: Value| stack.post(path, Some(&doctor), &body).await;
+    let documents = async |body: Value| post("/v1/patients/documents", body).await;
 
     // A patient's documents, newest first, paged by cursor.
-    let (status, page) = get("/v1/patients/PAT-A/documents").await;
+    let (status, page) = documents(json!({"patient_ref": "PAT-A"})).await;
     assert_eq!(status, 200, "{page}");
     let listed: Vec<&str> = page["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert_eq!(listed, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
     assert!(page["items"][0].get("text").is_none() && page["items"][0].get("patient_ref").is_none());
-    let walked = walk_pages(&stack, &doctor, "/v1/patients/PAT-A/documents").await;
+    let walked = walk_patient_pages(&stack, &doctor, "PAT-A").await;
     assert_eq!(walked, [ids[2].clone(), ids[1].clone(), ids[0].clone()]);
-    let (_, page) = get("/v1/patients/PAT-A/documents?from=2025-02-01&until=2025-04-01&status=done").await;
+    let filtered = json!({"patient_ref": "PAT-A", "from": "2025-02-01", "until": "2025-04-01", "status": "done"});
+    let (_, page) = documents(filtered).await;
     assert_eq!(strings(&page, "id"), BTreeSet::from([ids[1].clone()]));
-    assert_eq!(get("/v1/patients/PAT-A/documents?from=2025-13-01").await.0, 422);
+    let (status, refused) = documents(json!({"patient_ref": "PAT-A", "from": "2025-13-01"})).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("invalid_date")));
+    let (status, refused) = documents(json!({"patient_ref": ""})).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("invalid_patient_ref")));
 
     // The problem list.
-    let (status, problems) = get("/v1/patients/PAT-A/concepts").await;
+    let (status, problems) = post("/v1/patients/concepts", json!({"patient_ref": "PAT-A"})).await;
     assert_eq!(status, 200, "{problems}");
     let entry = |cui: &str| problems["items"].as_array().unwrap().iter().find(|c| c["cui"] == cui).cloned();
     let af = entry(AF).expect("AF in A's problem list");
@@ -109,7 +129,7 @@ async fn clinicians_query_patients_and_concepts_within_their_scope() {
     // gives them (which reads `documents`; this reads the concept index).
     for doc in docs["items"].as_array().unwrap() {
         let patient = doc["patient_ref"].as_str().unwrap();
-        let (_, theirs) = get(&format!("/v1/patients/{patient}/documents")).await;
+        let (_, theirs) = documents(json!({"patient_ref": patient})).await;
         let same = theirs["items"].as_array().unwrap().iter().find(|d| d["id"] == doc["id"]).expect("listed");
         assert_eq!((&doc["document_date"], &doc["created_at"]), (&same["document_date"], &same["created_at"]));
         assert!(doc["document_date"].is_string(), "{doc}");
@@ -125,8 +145,8 @@ async fn clinicians_query_patients_and_concepts_within_their_scope() {
     assert_eq!(get("/v1/concepts/bad%20cui/documents").await.0, 422);
 
     // Out of scope: C's patient, and a clinician of C's team sees only C.
-    assert_eq!(get("/v1/patients/PAT-C/documents").await.0, 403);
-    assert_eq!(get("/v1/patients/PAT-C/concepts").await.0, 403);
+    assert_eq!(documents(json!({"patient_ref": "PAT-C"})).await.0, 403);
+    assert_eq!(post("/v1/patients/concepts", json!({"patient_ref": "PAT-C"})).await.0, 403);
     let elsewhere = stack.login("elsewhere").await;
     let (_, theirs) = stack.get(&format!("/v1/concepts/{AF}/patients"), Some(&elsewhere)).await;
     assert_eq!(strings(&theirs, "patient_ref"), BTreeSet::from(["PAT-C".to_owned()]));
@@ -166,7 +186,7 @@ async fn a_result_from_another_model_replaces_its_documents_concepts() {
     stack.user("operator", Role::Ops).await;
     let (doctor, operator) = (stack.login("doctor").await, stack.login("operator").await);
     let problems = async || {
-        let (status, list) = stack.get("/v1/patients/PAT-A/concepts", Some(&doctor)).await;
+        let (status, list) = stack.post("/v1/patients/concepts", Some(&doctor), &json!({"patient_ref": "PAT-A"})).await;
         assert_eq!(status, 200, "{list}");
         strings(&list, "cui")
     };
@@ -261,10 +281,16 @@ async fn a_patient_exports_as_valid_fhir_and_is_erased_from_every_table() {
     let stack = Stack::start().await;
     let ids = seed(&stack).await;
     stack.user("admin", Role::Admin).await;
+    stack.user("privacy", Role::PrivacyOfficer).await;
+    stack.user("privacy2", Role::PrivacyOfficer).await;
     let (doctor, admin) = (stack.login("doctor").await, stack.login("admin").await);
+    let (privacy, privacy2) = (stack.login("privacy").await, stack.login("privacy2").await);
+    let export = async |token: &str, body: Value| stack.post("/v1/patients/export", Some(token), &body).await;
+    let case =
+        |patient: &str| json!({"patient_ref": patient, "reason": "gdpr_access_request", "case_ref": "DSAR-2026-7"});
 
     // The export: the Patient, A's three notes with their text, coded concepts.
-    let (status, bundle) = stack.get("/v1/patients/PAT-A/export", Some(&doctor)).await;
+    let (status, bundle) = export(&doctor, json!({"patient_ref": "PAT-A"})).await;
     assert_eq!(status, 200, "{bundle}");
     let verdict = validate_fhir(&bundle);
     println!("FHIR export of PAT-A: {verdict}");
@@ -291,21 +317,26 @@ async fn a_patient_exports_as_valid_fhir_and_is_erased_from_every_table() {
             && e["resource"]["extension"][0]["extension"][1]["url"] == "start"
     });
     assert!(coded, "an AF Condition with its evidence span");
-    // Outside the doctor's scope: 403; an admin may export.
-    assert_eq!(stack.get("/v1/patients/PAT-C/export", Some(&doctor)).await.0, 403);
-    assert_eq!(stack.get("/v1/patients/PAT-C/export", Some(&admin)).await.0, 200);
+    // Outside the doctor's scope: 403. A privacy officer exports any
+    // patient, with a reason code and the case's reference; the admin no
+    // longer can.
+    assert_eq!(export(&doctor, json!({"patient_ref": "PAT-C"})).await.0, 403);
+    assert_eq!(export(&admin, case("PAT-C")).await.0, 403);
+    let (status, refused) = export(&privacy, json!({"patient_ref": "PAT-C"})).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("invalid_reason")), "{refused}");
+    let (status, refused) =
+        export(&privacy, json!({"patient_ref": "PAT-C", "reason": "gdpr_access_request", "case_ref": "DSAR 7"})).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("invalid_case_ref")), "{refused}");
+    assert_eq!(export(&privacy, case("PAT-C")).await.0, 200);
 
-    // Erasure: a reason code is required; then A is gone everywhere.
-    let erase = |reason: &str| {
-        let req = stack
-            .http
-            .delete(format!("{}/v1/patients/PAT-A", stack.base))
-            .bearer_auth(&admin)
-            .json(&json!({"reason": reason}));
-        async move {
-            let resp = req.send().await.unwrap();
-            (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
-        }
+    // Erasure: a privacy officer asks, with a reason code and the case; a
+    // second one approves; only then is A gone everywhere.
+    let ask = async |token: &str, reason: &str| {
+        let body = json!({"patient_ref": "PAT-A", "reason": reason, "case_ref": "DSAR-2026-7"});
+        stack.post("/v1/privacy/erasures", Some(token), &body).await
+    };
+    let approve = async |token: &str, id: &str| {
+        stack.post(&format!("/v1/privacy/erasures/{id}/approve"), Some(token), &json!({})).await
     };
     // A copy of one note's ciphertext, as a backup would hold it.
     let backup: Vec<u8> = sqlx::query_scalar("SELECT text_ct FROM documents WHERE id = $1::uuid")
@@ -316,28 +347,43 @@ async fn a_patient_exports_as_valid_fhir_and_is_erased_from_every_table() {
     let keys = clinflow::testing::keys();
     let field = clinflow::documents::text_field(ids[0].parse().unwrap());
     assert_eq!(keys.open_string(&stack.db.owner, field, &backup).await.unwrap(), NOTES[0].2);
-    assert_eq!(erase("Because the patient asked me to").await.0, 422);
-    let (status, erased) = erase("gdpr_erasure_request").await;
+    assert_eq!(ask(&privacy, "Because the patient asked me to").await.0, 422);
+    assert_eq!(ask(&admin, "gdpr_erasure_request").await.0, 403, "the admin no longer erases");
+    let (status, pending) = ask(&privacy, "gdpr_erasure_request").await;
+    assert_eq!(status, 201, "{pending}");
+    let request = pending["id"].as_str().unwrap().to_owned();
+    assert_eq!(ask(&privacy2, "gdpr_erasure_request").await.0, 409, "one open request per patient");
+    let (status, listed) = stack.get("/v1/privacy/erasures", Some(&privacy2)).await;
+    assert_eq!((status, listed[0]["id"].as_str()), (200, Some(request.as_str())), "{listed}");
+    assert!(!listed.to_string().contains("PAT-A"), "the list names the patient by blind index only");
+    let (status, refused) = approve(&privacy, &request).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (403, Some("four_eyes_required")));
+    assert_eq!(approve(&admin, &request).await.0, 403);
+    assert_eq!(export(&doctor, json!({"patient_ref": "PAT-A"})).await.0, 200, "nothing erased before approval");
+    let (status, erased) = approve(&privacy2, &request).await;
     assert_eq!(status, 200, "{erased}");
     assert_eq!(
         (erased["documents"].as_i64(), erased["team_entries"].as_i64(), erased["data_keys"].as_i64()),
         (Some(3), Some(1), Some(1))
     );
-    assert_eq!(erase("gdpr_erasure_request").await.0, 404, "nothing left to erase");
+    assert_eq!(approve(&privacy2, &request).await.0, 404, "approved once");
+    assert_eq!(ask(&privacy, "gdpr_erasure_request").await.0, 404, "nothing left to erase");
     // Crypto-shredding: the backup's copy no longer opens, with the master key.
     let shredded = clinflow::testing::keys().open_string(&stack.db.owner, field, &backup).await;
     assert!(shredded.is_err(), "an erased patient's ciphertext still opens");
-    assert_eq!(stack.get("/v1/patients/PAT-A/export", Some(&admin)).await.0, 404);
+    assert_eq!(export(&privacy, case("PAT-A")).await.0, 404);
     let index = clinflow::documents::patient_index(&clinflow::testing::index_key(), "PAT-A");
     let index_hex: String = index.iter().map(|b| format!("{b:02x}")).collect();
-    // The audit trail keeps its events (append-only, by law too): they name
-    // the patient by blind index only, which now points at nothing. It is
-    // audit_events and its month partitions (audit_events_YYYY_MM).
+    // The audit trail keeps its events (append-only, by law too) and the
+    // erasure its request: they name the patient by blind index only, which
+    // now points at nothing. The trail is audit_events and its month
+    // partitions (audit_events_YYYY_MM).
+    let kept =
+        |table: &str| table.starts_with("audit_events") || ["audit_disclosures", "erasure_requests"].contains(&table);
     for (table, row) in every_row(&stack.db.owner).await {
-        let audit = table.starts_with("audit_events");
-        assert!(audit || !row.contains(&index_hex), "PAT-A's blind index left in {table}");
+        assert!(kept(&table) || !row.contains(&index_hex), "PAT-A's blind index left in {table}");
         for id in &ids[..3] {
-            assert!(audit || !row.contains(id.as_str()), "erased document {id} left in {table}");
+            assert!(kept(&table) || !row.contains(id.as_str()), "erased document {id} left in {table}");
         }
     }
     // B is untouched.
@@ -365,7 +411,8 @@ async fn a_patient_exports_as_valid_fhir_and_is_erased_from_every_table() {
     }
     wait_until("export and erasure audited", Duration::from_secs(30), async || {
         let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM audit_events WHERE action IN ('patient.export', 'patient.erase') AND resource_kind = 'patient'",
+            "SELECT count(*) FROM audit_events WHERE action IN ('patient.export', 'patient.erase', 'patient.erase_request')
+             AND resource_kind = 'patient'",
         )
         .fetch_one(&stack.db.owner)
         .await

@@ -52,15 +52,11 @@ pub async fn plans(
             format!("{clinician}, {patient}"),
         ),
         (
-            "GET /v1/patients/{patient_ref}/documents",
+            "POST /v1/patients/documents",
             api_statement("SELECT id, status, document_date, created_at, result_model")?,
             format!("{patient}, NULL, NULL, NULL, NULL, 101"),
         ),
-        (
-            "GET /v1/patients/{patient_ref}/concepts",
-            api_statement(r#"AS "pretty_name!""#)?,
-            format!("{patient}, false"),
-        ),
+        ("POST /v1/patients/concepts", api_statement(r#"AS "pretty_name!""#)?, format!("{patient}, false")),
         (
             "GET /v1/concepts/{cui}/documents, the commonest concept",
             concept_documents.clone(),

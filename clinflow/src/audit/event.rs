@@ -22,6 +22,11 @@ pub struct AuditEvent {
     /// A short machine code (`bad_credentials`, `role_forbidden`, …), never
     /// free text that could carry PHI.
     pub reason: Option<String>,
+    /// The patients this event disclosed (or tried to), by blind index
+    /// (hex): the accounting of disclosures is a lookup of these. Last and
+    /// left out when empty, so events from before it encode as they did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "blind_indexes")]
+    pub patients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,9 +128,34 @@ pub enum Action {
     /// A patient's data was exported (FHIR); resource: blind index.
     #[serde(rename = "patient.export")]
     PatientExport,
-    /// A patient's data was erased; resource: blind index.
+    /// A patient's data was erased (a second privacy officer approved the
+    /// request); resource: blind index; `reason`: the request's reason code,
+    /// case and id, and what went.
     #[serde(rename = "patient.erase")]
     PatientErase,
+    /// A privacy officer asked for a patient's erasure; resource: blind
+    /// index; `reason`: the reason code, case and request id.
+    #[serde(rename = "patient.erase_request")]
+    PatientEraseRequest,
+    /// A privacy officer listed the open erasure requests.
+    #[serde(rename = "privacy.read")]
+    PrivacyRead,
+    /// An auditor or privacy officer asked who accessed a patient (the
+    /// accounting of disclosures); the patient is named.
+    #[serde(rename = "audit.disclosures")]
+    AuditDisclosures,
+    /// A user replaced their own password (one an admin set is one-time).
+    #[serde(rename = "auth.password_change")]
+    PasswordChange,
+    /// A patient was put in a care team, by an admin or by an ingest
+    /// account's upload; resource: the team; the patient is named.
+    #[serde(rename = "care_team.patient_add")]
+    TeamPatientAdd,
+    /// An operator re-applied an erasure of the erasure journal to a copy
+    /// restored from a backup (resource: blind index; reason
+    /// `journal_event:<the erasure's audit event id>`).
+    #[serde(rename = "patient.erase.reapply")]
+    PatientEraseReapply,
     /// An operator re-wrapped data keys under the primary key-encryption
     /// key (one event per batch: resource `data_keys`/count, reason
     /// `kek:<id>`); no document was decrypted.
@@ -180,6 +210,12 @@ impl Action {
             Action::ConceptRead => "concept.read",
             Action::PatientExport => "patient.export",
             Action::PatientErase => "patient.erase",
+            Action::PatientEraseRequest => "patient.erase_request",
+            Action::PrivacyRead => "privacy.read",
+            Action::AuditDisclosures => "audit.disclosures",
+            Action::PasswordChange => "auth.password_change",
+            Action::TeamPatientAdd => "care_team.patient_add",
+            Action::PatientEraseReapply => "patient.erase.reapply",
             Action::KeysRotate => "keys.rotate",
             Action::KeysReencrypt => "keys.reencrypt",
             Action::KeysMigrateV1 => "keys.migrate_v1",
@@ -210,7 +246,27 @@ impl AuditEvent {
             resource: None,
             outcome,
             reason: None,
+            patients: Vec::new(),
         }
+    }
+
+    /// Names a patient this event disclosed, by blind index.
+    pub fn patient(mut self, index: &[u8]) -> Self {
+        self.patients.push(hex(index));
+        self
+    }
+
+    /// Names the patients this event disclosed, by blind index.
+    pub fn patients<'a>(mut self, indexes: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        self.patients.extend(indexes.into_iter().map(hex));
+        self
+    }
+
+    /// This id rather than a fresh one (for an event whose id must be
+    /// known before it is built: the erasure journal names it).
+    pub fn id(mut self, id: Uuid) -> Self {
+        self.event_id = id;
+        self
     }
 
     pub fn resource(mut self, kind: &str, id: &str) -> Self {
@@ -220,6 +276,11 @@ impl AuditEvent {
 
     pub fn document(mut self, id: Uuid) -> Self {
         self.resource = Some(Resource { kind: "document".into(), id: id.to_string() });
+        self
+    }
+
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
         self
     }
 
@@ -264,6 +325,26 @@ impl Actor {
     pub fn anonymous(attempted_name: Option<&str>) -> Self {
         Self { kind: ActorKind::Anonymous, id: None, name: attempted_name.map(str::to_owned), role: None }
     }
+}
+
+/// Blind indexes as the chain stores them: 64 lowercase hex digits each (an
+/// event naming anything else is refused as schema-invalid by the sink).
+fn blind_indexes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let patients = Vec::<String>::deserialize(d)?;
+    let valid = |p: &String| p.len() == 64 && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    match patients.iter().find(|p| !valid(p)) {
+        Some(_) => Err(serde::de::Error::custom("patients: not a blind index (64 lowercase hex digits)")),
+        None => Ok(patients),
+    }
+}
+
+/// Lowercase hex, as blind indexes are named on the audit trail.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 pub fn now_micros() -> OffsetDateTime {
