@@ -17,13 +17,15 @@ use sqlx::{Connection, PgConnection};
 use time::macros::date;
 use uuid::Uuid;
 
+/// `n` events of the worker, each disclosing one patient.
 fn events(n: u32) -> Vec<SignedEvent> {
     (1..=n)
         .map(|i| {
             let event =
                 AuditEvent::new(Action::DocumentProcess, Actor::service("clinflow-worker"), EventOutcome::Success)
                     .document(Uuid::now_v7())
-                    .reason(&format!("r{i}"));
+                    .reason(&format!("r{i}"))
+                    .patient(&[u8::try_from(i % 7).unwrap(); 32]);
             audit_keys().worker.sign(&event).unwrap()
         })
         .collect()
@@ -177,6 +179,15 @@ async fn a_batch_has_one_recorded_at_and_recorded_at_never_goes_back() {
     }
     assert!(rows.windows(2).all(|w| w[0].1 <= w[1].1), "{rows:?}");
     assert!(rows[0].1 < rows[4].1 && rows[4].1 < rows[8].1, "each batch its own time: {rows:?}");
+    // The disclosures written with them carry the same time.
+    let (disclosures, matching): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(e.seq) FROM audit_disclosures d
+         LEFT JOIN audit_events e ON e.seq = d.seq AND e.recorded_at = d.recorded_at",
+    )
+    .fetch_one(&db.owner)
+    .await
+    .unwrap();
+    assert_eq!((disclosures, matching), (12, 12));
     db.drop_database().await;
 }
 
