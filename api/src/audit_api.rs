@@ -317,7 +317,7 @@ pub(crate) async fn disclosures(
         r#"SELECT e.seq, e.occurred_at, e.actor_kind, e.actor_id, e.actor_name, e.actor_role,
                   host(e.source_ip) AS source_ip, e.action, e.outcome, e.resource_kind, e.resource_id, e.reason
            FROM audit_disclosures d
-           JOIN audit_events e ON e.seq = d.seq
+           JOIN audit_events e ON e.seq = d.seq AND e.recorded_at = d.recorded_at
            WHERE d.patient_index = $1 AND ($2::bigint IS NULL OR d.seq < $2)
            ORDER BY d.seq DESC
            LIMIT $3"#,

@@ -7,13 +7,15 @@
 //! refuses is held and retried, never dead-lettered.
 //!
 //! The modules: `sink` (the consumer, [`Sink`]), `telemetry` (metrics and
-//! the periodic verification), `cli` (the commands: run, `verify`,
+//! the periodic verification), `archive` (months archived to files and
+//! dropped past retention), `cli` (the commands: run, `verify`, `archive`,
 //! `dead-letters`).
 
 /// The chain and its checkpoints live in the shared crate (the api's
 /// auditor endpoints verify too).
 pub use clinflow::{chain, checkpoint};
 
+pub mod archive;
 pub mod cli;
 mod sink;
 pub mod telemetry;

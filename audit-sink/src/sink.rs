@@ -186,6 +186,13 @@ impl Sink {
                 }
                 Err(e) => {
                     metrics::counter!("clinflow_audit_batch_retries_total").increment(1);
+                    if no_partition(&e) {
+                        // The month's partition is missing (the hourly task
+                        // creates it ahead; this is the safety net).
+                        if let Err(e) = crate::archive::create_ahead(&self.db).await {
+                            tracing::error!(error = %e, "audit partitions not created");
+                        }
+                    }
                     tracing::error!(error = %e, events = events.len(), pause_ms = pause.as_millis() as u64, "audit batch not stored; holding it");
                     tokio::select! {
                         // Unsettled, the batch is redelivered to the next sink.
@@ -246,4 +253,9 @@ fn read_events(batch: Vec<Delivery>, keys: &PublicKeys) -> (Vec<SignedEvent>, Ve
         }
     }
     (events, parked)
+}
+
+/// The insert found no partition for its rows' month (check_violation).
+fn no_partition(e: &chain::ChainError) -> bool {
+    matches!(e, chain::ChainError::Db(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23514"))
 }

@@ -151,7 +151,10 @@ impl Verifier {
         read.sort_by_key(|c| std::cmp::Reverse(c.seq));
         let from = match read.first().and_then(anchor) {
             Some(checkpointed) => checkpointed,
-            None => last.cloned().unwrap_or_else(Head::genesis),
+            None => match last {
+                Some(last) => last.clone(),
+                None => chain::start(&self.db, &self.trust).await?,
+            },
         };
         let end = chain::verify_from(&self.db, &self.trust, &from).await?;
         if last.is_some() {
@@ -170,4 +173,18 @@ fn anchor(c: &Checkpoint) -> Option<Head> {
 fn record(ok: bool) {
     metrics::gauge!(VERIFY_OK).set(if ok { 1.0 } else { 0.0 });
     metrics::gauge!(VERIFY_TIME).set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+}
+
+/// Keeps this month's and next month's audit partitions in place (hourly,
+/// after the one at start-up) and the archive's gauges fresh.
+pub async fn keep_partitions_ahead(db: PgPool, hot_months: u16, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+        if let Err(e) = crate::archive::ensure_partitions(&db, hot_months).await {
+            tracing::error!(error = %e, "audit partitions not ensured");
+        }
+    }
 }

@@ -94,12 +94,15 @@ async fn the_metrics_port_answers_and_the_periodic_verification_catches_a_rewrit
     // without the key: its hash no longer matches its content.
     let mut owner = db.owner.acquire().await.unwrap();
     let mut tx = owner.begin().await.unwrap();
-    sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only").execute(&mut *tx).await.unwrap();
+    // The statement trigger and the row triggers cloned onto each month.
+    sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER USER").execute(&mut *tx).await.unwrap();
     sqlx::query("UPDATE audit_events SET reason = 'rewritten' WHERE seq = 8").execute(&mut *tx).await.unwrap();
-    sqlx::query("ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_append_only")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    for trigger in ["audit_events_append_only", "audit_events_append_only_rows"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE audit_events ENABLE ALWAYS TRIGGER {trigger}")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
     tx.commit().await.unwrap();
     wait_until("the periodic verification to fail", Duration::from_secs(20), async || {
         metric(&http, &url, "clinflow_audit_verify_ok").await == Some(0.0)

@@ -53,12 +53,15 @@ async fn chain_of_ten() -> (TestDb, tempfile::TempDir, std::path::PathBuf) {
 async fn tamper(db: &TestDb, sql: &'static str) {
     let mut owner = db.owner.acquire().await.unwrap();
     let mut tx = owner.begin().await.unwrap();
-    sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only").execute(&mut *tx).await.unwrap();
+    // The statement trigger and the row triggers cloned onto each month.
+    sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER USER").execute(&mut *tx).await.unwrap();
     sqlx::query(sql).execute(&mut *tx).await.unwrap();
-    sqlx::query("ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_append_only")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    for trigger in ["audit_events_append_only", "audit_events_append_only_rows"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE audit_events ENABLE ALWAYS TRIGGER {trigger}")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
     tx.commit().await.unwrap();
 }
 

@@ -115,7 +115,10 @@ pub async fn run(db: &sqlx::PgPool, stack: &Stack, plan: &Plan, password: &str) 
                 latencies.push(scheduled.elapsed());
                 let page: serde_json::Value = serde_json::from_slice(&answer)?;
                 let items = page["disclosures"].as_array().map_or(0, Vec::len);
-                anyhow::ensure!(status == 200 && items > 0, "a disclosures lookup answered {status} with {items} items");
+                anyhow::ensure!(
+                    status == 200 && items > 0,
+                    "a disclosures lookup answered {status} with {items} items"
+                );
             }
             anyhow::Ok(latencies)
         }));

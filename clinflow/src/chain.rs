@@ -280,10 +280,12 @@ fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Option<T> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
 }
 
-/// Walks the whole chain in `seq` order and returns the number of rows, or
-/// the first row whose sequence, link, hash or signatures do not hold.
+/// Walks the whole chain in `seq` order, from its first row present (see
+/// [`start`]), and returns the last seq, or the first row whose sequence,
+/// link, hash or signatures do not hold.
 pub async fn verify(db: &PgPool, trust: &Trust) -> Result<i64, ChainError> {
-    Ok(verify_from(db, trust, &Head::genesis()).await?.seq)
+    let from = start(db, trust).await?;
+    Ok(verify_from(db, trust, &from).await?.seq)
 }
 
 /// A verified end of the chain: its last row.
@@ -301,14 +303,63 @@ impl Head {
     }
 }
 
+/// Where the chain in the table starts: [`Head::genesis`] while its first
+/// row is there; once the oldest months were archived and dropped, the last
+/// archived row (`audit_archives`), whose head signature by the sink must
+/// hold. The first row present must then follow it (checked by the walk).
+pub async fn start(db: &PgPool, trust: &Trust) -> Result<Head, ChainError> {
+    let Some(first) =
+        sqlx::query_scalar!("SELECT seq FROM audit_events ORDER BY seq LIMIT 1").fetch_optional(db).await?
+    else {
+        return Ok(Head::genesis());
+    };
+    if first <= 1 {
+        return Ok(Head::genesis());
+    }
+    archived_boundary(db, trust, first - 1).await?.ok_or(ChainError::Broken {
+        seq: first - 1,
+        problem: "missing, with every row before it, and no archived month ends there",
+    })
+}
+
+/// The last row of an archived and dropped month, if one ends at `seq`;
+/// its head signature is checked.
+async fn archived_boundary(db: &PgPool, trust: &Trust, seq: i64) -> Result<Option<Head>, ChainError> {
+    let Some(a) = sqlx::query!(
+        "SELECT last_seq, last_row_hash, head_key_id, head_signature FROM audit_archives
+         WHERE last_seq = $1 AND dropped_at IS NOT NULL",
+        seq
+    )
+    .fetch_optional(db)
+    .await?
+    else {
+        return Ok(None);
+    };
+    if !head_signed(trust, a.last_seq, &a.last_row_hash, &a.head_key_id, &a.head_signature) {
+        return Err(ChainError::Broken {
+            seq,
+            problem: "the archive record's head signature does not hold (audit_archives rewritten?)",
+        });
+    }
+    Ok(Some(Head { seq: a.last_seq, row_hash: a.last_row_hash, occurred_at: None }))
+}
+
+/// The sink's signature of the head (`seq`, `row_hash`) holds.
+pub fn head_signed(trust: &Trust, seq: i64, row_hash: &[u8], key_id: &str, signature: &[u8]) -> bool {
+    trust.signed_by_sink(key_id, HEAD_CONTEXT, &[&seq.to_be_bytes(), row_hash], signature)
+}
+
 /// Walks the chain from `from` (a row verified before, or a checkpoint; or
-/// [`Head::genesis`]) to its end: that row must still hold the same hash,
-/// and every later one must follow it by sequence and link, its event must
-/// carry a signature that holds under a key that may speak for its actor,
-/// its hash must match, and each head the sink signed must hold; the last
-/// row must be such a head. Returns the new end.
+/// [`start`]) to its end: that row must still hold the same hash (unless
+/// it is the last row of a dropped, archived month), and every later one
+/// must follow it (see [`Walk`]); the last row must be a head the sink
+/// signed. Returns the new end.
 pub async fn verify_from(db: &PgPool, trust: &Trust, from: &Head) -> Result<Head, ChainError> {
-    let mut rows = sqlx::query!(
+    // The row verified before must still be there (genesis and an archived
+    // boundary have none).
+    let mut anchored = from.seq == 0 || archived_boundary(db, trust, from.seq).await?.as_ref() == Some(from);
+    let mut rows = sqlx::query_as!(
+        StoredRow,
         r#"SELECT seq, event_id, occurred_at, actor_kind, actor_id, actor_name, actor_role, source_ip, request_id,
                   action, resource_kind, resource_id, outcome, reason, key_id, signature, prev_hash, row_hash,
                   head_key_id, head_signature, patients
@@ -316,53 +367,158 @@ pub async fn verify_from(db: &PgPool, trust: &Trust, from: &Head) -> Result<Head
         from.seq
     )
     .fetch(db);
-    let mut head = from.clone();
-    let mut expected_seq = from.seq + 1;
-    let mut prev = from.row_hash.clone();
-    // The row verified before must still be there (genesis has no row).
-    let mut anchored = from.seq == 0;
-    // Whether the last row walked is a head the sink signed (or format 1).
-    let mut ends_signed = true;
-    let gone = ChainError::Broken { seq: from.seq, problem: "deleted since it was verified or checkpointed" };
+    let mut walk = Walk::from(from);
+    let gone = || ChainError::Broken { seq: from.seq, problem: "deleted since it was verified or checkpointed" };
     while let Some(r) = rows.try_next().await? {
-        let broken = |problem| ChainError::Broken { seq: r.seq, problem };
         if !anchored {
             if r.seq != from.seq {
-                return Err(gone);
+                return Err(gone());
             }
             if r.row_hash != from.row_hash {
-                return Err(broken("row_hash changed since it was verified or checkpointed"));
+                return Err(ChainError::Broken {
+                    seq: r.seq,
+                    problem: "row_hash changed since it was verified or checkpointed",
+                });
             }
             anchored = true;
-            head.occurred_at = Some(r.occurred_at);
+            walk.head.occurred_at = Some(r.occurred_at);
             continue;
         }
-        if r.seq != expected_seq {
-            return Err(ChainError::Broken { seq: expected_seq, problem: "missing (a later row follows it)" });
+        if r.seq == from.seq {
+            // An archived boundary still present: already vouched for.
+            continue;
         }
-        if r.prev_hash != prev {
-            return Err(broken("prev_hash does not match the previous row"));
+        walk.step(trust, r)?;
+    }
+    if !anchored {
+        return Err(gone());
+    }
+    walk.end()
+}
+
+/// One row as stored: what the table holds and what an archive file holds
+/// (a row's `to_jsonb`, bytes as PostgreSQL's `\\x…` hex).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct StoredRow {
+    pub seq: i64,
+    pub event_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub occurred_at: time::OffsetDateTime,
+    pub actor_kind: String,
+    pub actor_id: Option<Uuid>,
+    pub actor_name: Option<String>,
+    pub actor_role: Option<String>,
+    #[serde(default, deserialize_with = "pg_json::inet")]
+    pub source_ip: Option<IpNet>,
+    pub request_id: Option<String>,
+    pub action: String,
+    pub resource_kind: Option<String>,
+    pub resource_id: Option<String>,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub key_id: Option<String>,
+    #[serde(default, deserialize_with = "pg_json::bytea_opt")]
+    pub signature: Option<Vec<u8>>,
+    #[serde(deserialize_with = "pg_json::bytea")]
+    pub prev_hash: Vec<u8>,
+    #[serde(deserialize_with = "pg_json::bytea")]
+    pub row_hash: Vec<u8>,
+    pub head_key_id: Option<String>,
+    #[serde(default, deserialize_with = "pg_json::bytea_opt")]
+    pub head_signature: Option<Vec<u8>>,
+    /// The patients the event disclosed (blind indexes, hex).
+    #[serde(default)]
+    pub patients: Option<Vec<String>>,
+}
+
+/// How `to_jsonb` writes `bytea` and `inet`.
+mod pg_json {
+    use serde::{Deserialize, Deserializer, de::Error};
+    use sqlx::types::ipnet::IpNet;
+
+    fn hex(text: &str) -> Option<Vec<u8>> {
+        let digits = text.strip_prefix("\\x")?;
+        if !digits.len().is_multiple_of(2) {
+            return None;
         }
-        let event = AuditEvent {
-            event_id: r.event_id,
-            occurred_at: r.occurred_at,
+        (0..digits.len()).step_by(2).map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok()).collect()
+    }
+
+    pub fn bytea<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        hex(&text).ok_or_else(|| D::Error::custom("not a bytea in hex"))
+    }
+
+    pub fn bytea_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| hex(&text).ok_or_else(|| D::Error::custom("not a bytea in hex")))
+            .transpose()
+    }
+
+    pub fn inet<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpNet>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| {
+                text.parse::<IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| D::Error::custom("not an inet"))
+            })
+            .transpose()
+    }
+}
+
+impl StoredRow {
+    /// The event the row stores, as its producer signed it.
+    fn event(&self) -> Result<AuditEvent, ChainError> {
+        let broken = |problem| ChainError::Broken { seq: self.seq, problem };
+        Ok(AuditEvent {
+            event_id: self.event_id,
+            occurred_at: self.occurred_at,
             actor: Actor {
-                kind: parse_enum(&r.actor_kind).ok_or_else(|| broken("unknown actor_kind"))?,
-                id: r.actor_id,
-                name: r.actor_name,
-                role: r.actor_role,
+                kind: parse_enum(&self.actor_kind).ok_or_else(|| broken("unknown actor_kind"))?,
+                id: self.actor_id,
+                name: self.actor_name.clone(),
+                role: self.actor_role.clone(),
             },
-            source_ip: r.source_ip.map(|n| n.addr()),
-            request_id: r.request_id,
-            action: parse_enum::<Action>(&r.action).ok_or_else(|| broken("unknown action"))?,
-            resource: match (r.resource_kind, r.resource_id) {
-                (Some(kind), Some(id)) => Some(Resource { kind, id }),
+            source_ip: self.source_ip.map(|n| n.addr()),
+            request_id: self.request_id.clone(),
+            action: parse_enum::<Action>(&self.action).ok_or_else(|| broken("unknown action"))?,
+            resource: match (&self.resource_kind, &self.resource_id) {
+                (Some(kind), Some(id)) => Some(Resource { kind: kind.clone(), id: id.clone() }),
                 _ => None,
             },
-            outcome: parse_enum::<Outcome>(&r.outcome).ok_or_else(|| broken("unknown outcome"))?,
-            reason: r.reason,
-            patients: r.patients.unwrap_or_default(),
-        };
+            outcome: parse_enum::<Outcome>(&self.outcome).ok_or_else(|| broken("unknown outcome"))?,
+            reason: self.reason.clone(),
+            patients: self.patients.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// Walking rows in `seq` order from a trusted head: each must follow it by
+/// sequence and link, its event must carry a signature that holds under a
+/// key that may speak for its actor, its hash must match, and each head the
+/// sink signed must hold. The table's rows and an archive's are walked alike.
+pub struct Walk {
+    head: Head,
+    /// Whether the last row walked is a head the sink signed (or format 1).
+    ends_signed: bool,
+}
+
+impl Walk {
+    pub fn from(head: &Head) -> Self {
+        Self { head: head.clone(), ends_signed: true }
+    }
+
+    /// The next row.
+    pub fn step(&mut self, trust: &Trust, r: StoredRow) -> Result<(), ChainError> {
+        let broken = |problem| ChainError::Broken { seq: r.seq, problem };
+        if r.seq != self.head.seq + 1 {
+            return Err(ChainError::Broken { seq: self.head.seq + 1, problem: "missing (a later row follows it)" });
+        }
+        let prev = &self.head.row_hash;
+        if r.prev_hash != *prev {
+            return Err(broken("prev_hash does not match the previous row"));
+        }
+        let event = r.event()?;
         let occurred_at = event.occurred_at;
         let format_1 = r.key_id.is_none();
         let hash = match (r.key_id, r.signature) {
@@ -374,10 +530,10 @@ pub async fn verify_from(db: &PgPool, trust: &Trust, from: &Head) -> Result<Head
                         broken("the event is signed by a key that may not speak for its actor")
                     }
                 })?;
-                row_hash(r.seq, &prev, &signed)?
+                row_hash(r.seq, prev, &signed)?
             }
             (None, None) => match &trust.legacy {
-                Some(key) => key.row_hash(r.seq, &prev, &event)?,
+                Some(key) => key.row_hash(r.seq, prev, &event)?,
                 None => return Err(broken("written before audit events were signed: verify it with AUDIT_HMAC_KEY")),
             },
             _ => return Err(broken("has a key id without a signature, or the reverse")),
@@ -385,9 +541,9 @@ pub async fn verify_from(db: &PgPool, trust: &Trust, from: &Head) -> Result<Head
         if hash != r.row_hash {
             return Err(broken("row_hash does not match the row's content"));
         }
-        ends_signed = match (r.head_key_id, r.head_signature) {
+        self.ends_signed = match (r.head_key_id, r.head_signature) {
             (Some(key_id), Some(signature)) => {
-                if !trust.signed_by_sink(&key_id, HEAD_CONTEXT, &[&r.seq.to_be_bytes(), &hash], &signature) {
+                if !head_signed(trust, r.seq, &hash, &key_id, &signature) {
                     return Err(broken("the sink's signature of this head does not hold"));
                 }
                 true
@@ -396,18 +552,18 @@ pub async fn verify_from(db: &PgPool, trust: &Trust, from: &Head) -> Result<Head
             (None, None) => format_1,
             _ => return Err(broken("has a head key id without a head signature, or the reverse")),
         };
-        prev = r.row_hash;
-        head = Head { seq: r.seq, row_hash: prev.clone(), occurred_at: Some(occurred_at) };
-        expected_seq += 1;
+        self.head = Head { seq: r.seq, row_hash: hash, occurred_at: Some(occurred_at) };
+        Ok(())
     }
-    if !anchored {
-        return Err(gone);
+
+    /// The last row walked, if it is a head the sink signed.
+    pub fn end(self) -> Result<Head, ChainError> {
+        if !self.ends_signed {
+            return Err(ChainError::Broken {
+                seq: self.head.seq,
+                problem: "the chain ends at a row the sink did not sign as a head (later rows deleted?)",
+            });
+        }
+        Ok(self.head)
     }
-    if !ends_signed {
-        return Err(ChainError::Broken {
-            seq: head.seq,
-            problem: "the chain ends at a row the sink did not sign as a head (later rows deleted?)",
-        });
-    }
-    Ok(head)
 }

@@ -138,12 +138,15 @@ async fn the_hash_chain_detects_tampering_and_ignores_redelivery() {
     // Someone with the owner's rights switches the trigger off and edits a row.
     let mut owner = db.owner.acquire().await.unwrap();
     let mut tx = owner.begin().await.unwrap();
-    sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only").execute(&mut *tx).await.unwrap();
+    // The statement trigger and the row triggers cloned onto each month.
+    sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER USER").execute(&mut *tx).await.unwrap();
     sqlx::query("UPDATE audit_events SET outcome = 'denied' WHERE seq = 3").execute(&mut *tx).await.unwrap();
-    sqlx::query("ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_append_only")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    for trigger in ["audit_events_append_only", "audit_events_append_only_rows"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE audit_events ENABLE ALWAYS TRIGGER {trigger}")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
     tx.commit().await.unwrap();
     match chain::verify(&db.sink, &trust).await {
         Err(ChainError::Broken { seq: 3, .. }) => {}
