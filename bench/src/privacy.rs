@@ -223,7 +223,7 @@ async fn paced_uploads(
     client: &Client,
     plan: &Plan,
     duration: Duration,
-    mut until: Option<&mut tokio::process::Child>,
+    until: Option<&mut tokio::process::Child>,
 ) -> anyhow::Result<Uploads> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let interval = Duration::from_secs_f64(1.0 / plan.upload_rate_per_client);
@@ -245,7 +245,7 @@ async fn paced_uploads(
             anyhow::Ok(latencies)
         }));
     }
-    match until.as_deref_mut() {
+    match until {
         Some(child) => {
             tokio::select! {
                 _ = child.wait() => {}
