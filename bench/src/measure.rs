@@ -56,7 +56,7 @@ pub(crate) async fn measure(b: &Bench<'_>, master_key: &[u8; 32], stack: &mut St
 /// Disclosure lookups among many audit rows, then a purge of many expired
 /// documents under paced single uploads (after the queries phase, whose
 /// patients' data keys the expired documents use).
-async fn privacy_phase(b: &Bench<'_>, stack: &Stack) -> anyhow::Result<Option<crate::privacy::Privacy>> {
+async fn privacy_phase(b: &Bench<'_>, stack: &Stack) -> anyhow::Result<Option<report::Privacy>> {
     if b.plan.purge_docs == 0 || b.plan.query_docs == 0 {
         return Ok(None);
     }

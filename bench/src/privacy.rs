@@ -12,11 +12,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde::Serialize;
 use tokio::process::Command;
 
 use crate::phases::Client;
 use crate::plan::Plan;
+use crate::report::{Privacy, Uploads};
 use crate::stack::Stack;
 
 /// Where the bench's audit rows start: far past any sequence the sink reaches.
@@ -24,31 +24,6 @@ const SEQ_BASE: i64 = 1_000_000_000_000;
 /// Patients the audit rows are spread over (so ~100 rows each at 1M).
 const PATIENTS: usize = 10_000;
 const CHUNK: i64 = 100_000;
-
-#[derive(Debug, Serialize)]
-pub struct Privacy {
-    pub audit_rows: i64,
-    pub audit_load_s: f64,
-    pub disclosure_requests: usize,
-    pub disclosure_clients: usize,
-    pub disclosure_p50_ms: f64,
-    pub disclosure_p99_ms: f64,
-    pub disclosure_max_ms: f64,
-    pub purge_docs: i64,
-    pub purge_s: f64,
-    pub purge_docs_per_s: f64,
-    /// Single uploads' latency, paced, without a purge and during one.
-    pub uploads_without: Uploads,
-    pub uploads_during: Uploads,
-}
-
-#[derive(Debug, Serialize, Default)]
-pub struct Uploads {
-    pub count: usize,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-}
 
 pub async fn run(db: &sqlx::PgPool, stack: &Stack, plan: &Plan, password: &str) -> anyhow::Result<Privacy> {
     let index_key = stack.index_key();

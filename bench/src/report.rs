@@ -33,8 +33,34 @@ pub struct Figures {
     pub lanes: Option<Lanes>,
     pub backlog: Option<Backlog>,
     pub queries: Option<Queries>,
-    pub privacy: Option<crate::privacy::Privacy>,
+    pub privacy: Option<Privacy>,
     pub peak_rss_mib: BTreeMap<String, f64>,
+}
+
+/// Disclosure lookups among many audit rows, and a purge under uploads.
+#[derive(Debug, Serialize)]
+pub struct Privacy {
+    pub audit_rows: i64,
+    pub audit_load_s: f64,
+    pub disclosure_requests: usize,
+    pub disclosure_clients: usize,
+    pub disclosure_p50_ms: f64,
+    pub disclosure_p99_ms: f64,
+    pub disclosure_max_ms: f64,
+    pub purge_docs: i64,
+    pub purge_s: f64,
+    pub purge_docs_per_s: f64,
+    /// Single uploads' latency, paced, without a purge and during one.
+    pub uploads_without: Uploads,
+    pub uploads_during: Uploads,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Uploads {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
