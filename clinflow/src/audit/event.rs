@@ -381,6 +381,26 @@ mod tests {
         assert_eq!(event.occurred_at.nanosecond() % 1_000, 0);
     }
 
+    /// The patients an event names are part of what is signed and hashed,
+    /// absent when none (so events from before them hash as they did), and
+    /// only blind indexes: anything else is refused when the sink reads it.
+    #[test]
+    fn patients_are_blind_indexes_or_the_event_is_refused() {
+        let plain = AuditEvent::new(Action::DocumentRead, Actor::service("t"), Outcome::Success);
+        assert!(!String::from_utf8(plain.canonical_bytes().unwrap()).unwrap().contains("patients"));
+        let index = [0xab_u8; 32];
+        let named = plain.clone().patient(&index);
+        assert_eq!(named.patients, vec!["ab".repeat(32)]);
+        assert_ne!(named.canonical_bytes().unwrap(), plain.canonical_bytes().unwrap());
+        let json = serde_json::to_value(&named).unwrap();
+        assert_eq!(serde_json::from_value::<AuditEvent>(json.clone()).unwrap(), named);
+        for bad in ["PAT-12345", "AB".repeat(32).as_str(), "ab", &"ab".repeat(33)] {
+            let mut forged = json.clone();
+            forged["patients"] = serde_json::json!([bad]);
+            assert!(serde_json::from_value::<AuditEvent>(forged).is_err(), "{bad} accepted as a blind index");
+        }
+    }
+
     #[test]
     fn action_names_match_their_serde_names() {
         for a in [
@@ -401,6 +421,15 @@ mod tests {
             Action::KeysReencrypt,
             Action::KeysMigrateV1,
             Action::KeysSealRefs,
+            Action::PatientErase,
+            Action::PatientEraseRequest,
+            Action::PatientEraseReapply,
+            Action::PrivacyRead,
+            Action::AuditDisclosures,
+            Action::PasswordChange,
+            Action::TeamPatientAdd,
+            Action::DocumentPurge,
+            Action::ConsentWithdraw,
         ] {
             assert_eq!(serde_json::to_value(a).unwrap(), serde_json::Value::from(a.as_str()));
         }
