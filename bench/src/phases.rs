@@ -116,23 +116,16 @@ impl Client {
         Ok((status, response.bytes().await?.to_vec()))
     }
 
+    /// One upload; its latency counted from `started` (the scheduled send
+    /// time of a paced client).
+    async fn upload(&self, note: &Note, started: Instant) -> anyhow::Result<Duration> {
+        self.upload_text(&note.patient_ref, &note.text, started).await
+    }
+
     /// One upload of `text` for `patient`; its latency counted from
     /// `started`.
     pub async fn upload_text(&self, patient: &str, text: &str, started: Instant) -> anyhow::Result<Duration> {
         let body = json!({"patient_ref": patient, "text": text});
-        let url = format!("{}/v1/documents", self.base);
-        let response = self.send(|| self.http.post(&url).json(&body)).await?;
-        let status = response.status();
-        let body = response.bytes().await?;
-        let elapsed = started.elapsed();
-        anyhow::ensure!(status.as_u16() == 202, "upload answered {status}: {}", String::from_utf8_lossy(&body));
-        Ok(elapsed)
-    }
-
-    /// One upload; its latency counted from `started` (the scheduled send
-    /// time of a paced client).
-    async fn upload(&self, note: &Note, started: Instant) -> anyhow::Result<Duration> {
-        let body = json!({"patient_ref": note.patient_ref, "text": note.text});
         let url = format!("{}/v1/documents", self.base);
         let response = self.send(|| self.http.post(&url).json(&body)).await?;
         let status = response.status();

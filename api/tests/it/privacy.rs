@@ -15,6 +15,22 @@ fn code(body: &Value) -> Option<&str> {
     body["error"]["code"].as_str()
 }
 
+/// `POST /v1/documents/batch` of these uploads, one a line: the answer.
+async fn upload_batch(stack: &Stack, token: &str, lines: &[Value]) -> Value {
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let resp = stack
+        .http
+        .post(format!("{}/v1/documents/batch", stack.base))
+        .bearer_auth(token)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.json().await.unwrap()
+}
+
 fn blind_index(patient: &str) -> String {
     clinflow::documents::patient_index(&clinflow::testing::index_key(), patient)
         .iter()
@@ -172,17 +188,7 @@ async fn an_ingest_account_adds_patients_only_to_its_own_teams_and_each_addition
     let (status, again) = stack.post("/v1/documents", Some(&loader), &upload("PAT-T1", "mine")).await;
     assert_eq!(status, 202, "{again}");
     // A batch: the line naming the other team is refused, alone.
-    let lines = [upload("PAT-T2", "theirs"), upload("PAT-T3", "mine")].map(|l| format!("{l}\n")).concat();
-    let resp = stack
-        .http
-        .post(format!("{}/v1/documents/batch", stack.base))
-        .bearer_auth(&loader)
-        .header("content-type", "application/x-ndjson")
-        .body(lines)
-        .send()
-        .await
-        .unwrap();
-    let batch: Value = resp.json().await.unwrap();
+    let batch = upload_batch(&stack, &loader, &[upload("PAT-T2", "theirs"), upload("PAT-T3", "mine")]).await;
     assert_eq!((batch["accepted"].as_i64(), batch["rejected"].as_i64()), (Some(1), Some(1)), "{batch}");
     assert_eq!(batch["outcomes"][0]["code"], "care_team_not_bound", "{batch}");
     // The admin adds one by reference.
@@ -403,19 +409,9 @@ async fn every_upload_has_a_lawful_basis_and_purge_removes_what_is_kept_longer_t
     let research = json!({"lawful_basis": "research"});
     let (status, body) = stack.post("/v1/documents", Some(&bare), &note("PAT-X", "2025-01-01", research)).await;
     assert_eq!((status, code(&body)), (422, Some("missing_consent_ref")));
-    let lines = [json!({}), json!({"lawful_basis": "legal_obligation"})]
-        .map(|basis| format!("{}\n", note("PAT-X", "2025-01-01", basis)))
-        .concat();
-    let resp = stack
-        .http
-        .post(format!("{}/v1/documents/batch", stack.base))
-        .bearer_auth(&bare)
-        .header("content-type", "application/x-ndjson")
-        .body(lines)
-        .send()
-        .await
-        .unwrap();
-    let batch: Value = resp.json().await.unwrap();
+    let lines =
+        [json!({}), json!({"lawful_basis": "legal_obligation"})].map(|basis| note("PAT-X", "2025-01-01", basis));
+    let batch = upload_batch(&stack, &bare, &lines).await;
     assert_eq!(
         (batch["accepted"].as_i64(), batch["outcomes"][0]["code"].as_str()),
         (Some(1), Some("missing_lawful_basis"))
