@@ -75,7 +75,7 @@ pub(crate) async fn break_glass(
     }
     let patient_index = clinflow::documents::patient_index(&state.index_key, &patient_ref);
     // A wrong password counts toward the account's lockout, as at login.
-    crate::reauth::confirm_password(&state, &user, req.password, Action::BreakGlass).await?;
+    crate::reauth::confirm_password(&state, &user, req.password, Action::BreakGlass, Some(&patient_index)).await?;
     let mut tx = state.db.begin().await?;
     // At most `break_glass_per_day` grants per clinician in 24 hours: the
     // count is taken under a lock on the clinician's row, so concurrent

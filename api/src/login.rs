@@ -198,7 +198,7 @@ pub(crate) async fn change_password(
     if req.new_password == req.current_password {
         return Err(ApiError::invalid("same_password", "new_password must differ from current_password"));
     }
-    crate::reauth::confirm_password(&state, &user, req.current_password, Action::PasswordChange).await?;
+    crate::reauth::confirm_password(&state, &user, req.current_password, Action::PasswordChange, None).await?;
     let hash = state.passwords.hash(req.new_password).await.map_err(anyhow::Error::new)?;
     let mut tx = state.db.begin().await?;
     sqlx::query!("UPDATE users SET password_hash = $2, password_change_required = false WHERE id = $1", user.id, hash)

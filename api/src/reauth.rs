@@ -11,11 +11,14 @@ use crate::state::AppState;
 /// The caller's own password, asked again (a password change, break-glass):
 /// counted like a login attempt, so guesses here lock the account as
 /// guesses at the login do. A locked account is refused without a check.
+/// A refusal is audited as `action`, naming `patient` (blind index) when
+/// the password was asked to reach one.
 pub(crate) async fn confirm_password(
     state: &AppState,
     user: &AuthUser,
     password: String,
     action: Action,
+    patient: Option<&[u8]>,
 ) -> Result<(), ApiError> {
     let policy = state.login.lockout;
     let admitted = state.passwords.admit().map_err(|_| ApiError::LoginBusy)?;
@@ -39,7 +42,8 @@ pub(crate) async fn confirm_password(
                 state.audit(&user.event(Action::Lockout, Outcome::Success).resource("user", &a.id.to_string())).await?;
                 reason = "locked";
             }
-            state.audit(&user.event(action, Outcome::Denied).reason(reason)).await?;
+            let event = user.event(action, Outcome::Denied).patients(patient);
+            state.audit(&event.reason(reason)).await?;
             Err(ApiError::WrongPassword)
         }
     }

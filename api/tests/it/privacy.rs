@@ -147,8 +147,9 @@ async fn break_glass_guesses_lock_the_account_and_grants_are_capped_per_day() {
     assert_eq!(stack.post("/v1/break-glass", Some(&careful), &glass("PAT-3", PASSWORD)).await.0, 201);
 
     wait_until("lockout and limit audited", Duration::from_secs(30), async || {
-        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-            "SELECT action, outcome, reason FROM audit_events WHERE action IN ('auth.break_glass', 'auth.lockout')",
+        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT action, outcome, reason, patients[1] FROM audit_events
+             WHERE action IN ('auth.break_glass', 'auth.lockout')",
         )
         .fetch_all(&stack.db.owner)
         .await
@@ -158,6 +159,11 @@ async fn break_glass_guesses_lock_the_account_and_grants_are_capped_per_day() {
         };
         count("auth.lockout", None) == 1
             && count("auth.break_glass", Some("daily_limit")) == 1
+            // Every refused attempt names the patient it was for.
+            && rows
+                .iter()
+                .filter(|r| r.0 == "auth.break_glass" && r.1 == "denied")
+                .all(|r| r.3 == Some(blind_index("PAT-1")) || r.3 == Some(blind_index("PAT-3")))
             && count("auth.break_glass", Some("locked")) == 2
             && count("auth.break_glass", Some("wrong_password")) == 2
     })
