@@ -8,17 +8,7 @@ use serde_json::{Value, json};
 use crate::common::Stack;
 
 async fn batch(stack: &Stack, token: &str, body: String) -> (u16, Value) {
-    let resp = stack
-        .http
-        .post(format!("{}/v1/documents/batch", stack.base))
-        .bearer_auth(token)
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    stack.batch(token, body).await
 }
 
 fn line(v: Value) -> String {

@@ -311,6 +311,21 @@ impl Stack {
         body["access_token"].as_str().unwrap().to_owned()
     }
 
+    /// `POST /v1/documents/batch` with this NDJSON body.
+    pub async fn batch(&self, token: &str, body: String) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/v1/documents/batch", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
         let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
         if let Some(t) = token {

@@ -8,13 +8,11 @@ use std::time::Duration;
 use base64::Engine as _;
 use clinflow::testing::{self, TestDb, wait_until};
 
-#[tokio::test]
-async fn the_metrics_port_answers_healthz_readyz_and_metrics_by_route_and_status_class() {
-    let db = TestDb::new().await;
-    let (topology, _amqp) = testing::topology().await;
-    let free = clinflow::testing::free_addr;
-    let (api_addr, metrics_addr) = (free(), free());
-    let _api = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-api"))
+/// The api binary on `db` and `topology`'s queues, on free ports: the
+/// process (killed when dropped), its API address and its metrics address.
+fn spawn_api(db: &TestDb, topology: &clinflow::amqp::Topology) -> (tokio::process::Child, String, String) {
+    let (api_addr, metrics_addr) = (testing::free_addr(), testing::free_addr());
+    let api = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-api"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db.url_as(testing::API_ROLE))
@@ -31,6 +29,14 @@ async fn the_metrics_port_answers_healthz_readyz_and_metrics_by_route_and_status
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    (api, api_addr, metrics_addr)
+}
+
+#[tokio::test]
+async fn the_metrics_port_answers_healthz_readyz_and_metrics_by_route_and_status_class() {
+    let db = TestDb::new().await;
+    let (topology, _amqp) = testing::topology().await;
+    let (_api, api_addr, metrics_addr) = spawn_api(&db, &topology);
     let http = clinflow::testing::http();
     let ops = format!("http://{metrics_addr}");
 
@@ -69,24 +75,7 @@ async fn exports_erasures_and_break_glass_grants_are_counted_for_their_alerts() 
     use clinflow_api::users::{self, Passwords, Role};
     let db = TestDb::new().await;
     let (topology, _amqp) = testing::topology().await;
-    let (api_addr, metrics_addr) = (testing::free_addr(), testing::free_addr());
-    let _api = tokio::process::Command::new(env!("CARGO_BIN_EXE_clinflow-api"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", db.url_as(testing::API_ROLE))
-        .env("AMQP_URL", testing::amqp_url_string())
-        .env("CLINFLOW_QUEUE_PREFIX", topology.prefix())
-        .envs(testing::audit_keys().env("api"))
-        .env("CLINFLOW_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(testing::master_key()))
-        .env("JWT_SECRET", "the health test's jwt secret, long enough!!")
-        .env("CLINFLOW_INDEX_KEY", "the health test's index key, long enough!!")
-        .env("API_ADDR", &api_addr)
-        .env("METRICS_ADDR", &metrics_addr)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (_api, api_addr, metrics_addr) = spawn_api(&db, &topology);
     let passwords = Passwords::new().await.unwrap();
     let password = "a long enough test password";
     for (name, role) in [("loader", Role::Ingest), ("doctor", Role::Clinician), ("privacy", Role::PrivacyOfficer)] {

@@ -17,18 +17,9 @@ fn code(body: &Value) -> Option<&str> {
 
 /// `POST /v1/documents/batch` of these uploads, one a line: the answer.
 async fn upload_batch(stack: &Stack, token: &str, lines: &[Value]) -> Value {
-    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    let resp = stack
-        .http
-        .post(format!("{}/v1/documents/batch", stack.base))
-        .bearer_auth(token)
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    resp.json().await.unwrap()
+    let (status, answer) = stack.batch(token, lines.iter().map(|l| format!("{l}\n")).collect()).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
 }
 
 fn blind_index(patient: &str) -> String {
