@@ -13,7 +13,7 @@ use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::state::AppState;
-use crate::validate::case_ref;
+use crate::validate::{case_ref, consent_ref};
 
 /// Documents per transaction while a consent's documents are purged.
 const BATCH: i64 = 500;
@@ -50,12 +50,9 @@ pub(crate) async fn withdraw(
     user: AuthUser,
     JsonBody(req): JsonBody<ConsentWithdrawal>,
 ) -> Result<Json<Withdrawn>, ApiError> {
-    let consent = req.consent_ref.trim();
-    if consent.is_empty() || consent.chars().count() > 128 || consent.chars().any(char::is_control) {
-        return Err(ApiError::invalid("invalid_consent_ref", "consent_ref must be 1-128 characters"));
-    }
+    let consent = consent_ref(&req.consent_ref)?;
     let case = case_ref(&req.case_ref)?;
-    let index = retention::consent_index(&state.index_key, consent);
+    let index = retention::consent_index(&state.index_key, &consent);
     let operator = Operator { actor: user.actor(), signer: Arc::clone(&state.audit_signer) };
     let purged =
         retention::purge(&state.db, &Selection::Consent(index), &operator, BATCH, |_| state.relay.wake()).await?;

@@ -91,6 +91,19 @@ pub(crate) fn validate(req: UploadRequest, default_basis: Option<Basis>) -> Resu
 
 const MAX_CONSENT_REF_CHARS: usize = 128;
 
+/// A research consent's reference, trimmed: 1-128 characters without
+/// control characters (the message does not echo it).
+pub(crate) fn consent_ref(value: &str) -> Result<String, ApiError> {
+    let value = value.trim();
+    if value.is_empty() || value.chars().count() > MAX_CONSENT_REF_CHARS || value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "invalid_consent_ref",
+            format!("consent_ref must be 1-{MAX_CONSENT_REF_CHARS} characters without control characters"),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 /// Why the note is held: the upload's own basis, else the account's; research
 /// needs the consent it rests on, and only research takes one.
 fn lawful_basis(req: &UploadRequest, default_basis: Option<Basis>) -> Result<(Basis, Option<String>), ApiError> {
@@ -111,13 +124,7 @@ fn lawful_basis(req: &UploadRequest, default_basis: Option<Basis>) -> Result<(Ba
         (Basis::Research, None) => {
             Err(ApiError::invalid("missing_consent_ref", "consent_ref is required when lawful_basis is research"))
         }
-        (Basis::Research, Some(c)) if c.chars().count() > MAX_CONSENT_REF_CHARS || c.chars().any(char::is_control) => {
-            Err(ApiError::invalid(
-                "invalid_consent_ref",
-                format!("consent_ref must be 1-{MAX_CONSENT_REF_CHARS} characters without control characters"),
-            ))
-        }
-        (Basis::Research, Some(c)) => Ok((basis, Some(c.to_owned()))),
+        (Basis::Research, Some(c)) => Ok((basis, Some(consent_ref(c)?))),
         (_, Some(_)) => Err(ApiError::invalid("invalid_consent_ref", "consent_ref is for lawful_basis research only")),
         (_, None) => Ok((basis, None)),
     }

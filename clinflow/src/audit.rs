@@ -15,6 +15,6 @@ mod event;
 mod publish;
 pub mod signing;
 
-pub use event::{Action, Actor, ActorKind, AuditEvent, Outcome, Resource, now_micros, truncate_to_micros};
+pub use event::{Action, Actor, ActorKind, AuditEvent, Outcome, Resource, hex, now_micros, truncate_to_micros, unhex};
 pub use publish::{Operator, publish_many};
 pub use signing::{SignedEvent, Signer};

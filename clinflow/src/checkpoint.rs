@@ -96,17 +96,8 @@ fn signed_parts(seq: i64, row_hash_hex: &str, at: OffsetDateTime) -> SignedParts
     }
 }
 
-/// The bytes of a hex string (`None` if it is not one).
-pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+/// Hex as the audit trail writes it (defined once, in `audit`).
+pub use crate::audit::{hex, unhex};
 
 /// When the sink writes checkpoints, and where.
 #[derive(Debug, Clone)]

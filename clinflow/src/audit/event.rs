@@ -349,7 +349,16 @@ fn blind_indexes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, 
     }
 }
 
-/// Lowercase hex, as blind indexes are named on the audit trail.
+/// The bytes of a hex string (`None` if it is not one).
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+}
+
+/// Lowercase hex, as blind indexes, hashes and signatures are written on
+/// the audit trail and in its checkpoints.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
