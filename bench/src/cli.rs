@@ -108,6 +108,8 @@ pub enum Only {
     Queries,
     /// The warm-up and the ratio rounds.
     Ratio,
+    /// The ceiling runs with the NLP stand-in (and the CPU per document).
+    Ceiling,
     /// The clinician queries' data, then the privacy phase: disclosure
     /// lookups among many audit rows, a purge under uploads.
     Privacy,

@@ -43,6 +43,11 @@ pub(crate) async fn measure(b: &Bench<'_>, master_key: &[u8; 32], stack: &mut St
         return Ok(figures);
     }
     let mut client = start(b, stack, &b.cli.medcat_url).await?;
+    if b.cli.only == Some(Only::Ceiling) {
+        let standins = Standins::start(b).await?;
+        ceilings(b, stack, &mut client, &standins, &mut figures).await?;
+        return Ok(figures);
+    }
     ratio(b, stack, &mut client, &mut figures).await?;
     if b.cli.only == Some(Only::Ratio) {
         return Ok(figures);
@@ -249,32 +254,43 @@ async fn one_round(
     Ok(Round { direct, direct_wait, pipeline: pipeline.docs_per_s(), pipeline_wait, before, after })
 }
 
-/// The runs with the STAND-IN in MedCAT's place: the ceiling (with
-/// `--hops both` alternated with plaintext hops, each run on freshly
-/// started services), upload latency and saturation, the lanes, the audit
-/// sink and (full mode) the backlog.
-async fn with_standin(
+/// The NLP STAND-IN, served over HTTPS (for TLS hops) and plain HTTP.
+struct Standins {
+    tls: Option<String>,
+    plain: String,
+}
+
+impl Standins {
+    async fn start(b: &Bench<'_>) -> anyhow::Result<Self> {
+        let tls = match b.cli.tls_cert.as_deref().zip(b.cli.tls_key.as_deref()) {
+            Some(files) => Some(standin::start(Some(files)).await?),
+            None => None,
+        };
+        Ok(Self { tls, plain: standin::start(None).await? })
+    }
+
+    fn url(&self, hops: Hops) -> anyhow::Result<String> {
+        match hops {
+            Hops::Tls => self.tls.clone().context("TLS hops need --tls-cert and --tls-key"),
+            Hops::Plain => Ok(self.plain.clone()),
+        }
+    }
+}
+
+/// The ceiling: the pipeline with the STAND-IN, batch uploads (with
+/// `--hops both` alternated with plaintext hops), each run on freshly
+/// started services.
+async fn ceilings(
     b: &Bench<'_>,
-    master_key: &[u8; 32],
     stack: &mut Stack,
     client: &mut phases::Client,
+    standins: &Standins,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let (plan, ctx, amqp, topology) = (b.plan, b.ctx, b.amqp, b.topology);
-    // One over HTTPS for TLS hops, one over plain HTTP.
-    let tls_files = b.cli.tls_cert.as_deref().zip(b.cli.tls_key.as_deref());
-    let tls_standin = match tls_files {
-        Some(files) => Some(standin::start(Some(files)).await?),
-        None => None,
-    };
-    let plain_standin = standin::start(None).await?;
-    let standin_for = |hops: Hops| match hops {
-        Hops::Tls => tls_standin.clone().context("TLS hops need --tls-cert and --tls-key"),
-        Hops::Plain => Ok(plain_standin.clone()),
-    };
+    let (plan, ctx) = (b.plan, b.ctx);
     for hops in ceiling_hops(b, plan.ceiling_pairs) {
         eprintln!("== ceiling: the pipeline with the NLP STAND-IN, batch uploads, {} hops", hops.name());
-        *client = restart(b, stack, hops, &standin_for(hops)?).await?;
+        *client = restart(b, stack, hops, &standins.url(hops)?).await?;
         phases::pipeline(ctx, stack, client, &ctx.notes(2_000_000_000, 1_000), bulk(plan)).await?;
         let before = Observation::take(stack).await?;
         let ceiling =
@@ -283,7 +299,23 @@ async fn with_standin(
         eprintln!("   {:.0} docs/s", ceiling.docs_per_s());
         figures.ceilings.push(report::Ceiling { hops, run: report::Run::new(&ceiling, &before, &after) });
     }
-    let standin = standin_for(stack.hops)?;
+    Ok(())
+}
+
+/// The runs with the STAND-IN in MedCAT's place: the ceiling, upload
+/// latency and saturation, the lanes, the audit sink and (full mode) the
+/// backlog.
+async fn with_standin(
+    b: &Bench<'_>,
+    master_key: &[u8; 32],
+    stack: &mut Stack,
+    client: &mut phases::Client,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    let (plan, ctx, amqp, topology) = (b.plan, b.ctx, b.amqp, b.topology);
+    let standins = Standins::start(b).await?;
+    ceilings(b, stack, client, &standins, figures).await?;
+    let standin = standins.url(stack.hops)?;
 
     uploads(b, stack, client, figures).await?;
 

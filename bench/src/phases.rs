@@ -315,8 +315,8 @@ async fn worker_finished(stack: &Stack, http: &reqwest::Client) -> anyhow::Resul
     Ok((done, all - done))
 }
 
-/// (documents queued or processing, documents failed); both read through
-/// the partial index on unfinished documents.
+/// (documents queued or processing, documents failed): a scan of every
+/// document, for confirming what the worker's counters said.
 async fn document_counts(db: &PgPool) -> anyhow::Result<(i64, i64)> {
     let (pending, failed): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status IN ('queued', 'processing')), count(*) FILTER (WHERE status = 'failed')
@@ -451,9 +451,10 @@ async fn prefill(
             key_ids.push(key.id());
         }
         sqlx::query(
-            "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, lane, data_key_id, patient_index, lawful_basis)
-             SELECT id, p, t, $4, $5, k, i, 'direct_care'
-             FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $6::uuid[], $7::bytea[]) AS u(id, p, t, k, i)",
+            "WITH u AS (SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $6::uuid[], $7::bytea[]) AS u(id, p, t, k, i)),
+                  d AS (INSERT INTO documents (id, patient_ref_ct, uploaded_by, lane, data_key_id, patient_index, lawful_basis)
+                        SELECT id, p, $4, $5, k, i, 'direct_care' FROM u)
+             INSERT INTO document_texts (document_id, text_ct) SELECT id, t FROM u",
         )
         .bind(&ids)
         .bind(&patients)
@@ -574,9 +575,14 @@ pub async fn backlog(
     stack.start(WORKER, &[("MEDCAT_URL", standin_url)]).await?;
     let (mut first_window, mut last_window_start) = (None, None);
     let mut last_report = Instant::now();
+    // Followed through the fresh worker's counters (a count over a million
+    // documents every half second would load the database measured here),
+    // then confirmed from the database.
+    let http = crate::http::client();
     loop {
-        let (remaining,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM documents WHERE status <> 'done'").fetch_one(ctx.db).await?;
+        let (done, failed) = worker_finished(stack, &http).await?;
+        anyhow::ensure!(failed == 0.0, "{failed} documents failed (see the worker log)");
+        let remaining = (n - done as i64).max(0);
         let t = started.elapsed();
         if first_window.is_none() && remaining <= n - window {
             first_window = Some(t);
@@ -595,6 +601,8 @@ pub async fn backlog(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let drain = started.elapsed();
+    let (pending, failed) = document_counts(ctx.db).await?;
+    anyhow::ensure!(pending == 0 && failed == 0, "after the drain: {pending} documents pending, {failed} failed");
     let first = first_window.unwrap_or(drain);
     let last = drain - last_window_start.unwrap_or_default();
     let worker_rss = report::peak_rss(stack).remove("clinflow-worker");

@@ -161,10 +161,9 @@ async fn expired_documents(db: &sqlx::PgPool, n: i64) -> anyhow::Result<i64> {
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "INSERT INTO documents (id, status, patient_ref_ct, text_ct, document_date, uploaded_by, lane, data_key_id,
+        "INSERT INTO documents (id, status, patient_ref_ct, document_date, uploaded_by, lane, data_key_id,
                                 patient_index, result_model, lawful_basis)
-         SELECT id, 'done', decode(repeat(replace(id::text, '-', ''), 3), 'hex'),
-                decode(repeat(replace(id::text, '-', ''), 62), 'hex'), '2001-01-01', $1, 'backfill', key_id,
+         SELECT id, 'done', decode(repeat(replace(id::text, '-', ''), 3), 'hex'), '2001-01-01', $1, 'backfill', key_id,
                 patient_index, 'bench-model', 'direct_care'
          FROM expired",
     )
@@ -172,6 +171,12 @@ async fn expired_documents(db: &sqlx::PgPool, n: i64) -> anyhow::Result<i64> {
     .execute(&mut *tx)
     .await
     .context("writing the expired documents")?;
+    sqlx::query(
+        "INSERT INTO document_texts (document_id, text_ct)
+         SELECT id, decode(repeat(replace(id::text, '-', ''), 62), 'hex') FROM expired",
+    )
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(
         "INSERT INTO document_results (document_id, model_version, annotations_ct, annotation_count)
          SELECT id, 'bench-model', decode(repeat(replace(id::text, '-', ''), 25), 'hex'), 2 FROM expired",

@@ -291,6 +291,20 @@ fn print_cpu(during: &str, cpu: &BTreeMap<String, f64>, wall_s: f64, machine: &s
     }
 }
 
+/// CPU milliseconds per document of each process over `runs` (the
+/// harness and the idle MedCAT excluded: they are not the pipeline).
+pub fn cpu_ms_per_doc(runs: &[&Run]) -> BTreeMap<String, f64> {
+    let docs: usize = runs.iter().map(|r| r.docs).sum();
+    let mut cpu: BTreeMap<String, f64> = BTreeMap::new();
+    for (name, s) in runs.iter().flat_map(|r| &r.cpu_seconds) {
+        if name.contains("bench") || name.starts_with("medcat") {
+            continue;
+        }
+        *cpu.entry(name.clone()).or_insert(0.0) += s * 1_000.0 / docs.max(1) as f64;
+    }
+    cpu
+}
+
 /// CPU per 1,000 documents of each process in the ceiling runs, TLS hops
 /// beside plaintext: what TLS costs and who pays it.
 fn print_cpu_by_hops(tls: &[&Run], plain: &[&Run]) {
@@ -575,6 +589,12 @@ pub fn print_and_save(
         let accepted = median(headline_ceilings.iter().map(|r| r.upload_docs_per_s).collect());
         row("  batch uploads accepted", format!("{accepted:.0} docs/s"), "≥ 5000", Some(accepted >= 5000.0));
         row("  uploads throttled (429) and sent again", format!("{throttled}"), "", None);
+        let per_doc = cpu_ms_per_doc(&headline_ceilings);
+        let total: f64 = per_doc.values().sum();
+        row("  CPU per document, all processes", format!("{total:.3} ms"), "≤ 0.6 ms", Some(total <= 0.6));
+        for (name, ms) in &per_doc {
+            row(&format!("    {name}"), format!("{ms:.3} ms"), "", None);
+        }
         if !plain_ceilings.is_empty() {
             row(
                 &format!("ceiling with plaintext hops (runs {})", runs(&plain_ceilings)),

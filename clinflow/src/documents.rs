@@ -64,11 +64,15 @@ pub enum Inserted {
 
 pub async fn insert(conn: &mut PgConnection, doc: &NewDocument) -> Result<Inserted, sqlx::Error> {
     let inserted = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id,
-                                  lawful_basis, consent_index)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-           ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
-           RETURNING id"#,
+        r#"WITH d AS (
+               INSERT INTO documents (id, patient_ref_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id,
+                                      lawful_basis, consent_index)
+               VALUES ($1, $2, $4, $5, $6, $7, $8, $9, $10)
+               ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
+               RETURNING id
+           )
+           INSERT INTO document_texts (document_id, text_ct) SELECT id, $3 FROM d
+           RETURNING document_id"#,
         doc.id,
         doc.patient_ref_ct,
         doc.text_ct,
@@ -113,13 +117,25 @@ pub async fn insert_many(
     let data_keys: Vec<Uuid> = docs.iter().map(|d| d.data_key_id).collect();
     let bases: Vec<&str> = docs.iter().map(|d| d.lawful_basis).collect();
     let consents: Vec<Option<&[u8]>> = docs.iter().map(|d| d.consent_index.as_deref()).collect();
+    // The text goes to its own table, written once (the documents row is
+    // the one the worker updates: small, so its updates are HOT).
     let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar!(
-        r#"INSERT INTO documents (id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id,
-                                  lawful_basis, consent_index, lane)
-           SELECT *, $11 FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[], $7::bytea[], $8::uuid[],
-                                     $9::text[], $10::bytea[])
-           ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
-           RETURNING id"#,
+        r#"WITH u AS (
+               SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[], $5::date[], $6::uuid[], $7::bytea[],
+                                    $8::uuid[], $9::text[], $10::bytea[])
+                   AS u(id, patient_ref_ct, text_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id,
+                        lawful_basis, consent_index)
+           ),
+           d AS (
+               INSERT INTO documents (id, patient_ref_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id,
+                                      lawful_basis, consent_index, lane)
+               SELECT id, patient_ref_ct, source_ref_hmac, document_date, uploaded_by, patient_index, data_key_id,
+                      lawful_basis, consent_index, $11 FROM u
+               ON CONFLICT (uploaded_by, source_ref_hmac) DO NOTHING
+               RETURNING id
+           )
+           INSERT INTO document_texts (document_id, text_ct) SELECT u.id, u.text_ct FROM u JOIN d ON d.id = u.id
+           RETURNING document_id"#,
         &ids,
         &patients as &[&[u8]],
         &texts as &[&[u8]],
@@ -217,9 +233,22 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<DocumentRow
     .await
 }
 
+/// Replaces the sealed texts of `ids` (sealed anew under another key).
+pub async fn reseal_texts(conn: &mut PgConnection, ids: &[Uuid], texts: &[Vec<u8>]) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE document_texts t SET text_ct = u.t
+         FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, t) WHERE t.document_id = u.id",
+        ids,
+        texts,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A document's sealed text (for a clinician's `?include=text`).
 pub async fn text(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    sqlx::query_scalar!("SELECT text_ct FROM documents WHERE id = $1", id).fetch_optional(db).await
+    sqlx::query_scalar!("SELECT text_ct FROM document_texts WHERE document_id = $1", id).fetch_optional(db).await
 }
 
 #[derive(Debug)]

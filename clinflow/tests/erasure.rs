@@ -87,8 +87,9 @@ async fn seed(db: &PgPool, keys: &Keys, patient: &str, uploader: Uuid) -> Seeded
     let old = Uuid::now_v7();
     let ring = keys.keyring();
     sqlx::query(
-        "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, patient_index, lawful_basis)
-         VALUES ($1, $2, $3, $4, $5, 'direct_care')",
+        "WITH d AS (INSERT INTO documents (id, patient_ref_ct, uploaded_by, patient_index, lawful_basis)
+                    VALUES ($1, $2, $4, $5, 'direct_care') RETURNING id)
+         INSERT INTO document_texts (document_id, text_ct) SELECT id, $3 FROM d",
     )
     .bind(old)
     .bind(ring.seal_v1(documents::patient_ref_field(old), patient.as_bytes()).unwrap())
@@ -202,8 +203,9 @@ async fn erasure_refuses_while_documents_without_a_patient_index_remain() {
     let orphan = Uuid::now_v7();
     let ring = keys.keyring();
     sqlx::query(
-        "INSERT INTO documents (id, patient_ref_ct, text_ct, uploaded_by, lawful_basis)
-         VALUES ($1, $2, $3, $4, 'direct_care')",
+        "WITH d AS (INSERT INTO documents (id, patient_ref_ct, uploaded_by, lawful_basis)
+                    VALUES ($1, $2, $4, 'direct_care') RETURNING id)
+         INSERT INTO document_texts (document_id, text_ct) SELECT id, $3 FROM d",
     )
     .bind(orphan)
     .bind(ring.seal_v1(documents::patient_ref_field(orphan), b"PAT-ERASE-C").unwrap())

@@ -147,9 +147,10 @@ pub(crate) async fn export(
         }
     };
     let docs = sqlx::query!(
-        r#"SELECT d.id, d.status, d.text_ct, d.document_date, d.created_at, r.model_version AS "model_version?",
+        r#"SELECT d.id, d.status, t.text_ct AS "text_ct!", d.document_date, d.created_at, r.model_version AS "model_version?",
                   r.annotations_ct AS "annotations_ct?"
            FROM documents d
+           JOIN document_texts t ON t.document_id = d.id
            LEFT JOIN document_results r ON r.document_id = d.id AND r.model_version = d.result_model
            WHERE d.patient_index = $1 ORDER BY d.id"#,
         patient.index,

@@ -156,7 +156,7 @@ async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_int
     // Assert: the same rows, byte for byte.
     let copy_options: PgConnectOptions = target_url.parse().unwrap();
     let copy = PgPoolOptions::new().max_connections(2).connect_with(copy_options.clone()).await.unwrap();
-    for table in ["documents", "document_results", "audit_events", "users", "_sqlx_migrations"] {
+    for table in ["documents", "document_texts", "document_results", "audit_events", "users", "_sqlx_migrations"] {
         let (source, restored) = (fingerprint(&stack.db.owner, table).await, fingerprint(&copy, table).await);
         assert_eq!(source, restored, "{table} differs after the restore");
     }
@@ -164,7 +164,7 @@ async fn a_backup_of_the_pipelines_data_restores_into_a_new_database_with_an_int
     // back with them (each ciphertext is bound to its row id and data key).
     let keys = testing::keys();
     let rows: Vec<(Uuid, Vec<u8>)> =
-        sqlx::query_as("SELECT id, text_ct FROM documents").fetch_all(&copy).await.unwrap();
+        sqlx::query_as("SELECT document_id, text_ct FROM document_texts").fetch_all(&copy).await.unwrap();
     let opener = keys.opener(&copy, rows.iter().map(|(_, ct)| ct.as_slice())).await.unwrap();
     let mut texts: Vec<String> =
         rows.iter().map(|(id, ct)| opener.open_string(clinflow::documents::text_field(*id), ct).unwrap()).collect();

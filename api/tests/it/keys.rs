@@ -128,7 +128,10 @@ async fn ciphertexts(stack: &Stack) -> BTreeMap<String, Vec<u8>> {
         all.insert(format!("data_keys/patient_ref/{}", hex(&patient)), p);
     }
     let docs: Vec<(Uuid, Vec<u8>, Vec<u8>)> =
-        sqlx::query_as("SELECT id, patient_ref_ct, text_ct FROM documents").fetch_all(&stack.db.owner).await.unwrap();
+        sqlx::query_as("SELECT d.id, d.patient_ref_ct, t.text_ct FROM documents d JOIN document_texts t ON t.document_id = d.id")
+            .fetch_all(&stack.db.owner)
+            .await
+            .unwrap();
     for (id, p, t) in docs {
         all.insert(format!("documents/patient_ref/{id}"), p);
         all.insert(format!("documents/text/{id}"), t);
@@ -209,7 +212,7 @@ async fn rotation_then_removal_of_the_old_key_leaves_everything_readable() {
     // A process holding only the old key fails closed, naming the KEK.
     let old_only = testing::keys();
     let (doc_id, text_ct): (Uuid, Vec<u8>) =
-        sqlx::query_as("SELECT id, text_ct FROM documents LIMIT 1").fetch_one(&stack.db.owner).await.unwrap();
+        sqlx::query_as("SELECT document_id, text_ct FROM document_texts LIMIT 1").fetch_one(&stack.db.owner).await.unwrap();
     let err = old_only.open(&stack.db.owner, documents::text_field(doc_id), &text_ct).await.unwrap_err();
     assert!(matches!(&err, KeyError::Crypto(CryptoError::UnknownKek(_, kek)) if kek == "k2"), "{err}");
     assert!(err.to_string().contains("\"k2\"") && err.to_string().contains("CLINFLOW_MASTER_KEY"), "{err}");
@@ -282,7 +285,7 @@ async fn reencryption_replaces_a_patients_key_and_moved_ciphertexts_fail() {
     let index_b = documents::patient_index(&testing::index_key(), "KEYS-PAT-B");
     let key_b = rotation::key_of_patient(&stack.db.owner, &index_b).await.unwrap().unwrap();
     let (doc_a, text_a): (Uuid, Vec<u8>) =
-        sqlx::query_as("SELECT id, text_ct FROM documents WHERE data_key_id = $1 LIMIT 1")
+        sqlx::query_as("SELECT d.id, t.text_ct FROM documents d JOIN document_texts t ON t.document_id = d.id WHERE d.data_key_id = $1 LIMIT 1")
             .bind(done.new_key)
             .fetch_one(&stack.db.owner)
             .await
@@ -346,8 +349,9 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
     let annotations = json!([{"cui": "372567009", "pretty_name": "Metformin", "start": 8, "end": 17, "acc": 1.0, "type_ids": [], "meta_anns": {}}]);
     let index = documents::patient_index(&testing::index_key(), "KEYS-PAT-V1");
     sqlx::query(
-        "INSERT INTO documents (id, status, patient_ref_ct, text_ct, uploaded_by, patient_index, lawful_basis)
-         VALUES ($1, 'done', $2, $3, $4, $5, 'direct_care')",
+        "WITH d AS (INSERT INTO documents (id, status, patient_ref_ct, uploaded_by, patient_index, lawful_basis)
+                    VALUES ($1, 'done', $2, $4, $5, 'direct_care') RETURNING id)
+         INSERT INTO document_texts (document_id, text_ct) SELECT id, $3 FROM d",
     )
     .bind(id)
     .bind(ring.seal_v1(documents::patient_ref_field(id), b"KEYS-PAT-V1").unwrap())
@@ -389,7 +393,7 @@ async fn format_1_rows_still_read_and_migrate_to_the_patients_key() {
     let moved = rotation::migrate_v1(batches, &index_key, |_| {}).await.unwrap();
     assert_eq!(moved, (1, 0));
     let (key, p, t): (Option<Uuid>, Vec<u8>, Vec<u8>) =
-        sqlx::query_as("SELECT data_key_id, patient_ref_ct, text_ct FROM documents WHERE id = $1")
+        sqlx::query_as("SELECT d.data_key_id, d.patient_ref_ct, t.text_ct FROM documents d JOIN document_texts t ON t.document_id = d.id WHERE d.id = $1")
             .bind(id)
             .fetch_one(&stack.db.owner)
             .await

@@ -339,7 +339,7 @@ async fn a_patient_exports_as_valid_fhir_and_is_erased_from_every_table() {
         stack.post(&format!("/v1/privacy/erasures/{id}/approve"), Some(token), &json!({})).await
     };
     // A copy of one note's ciphertext, as a backup would hold it.
-    let backup: Vec<u8> = sqlx::query_scalar("SELECT text_ct FROM documents WHERE id = $1::uuid")
+    let backup: Vec<u8> = sqlx::query_scalar("SELECT text_ct FROM document_texts WHERE document_id = $1::uuid")
         .bind(&ids[0])
         .fetch_one(&stack.db.owner)
         .await

@@ -155,7 +155,9 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
     // Assert: PostgreSQL holds ciphertext only — and it is the notes' ciphertext.
     let keys = clinflow::testing::keys();
     let rows: Vec<(Uuid, Vec<u8>, Vec<u8>)> =
-        sqlx::query_as("SELECT id, text_ct, patient_ref_ct FROM documents").fetch_all(&stack.db.owner).await.unwrap();
+        sqlx::query_as(
+        "SELECT d.id, t.text_ct, d.patient_ref_ct FROM documents d JOIN document_texts t ON t.document_id = d.id",
+    ).fetch_all(&stack.db.owner).await.unwrap();
     assert_eq!(rows.len(), notes.len());
     for (id, text_ct, patient_ct) in &rows {
         let note = &notes[&ids[id]];
@@ -175,7 +177,8 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
         }
     }
     let leaked: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM documents WHERE position('metformin'::bytea in text_ct) > 0 OR position('PAT-'::bytea in patient_ref_ct) > 0",
+        "SELECT count(*) FROM documents d JOIN document_texts t ON t.document_id = d.id
+         WHERE position('metformin'::bytea in t.text_ct) > 0 OR position('PAT-'::bytea in d.patient_ref_ct) > 0",
     )
     .fetch_one(&stack.db.owner)
     .await

@@ -10,9 +10,12 @@ use uuid::Uuid;
 /// returned are finished already (a redelivered job) or do not exist.
 pub async fn claim_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<(Uuid, Vec<u8>)>, sqlx::Error> {
     let rows = sqlx::query!(
-        "UPDATE documents SET status = 'processing', attempts = attempts + 1, updated_at = now()
-         WHERE id = ANY($1) AND status IN ('queued', 'processing')
-         RETURNING id, text_ct",
+        "WITH claimed AS (
+             UPDATE documents SET status = 'processing', attempts = attempts + 1, updated_at = now()
+             WHERE id = ANY($1) AND status IN ('queued', 'processing')
+             RETURNING id
+         )
+         SELECT c.id, t.text_ct FROM claimed c JOIN document_texts t ON t.document_id = c.id",
         ids
     )
     .fetch_all(db)

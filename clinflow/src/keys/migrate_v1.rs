@@ -25,8 +25,10 @@ pub async fn migrate_v1(
     loop {
         let mut tx = db.begin().await?;
         let docs = sqlx::query!(
-            "SELECT id, patient_ref_ct, text_ct FROM documents WHERE data_key_id IS NULL
-             ORDER BY id LIMIT $1 FOR UPDATE",
+            r#"SELECT d.id, d.patient_ref_ct, t.text_ct AS "text_ct!"
+               FROM documents d JOIN document_texts t ON t.document_id = d.id
+               WHERE d.data_key_id IS NULL
+               ORDER BY d.id LIMIT $1 FOR UPDATE"#,
             batch
         )
         .fetch_all(&mut *tx)
@@ -55,17 +57,17 @@ pub async fn migrate_v1(
             texts.push(key.seal(text_field(*id), text)?);
         }
         sqlx::query!(
-            "UPDATE documents d SET data_key_id = u.k, patient_index = u.pi, patient_ref_ct = u.p, text_ct = u.t
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[]) AS u(id, k, pi, p, t)
+            "UPDATE documents d SET data_key_id = u.k, patient_index = u.pi, patient_ref_ct = u.p
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::bytea[]) AS u(id, k, pi, p)
              WHERE d.id = u.id",
             &ids,
             &key_ids,
             &pidx,
             &refs,
-            &texts,
         )
         .execute(&mut *tx)
         .await?;
+        crate::documents::reseal_texts(&mut tx, &ids, &texts).await?;
         let results = results_for_update(&mut tx, &ids).await?;
         let mut sealed = Vec::with_capacity(results.len());
         for r in &results {

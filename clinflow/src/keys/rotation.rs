@@ -120,7 +120,9 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, operator: &Operator, old_key: U
     let stored = WrappedKey { id: row.id, patient_index: row.patient_index, kek_id: row.kek_id, wrapped: row.wrapped };
     let old = keys.keyring().unwrap(&stored)?;
     let docs = sqlx::query!(
-        "SELECT id, patient_ref_ct, text_ct FROM documents WHERE data_key_id = $1 ORDER BY id FOR UPDATE",
+        r#"SELECT d.id, d.patient_ref_ct, t.text_ct AS "text_ct!"
+           FROM documents d JOIN document_texts t ON t.document_id = d.id
+           WHERE d.data_key_id = $1 ORDER BY d.id FOR UPDATE"#,
         old_key
     )
     .fetch_all(&mut *tx)
@@ -164,15 +166,15 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, operator: &Operator, old_key: U
     .await?;
 
     sqlx::query!(
-        "UPDATE documents d SET data_key_id = $1, patient_ref_ct = u.p, text_ct = u.t
-         FROM UNNEST($2::uuid[], $3::bytea[], $4::bytea[]) AS u(id, p, t) WHERE d.id = u.id",
+        "UPDATE documents d SET data_key_id = $1, patient_ref_ct = u.p
+         FROM UNNEST($2::uuid[], $3::bytea[]) AS u(id, p) WHERE d.id = u.id",
         new.id(),
         &doc_ids,
         &refs,
-        &texts,
     )
     .execute(&mut *tx)
     .await?;
+    crate::documents::reseal_texts(&mut tx, &doc_ids, &texts).await?;
     let mut sealed = Vec::with_capacity(results.len());
     for r in &results {
         let plain = open_with(keys, &old, annotations_field(r.document_id), &r.annotations_ct)?;
