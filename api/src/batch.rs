@@ -4,7 +4,8 @@
 //! existing id for that `source_ref`) or `rejected` (code and message, never
 //! the line's content) — and one bad line never fails the others. Valid lines
 //! are stored in chunks: one transaction, one multi-row insert of documents
-//! and one of outbox rows (job and audit event of each) per chunk.
+//! and one of outbox rows (each document's job, and one audit message
+//! carrying the chunk's upload events, each signed) per chunk.
 
 use axum::Json;
 use axum::body::Body;
@@ -167,12 +168,12 @@ async fn store(
     // holds up documents uploaded one at a time.
     let inserted = documents::insert_many(&mut tx, &docs, Lane::Backfill).await?;
     let mut messages = Vec::new();
+    let mut events = Vec::new();
     for ((number, doc), fate) in numbers.iter().zip(&docs).zip(&inserted) {
         match fate {
             Inserted::New => {
-                let event = user.event(Action::DocumentUpload, Outcome::Success).document(doc.id);
+                events.push(user.event(Action::DocumentUpload, Outcome::Success).document(doc.id));
                 messages.push(outbox::Message::job(doc.id, Lane::Backfill));
-                messages.push(outbox::Message::audit(&state.audit_signer, &event).map_err(anyhow::Error::new)?);
                 response.push(LineOutcome::Accepted { line: *number, id: doc.id });
             }
             Inserted::DuplicateSourceRef(id) => response.push(LineOutcome::Duplicate { line: *number, id: *id }),
@@ -185,6 +186,9 @@ async fn store(
         .filter(|(_, fate)| matches!(fate, Inserted::New))
         .map(|(doc, _)| doc.patient_index.as_slice())
         .collect();
+    // The chunk's upload events travel together: one audit message (each
+    // event signed on its own), not one per document.
+    messages.extend(outbox::Message::audits(&state.audit_signer, &events).map_err(anyhow::Error::new)?);
     memberships.retain(|(_, patient)| accepted.contains(patient.as_slice()));
     let added = scope::add_patients(&mut tx, &memberships).await?;
     messages.extend(scope::additions_audited(&state.audit_signer, user, &added)?);

@@ -1,15 +1,16 @@
-//! The consumer: takes audit events off `{prefix}.audit` in batches, checks
-//! each one's signature, appends the batch to the chain in one transaction,
-//! then acks it. An event whose signature does not hold, or whose key may
-//! not speak for its actor, is never stored: it is parked in the audit
-//! dead-letter queue with its reason (`bad_signature`, `producer_mismatch`)
-//! and counted.
+//! The consumer: takes audit messages off `{prefix}.audit` (each one signed
+//! event, or a producer's batch of them as a JSON array) in batches, checks
+//! each event's signature, appends the batch to the chain in one
+//! transaction, then acks it. An event whose signature does not hold, or
+//! whose key may not speak for its actor, is never stored: the message
+//! carrying it is parked whole in the audit dead-letter queue with its
+//! reason (`bad_signature`, `producer_mismatch`) and counted.
 
 use std::time::Duration;
 
 use clinflow::amqp::{Outgoing, Publisher, Topology};
 use clinflow::audit::AuditEvent;
-use clinflow::audit::signing::{PublicKeys, SignedEvent, Signer};
+use clinflow::audit::signing::{self, PublicKeys, SignedEvent, Signer};
 use clinflow::chain;
 use clinflow::checkpoint;
 use clinflow::link::{self, LinkState, SessionEnd};
@@ -97,16 +98,22 @@ impl Sink {
                 lost = link::lost(&channel, &queue) => return SessionEnd::Broker(lost),
                 next = consumer.next() => next,
             };
-            let mut batch = Vec::with_capacity(self.batch_size);
-            // Take what arrives within `max_wait` of the first event.
+            let mut batch = Vec::new();
+            let mut events = 0;
+            // Take what arrives within `max_wait` of the first event, up to
+            // `batch_size` events (a message carries one or many).
             let deadline = tokio::time::Instant::now() + self.max_wait;
             loop {
                 match next {
-                    Some(Ok(d)) => batch.push(d),
+                    Some(Ok(d)) => {
+                        let read = read_message(&d, &self.keys);
+                        events += read.as_ref().map_or(0, Vec::len);
+                        batch.push((d, read));
+                    }
                     Some(Err(e)) => return e.into(),
                     None => return SessionEnd::Broker(anyhow::anyhow!("the broker closed the audit consumer")),
                 }
-                if batch.len() >= self.batch_size {
+                if events >= self.batch_size {
                     break;
                 }
                 match tokio::time::timeout_at(deadline, consumer.next()).await {
@@ -131,14 +138,21 @@ impl Sink {
     #[tracing::instrument(skip_all, name = "batch", fields(messages = batch.len(), parked, written))]
     async fn write(
         &self,
-        batch: Vec<Delivery>,
+        batch: Vec<(Delivery, Read)>,
         channel: &Channel,
         publisher: &Publisher,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionEnd> {
-        let last = batch.iter().map(|d| d.delivery_tag).max();
-        metrics::histogram!(telemetry::BATCH_SIZE).record(batch.len() as f64);
-        let (events, parked) = read_events(batch, &self.keys);
+        let last = batch.iter().map(|(d, _)| d.delivery_tag).max();
+        let mut events = Vec::new();
+        let mut parked = Vec::new();
+        for (delivery, read) in batch {
+            match read {
+                Ok(signed) => events.extend(signed),
+                Err(reason) => parked.push((delivery, reason)),
+            }
+        }
+        metrics::histogram!(telemetry::BATCH_SIZE).record(events.len() as f64);
         Span::current().record("parked", parked.len());
         self.park(publisher, &parked).await?;
         let Some(last) = last else { return Ok(()) };
@@ -231,28 +245,24 @@ impl Sink {
     }
 }
 
-/// The batch's events whose signatures hold, and the messages that are
-/// none, with why.
-fn read_events(batch: Vec<Delivery>, keys: &PublicKeys) -> (Vec<SignedEvent>, Vec<(Delivery, &'static str)>) {
-    let mut events = Vec::with_capacity(batch.len());
-    let mut parked = Vec::new();
-    for delivery in batch {
-        match serde_json::from_slice::<SignedEvent>(&delivery.data) {
-            Ok(signed) => match keys.check(&signed) {
-                Ok(()) => events.push(signed),
-                Err(refusal) => parked.push((delivery, refusal.as_str())),
-            },
-            // An event as it was before signatures, or forged without a key.
-            Err(_) if serde_json::from_slice::<AuditEvent>(&delivery.data).is_ok() => {
-                parked.push((delivery, "bad_signature"));
-            }
-            Err(_) if serde_json::from_slice::<serde_json::Value>(&delivery.data).is_ok() => {
-                parked.push((delivery, "schema_invalid"));
-            }
-            Err(_) => parked.push((delivery, "undecodable")),
-        }
+/// A message's events, every one of them signed under a key that may speak
+/// for its actor; or why the message is parked, whole: one event of it that
+/// does not hold keeps all of them out of the chain.
+type Read = Result<Vec<SignedEvent>, &'static str>;
+
+fn read_message(delivery: &Delivery, keys: &PublicKeys) -> Read {
+    let body = &delivery.data;
+    match signing::parse_message(body) {
+        Ok(signed) => match signed.iter().find_map(|s| keys.check(s).err()) {
+            None => Ok(signed),
+            Some(refusal) => Err(refusal.as_str()),
+        },
+        // Events as they were before signatures, or forged without a key.
+        Err(_) if serde_json::from_slice::<AuditEvent>(body).is_ok() => Err("bad_signature"),
+        Err(_) if serde_json::from_slice::<Vec<AuditEvent>>(body).is_ok_and(|e| !e.is_empty()) => Err("bad_signature"),
+        Err(_) if serde_json::from_slice::<serde_json::Value>(body).is_ok() => Err("schema_invalid"),
+        Err(_) => Err("undecodable"),
     }
-    (events, parked)
 }
 
 /// The insert found no partition for its rows' month (check_violation).

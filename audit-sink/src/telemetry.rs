@@ -32,7 +32,7 @@ pub const VERIFIED_SEQ: &str = "clinflow_audit_verified_seq";
 /// Describes the sink's metrics and exports the counters at 0.
 pub fn register() {
     metrics::describe_counter!(WRITTEN, "Audit events appended to the chain");
-    metrics::describe_histogram!(BATCH_SIZE, "Audit messages per batch (one transaction)");
+    metrics::describe_histogram!(BATCH_SIZE, "Audit events per batch (one transaction)");
     metrics::describe_histogram!(
         "clinflow_audit_batch_seconds",
         metrics::Unit::Seconds,

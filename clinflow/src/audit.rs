@@ -17,4 +17,4 @@ pub mod signing;
 
 pub use event::{Action, Actor, ActorKind, AuditEvent, Outcome, Resource, hex, now_micros, truncate_to_micros, unhex};
 pub use publish::{Operator, publish_many};
-pub use signing::{SignedEvent, Signer};
+pub use signing::{MAX_EVENTS_PER_MESSAGE, SignedEvent, Signer};

@@ -9,7 +9,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::amqp::{Lane, Topology, WorkQueue};
-use crate::audit::{AuditEvent, Signer};
+use crate::audit::signing::message_body;
+use crate::audit::{AuditEvent, MAX_EVENTS_PER_MESSAGE, Signer};
 use crate::jobs::DocumentJob;
 
 /// Where an outbox message goes: the relay publishes it to the work queue
@@ -61,6 +62,19 @@ impl Message {
     /// make an event the sink accepts.
     pub fn audit(signer: &Signer, event: &AuditEvent) -> Result<Self, serde_json::Error> {
         Ok(Self { topic: Topic::Audit, message_id: event.event_id.to_string(), body: signer.body(event)? })
+    }
+
+    /// The events, each signed by `signer`, in as few messages as
+    /// [`MAX_EVENTS_PER_MESSAGE`] allows (each named after its first event).
+    pub fn audits(signer: &Signer, events: &[AuditEvent]) -> Result<Vec<Self>, serde_json::Error> {
+        events
+            .chunks(MAX_EVENTS_PER_MESSAGE)
+            .map(|chunk| {
+                let signed = chunk.iter().map(|e| signer.sign(e)).collect::<Result<Vec<_>, _>>()?;
+                let body = message_body(&signed)?;
+                Ok(Self { topic: Topic::Audit, message_id: chunk[0].event_id.to_string(), body })
+            })
+            .collect()
     }
 }
 

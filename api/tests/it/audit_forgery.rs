@@ -83,3 +83,56 @@ async fn forged_audit_events_are_parked_and_a_genuine_one_is_stored_once() {
     let _ = as_api.close(200, "done".into()).await;
     stack.stop().await;
 }
+
+/// A producer's batch travels as one message (a JSON array of events, each
+/// signed): stored whole. A forged event slipped into such a batch keeps the
+/// whole message out of the chain, genuine events and all, parked with the
+/// forgery's reason; an empty batch is no event at all.
+#[tokio::test]
+async fn a_batch_of_events_is_stored_whole_or_parked_whole() {
+    let stack = Stack::start().await;
+    let users = BrokerUsers::create(&stack.topology, clinflow::testing::amqp_url()).await;
+    let as_api = clinflow::amqp::connect(&users.url(BrokerUser::Api), "clinflow-test-forger").await.unwrap();
+    let publisher = Publisher::new(&as_api).await.unwrap();
+    let audit = stack.topology.audit();
+    let publish = async |id: &str, body: Vec<u8>| {
+        let message = clinflow::amqp::Outgoing::new(&audit.exchange, audit.key, id, &body);
+        publisher.publish_many(&[message]).await.unwrap();
+    };
+    let api = &audit_keys().api;
+
+    // Three genuine events in one message: the api's outbox makes such.
+    let genuine: Vec<AuditEvent> = (0..3).map(|_| admin_login()).collect();
+    let messages = clinflow::outbox::Message::audits(api, &genuine).unwrap();
+    assert_eq!(messages.len(), 1, "one message for the three");
+    publish("batch", messages[0].body.clone()).await;
+    // Two genuine events and one signed with a key that is not the api's.
+    let (good, forged) = ([admin_login(), admin_login()], admin_login());
+    let mixed = vec![
+        api.sign(&good[0]).unwrap(),
+        Signer::generate("api").sign(&forged).unwrap(),
+        api.sign(&good[1]).unwrap(),
+    ];
+    publish("mixed", clinflow::audit::signing::message_body(&mixed).unwrap()).await;
+    publish("empty", b"[]".to_vec()).await;
+
+    wait_until("the mixed and the empty batch parked", Duration::from_secs(20), async || {
+        stack.queue_depth(&audit.dead_queue).await == 2
+    })
+    .await;
+    assert_eq!(stack.wait_for_audit_rows(3).await, 3);
+    let stored: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM audit_events ORDER BY seq").fetch_all(&stack.db.owner).await.unwrap();
+    assert_eq!(stored, genuine.iter().map(|e| e.event_id).collect::<Vec<_>>(), "the batch, whole and in order");
+    for kept_out in [good[0].event_id, good[1].event_id, forged.event_id] {
+        assert!(!stored.contains(&kept_out), "{kept_out} of the mixed batch entered the chain");
+    }
+    let operator = audit_keys().operator("clinflow-audit-sink");
+    let listing = deadletters::list_audit(&stack.amqp, &stack.topology, &operator).await.unwrap();
+    assert_eq!(listing.by_reason.get("bad_signature"), Some(&1), "{listing:?}");
+    assert_eq!(listing.by_reason.get("schema_invalid"), Some(&1), "{listing:?}");
+    let rows = stack.wait_for_audit_rows(4).await;
+    assert_eq!(clinflow::chain::verify(&stack.db.audit_reader, &audit_trust()).await.unwrap(), rows);
+    let _ = as_api.close(200, "done".into()).await;
+    stack.stop().await;
+}

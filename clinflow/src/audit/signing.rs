@@ -41,6 +41,37 @@ pub struct SignedEvent {
     pub signature: Vec<u8>,
 }
 
+/// Most events one audit message carries (about 0.7 KB each): a
+/// producer's batch goes to the broker as few messages, not one per event
+/// (each event still signed on its own). Small enough that the sink's
+/// prefetch (twice its batch size, in messages) holds some tens of MB at
+/// most after an outage.
+pub const MAX_EVENTS_PER_MESSAGE: usize = 100;
+
+/// The body of one audit message carrying `signed` (at most
+/// [`MAX_EVENTS_PER_MESSAGE`]): the signed event itself when there is one,
+/// else a JSON array of them.
+pub fn message_body(signed: &[SignedEvent]) -> Result<Vec<u8>, serde_json::Error> {
+    match signed {
+        [one] => serde_json::to_vec(one),
+        many => serde_json::to_vec(many),
+    }
+}
+
+/// The events of an audit message: one signed event, or an array of them
+/// (never empty).
+pub fn parse_message(body: &[u8]) -> Result<Vec<SignedEvent>, serde_json::Error> {
+    if body.trim_ascii_start().first() == Some(&b'[') {
+        let events: Vec<SignedEvent> = serde_json::from_slice(body)?;
+        if events.is_empty() {
+            return Err(serde::de::Error::invalid_length(0, &"at least one signed event"));
+        }
+        Ok(events)
+    } else {
+        Ok(vec![serde_json::from_slice(body)?])
+    }
+}
+
 /// Why a message is refused (its dead-letter reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -320,6 +351,25 @@ mod tests {
         let body = worker.body(&event(Actor::service("clinflow-worker"))).unwrap();
         let back: SignedEvent = serde_json::from_slice(&body).unwrap();
         assert_eq!(keys.check(&back), Ok(()));
+    }
+
+    #[test]
+    fn one_event_travels_as_itself_and_many_as_an_array() {
+        let worker = Signer::generate("worker");
+        let signed: Vec<SignedEvent> =
+            (0..3).map(|_| worker.sign(&event(Actor::service("clinflow-worker"))).unwrap()).collect();
+        let one = message_body(&signed[..1]).unwrap();
+        assert_eq!(one, worker_body_of(&signed[0]), "a single event's body is unchanged");
+        assert_eq!(parse_message(&one).unwrap(), signed[..1]);
+        let many = message_body(&signed).unwrap();
+        assert!(many.starts_with(b"["));
+        assert_eq!(parse_message(&many).unwrap(), signed);
+        assert!(parse_message(b"[]").is_err(), "an empty batch is no message");
+        assert!(parse_message(b" [{\"event\": 1}]").is_err());
+    }
+
+    fn worker_body_of(signed: &SignedEvent) -> Vec<u8> {
+        serde_json::to_vec(signed).unwrap()
     }
 
     #[test]
