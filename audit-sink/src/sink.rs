@@ -253,9 +253,9 @@ type Read = Result<Vec<SignedEvent>, &'static str>;
 fn read_message(delivery: &Delivery, keys: &PublicKeys) -> Read {
     let body = &delivery.data;
     match signing::parse_message(body) {
-        Ok(signed) => match signed.iter().find_map(|s| keys.check(s).err()) {
-            None => Ok(signed),
-            Some(refusal) => Err(refusal.as_str()),
+        Ok(signed) => match keys.check_all(&signed) {
+            Ok(()) => Ok(signed),
+            Err(refusal) => Err(refusal.as_str()),
         },
         // Events as they were before signatures, or forged without a key.
         Err(_) if serde_json::from_slice::<AuditEvent>(body).is_ok() => Err("bad_signature"),

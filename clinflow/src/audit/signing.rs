@@ -272,6 +272,37 @@ impl PublicKeys {
         Ok(())
     }
 
+    /// [`check`](Self::check) for every event of a message at once: the
+    /// signatures verified together (Ed25519 batch verification, about
+    /// twice as fast per event from a few dozen on); refused if any one of
+    /// them does not hold (`BadSignature`), else if any event's key may not
+    /// speak for its actor.
+    pub fn check_all(&self, signed: &[SignedEvent]) -> Result<(), Refusal> {
+        if let [one] = signed {
+            return self.check(one);
+        }
+        let mut messages = Vec::with_capacity(signed.len());
+        let mut signatures = Vec::with_capacity(signed.len());
+        let mut keys = Vec::with_capacity(signed.len());
+        for s in signed {
+            let canonical = s.event.canonical_bytes().map_err(|_| Refusal::BadSignature)?;
+            let (Some(key), Ok(signature)) = (self.keys.get(&s.key_id), Signature::from_slice(&s.signature)) else {
+                return Err(Refusal::BadSignature);
+            };
+            messages.push(event_message(&s.key_id, &canonical));
+            signatures.push(signature);
+            keys.push(*key);
+        }
+        let messages: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_err() {
+            return Err(Refusal::BadSignature);
+        }
+        if signed.iter().any(|s| !may_speak_for(producer_of(&s.key_id), &s.event)) {
+            return Err(Refusal::ProducerMismatch);
+        }
+        Ok(())
+    }
+
     /// A signature over `context` ‖ `parts` under `key_id` holds.
     pub(crate) fn holds_parts(&self, key_id: &str, context: &[u8], parts: &[&[u8]], signature: &[u8]) -> bool {
         self.holds(key_id, &concat(context, parts), signature)
@@ -384,6 +415,39 @@ mod tests {
         let mut renamed = worker.sign(&event(Actor::service("clinflow-worker"))).unwrap();
         renamed.key_id = "worker.2".into();
         assert_eq!(keys.check(&renamed), Err(Refusal::BadSignature));
+    }
+
+    #[test]
+    fn a_batch_is_checked_whole_and_refused_for_any_one_bad_event() {
+        let (worker, api) = (Signer::generate("worker"), Signer::generate("api"));
+        let keys = PublicKeys::of(&[&worker, &api]);
+        let mut batch: Vec<SignedEvent> = (0..40)
+            .map(|i| {
+                let signer = if i % 2 == 0 { &worker } else { &api };
+                let actor = if i % 2 == 0 { Actor::service("clinflow-worker") } else { Actor::anonymous(Some("u")) };
+                signer.sign(&event(actor)).unwrap()
+            })
+            .collect();
+        assert_eq!(keys.check_all(&batch), Ok(()), "forty good events, two keys");
+        for (i, s) in batch.iter().enumerate() {
+            assert_eq!(keys.check(s), Ok(()), "event {i} alone");
+        }
+
+        let mut edited = batch.clone();
+        edited[17].event.reason = Some("edited".into());
+        assert_eq!(keys.check_all(&edited), Err(Refusal::BadSignature));
+        let mut swapped = batch.clone();
+        swapped.swap(3, 5); // same producer: the signatures move with their events
+        assert_eq!(keys.check_all(&swapped), Ok(()));
+        let (s3, s5) = (swapped[3].signature.clone(), swapped[5].signature.clone());
+        swapped[3].signature = s5;
+        swapped[5].signature = s3;
+        assert_eq!(keys.check_all(&swapped), Err(Refusal::BadSignature), "signatures swapped between events");
+        let mut unknown = batch.clone();
+        unknown[39] = Signer::generate("api").sign(&event(Actor::anonymous(Some("u")))).unwrap();
+        assert_eq!(keys.check_all(&unknown), Err(Refusal::BadSignature), "a key that is not the api's");
+        batch[8] = worker.sign(&event(Actor::anonymous(Some("admin")))).unwrap();
+        assert_eq!(keys.check_all(&batch), Err(Refusal::ProducerMismatch), "the worker speaking for a user");
     }
 
     #[test]
