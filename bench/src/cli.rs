@@ -110,6 +110,8 @@ pub enum Only {
     Ratio,
     /// The ceiling runs with the NLP stand-in (and the CPU per document).
     Ceiling,
+    /// The audit sink alone, draining pre-filled events.
+    Sink,
     /// The clinician queries' data, then the privacy phase: disclosure
     /// lookups among many audit rows, a purge under uploads.
     Privacy,

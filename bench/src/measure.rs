@@ -42,6 +42,12 @@ pub(crate) async fn measure(b: &Bench<'_>, master_key: &[u8; 32], stack: &mut St
         }
         return Ok(figures);
     }
+    if b.cli.only == Some(Only::Sink) {
+        stack.start(SINK, &[]).await?;
+        eprintln!("== audit sink: draining {} pre-filled events", b.plan.sink_events);
+        figures.sink = Some(phases::sink(b.ctx, stack, b.amqp, b.topology, b.plan.sink_events).await?);
+        return Ok(figures);
+    }
     let mut client = start(b, stack, &b.cli.medcat_url).await?;
     if b.cli.only == Some(Only::Ceiling) {
         let standins = Standins::start(b).await?;
@@ -351,19 +357,24 @@ async fn uploads(b: &Bench<'_>, stack: &Stack, client: &phases::Client, figures:
         "== upload latency: {} single uploads, {} clients each sending {}/s",
         plan.latency_uploads, plan.upload_clients, plan.upload_rate_per_client
     );
+    // The disk's flush time sampled throughout: a second whose longest
+    // request is over 20 ms is put beside the longest flush under way then.
+    let probe = crate::disk::FlushProbe::start(&stack.log_dir)?;
     let before = Observation::take(stack).await?;
     let latency = phases::pipeline(ctx, stack, client, &ctx.notes(3_500_000_000, plan.latency_uploads), paced).await?;
     let after = Observation::take(stack).await?;
     figures.latency = Some(report::Run::new(&latency, &before, &after));
+    figures.latency_seconds = report::seconds(&latency, &probe);
+    drop(probe);
 
     eprintln!(
         "== upload saturation: {} single uploads, {} clients back to back",
-        plan.latency_uploads, plan.upload_clients
+        plan.saturation_uploads, plan.upload_clients
     );
     let single = phases::Upload::Single { clients: plan.upload_clients };
     let before = Observation::take(stack).await?;
     let saturated =
-        phases::pipeline(ctx, stack, client, &ctx.notes(3_700_000_000, plan.latency_uploads), single).await?;
+        phases::pipeline(ctx, stack, client, &ctx.notes(3_700_000_000, plan.saturation_uploads), single).await?;
     let after = Observation::take(stack).await?;
     figures.saturation = Some(report::Run::new(&saturated, &before, &after));
     Ok(())

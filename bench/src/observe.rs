@@ -13,6 +13,10 @@ pub static THROTTLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 pub struct PipelineRun {
     pub docs: usize,
     pub upload_latencies: Vec<Duration>,
+    /// When each of those requests was sent (due, for a paced client), from
+    /// `started`, in the same order.
+    pub upload_sent: Vec<Duration>,
+    pub started: Instant,
     /// From the first upload sent until the last one answered.
     pub uploaded_after: Duration,
     /// From the first upload sent until every document is `done` and every

@@ -211,7 +211,7 @@ pub async fn pipeline(
     let finished_before = worker_finished(stack, &http).await?;
     let audit_before = audit_progress(ctx.db, stack, &http).await?;
     let started = Instant::now();
-    let upload_latencies = upload_all(client, notes, upload).await?;
+    let (upload_sent, upload_latencies) = upload_all(client, notes, upload, started).await?.into_iter().unzip();
     let uploaded_after = started.elapsed();
 
     // Watched through the worker's own counters, which cost the database
@@ -241,15 +241,28 @@ pub async fn pipeline(
     })
     .await?;
     anyhow::ensure!(audited.is_some(), "audit events still unpersisted after 120 s");
-    Ok(PipelineRun { docs: notes.len(), upload_latencies, uploaded_after, done_after: started.elapsed() })
+    Ok(PipelineRun {
+        docs: notes.len(),
+        upload_latencies,
+        upload_sent,
+        started,
+        uploaded_after,
+        done_after: started.elapsed(),
+    })
 }
 
-/// Latency of every request, seen by the client.
-async fn upload_all(client: &Client, notes: &[Note], upload: Upload) -> anyhow::Result<Vec<Duration>> {
+/// When each request was sent (from `t0`) and its latency, seen by the
+/// client.
+async fn upload_all(
+    client: &Client,
+    notes: &[Note],
+    upload: Upload,
+    t0: Instant,
+) -> anyhow::Result<Vec<(Duration, Duration)>> {
     let (per_request, clients) = match upload {
         Upload::Single { clients } => (1, clients),
         Upload::Batch { lines, clients } => (lines, clients),
-        Upload::Paced { clients, interval } => return upload_paced(client, notes, clients, interval).await,
+        Upload::Paced { clients, interval } => return upload_paced(client, notes, clients, interval, t0).await,
     };
     let requests: Arc<Vec<Vec<Note>>> = Arc::new(notes.chunks(per_request).map(<[Note]>::to_vec).collect());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -261,10 +274,14 @@ async fn upload_all(client: &Client, notes: &[Note], upload: Upload) -> anyhow::
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(notes) = requests.get(i) else { return anyhow::Ok(latencies) };
-                latencies.push(match upload {
-                    Upload::Batch { .. } => client.upload_batch(notes).await?,
-                    _ => client.upload(&notes[0], Instant::now()).await?,
-                });
+                let sent = t0.elapsed();
+                latencies.push((
+                    sent,
+                    match upload {
+                        Upload::Batch { .. } => client.upload_batch(notes).await?,
+                        _ => client.upload(&notes[0], Instant::now()).await?,
+                    },
+                ));
             }
         });
     }
@@ -281,7 +298,8 @@ async fn upload_paced(
     notes: &[Note],
     clients: usize,
     interval: Duration,
-) -> anyhow::Result<Vec<Duration>> {
+    t0: Instant,
+) -> anyhow::Result<Vec<(Duration, Duration)>> {
     let notes = Arc::new(notes.to_vec());
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let mut tasks = tokio::task::JoinSet::new();
@@ -293,7 +311,8 @@ async fn upload_paced(
             for (k, note) in notes.iter().skip(c).step_by(clients).enumerate() {
                 let at = start + offset + interval * k as u32;
                 tokio::time::sleep_until(at).await;
-                latencies.push(client.upload(note, at.into_std()).await?);
+                latencies
+                    .push((at.into_std().saturating_duration_since(t0), client.upload(note, at.into_std()).await?));
             }
             anyhow::Ok(latencies)
         });

@@ -20,8 +20,11 @@ pub struct Plan {
     /// Ceiling runs with TLS hops and as many with plaintext hops,
     /// alternated (`--hops both`).
     pub ceiling_pairs: usize,
-    /// Single-document uploads, and uploaders at once, of the latency runs.
+    /// Single-document uploads, and uploaders at once, of the latency runs:
+    /// the paced run lasts latency_uploads ÷ (clients × rate) seconds
+    /// (quick 30, full 120), the saturation run sends saturation_uploads.
     pub latency_uploads: usize,
+    pub saturation_uploads: usize,
     pub upload_clients: usize,
     /// Uploads per second each client sends in the paced latency run.
     pub upload_rate_per_client: f64,
@@ -67,7 +70,8 @@ impl Plan {
             batch_clients: 2,
             ceiling_notes: 20_000,
             ceiling_pairs: 2,
-            latency_uploads: 3_000,
+            latency_uploads: 15_000,
+            saturation_uploads: 3_000,
             upload_clients: 50,
             upload_rate_per_client: 10.0,
             lanes_backfill: 20_000,
@@ -95,6 +99,7 @@ impl Plan {
                 ceiling_notes: 500,
                 ceiling_pairs: 1,
                 latency_uploads: 300,
+                saturation_uploads: 300,
                 sink_events: 2_000,
                 lanes_backfill: 2_000,
                 query_docs: 2_000,
@@ -111,7 +116,8 @@ impl Plan {
                 notes: 10_000,
                 rounds: 3,
                 ceiling_notes: 100_000,
-                latency_uploads: 10_000,
+                latency_uploads: 60_000,
+                saturation_uploads: 10_000,
                 sink_events: 200_000,
                 lanes_backfill: 100_000,
                 backlog: 1_000_000,

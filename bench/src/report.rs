@@ -26,6 +26,8 @@ pub struct Figures {
     pub ceilings: Vec<Ceiling>,
     /// Single uploads at a steady offered load (the p99 target's run).
     pub latency: Option<Run>,
+    /// The latency run second by second.
+    pub latency_seconds: Vec<Second>,
     /// Single uploads back to back: what the machine can take, and the
     /// latency queueing then adds.
     pub saturation: Option<Run>,
@@ -93,11 +95,40 @@ pub struct Run {
     pub upload_docs_per_s: f64,
     pub upload_p50_ms: f64,
     pub upload_p99_ms: f64,
+    pub upload_p999_ms: f64,
     pub upload_max_ms: f64,
     pub wall_s: f64,
     pub stages: Vec<Stage>,
     /// CPU seconds each process used during the run (2 cores = 2 s per second).
     pub cpu_seconds: BTreeMap<String, f64>,
+}
+
+/// One second of the paced latency run: its longest request (by send
+/// time) and the longest disk flush under way in it.
+#[derive(Debug, Serialize)]
+pub struct Second {
+    pub second: usize,
+    pub requests: usize,
+    pub longest_request_ms: f64,
+    pub longest_flush_ms: f64,
+}
+
+/// The run's seconds, from its first request to its last.
+pub fn seconds(run: &PipelineRun, probe: &crate::disk::FlushProbe) -> Vec<Second> {
+    let n = run.upload_sent.iter().map(|s| s.as_secs() as usize + 1).max().unwrap_or(0);
+    let mut out: Vec<Second> = (0..n)
+        .map(|second| {
+            let from = run.started + Duration::from_secs(second as u64);
+            let longest_flush_ms = probe.longest(from, from + Duration::from_secs(1)).as_secs_f64() * 1e3;
+            Second { second, requests: 0, longest_request_ms: 0.0, longest_flush_ms }
+        })
+        .collect();
+    for (sent, took) in run.upload_sent.iter().zip(&run.upload_latencies) {
+        let s = &mut out[sent.as_secs() as usize];
+        s.requests += 1;
+        s.longest_request_ms = s.longest_request_ms.max(took.as_secs_f64() * 1e3);
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -273,6 +304,7 @@ impl Run {
             upload_docs_per_s: run.docs as f64 / run.uploaded_after.as_secs_f64(),
             upload_p50_ms: percentile(&ms, 0.50),
             upload_p99_ms: percentile(&ms, 0.99),
+            upload_p999_ms: percentile(&ms, 0.999),
             upload_max_ms: ms.last().copied().unwrap_or(0.0),
             wall_s: (after.at - before.at).as_secs_f64(),
             stages,
@@ -429,6 +461,25 @@ pub fn add_stages(sum: &mut Vec<Stage>, more: Vec<Stage>) {
             }
             None => sum.push(m),
         }
+    }
+}
+
+/// The latency run's seconds whose longest request passed 20 ms, worst
+/// first, each with the longest disk flush under way in it.
+fn print_stalls(seconds: &[Second]) {
+    let mut stalled: Vec<&Second> = seconds.iter().filter(|s| s.longest_request_ms > 20.0).collect();
+    if stalled.is_empty() {
+        return;
+    }
+    stalled.sort_by(|a, b| b.longest_request_ms.total_cmp(&a.longest_request_ms));
+    println!(
+        "\nLatency run: seconds with a request over 20 ms, worst first (second: longest request / longest disk flush)"
+    );
+    for s in stalled.iter().take(10) {
+        println!(
+            "  {:>4} s: {:>7.1} ms / {:>7.1} ms  ({} requests sent)",
+            s.second, s.longest_request_ms, s.longest_flush_ms, s.requests
+        );
     }
 }
 
@@ -618,6 +669,16 @@ pub fn print_and_save(
             Some(l.upload_p99_ms < 20.0),
         );
         row("  upload p50 / max", format!("{:.1} / {:.0} ms", l.upload_p50_ms, l.upload_max_ms), "", None);
+        row("  upload p99.9", format!("{:.1} ms", l.upload_p999_ms), "", None);
+        let seconds = &figures.latency_seconds;
+        let stalled: Vec<&Second> = seconds.iter().filter(|s| s.longest_request_ms > 20.0).collect();
+        let with_flush = stalled.iter().filter(|s| s.longest_flush_ms > 20.0).count();
+        row(
+            &format!("  seconds with a request over 20 ms (of {})", seconds.len()),
+            format!("{} ({with_flush} with a disk flush over 20 ms)", stalled.len()),
+            "",
+            None,
+        );
     }
     if let Some(l) = figures.saturation.as_ref() {
         row(
@@ -730,6 +791,7 @@ pub fn print_and_save(
     if let Some(l) = latency {
         print_stages("latency run, paced single uploads", &l.stages, l.wall_s);
         print_cpu("the latency run", &l.cpu_seconds, l.wall_s, &machine);
+        print_stalls(&figures.latency_seconds);
     }
     if let Some(l) = figures.saturation.as_ref() {
         print_stages("saturation run, single uploads back to back", &l.stages, l.wall_s);

@@ -108,11 +108,8 @@ async fn a_batch_of_events_is_stored_whole_or_parked_whole() {
     publish("batch", messages[0].body.clone()).await;
     // Two genuine events and one signed with a key that is not the api's.
     let (good, forged) = ([admin_login(), admin_login()], admin_login());
-    let mixed = vec![
-        api.sign(&good[0]).unwrap(),
-        Signer::generate("api").sign(&forged).unwrap(),
-        api.sign(&good[1]).unwrap(),
-    ];
+    let mixed =
+        vec![api.sign(&good[0]).unwrap(), Signer::generate("api").sign(&forged).unwrap(), api.sign(&good[1]).unwrap()];
     publish("mixed", clinflow::audit::signing::message_body(&mixed).unwrap()).await;
     publish("empty", b"[]".to_vec()).await;
 

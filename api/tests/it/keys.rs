@@ -127,11 +127,12 @@ async fn ciphertexts(stack: &Stack) -> BTreeMap<String, Vec<u8>> {
     for (patient, p) in refs {
         all.insert(format!("data_keys/patient_ref/{}", hex(&patient)), p);
     }
-    let docs: Vec<(Uuid, Vec<u8>, Vec<u8>)> =
-        sqlx::query_as("SELECT d.id, d.patient_ref_ct, t.text_ct FROM documents d JOIN document_texts t ON t.document_id = d.id")
-            .fetch_all(&stack.db.owner)
-            .await
-            .unwrap();
+    let docs: Vec<(Uuid, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT d.id, d.patient_ref_ct, t.text_ct FROM documents d JOIN document_texts t ON t.document_id = d.id",
+    )
+    .fetch_all(&stack.db.owner)
+    .await
+    .unwrap();
     for (id, p, t) in docs {
         all.insert(format!("documents/patient_ref/{id}"), p);
         all.insert(format!("documents/text/{id}"), t);
@@ -211,8 +212,10 @@ async fn rotation_then_removal_of_the_old_key_leaves_everything_readable() {
 
     // A process holding only the old key fails closed, naming the KEK.
     let old_only = testing::keys();
-    let (doc_id, text_ct): (Uuid, Vec<u8>) =
-        sqlx::query_as("SELECT document_id, text_ct FROM document_texts LIMIT 1").fetch_one(&stack.db.owner).await.unwrap();
+    let (doc_id, text_ct): (Uuid, Vec<u8>) = sqlx::query_as("SELECT document_id, text_ct FROM document_texts LIMIT 1")
+        .fetch_one(&stack.db.owner)
+        .await
+        .unwrap();
     let err = old_only.open(&stack.db.owner, documents::text_field(doc_id), &text_ct).await.unwrap_err();
     assert!(matches!(&err, KeyError::Crypto(CryptoError::UnknownKek(_, kek)) if kek == "k2"), "{err}");
     assert!(err.to_string().contains("\"k2\"") && err.to_string().contains("CLINFLOW_MASTER_KEY"), "{err}");

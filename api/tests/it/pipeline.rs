@@ -154,10 +154,12 @@ async fn sample_notes_flow_from_upload_to_an_encrypted_audited_result() {
 
     // Assert: PostgreSQL holds ciphertext only — and it is the notes' ciphertext.
     let keys = clinflow::testing::keys();
-    let rows: Vec<(Uuid, Vec<u8>, Vec<u8>)> =
-        sqlx::query_as(
+    let rows: Vec<(Uuid, Vec<u8>, Vec<u8>)> = sqlx::query_as(
         "SELECT d.id, t.text_ct, d.patient_ref_ct FROM documents d JOIN document_texts t ON t.document_id = d.id",
-    ).fetch_all(&stack.db.owner).await.unwrap();
+    )
+    .fetch_all(&stack.db.owner)
+    .await
+    .unwrap();
     assert_eq!(rows.len(), notes.len());
     for (id, text_ct, patient_ct) in &rows {
         let note = &notes[&ids[id]];
