@@ -19,17 +19,40 @@ fn admin_login() -> AuditEvent {
         .from_request(Some("10.9.9.9".parse().unwrap()), None)
 }
 
+/// A publisher on the api's own broker user, as scripts/broker-users makes
+/// it (the users are removed when the first value is dropped).
+struct Forger {
+    _users: BrokerUsers,
+    connection: lapin::Connection,
+    publisher: Publisher,
+}
+
+impl Forger {
+    async fn new(stack: &Stack) -> Self {
+        let users = BrokerUsers::create(&stack.topology, clinflow::testing::amqp_url()).await;
+        let connection = clinflow::amqp::connect(&users.url(BrokerUser::Api), "clinflow-test-forger").await.unwrap();
+        let publisher = Publisher::new(&connection).await.unwrap();
+        Self { _users: users, connection, publisher }
+    }
+
+    /// One message with this body to the audit exchange.
+    async fn publish(&self, stack: &Stack, id: &str, body: Vec<u8>) {
+        let audit = stack.topology.audit();
+        let message = clinflow::amqp::Outgoing::new(&audit.exchange, audit.key, id, &body);
+        self.publisher.publish_many(&[message]).await.unwrap();
+    }
+
+    async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
 #[tokio::test]
 async fn forged_audit_events_are_parked_and_a_genuine_one_is_stored_once() {
     let stack = Stack::start().await;
-    let users = BrokerUsers::create(&stack.topology, clinflow::testing::amqp_url()).await;
-    let as_api = clinflow::amqp::connect(&users.url(BrokerUser::Api), "clinflow-test-forger").await.unwrap();
-    let publisher = Publisher::new(&as_api).await.unwrap();
+    let forger = Forger::new(&stack).await;
     let audit = stack.topology.audit();
-    let publish = async |id: &str, body: Vec<u8>| {
-        let message = clinflow::amqp::Outgoing::new(&audit.exchange, audit.key, id, &body);
-        publisher.publish_many(&[message]).await.unwrap();
-    };
+    let publish = async |id: &str, body: Vec<u8>| forger.publish(&stack, id, body).await;
 
     // 1. No signature at all (the message format before signing).
     let unsigned = admin_login();
@@ -80,25 +103,21 @@ async fn forged_audit_events_are_parked_and_a_genuine_one_is_stored_once() {
     // events) verifies with public keys only.
     let rows = stack.wait_for_audit_rows(3).await;
     assert_eq!(clinflow::chain::verify(&stack.db.audit_reader, &audit_trust()).await.unwrap(), rows);
-    let _ = as_api.close(200, "done".into()).await;
+    forger.close().await;
     stack.stop().await;
 }
 
 /// A producer's batch travels as one message (a JSON array of events, each
 /// signed): stored whole. A forged event slipped into such a batch keeps the
 /// whole message out of the chain, genuine events and all, parked with the
-/// forgery's reason; an empty batch is no event at all.
+/// forgery's reason; an empty batch is no event at all, and a batch longer
+/// than any producer sends is refused unread.
 #[tokio::test]
 async fn a_batch_of_events_is_stored_whole_or_parked_whole() {
     let stack = Stack::start().await;
-    let users = BrokerUsers::create(&stack.topology, clinflow::testing::amqp_url()).await;
-    let as_api = clinflow::amqp::connect(&users.url(BrokerUser::Api), "clinflow-test-forger").await.unwrap();
-    let publisher = Publisher::new(&as_api).await.unwrap();
+    let forger = Forger::new(&stack).await;
     let audit = stack.topology.audit();
-    let publish = async |id: &str, body: Vec<u8>| {
-        let message = clinflow::amqp::Outgoing::new(&audit.exchange, audit.key, id, &body);
-        publisher.publish_many(&[message]).await.unwrap();
-    };
+    let publish = async |id: &str, body: Vec<u8>| forger.publish(&stack, id, body).await;
     let api = &audit_keys().api;
 
     // Three genuine events in one message: the api's outbox makes such.
@@ -112,9 +131,12 @@ async fn a_batch_of_events_is_stored_whole_or_parked_whole() {
         vec![api.sign(&good[0]).unwrap(), Signer::generate("api").sign(&forged).unwrap(), api.sign(&good[1]).unwrap()];
     publish("mixed", clinflow::audit::signing::message_body(&mixed).unwrap()).await;
     publish("empty", b"[]".to_vec()).await;
+    let long: Vec<AuditEvent> = (0..=clinflow::audit::MAX_EVENTS_PER_MESSAGE).map(|_| admin_login()).collect();
+    let long: Vec<_> = long.iter().map(|e| api.sign(e).unwrap()).collect();
+    publish("long", serde_json::to_vec(&long).unwrap()).await;
 
-    wait_until("the mixed and the empty batch parked", Duration::from_secs(20), async || {
-        stack.queue_depth(&audit.dead_queue).await == 2
+    wait_until("the mixed, the empty and the long batch parked", Duration::from_secs(20), async || {
+        stack.queue_depth(&audit.dead_queue).await == 3
     })
     .await;
     assert_eq!(stack.wait_for_audit_rows(3).await, 3);
@@ -127,9 +149,10 @@ async fn a_batch_of_events_is_stored_whole_or_parked_whole() {
     let operator = audit_keys().operator("clinflow-audit-sink");
     let listing = deadletters::list_audit(&stack.amqp, &stack.topology, &operator).await.unwrap();
     assert_eq!(listing.by_reason.get("bad_signature"), Some(&1), "{listing:?}");
-    assert_eq!(listing.by_reason.get("schema_invalid"), Some(&1), "{listing:?}");
+    assert_eq!(listing.by_reason.get("schema_invalid"), Some(&2), "{listing:?}");
     let rows = stack.wait_for_audit_rows(4).await;
+    assert_eq!(rows, 4, "the batch and the operator's listing, nothing of the long one");
     assert_eq!(clinflow::chain::verify(&stack.db.audit_reader, &audit_trust()).await.unwrap(), rows);
-    let _ = as_api.close(200, "done".into()).await;
+    forger.close().await;
     stack.stop().await;
 }

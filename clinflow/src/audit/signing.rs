@@ -58,13 +58,14 @@ pub fn message_body(signed: &[SignedEvent]) -> Result<Vec<u8>, serde_json::Error
     }
 }
 
-/// The events of an audit message: one signed event, or an array of them
-/// (never empty).
+/// The events of an audit message: one signed event, or an array of 1 to
+/// [`MAX_EVENTS_PER_MESSAGE`] of them (a longer one is no message any
+/// producer makes: refused before its signatures cost anything).
 pub fn parse_message(body: &[u8]) -> Result<Vec<SignedEvent>, serde_json::Error> {
     if body.trim_ascii_start().first() == Some(&b'[') {
         let events: Vec<SignedEvent> = serde_json::from_slice(body)?;
-        if events.is_empty() {
-            return Err(serde::de::Error::invalid_length(0, &"at least one signed event"));
+        if events.is_empty() || events.len() > MAX_EVENTS_PER_MESSAGE {
+            return Err(serde::de::Error::invalid_length(events.len(), &"1 to MAX_EVENTS_PER_MESSAGE signed events"));
         }
         Ok(events)
     } else {
@@ -390,17 +391,16 @@ mod tests {
         let signed: Vec<SignedEvent> =
             (0..3).map(|_| worker.sign(&event(Actor::service("clinflow-worker"))).unwrap()).collect();
         let one = message_body(&signed[..1]).unwrap();
-        assert_eq!(one, worker_body_of(&signed[0]), "a single event's body is unchanged");
+        assert_eq!(one, serde_json::to_vec(&signed[0]).unwrap(), "a single event's body is unchanged");
         assert_eq!(parse_message(&one).unwrap(), signed[..1]);
         let many = message_body(&signed).unwrap();
         assert!(many.starts_with(b"["));
         assert_eq!(parse_message(&many).unwrap(), signed);
         assert!(parse_message(b"[]").is_err(), "an empty batch is no message");
+        let too_many: Vec<SignedEvent> = (0..=MAX_EVENTS_PER_MESSAGE).map(|_| signed[0].clone()).collect();
+        assert!(parse_message(&serde_json::to_vec(&too_many).unwrap()).is_err(), "more than a producer sends");
+        assert_eq!(parse_message(&message_body(&too_many[1..]).unwrap()).unwrap().len(), MAX_EVENTS_PER_MESSAGE);
         assert!(parse_message(b" [{\"event\": 1}]").is_err());
-    }
-
-    fn worker_body_of(signed: &SignedEvent) -> Vec<u8> {
-        serde_json::to_vec(signed).unwrap()
     }
 
     #[test]
