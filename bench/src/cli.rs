@@ -85,7 +85,7 @@ pub struct Cli {
 pub enum Mode {
     /// A few hundred documents, for CI: proves the harness runs, asserts nothing.
     Tiny,
-    /// At most 4 minutes here.
+    /// Every phase at its smaller size (about 12 minutes here).
     Quick,
     /// Larger runs and the 1,000,000-document backlog drain.
     Full,

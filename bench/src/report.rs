@@ -325,7 +325,7 @@ fn print_cpu(during: &str, cpu: &BTreeMap<String, f64>, wall_s: f64, machine: &s
 
 /// CPU milliseconds per document of each process over `runs` (the
 /// harness and the idle MedCAT excluded: they are not the pipeline).
-pub fn cpu_ms_per_doc(runs: &[&Run]) -> BTreeMap<String, f64> {
+fn cpu_ms_per_doc(runs: &[&Run]) -> BTreeMap<String, f64> {
     let docs: usize = runs.iter().map(|r| r.docs).sum();
     let mut cpu: BTreeMap<String, f64> = BTreeMap::new();
     for (name, s) in runs.iter().flat_map(|r| &r.cpu_seconds) {

@@ -233,19 +233,6 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<DocumentRow
     .await
 }
 
-/// Replaces the sealed texts of `ids` (sealed anew under another key).
-pub async fn reseal_texts(conn: &mut PgConnection, ids: &[Uuid], texts: &[Vec<u8>]) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE document_texts t SET text_ct = u.t
-         FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, t) WHERE t.document_id = u.id",
-        ids,
-        texts,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// A document's sealed text (for a clinician's `?include=text`).
 pub async fn text(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
     sqlx::query_scalar!("SELECT text_ct FROM document_texts WHERE document_id = $1", id).fetch_optional(db).await

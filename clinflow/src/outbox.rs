@@ -9,8 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::amqp::{Lane, Topology, WorkQueue};
-use crate::audit::signing::message_body;
-use crate::audit::{AuditEvent, MAX_EVENTS_PER_MESSAGE, Signer};
+use crate::audit::{AuditEvent, Signer};
 use crate::jobs::DocumentJob;
 
 /// Where an outbox message goes: the relay publishes it to the work queue
@@ -65,16 +64,10 @@ impl Message {
     }
 
     /// The events, each signed by `signer`, in as few messages as
-    /// [`MAX_EVENTS_PER_MESSAGE`] allows (each named after its first event).
+    /// [`Signer::messages`] packs them into.
     pub fn audits(signer: &Signer, events: &[AuditEvent]) -> Result<Vec<Self>, serde_json::Error> {
-        events
-            .chunks(MAX_EVENTS_PER_MESSAGE)
-            .map(|chunk| {
-                let signed = chunk.iter().map(|e| signer.sign(e)).collect::<Result<Vec<_>, _>>()?;
-                let body = message_body(&signed)?;
-                Ok(Self { topic: Topic::Audit, message_id: chunk[0].event_id.to_string(), body })
-            })
-            .collect()
+        let messages = signer.messages(events)?;
+        Ok(messages.into_iter().map(|(message_id, body)| Self { topic: Topic::Audit, message_id, body }).collect())
     }
 }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::event::{Actor, AuditEvent};
-use super::signing::{MAX_EVENTS_PER_MESSAGE, SignedEvent, Signer, message_body};
+use super::signing::Signer;
 use crate::amqp::{self, AmqpError, Outgoing, Publisher, Topology};
 
 /// Who runs an operation (an operator's command, or an ops endpoint's
@@ -23,8 +23,8 @@ impl Operator {
     }
 }
 
-/// Signs the events with `signer`, publishes them (as few messages as
-/// [`MAX_EVENTS_PER_MESSAGE`] allows) and waits for all their confirmations
+/// Signs the events with `signer`, publishes them (packed by
+/// [`Signer::messages`]) and waits for all their confirmations
 /// at once (the worker's and the commands' path; the api's events go
 /// through its outbox).
 pub async fn publish_many(
@@ -34,14 +34,10 @@ pub async fn publish_many(
     events: &[AuditEvent],
 ) -> Result<(), AmqpError> {
     let started = std::time::Instant::now();
-    let signed = events.iter().map(|e| signer.sign(e)).collect::<Result<Vec<_>, _>>()?;
-    // One message per MAX_EVENTS_PER_MESSAGE events, named after its first.
-    let chunks: Vec<&[SignedEvent]> = signed.chunks(MAX_EVENTS_PER_MESSAGE).collect();
-    let ids: Vec<String> = chunks.iter().map(|c| c[0].event.event_id.to_string()).collect();
-    let bodies = chunks.iter().map(|c| message_body(c)).collect::<Result<Vec<_>, _>>()?;
+    let messages = signer.messages(events)?;
     let exchange = topology.audit_exchange();
     let outgoing: Vec<Outgoing<'_>> =
-        ids.iter().zip(&bodies).map(|(id, body)| Outgoing::new(&exchange, amqp::AUDIT, id, body)).collect();
+        messages.iter().map(|(id, body)| Outgoing::new(&exchange, amqp::AUDIT, id, body)).collect();
     let result = publisher.publish_many(&outgoing).await;
     metrics::histogram!("clinflow_audit_publish_seconds").record(started.elapsed().as_secs_f64());
     let counter =

@@ -188,6 +188,19 @@ impl Signer {
         Ok(SignedEvent { event, key_id: self.key_id.clone(), signature })
     }
 
+    /// The events, each signed, packed into as few audit messages as
+    /// [`MAX_EVENTS_PER_MESSAGE`] allows: (message id, the first event's
+    /// id; body).
+    pub fn messages(&self, events: &[AuditEvent]) -> Result<Vec<(String, Vec<u8>)>, serde_json::Error> {
+        events
+            .chunks(MAX_EVENTS_PER_MESSAGE)
+            .map(|chunk| {
+                let signed = chunk.iter().map(|e| self.sign(e)).collect::<Result<Vec<_>, _>>()?;
+                Ok((chunk[0].event_id.to_string(), message_body(&signed)?))
+            })
+            .collect()
+    }
+
     /// The message body of `event`: its [`SignedEvent`] as JSON.
     pub fn body(&self, event: &AuditEvent) -> Result<Vec<u8>, serde_json::Error> {
         serde_json::to_vec(&self.sign(event)?)

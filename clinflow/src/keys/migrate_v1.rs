@@ -5,7 +5,7 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::reseal::{Batches, audit, results_for_update, store_reasons, store_results};
+use super::reseal::{Batches, audit, results_for_update, store_reasons, store_results, store_texts};
 use super::{KeyError, Keys, PatientRef, break_glass_reason_field};
 use crate::audit::{Action, AuditEvent, Operator, Outcome};
 use crate::crypto::{CryptoError, Envelope, IndexKey, envelope};
@@ -67,7 +67,7 @@ pub async fn migrate_v1(
         )
         .execute(&mut *tx)
         .await?;
-        crate::documents::reseal_texts(&mut tx, &ids, &texts).await?;
+        store_texts(&mut tx, &ids, &texts).await?;
         let results = results_for_update(&mut tx, &ids).await?;
         let mut sealed = Vec::with_capacity(results.len());
         for r in &results {

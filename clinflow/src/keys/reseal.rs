@@ -64,6 +64,19 @@ pub(super) async fn store_results(
     Ok(())
 }
 
+/// The documents' texts, sealed anew (`document_texts`).
+pub(super) async fn store_texts(conn: &mut PgConnection, ids: &[Uuid], texts: &[Vec<u8>]) -> Result<(), KeyError> {
+    sqlx::query!(
+        "UPDATE document_texts t SET text_ct = u.t
+         FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, t) WHERE t.document_id = u.id",
+        ids,
+        texts,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 pub(super) async fn store_reasons(conn: &mut PgConnection, ids: &[Uuid], sealed: &[Vec<u8>]) -> Result<(), KeyError> {
     sqlx::query!(
         "UPDATE break_glass_grants g SET reason_ct = u.ct

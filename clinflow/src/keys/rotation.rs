@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use super::reseal::Batches;
-use super::reseal::{audit, results_for_update, store_reasons, store_results};
+use super::reseal::{audit, results_for_update, store_reasons, store_results, store_texts};
 use super::{KeyError, Keys, break_glass_reason_field, data_key_ref_field};
 
 /// `keys migrate-v1` lives in its own module.
@@ -174,7 +174,7 @@ pub async fn reencrypt(db: &PgPool, keys: &Keys, operator: &Operator, old_key: U
     )
     .execute(&mut *tx)
     .await?;
-    crate::documents::reseal_texts(&mut tx, &doc_ids, &texts).await?;
+    store_texts(&mut tx, &doc_ids, &texts).await?;
     let mut sealed = Vec::with_capacity(results.len());
     for r in &results {
         let plain = open_with(keys, &old, annotations_field(r.document_id), &r.annotations_ct)?;
