@@ -167,7 +167,8 @@ async fn upload_one(
     // document always has a job (the relay publishes it, now or after an
     // outage), and a failed request leaves nothing behind. The patient's
     // data key is created in it too, with their first document.
-    let mut tx = state.db.begin().await?;
+    // "begin" holds the wait for a pooled connection.
+    let mut tx = timed(STAGE, "begin", state.db.begin()).await?;
     let patient_index = documents::patient_index(&state.index_key, &upload.patient_ref);
     let key =
         timed(STAGE, "data_key", state.keys.for_patient(&mut tx, PatientRef::new(&patient_index, &upload.patient_ref)))

@@ -110,6 +110,9 @@ pub enum Only {
     Ratio,
     /// The ceiling runs with the NLP stand-in (and the CPU per document).
     Ceiling,
+    /// The single uploads with the NLP stand-in: the paced latency run
+    /// (each slow second attributed) and the saturation run.
+    Uploads,
     /// The audit sink alone, draining pre-filled events.
     Sink,
     /// The clinician queries' data, then the privacy phase: disclosure

@@ -14,14 +14,15 @@
 //!
 //! The modules: `cli` (the flags) and `plan` (how much work each mode
 //! does); `stack` (the services under test), `standin`, `notes`, `pin`,
-//! `prom`, `disk` and `poll` (what the phases use); `phases`, `queries` and
-//! `privacy` (the measurements); `measure` (the phases in order), `report` (the
+//! `prom`, `disk`, `stalls` and `poll` (what the phases use); `phases`, `queries`,
+//! `privacy` and `limit` (the measurements); `measure` (the phases in order), `report` (the
 //! table and the JSON) and `run` (a whole run, database and queues
 //! included).
 
 pub mod cli;
 mod disk;
 mod http;
+mod limit;
 mod measure;
 mod notes;
 mod observe;
@@ -35,6 +36,7 @@ mod queries;
 mod report;
 mod run;
 mod stack;
+mod stalls;
 mod standin;
 
 pub use run::run;

@@ -36,6 +36,11 @@ pub struct Figures {
     pub backlog: Option<Backlog>,
     pub queries: Option<Queries>,
     pub privacy: Option<Privacy>,
+    /// PostgreSQL alone writing the last TLS ceiling run's rows.
+    pub limit: Option<crate::limit::Limit>,
+    /// That run's rows, for the limit (measured once the services stop).
+    #[serde(skip)]
+    pub limit_window: Option<crate::limit::Window>,
     pub peak_rss_mib: BTreeMap<String, f64>,
 }
 
@@ -111,22 +116,28 @@ pub struct Second {
     pub requests: usize,
     pub longest_request_ms: f64,
     pub longest_flush_ms: f64,
+    /// Where a second with a request over 20 ms went (none: no samples).
+    pub attribution: Option<crate::stalls::Attribution>,
 }
 
 /// The run's seconds, from its first request to its last.
-pub fn seconds(run: &PipelineRun, probe: &crate::disk::FlushProbe) -> Vec<Second> {
+pub fn seconds(run: &PipelineRun, probe: &crate::disk::FlushProbe, samples: &crate::stalls::Samples) -> Vec<Second> {
     let n = run.upload_sent.iter().map(|s| s.as_secs() as usize + 1).max().unwrap_or(0);
     let mut out: Vec<Second> = (0..n)
         .map(|second| {
             let from = run.started + Duration::from_secs(second as u64);
             let longest_flush_ms = probe.longest(from, from + Duration::from_secs(1)).as_secs_f64() * 1e3;
-            Second { second, requests: 0, longest_request_ms: 0.0, longest_flush_ms }
+            Second { second, requests: 0, longest_request_ms: 0.0, longest_flush_ms, attribution: None }
         })
         .collect();
     for (sent, took) in run.upload_sent.iter().zip(&run.upload_latencies) {
         let s = &mut out[sent.as_secs() as usize];
         s.requests += 1;
         s.longest_request_ms = s.longest_request_ms.max(took.as_secs_f64() * 1e3);
+    }
+    for s in out.iter_mut().filter(|s| s.longest_request_ms > 20.0) {
+        let from = run.started + Duration::from_secs(s.second as u64);
+        s.attribution = samples.attribute(from, from + Duration::from_secs(1), s.longest_flush_ms);
     }
     out
 }
@@ -274,6 +285,8 @@ const STAGES: &[StageDef] = &[
     (API, "clinflow_http_request_seconds", &[("route", "/v1/documents"), ("method", "POST")], "upload request, whole"),
     (API, "clinflow_http_request_seconds", &[("route", "/v1/documents/batch")], "batch upload request, whole"),
     (API, "clinflow_api_stage_seconds", &[("stage", "auth")], "  auth: token + session touch"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "begin")], "  pooled connection + BEGIN"),
+    (API, "clinflow_api_stage_seconds", &[("stage", "data_key")], "  patient's data key (cached, or made)"),
     (API, "clinflow_api_stage_seconds", &[("stage", "seal")], "  encrypt text + patient"),
     (API, "clinflow_api_stage_seconds", &[("stage", "insert")], "  insert row"),
     (API, "clinflow_api_stage_seconds", &[("stage", "outbox")], "  insert job + audit into outbox"),
@@ -480,7 +493,37 @@ fn print_stalls(seconds: &[Second]) {
             "  {:>4} s: {:>7.1} ms / {:>7.1} ms  ({} requests sent)",
             s.second, s.longest_request_ms, s.longest_flush_ms, s.requests
         );
+        if let Some(a) = &s.attribution {
+            let over: Vec<String> = a.over_20ms.iter().map(|(stage, n)| format!("{stage} {n:.0}")).collect();
+            let means: Vec<String> =
+                a.mean_ms.iter().filter(|(_, ms)| *ms >= 1.0).map(|(stage, ms)| format!("{stage} {ms:.1}")).collect();
+            println!("         cause: {}", a.cause);
+            println!(
+                "         over 20 ms in the api: {}; stage means ≥ 1 ms: {}",
+                if over.is_empty() { "none".to_owned() } else { over.join(", ") },
+                if means.is_empty() { "none".to_owned() } else { means.join(", ") },
+            );
+            println!(
+                "         CPU busy {:.0} % (stolen by the host {:.0} %); autovacuum workers {}; WAL syncs {}, WAL buffers full {}, checkpoint buffers written {}{}",
+                a.cpu_busy * 100.0,
+                a.cpu_steal * 100.0,
+                a.autovacuum_workers,
+                a.wal_syncs,
+                a.wal_buffers_full,
+                a.checkpoint_buffers,
+                if a.checkpoints_started > 0 { " (a checkpoint started)" } else { "" }
+            );
+        }
     }
+    // Every stalled second, by cause.
+    let mut causes: BTreeMap<String, usize> = BTreeMap::new();
+    for s in &stalled {
+        let cause = s.attribution.as_ref().map_or("unsampled".to_owned(), |a| a.cause.clone());
+        let cause = cause.split(" (").next().unwrap_or_default().to_owned();
+        *causes.entry(cause).or_default() += 1;
+    }
+    let causes: Vec<String> = causes.into_iter().map(|(c, n)| format!("{c}: {n}")).collect();
+    println!("  by cause: {}", causes.join("; "));
 }
 
 fn print_stages(title: &str, stages: &[Stage], wall_s: f64) {
@@ -566,6 +609,8 @@ pub fn print_and_save(
     let sink_rate = sink.map_or(0.0, |s| s.events_per_s);
     let throttled = crate::observe::THROTTLED.load(std::sync::atomic::Ordering::Relaxed);
     let query_p99 = figures.queries.as_ref().map_or(0.0, Queries::p99_ms);
+    let limit_docs = figures.limit.as_ref().map_or(0.0, |l| l.docs_per_s);
+    let ceiling_vs_limit = if limit_docs > 0.0 { ceiling_docs / limit_docs } else { 0.0 };
 
     println!();
     println!(
@@ -645,6 +690,22 @@ pub fn print_and_save(
         row("  CPU per document, all processes", format!("{total:.3} ms"), "≤ 0.6 ms", Some(total <= 0.6));
         for (name, ms) in &per_doc {
             row(&format!("    {name}"), format!("{ms:.3} ms"), "", None);
+        }
+        if let Some(l) = &figures.limit {
+            row(
+                &format!("  limit: PostgreSQL alone, the same rows ({} conns)", l.connections),
+                format!("{:.0} docs/s", l.docs_per_s),
+                "",
+                None,
+            );
+            row("  ceiling ÷ limit", format!("{ceiling_vs_limit:.3}"), "", None);
+            row(
+                "    PostgreSQL CPU / WAL per doc, alone",
+                format!("{:.3} ms / {:.0} B", l.postgres_cpu_ms_per_doc, l.wal_bytes_per_doc),
+                "",
+                None,
+            );
+            row("    WAL per doc in the ceiling run", format!("{:.0} B", l.pipeline_wal_bytes_per_doc), "", None);
         }
         if !plain_ceilings.is_empty() {
             row(
@@ -788,6 +849,9 @@ pub fn print_and_save(
     if !plain_ceilings.is_empty() {
         print_cpu_by_hops(&headline_ceilings, &plain_ceilings);
     }
+    if let Some(l) = &figures.limit {
+        print_rows(l);
+    }
     if let Some(l) = latency {
         print_stages("latency run, paced single uploads", &l.stages, l.wall_s);
         print_cpu("the latency run", &l.cpu_seconds, l.wall_s, &machine);
@@ -829,7 +893,9 @@ pub fn print_and_save(
                    "ceiling_tls_vs_plain": (ceiling_plain > 0.0).then_some(ceiling_tls_vs_plain),
                    "upload_p50_ms": p50, "upload_p99_ms": p99,
                    "saturated_upload_p99_ms": saturated_p99, "live_done_p99_ms": live_p99, "sink_events_per_s": sink_rate, "uploads_throttled": throttled,
-                   "query_p99_ms": query_p99},
+                   "query_p99_ms": query_p99,
+                   "limit_docs_per_s": (limit_docs > 0.0).then_some(limit_docs),
+                   "ceiling_vs_limit": (limit_docs > 0.0).then_some(ceiling_vs_limit)},
         "figures": figures,
     });
     std::fs::create_dir_all(results_dir)?;
@@ -838,7 +904,20 @@ pub fn print_and_save(
     std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
     println!("\nfigures written to {}", path.display());
     println!(
-        "RESULT ratio={ratio:.3} ratio_shared={ratio_shared:.3} ceiling_docs_per_s={ceiling_docs:.0} upload_p99_ms={p99:.1} live_done_p99_ms={live_p99:.0} sink_events_per_s={sink_rate:.0} query_p99_ms={query_p99:.1} ratio_plain={ratio_plain:.3} ceiling_plain_docs_per_s={ceiling_plain:.0} ceiling_tls_vs_plain={ceiling_tls_vs_plain:.3}"
+        "RESULT ratio={ratio:.3} ratio_shared={ratio_shared:.3} ceiling_docs_per_s={ceiling_docs:.0} upload_p99_ms={p99:.1} live_done_p99_ms={live_p99:.0} sink_events_per_s={sink_rate:.0} query_p99_ms={query_p99:.1} ratio_plain={ratio_plain:.3} ceiling_plain_docs_per_s={ceiling_plain:.0} ceiling_tls_vs_plain={ceiling_tls_vs_plain:.3} limit_docs_per_s={limit_docs:.0} ceiling_vs_limit={ceiling_vs_limit:.3}"
     );
     Ok(())
+}
+
+/// The rows the ceiling run wrote per document, by table, and what the
+/// limit run copied of them.
+fn print_rows(l: &crate::limit::Limit) {
+    println!(
+        "\nrows written per document in the last TLS ceiling run (the limit copies them: {:.1} concept rows, {:.2} audit rows)",
+        l.concept_rows_per_doc, l.audit_rows_per_doc
+    );
+    println!("  {:<28} {:>9} {:>9} {:>9} {:>9}", "table", "inserted", "updated", "of them HOT", "deleted");
+    for t in &l.pipeline_rows_per_doc {
+        println!("  {:<28} {:>9.2} {:>9.2} {:>9.2} {:>9.2}", t.table, t.inserted, t.updated, t.hot_updated, t.deleted);
+    }
 }
