@@ -1,6 +1,6 @@
 //! The physical limit of this design on this machine: PostgreSQL alone
 //! writing the rows the pipeline wrote per document in the ceiling run just
-//! before, in the same batches and transactions, with nothing else running
+//! before, in the same batches and transactions, with the services stopped
 //! (no TLS, no encryption, no broker, no HTTP). The pipeline's ceiling as a
 //! fraction of it says how much is left to gain outside the database.
 //!
@@ -11,7 +11,9 @@
 //! one outbox job per document and its share of the packed audit
 //! messages), the relay's delete, the worker's claim (a HOT update), its
 //! store (results, concept names and rows, `done`, its audit messages), the
-//! relay's delete, and the sink's insert of the audit rows and disclosures.
+//! relay's delete, and the sink's insert of the audit rows and disclosures
+//! (into copies of their tables: the real chain stays whole). The new
+//! patients' data keys go in with the documents.
 //! The outbox bodies are the only rows made up: a job's body is its id, as
 //! the api writes it; an audit message is as long as the run's audit rows
 //! as JSON, 100 to a message (the producers' packing).

@@ -300,6 +300,7 @@ async fn ceilings(
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
     let (plan, ctx) = (b.plan, b.ctx);
+    let mut window = None;
     for hops in ceiling_hops(b, plan.ceiling_pairs) {
         eprintln!("== ceiling: the pipeline with the NLP STAND-IN, batch uploads, {} hops", hops.name());
         *client = restart(b, stack, hops, &standins.url(hops)?).await?;
@@ -310,13 +311,31 @@ async fn ceilings(
             phases::pipeline(ctx, stack, client, &ctx.notes(3_000_000_000, plan.ceiling_notes), bulk(plan)).await?;
         let after = Observation::take(stack).await?;
         if hops == Hops::Tls {
-            figures.limit_window = Some(opening.close(ctx.db, plan.ceiling_notes).await?);
+            window = Some(opening.close(ctx.db, plan.ceiling_notes).await?);
         }
         eprintln!("   {:.0} docs/s", ceiling.docs_per_s());
         figures.ceilings.push(report::Ceiling { hops, run: report::Run::new(&ceiling, &before, &after) });
     }
+    // The limit: PostgreSQL alone writing the last TLS run's rows, right
+    // after the ceilings (the database much as it was then), the services
+    // stopped, then started again for what follows.
+    if let Some(window) = window {
+        stack.stop_all().await;
+        eprintln!("== limit: PostgreSQL alone writing the ceiling run's rows ({LIMIT_CONNECTIONS} connections)");
+        let limit = crate::limit::run(ctx.db, &window, plan.batch_lines, LIMIT_CONNECTIONS).await?;
+        eprintln!("   {:.0} docs/s", limit.docs_per_s);
+        figures.limit = Some(limit);
+        if b.cli.only != Some(Only::Ceiling) {
+            *client = restart(b, stack, stack.hops, &standins.url(stack.hops)?).await?;
+        }
+    }
     Ok(())
 }
+
+/// Writers at once in the limit run: the api's two batch clients, the
+/// relay, the worker and the sink write at once in the ceiling run; four
+/// connections keep both of this machine's cores busy.
+const LIMIT_CONNECTIONS: usize = 4;
 
 /// The runs with the STAND-IN in MedCAT's place: the ceiling, upload
 /// latency and saturation, the lanes, the audit sink and (full mode) the

@@ -38,9 +38,6 @@ pub struct Figures {
     pub privacy: Option<Privacy>,
     /// PostgreSQL alone writing the last TLS ceiling run's rows.
     pub limit: Option<crate::limit::Limit>,
-    /// That run's rows, for the limit (measured once the services stop).
-    #[serde(skip)]
-    pub limit_window: Option<crate::limit::Window>,
     pub peak_rss_mib: BTreeMap<String, f64>,
 }
 

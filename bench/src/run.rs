@@ -14,11 +14,6 @@ use crate::plan::Plan;
 use crate::stack::{Hops, Links, Stack, TlsFiles};
 use crate::{notes, phases, report};
 
-/// Writers at once in the limit run: the api's two batch clients, the
-/// relay, the worker and the sink write at once in the ceiling run; four
-/// connections keep both of this machine's cores busy.
-const LIMIT_CONNECTIONS: usize = 4;
-
 /// Runs the benchmark `cli` asks for; the figures go to stdout and
 /// `--results-dir`, progress to stderr.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -56,24 +51,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let result = measure(&bench, &master_key, &mut stack).await;
     let rss = report::peak_rss(&stack);
     stack.stop_all().await;
-    // The limit: PostgreSQL alone, with the services stopped, writing the
-    // rows of the last TLS ceiling run.
-    let result = match result {
-        Ok(mut figures) => match figures.limit_window.take() {
-            Some(window) => {
-                eprintln!(
-                    "== limit: PostgreSQL alone writing the ceiling run's rows ({LIMIT_CONNECTIONS} connections)"
-                );
-                crate::limit::run(&owner, &window, plan.batch_lines, LIMIT_CONNECTIONS).await.map(|limit| {
-                    eprintln!("   {:.0} docs/s", limit.docs_per_s);
-                    figures.limit = Some(limit);
-                    figures
-                })
-            }
-            None => Ok(figures),
-        },
-        Err(e) => Err(e),
-    };
     phases::delete_queues(&amqp, &topology).await;
     owner.close().await;
     if cli.keep_database {

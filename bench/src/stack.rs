@@ -116,8 +116,15 @@ impl Stack {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        // The audit sink anchors its chain as in production.
-        env.insert("AUDIT_CHECKPOINT_FILE".into(), log_dir.join("audit-checkpoints.jsonl").display().to_string());
+        // The audit sink anchors its chain as in production: afresh, as the
+        // database is (a file left by an earlier run names rows this run's
+        // database never had, and the periodic verification said FAILED).
+        let checkpoints = log_dir.join("audit-checkpoints.jsonl");
+        match std::fs::remove_file(&checkpoints) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        env.insert("AUDIT_CHECKPOINT_FILE".into(), checkpoints.display().to_string());
         // Every service signs its audit events with a key of its own (the
         // api's is the default, for its commands; see `start`).
         let keys = log_dir.join("audit-keys");
