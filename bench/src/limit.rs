@@ -266,18 +266,7 @@ async fn one_batch(db: &PgPool, batch: &Batch, audit_body: &[u8]) -> anyhow::Res
         inserted.rows_affected(),
         ids.len()
     );
-    let mut outbox: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO outbox (topic, message_id, body)
-         SELECT 'documents.' || d.lane, d.id::text, convert_to(d.id::text, 'UTF8') FROM documents d WHERE d.id = ANY($1)
-         UNION ALL
-         SELECT 'audit', gen_random_uuid()::text, $3 FROM generate_series(1, $2)
-         RETURNING id",
-    )
-    .bind(&ids)
-    .bind(api_messages)
-    .bind(audit_body)
-    .fetch_all(&mut *tx)
-    .await?;
+    let outbox = enqueue(&mut tx, &ids, api_messages, audit_body).await?;
     tx.commit().await?;
     relay(db, &outbox).await?;
 
@@ -335,14 +324,7 @@ async fn one_batch(db: &PgPool, batch: &Batch, audit_body: &[u8]) -> anyhow::Res
     .execute(&mut *tx)
     .await?;
     anyhow::ensure!(done.rows_affected() == ids.len() as u64, "{} of {} done", done.rows_affected(), ids.len());
-    outbox = sqlx::query_scalar(
-        "INSERT INTO outbox (topic, message_id, body)
-         SELECT 'audit', gen_random_uuid()::text, $2 FROM generate_series(1, $1) RETURNING id",
-    )
-    .bind(worker_messages)
-    .bind(audit_body)
-    .fetch_all(&mut *tx)
-    .await?;
+    let outbox = enqueue(&mut tx, &[], worker_messages, audit_body).await?;
     tx.commit().await?;
     relay(db, &outbox).await?;
 
@@ -376,6 +358,28 @@ async fn one_batch(db: &PgPool, batch: &Batch, audit_body: &[u8]) -> anyhow::Res
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// A job for each of `jobs` and `audit_messages` packed audit messages into
+/// the outbox, in the caller's transaction; their ids.
+async fn enqueue(
+    tx: &mut sqlx::PgConnection,
+    jobs: &[Uuid],
+    audit_messages: i64,
+    audit_body: &[u8],
+) -> anyhow::Result<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO outbox (topic, message_id, body)
+         SELECT 'documents.' || d.lane, d.id::text, convert_to(d.id::text, 'UTF8') FROM documents d WHERE d.id = ANY($1)
+         UNION ALL
+         SELECT 'audit', gen_random_uuid()::text, $3 FROM generate_series(1, $2)
+         RETURNING id",
+    )
+    .bind(jobs)
+    .bind(audit_messages)
+    .bind(audit_body)
+    .fetch_all(tx)
+    .await?)
 }
 
 /// The relay's delete of what it published.
