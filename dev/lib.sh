@@ -113,6 +113,17 @@ ensure_debian_packages() {
     "${need[@]}" >/dev/null
 }
 
+# The console's browser test (api/tests/it/console.rs): Playwright's
+# driver and axe-core from npm, as pinned in api/tests/console's lock file
+# (playwright-core downloads no browser: the test drives Debian's chromium).
+ensure_console_test_deps() {
+  local dir="$CLINFLOW_ROOT/api/tests/console"
+  if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    say "npm ci in api/tests/console (playwright-core, axe-core)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+}
+
 source "$CLINFLOW_ROOT/dev/tls.sh"
 
 # One Ed25519 audit signing key per service in DIR (<service>.key, mode

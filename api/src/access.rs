@@ -21,7 +21,7 @@ use crate::error::ApiError;
 pub use crate::guard::Access;
 use crate::state::AppState;
 use crate::users::Role;
-use crate::{admin, audit_api, batch, care, consents, docs, documents, guard, health, login, ops, patients};
+use crate::{admin, audit_api, batch, care, consents, console, docs, documents, guard, health, login, ops, patients};
 
 const ANY_USER: &[Role] = &[Role::Admin, Role::Clinician, Role::Ingest, Role::Ops, Role::Auditor, Role::PrivacyOfficer];
 /// Admin manages accounts and sees no PHI; ops and auditors see none either.
@@ -52,6 +52,8 @@ pub fn endpoints() -> Vec<Endpoint> {
     let admin_team = || A::on(ADMINS, Do::AdminTeam, "care_team");
     vec![
         Endpoint::new(public(), routes!(login::login)),
+        Endpoint::new(public(), routes!(login::console_login)),
+        Endpoint::new(A::roles(ANY_USER, Do::Session), routes!(login::session)),
         Endpoint::new(A::roles(ANY_USER, Do::Logout), routes!(login::logout)),
         Endpoint::new(A::roles(ANY_USER, Do::PasswordChange), routes!(login::change_password)),
         // Documents
@@ -94,6 +96,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::new(admin_team(), routes!(admin::teams::remove_patient)),
         Endpoint::new(admin_read(), routes!(admin::break_glass::break_glass_grants)),
         // Operations and audit
+        Endpoint::new(A::roles(OPERATORS, Do::OpsOverview), routes!(ops::overview)),
         Endpoint::new(A::roles(OPERATORS, Do::DeadLettersList), routes!(ops::list)),
         Endpoint::new(A::roles(OPERATORS, Do::DeadLettersReplay), routes!(ops::replay)),
         Endpoint::new(A::roles(OPERATORS, Do::Reprocess), routes!(ops::reprocess)),
@@ -106,6 +109,10 @@ pub fn endpoints() -> Vec<Endpoint> {
         Endpoint::new(public(), routes!(docs::openapi_json)),
         Endpoint::new(public(), routes!(docs::docs)),
         Endpoint::new(public(), routes!(docs::scalar_script)),
+        // Public: the web console's page and files (they hold no data)
+        Endpoint::new(public(), routes!(console::page)),
+        Endpoint::new(public(), routes!(console::script)),
+        Endpoint::new(public(), routes!(console::style)),
     ]
 }
 

@@ -177,3 +177,55 @@ pub fn new_api_key(index_key: &clinflow::crypto::IndexKey) -> (Uuid, String, Vec
     let hash = index_key.hash(API_KEY_DOMAIN, secret.as_bytes());
     (id, format!("{API_KEY_PREFIX}{}_{secret}", id.simple()), hash)
 }
+
+/// The console's session ([`crate::console`]): the token in an HttpOnly
+/// cookie the page's script cannot read, `__Host-` (Secure, this host only,
+/// path `/`), `SameSite=Strict`, and no `Max-Age` (it ends with the
+/// browser; the session's own timeouts end it sooner).
+pub const SESSION_COOKIE: &str = "__Host-clinflow-session";
+/// The session's CSRF token, readable by the page's script, which sends it
+/// back in [`CSRF_HEADER`] on every request: a cookie-authenticated request
+/// without it is refused (`guard::authenticate`). Another site's page can
+/// make the browser send the cookies, but cannot read this one to put it in
+/// a header.
+pub const CSRF_COOKIE: &str = "__Host-clinflow-csrf";
+pub const CSRF_HEADER: &str = "x-csrf-token";
+const CSRF_DOMAIN: &str = "sessions.csrf";
+
+/// The CSRF token of `session`: a keyed hash of its id, so nothing is stored
+/// and a token fits one session only.
+pub fn csrf_token(index_key: &clinflow::crypto::IndexKey, session: Uuid) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(index_key.hash(CSRF_DOMAIN, session.as_bytes()))
+}
+
+/// Whether `presented` is `session`'s CSRF token (compared in constant time).
+pub fn csrf_valid(index_key: &clinflow::crypto::IndexKey, session: Uuid, presented: &str) -> bool {
+    use base64::Engine;
+    let Ok(tag) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(presented) else { return false };
+    index_key.verify(CSRF_DOMAIN, session.as_bytes(), &tag)
+}
+
+/// The `Set-Cookie` values that open a console session.
+pub fn session_cookies(token: &str, csrf: &str) -> [String; 2] {
+    [
+        format!("{SESSION_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict"),
+        format!("{CSRF_COOKIE}={csrf}; Path=/; Secure; SameSite=Strict"),
+    ]
+}
+
+/// The `Set-Cookie` values that end one (at logout).
+pub fn cleared_cookies() -> [String; 2] {
+    [SESSION_COOKIE, CSRF_COOKIE].map(|name| format!("{name}=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0"))
+}
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find_map(|(k, v)| (k == name).then_some(v))
+}

@@ -110,6 +110,15 @@ impl ApiConfig {
     }
 }
 
+/// A switch that is `on` unless set to `off`.
+fn on_off(name: &'static str) -> Result<bool, ConfigError> {
+    match config::optional(name)?.as_deref().map(str::trim) {
+        None | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(_) => Err(ConfigError { name, problem: "must be on or off".into() }),
+    }
+}
+
 fn edge() -> Result<crate::state::Edge, ConfigError> {
     let d = crate::state::Edge::default();
     let secs = |name, default: std::time::Duration| {
@@ -118,11 +127,8 @@ fn edge() -> Result<crate::state::Edge, ConfigError> {
     Ok(crate::state::Edge {
         request_timeout: secs("API_REQUEST_TIMEOUT_SECONDS", d.request_timeout)?,
         batch_timeout: secs("API_BATCH_TIMEOUT_SECONDS", d.batch_timeout)?,
-        docs: match config::optional("API_DOCS")?.as_deref().map(str::trim) {
-            None | Some("on") => true,
-            Some("off") => false,
-            Some(_) => return Err(ConfigError { name: "API_DOCS", problem: "must be on or off".into() }),
-        },
+        docs: on_off("API_DOCS")?,
+        console: on_off("API_CONSOLE")?,
         trusted_proxies: match config::optional("TRUSTED_PROXIES")? {
             None => d.trusted_proxies,
             Some(list) => list.parse().map_err(|problem| ConfigError { name: "TRUSTED_PROXIES", problem })?,

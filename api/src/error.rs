@@ -23,6 +23,10 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("your role may not do this")]
     Forbidden,
+    /// A request authenticated by the console's session cookie without its
+    /// CSRF token in the `X-CSRF-Token` header.
+    #[error("a request with the console's session cookie carries its CSRF token in the X-CSRF-Token header")]
+    CsrfToken,
     /// A clinician asking for a patient outside their care teams.
     #[error("this patient is outside your care teams; POST /v1/break-glass if you must")]
     OutOfScope,
@@ -76,6 +80,7 @@ impl ApiError {
             Self::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             Self::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::CsrfToken => (StatusCode::FORBIDDEN, "csrf_token"),
             Self::OutOfScope => (StatusCode::FORBIDDEN, "out_of_scope"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::DuplicateSourceRef(_) => (StatusCode::CONFLICT, "duplicate_source_ref"),

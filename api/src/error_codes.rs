@@ -15,6 +15,12 @@ const CODES: &[(&str, u16, &str)] = &[
     // Before or around every handler.
     ("unauthenticated", 401, "no credentials, or a token or key that is invalid, expired or revoked"),
     ("forbidden", 403, "the caller's role may not call this"),
+    (
+        "csrf_token",
+        403,
+        "a request with the console's session cookie lacks its CSRF token (`X-CSRF-Token`, the value of the \
+         `__Host-clinflow-csrf` cookie)",
+    ),
     ("internal", 500, "an unexpected failure; the `x-request-id` header identifies it"),
     ("unavailable", 503, "the database is unreachable; retry after `Retry-After`"),
     (

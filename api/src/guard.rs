@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use clinflow::audit::{Action, Actor, ActorKind, Outcome};
 use uuid::Uuid;
 
-use crate::auth::{API_KEY_DOMAIN, API_KEY_PREFIX, AuthUser, RequestMeta};
+use crate::auth::{self, API_KEY_DOMAIN, API_KEY_PREFIX, AuthUser, CSRF_HEADER, RequestMeta, SESSION_COOKIE};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::users::Role;
@@ -89,9 +89,10 @@ pub(crate) async fn guard(State(state): State<AppState>, access: Access, req: Re
 }
 
 /// Who is calling: a bearer JWT whose session is live, or a live API key of
-/// a service account; and whether they must replace their password first.
-/// Every refusal is audited (rate-limited) and answered 401 without saying
-/// why.
+/// a service account, or the console's session cookie with its CSRF token;
+/// and whether they must replace their password first. Every refusal is
+/// audited (rate-limited) and answered 401 without saying why, but for a
+/// cookie without its CSRF token (403 `csrf_token`).
 async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, bool), ApiError> {
     let started = std::time::Instant::now();
     let Ok(meta) = RequestMeta::from_request_parts(parts, state).await;
@@ -100,13 +101,16 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, 
         state.audit_denial(meta.event(Action::Access, actor, Outcome::Denied).reason(reason)).await;
         ApiError::Unauthenticated
     };
-    let token = parts
+    let bearer = parts
         .headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-    let Some(token) = token else { return Err(refuse(Actor::anonymous(None), "missing_token").await) };
-    if let Some(key) = token.strip_prefix(API_KEY_PREFIX) {
+    // The console's cookie, only when no Authorization header is sent: a
+    // session token, never an API key, and held to its CSRF token below.
+    let cookie = bearer.is_none().then(|| auth::cookie(&parts.headers, SESSION_COOKIE)).flatten();
+    let Some(token) = bearer.or(cookie) else { return Err(refuse(Actor::anonymous(None), "missing_token").await) };
+    if let Some(key) = token.strip_prefix(API_KEY_PREFIX).filter(|_| cookie.is_none()) {
         let parsed = key.split_once('_').and_then(|(id, secret)| Some((Uuid::try_parse(id).ok()?, secret)));
         let Some((key_id, secret)) = parsed else {
             return Err(refuse(Actor::anonymous(None), "invalid_api_key").await);
@@ -143,6 +147,15 @@ async fn authenticate(parts: &mut Parts, state: &AppState) -> Result<(AuthUser, 
         }
         Err(_) => return Err(refuse(Actor::anonymous(None), "invalid_token").await),
     };
+    if cookie.is_some() {
+        let presented = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !auth::csrf_valid(&state.index_key, claims.jti, presented) {
+            let actor = Actor { kind: ActorKind::User, id: Some(claims.sub), name: None, role: None };
+            metrics::counter!("clinflow_api_auth_rejected_total", "reason" => "csrf_token").increment(1);
+            state.audit_denial(meta.event(Action::Access, actor, Outcome::Denied).reason("csrf_token")).await;
+            return Err(ApiError::CsrfToken);
+        }
+    }
     let idle = state.idle_timeout.as_secs_f64();
     // Touching the session on every request made concurrent requests of
     // one session queue on its row lock; a touch at most every few

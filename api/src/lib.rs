@@ -7,7 +7,7 @@
 //!   may call it);
 //! - the handlers, one module per resource: `login`, `documents`, `batch`,
 //!   `care` (break-glass), `consents`, `patients/`, `admin/`, `ops`, `audit_api`,
-//!   `health`, `docs`;
+//!   `health`, `docs`, `console` (the web console's page and files);
 //! - the pieces they share: `guard` (authentication and the role check),
 //!   `state`, `auth`, `proxies` (the client's address behind a load
 //!   balancer), `reauth` (the password asked again), `lockout`, `denials`, `users`, `extract`, `validate`,
@@ -25,6 +25,7 @@ mod care;
 pub mod cli;
 pub mod config;
 mod consents;
+mod console;
 mod dates;
 pub mod denials;
 mod docs;
@@ -51,5 +52,5 @@ pub mod telemetry;
 pub mod users;
 mod validate;
 
-pub use server::{app, serve};
+pub use server::{app, serve, serve_tls};
 pub use state::{AppState, Edge, UploadLimits};

@@ -1,19 +1,26 @@
-//! `POST /v1/auth/login` and `/v1/auth/logout`.
+//! Logging in and out: `POST /v1/auth/login` (a bearer token), the
+//! console's cookie session (`/v1/auth/session`), `/v1/auth/logout` and the
+//! password change.
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use clinflow::audit::{Action, Actor, ActorKind, Outcome};
 use clinflow::wire::{LOGIN_PATH, LoginRequest, LoginResponse};
+use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::auth::{AuthUser, RequestMeta, TOKEN_LIFETIME};
+use crate::auth::{self, AuthUser, RequestMeta, TOKEN_LIFETIME};
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::lockout;
 use crate::state::AppState;
-use crate::users;
+use crate::users::{self, Role};
+
+/// The console's session: opened by `POST`, read by `GET`.
+pub const SESSION_PATH: &str = "/v1/auth/session";
 
 /// Log in with a username and password.
 ///
@@ -38,6 +45,28 @@ pub(crate) async fn login(
     meta: RequestMeta,
     JsonBody(req): JsonBody<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
+    let opened = open_session(&state, &meta, &req).await?;
+    Ok(Json(LoginResponse {
+        access_token: opened.token,
+        token_type: "bearer".into(),
+        expires_at: opened.expires_at,
+        password_change_required: opened.password_change_required,
+    }))
+}
+
+/// A session a login opened.
+struct Opened {
+    token: String,
+    session_id: Uuid,
+    expires_at: OffsetDateTime,
+    password_change_required: bool,
+    username: String,
+    role: Role,
+}
+
+/// Checks the password (throttled, counted toward the lockout, each
+/// refusal audited) and opens a session: what both logins share.
+async fn open_session(state: &AppState, meta: &RequestMeta, req: &LoginRequest) -> Result<Opened, ApiError> {
     // An over-long or malformed name cannot exist; still spend the hashing time.
     let attempted = users::valid_username(&req.username).then_some(req.username.as_str());
     let outcome = |o: &'static str| metrics::counter!("clinflow_logins_total", "outcome" => o).increment(1);
@@ -117,19 +146,128 @@ pub(crate) async fn login(
         kind: ActorKind::User,
         id: Some(attempt.id),
         name: attempted.map(str::to_owned),
-        role: Some(attempt.role),
+        role: Some(attempt.role.clone()),
     };
     if let Err(e) = state.audit(&meta.event(Action::Login, actor, Outcome::Success)).await {
-        revoke(&state, session_id).await?;
+        revoke(state, session_id).await?;
         return Err(e);
     }
     outcome("success");
-    Ok(Json(LoginResponse {
-        access_token: token,
-        token_type: "bearer".into(),
+    let role = Role::parse(&attempt.role).ok_or_else(|| anyhow::anyhow!("unknown role"))?;
+    Ok(Opened {
+        token,
+        session_id,
         expires_at,
         password_change_required: attempt.password_change_required,
+        username: req.username.clone(),
+        role,
+    })
+}
+
+/// The console's session: who the caller is, when the session ends, and
+/// their live break-glass grants (never the patients they name).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SessionInfo {
+    username: String,
+    role: Role,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: OffsetDateTime,
+    /// The session ends after this many seconds without a request.
+    idle_timeout_seconds: u64,
+    /// Until it is replaced (`POST /v1/auth/password`), every other call is
+    /// refused.
+    password_change_required: bool,
+    break_glass: Vec<LiveGrant>,
+}
+
+/// A live break-glass grant of the caller's.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct LiveGrant {
+    id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: OffsetDateTime,
+}
+
+/// Log in to the console: the session token is set in an HttpOnly cookie
+/// (`__Host-clinflow-session`), which the page's script never sees, and its
+/// CSRF token in a second cookie (`__Host-clinflow-csrf`), which the script
+/// sends back in the `X-CSRF-Token` header of every request; a request with
+/// the session cookie and without that header is refused (`csrf_token`).
+/// The same password checks, lockout and timeouts as `POST /v1/auth/login`.
+#[utoipa::path(
+    post,
+    path = SESSION_PATH,
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "The session, its token and CSRF token set as cookies", body = SessionInfo,
+            headers(("set-cookie" = String, description = "`__Host-clinflow-session` (HttpOnly) and `__Host-clinflow-csrf`"))),
+    ),
+    extensions(("x-errors" = json!([
+        "invalid_credentials", "too_many_logins", "internal", "login_busy", "unavailable",
+    ]))),
+)]
+#[tracing::instrument(skip_all, fields(user_id))]
+pub(crate) async fn console_login(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    JsonBody(req): JsonBody<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let opened = open_session(&state, &meta, &req).await?;
+    let info = SessionInfo {
+        username: opened.username,
+        role: opened.role,
+        expires_at: opened.expires_at,
+        idle_timeout_seconds: state.idle_timeout.as_secs(),
+        password_change_required: opened.password_change_required,
+        break_glass: Vec::new(),
+    };
+    let csrf = auth::csrf_token(&state.index_key, opened.session_id);
+    with_cookies(Json(info).into_response(), auth::session_cookies(&opened.token, &csrf))
+}
+
+/// The caller's session (the console asks on every page load).
+#[utoipa::path(
+    get,
+    path = SESSION_PATH,
+    tag = "auth",
+    responses((status = 200, description = "The caller's session", body = SessionInfo)),
+    extensions(("x-errors" = json!(["not_a_session"]))),
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id))]
+pub(crate) async fn session(State(state): State<AppState>, user: AuthUser) -> Result<Json<SessionInfo>, ApiError> {
+    let Some(session_id) = user.session_id else {
+        return Err(ApiError::invalid("not_a_session", "an API key has no session"));
+    };
+    let row = sqlx::query!(
+        r#"SELECT s.expires_at, u.password_change_required,
+                  coalesce((SELECT array_agg(g.id ORDER BY g.expires_at) FROM break_glass_grants g
+                            WHERE g.user_id = s.user_id AND g.expires_at > now()), '{}') AS "grants!",
+                  coalesce((SELECT array_agg(g.expires_at ORDER BY g.expires_at) FROM break_glass_grants g
+                            WHERE g.user_id = s.user_id AND g.expires_at > now()), '{}') AS "grant_ends!"
+           FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1"#,
+        session_id,
+    )
+    .fetch_one(&state.db)
+    .await?;
+    let break_glass =
+        row.grants.into_iter().zip(row.grant_ends).map(|(id, expires_at)| LiveGrant { id, expires_at }).collect();
+    Ok(Json(SessionInfo {
+        username: user.username,
+        role: user.role,
+        expires_at: row.expires_at,
+        idle_timeout_seconds: state.idle_timeout.as_secs(),
+        password_change_required: row.password_change_required,
+        break_glass,
     }))
+}
+
+fn with_cookies(mut response: Response, cookies: [String; 2]) -> Result<Response, ApiError> {
+    for cookie in cookies {
+        let value = HeaderValue::try_from(cookie).map_err(anyhow::Error::new)?;
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    Ok(response)
 }
 
 /// End the caller's session (its token is refused from now on).
@@ -143,13 +281,14 @@ pub(crate) async fn login(
     extensions(("x-errors" = json!(["not_a_session"]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
-pub(crate) async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {
+pub(crate) async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<Response, ApiError> {
     let Some(session_id) = user.session_id else {
         return Err(ApiError::invalid("not_a_session", "an API key has no session: an admin revokes it"));
     };
     revoke(&state, session_id).await?;
     state.audit(&user.event(Action::Logout, Outcome::Success)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    // The console's cookies go too (a bearer client has none to drop).
+    with_cookies(StatusCode::NO_CONTENT.into_response(), auth::cleared_cookies())
 }
 
 async fn revoke(state: &AppState, session_id: Uuid) -> Result<(), ApiError> {

@@ -127,7 +127,7 @@ fn describe_access(operation: &mut Operation, access: &Access) {
     operation.extensions.get_or_insert_with(Default::default).insert("x-roles".into(), roles.into());
     if let Access::Roles { .. } = access {
         operation.security = Some(vec![SecurityRequirement::new::<_, _, &str>(BEARER, [])]);
-        for code in ["unauthenticated", "forbidden", "internal", "unavailable"] {
+        for code in ["unauthenticated", "forbidden", "csrf_token", "internal", "unavailable"] {
             add_error(operation, code, None);
         }
         if !access.open_before_password_change() {

@@ -158,6 +158,59 @@ pub(crate) async fn reprocess(
     Ok(Json(ReprocessResponse { queued: queued? }))
 }
 
+/// What an operator watches: queue depths, documents by status, and the
+/// model versions of the current results.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Overview {
+    queues: Vec<clinflow::amqp::QueueDepth>,
+    /// Documents per status (`queued`, `processing`, `done`, `failed`).
+    documents: std::collections::BTreeMap<String, i64>,
+    models: Vec<ModelCount>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelCount {
+    model_version: String,
+    /// Documents whose current result is from this version.
+    documents: i64,
+}
+
+/// Queue depths (ready messages and consumers per queue), documents by
+/// status, and documents per model version of their current result. Counts
+/// only; audited when refused. The counts read the whole `documents` table:
+/// a second or so per few million documents.
+#[utoipa::path(
+    get,
+    path = "/v1/ops/overview",
+    tag = "ops",
+    responses((status = 200, description = "Counts of queues, documents and model versions", body = Overview)),
+    extensions(("x-errors" = json!([RABBITMQ_UNREACHABLE]))),
+)]
+#[tracing::instrument(skip_all)]
+pub(crate) async fn overview(State(state): State<AppState>) -> Result<Json<Overview>, ApiError> {
+    let connection = connection(&state).await?;
+    let queues = state.topology.depths(&connection).await;
+    let _ = connection.close(200, "done".into()).await;
+    let queues = queues.map_err(|e| ops_error(OpsError::from(e)))?;
+    let rows =
+        sqlx::query!(r#"SELECT status, result_model, count(*) AS "n!" FROM documents GROUP BY status, result_model"#)
+            .fetch_all(&state.db)
+            .await?;
+    let mut documents = std::collections::BTreeMap::new();
+    let mut models = std::collections::BTreeMap::new();
+    for r in rows {
+        *documents.entry(r.status).or_insert(0) += r.n;
+        if let Some(model) = r.result_model {
+            *models.entry(model).or_insert(0) += r.n;
+        }
+    }
+    for status in ["queued", "processing", "done", "failed"] {
+        documents.entry(status.to_owned()).or_insert(0);
+    }
+    let models = models.into_iter().map(|(model_version, documents)| ModelCount { model_version, documents }).collect();
+    Ok(Json(Overview { queues, documents, models }))
+}
+
 /// The caller, signing with the api's key.
 fn operator(state: &AppState, user: &AuthUser) -> Operator {
     Operator { actor: user.actor(), signer: state.audit_signer.clone() }

@@ -63,7 +63,7 @@ pub struct AppState {
     /// Where erasures are journalled, outside the database
     /// (`ERASURE_JOURNAL_DIR`); without it erasure answers 503.
     pub erasure_journal: Option<Arc<clinflow::erasure::Journal>>,
-    /// Request timeouts, `/docs`, trusted proxies.
+    /// Request timeouts, `/docs`, `/ui`, trusted proxies.
     pub edge: Edge,
 }
 
@@ -77,6 +77,8 @@ pub struct Edge {
     pub batch_timeout: Duration,
     /// Whether `/docs` and its script are served (`API_DOCS`).
     pub docs: bool,
+    /// Whether the web console (`/ui`) is served (`API_CONSOLE`).
+    pub console: bool,
     /// Whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
     pub trusted_proxies: crate::proxies::TrustedProxies,
 }
@@ -88,6 +90,7 @@ impl Default for Edge {
             // 64 MiB in five minutes: about 1.8 Mbit/s, a slow WAN link.
             batch_timeout: Duration::from_secs(300),
             docs: true,
+            console: true,
             trusted_proxies: crate::proxies::TrustedProxies::default(),
         }
     }

@@ -112,6 +112,17 @@ pub struct Topology {
     prefix: String,
 }
 
+/// A queue's depth, as [`Topology::depths`] measures it.
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct QueueDepth {
+    /// Without the prefix: `documents.live`, `documents.live.retry`, `audit.dead`, …
+    pub name: String,
+    /// Ready messages (not those delivered and unacknowledged).
+    pub messages: u32,
+    pub consumers: u32,
+}
+
 /// One work queue: bound to `exchange` with routing key `key`.
 #[derive(Debug, Clone)]
 pub struct WorkQueue {
@@ -203,6 +214,27 @@ impl Topology {
         // Best effort: the connection is what matters.
         let _ = channel.close(200, "checked".into()).await;
         Ok(())
+    }
+
+    /// Each queue's ready messages and consumers, by passive declares (the
+    /// operators' overview). The names lose the prefix: `documents.live`,
+    /// `documents.live.dead`, …
+    pub async fn depths(&self, connection: &Connection) -> Result<Vec<QueueDepth>, AmqpError> {
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let mut depths = Vec::new();
+        for name in self.queues() {
+            let declare = channel.queue_declare(name.as_str().into(), passive, FieldTable::default());
+            let q = tokio::time::timeout(Duration::from_secs(5), declare).await.map_err(|_| AmqpError::Timeout)??;
+            let short = name.strip_prefix(&self.prefix).and_then(|n| n.strip_prefix('.')).unwrap_or(&name);
+            depths.push(QueueDepth {
+                name: short.to_owned(),
+                messages: q.message_count(),
+                consumers: q.consumer_count(),
+            });
+        }
+        let _ = channel.close(200, "measured".into()).await;
+        Ok(depths)
     }
 
     /// Every exchange of the topology.

@@ -244,6 +244,26 @@ impl Stack {
         base
     }
 
+    /// Serves the api over HTTPS with `cert`, as deployed, beside the
+    /// first (same database, keys and relay), with `change` made to its
+    /// state; returns its base URL. It stops with the stack.
+    pub async fn serve_https(&self, cert: &crate::https::ApiCert, change: impl FnOnce(&mut AppState)) -> String {
+        use clinflow_api::https::{ApiTls, MinVersion, TlsFiles};
+        let files = TlsFiles {
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+            min_version: MinVersion::Tls13,
+            reload_every: Duration::from_secs(60),
+        };
+        let tls = ApiTls::load(files).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let mut state = self.state.clone();
+        change(&mut state);
+        tokio::spawn(clinflow_api::serve_tls(listener, state, tls, self.shutdown.clone()));
+        base
+    }
+
     /// Starts the outbox relay of the in-process api.
     pub fn start_relay(&mut self) {
         self.relay = Some(self.spawn_relay(self.amqp_url.clone()));

@@ -11,6 +11,7 @@ mod backup;
 mod batch;
 mod broker;
 mod common;
+mod console;
 mod database;
 mod edge;
 mod health;

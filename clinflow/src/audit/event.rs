@@ -147,6 +147,14 @@ pub enum Action {
     /// A user replaced their own password (one an admin set is one-time).
     #[serde(rename = "auth.password_change")]
     PasswordChange,
+    /// A user read their own session (who they are, its timeouts, their
+    /// live break-glass grants: no PHI); audited only when denied.
+    #[serde(rename = "auth.session")]
+    Session,
+    /// An operator read the queue depths, documents by status and model
+    /// versions (counts only); audited only when denied.
+    #[serde(rename = "ops.overview")]
+    OpsOverview,
     /// A document was purged: kept longer than its lawful basis allows
     /// (`reason` `retention:<basis>`), or its research consent was withdrawn
     /// (`consent_withdrawn`); the patient is named.
@@ -223,6 +231,8 @@ impl Action {
             Action::PrivacyRead => "privacy.read",
             Action::AuditDisclosures => "audit.disclosures",
             Action::PasswordChange => "auth.password_change",
+            Action::Session => "auth.session",
+            Action::OpsOverview => "ops.overview",
             Action::TeamPatientAdd => "care_team.patient_add",
             Action::DocumentPurge => "document.purge",
             Action::ConsentWithdraw => "privacy.consent_withdraw",
@@ -436,6 +446,8 @@ mod tests {
             Action::PrivacyRead,
             Action::AuditDisclosures,
             Action::PasswordChange,
+            Action::Session,
+            Action::OpsOverview,
             Action::TeamPatientAdd,
             Action::DocumentPurge,
             Action::ConsentWithdraw,

@@ -55,6 +55,14 @@ impl TestCa {
     }
 }
 
+/// The SubjectPublicKeyInfo (DER) of a key given as PEM: what a browser
+/// pins (Chromium's `--ignore-certificate-errors-spki-list` takes its
+/// SHA-256), trusting that one server key and nothing else.
+pub fn spki_der(key_pem: &str) -> Vec<u8> {
+    use rcgen::PublicKeyData;
+    KeyPair::from_pem(key_pem).expect("a PEM key").subject_public_key_info()
+}
+
 /// What an impostor says before its TLS handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preamble {
