@@ -38,11 +38,13 @@ impl Access {
     }
 
     /// Whether a caller whose password an admin set (one-time) may call
-    /// this before replacing it: only the password change and logout.
+    /// this before replacing it: only the password change, logout, and
+    /// the console's read of its own session (which tells it to ask for
+    /// the new password).
     pub fn open_before_password_change(&self) -> bool {
         match self {
             Self::Public => true,
-            Self::Roles { action, .. } => matches!(action, Action::PasswordChange | Action::Logout),
+            Self::Roles { action, .. } => matches!(action, Action::PasswordChange | Action::Logout | Action::Session),
         }
     }
 

@@ -53,6 +53,10 @@ async fn a_password_an_admin_sets_must_be_replaced_before_anything_else() {
         code(&stack.get("/v1/concepts/49436004/patients", Some(&token)).await.1),
         Some("password_change_required")
     );
+    // The console's read of its own session is open: it is how the page
+    // learns to ask for the new password first.
+    let (status, own) = stack.get("/v1/auth/session", Some(&token)).await;
+    assert_eq!((status, own["password_change_required"].as_bool()), (200, Some(true)), "{own}");
 
     let change = async |token: &str, current: &str, new: &str| {
         let body = json!({"current_password": current, "new_password": new});
