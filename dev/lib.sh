@@ -99,6 +99,26 @@ ensure_openapi_validator() {
   echo "$venv/bin/openapi-spec-validator"
 }
 
+# Prints the path of schemathesis, installed into a venv under .dev/ the
+# first time (and again when api/tests/schemathesis/requirements.txt, its
+# pins, changes): api/tests/it/schemathesis.rs runs it against the api.
+ensure_schemathesis() {
+  local venv="$CLINFLOW_ROOT/.dev/schemathesis" pins="$CLINFLOW_ROOT/api/tests/schemathesis/requirements.txt" digest
+  digest="$(sha256sum "$pins" | cut -d' ' -f1)"
+  mkdir -p "$CLINFLOW_ROOT/.dev"
+  (
+    flock 9
+    if [ "$(cat "$venv/.digest" 2>/dev/null)" != "$digest" ]; then
+      say "installing schemathesis ($(grep -o '^schemathesis==.*' "$pins")) into $venv"
+      rm -rf "$venv"
+      python3 -m venv "$venv" >&2
+      "$venv/bin/pip" install -q --disable-pip-version-check -r "$pins" >&2
+      echo "$digest" > "$venv/.digest"
+    fi
+  ) 9>"$CLINFLOW_ROOT/.dev/schemathesis.lock"
+  echo "$venv/bin/schemathesis"
+}
+
 # Installs the Debian packages named that are missing (quietly; only when
 # some are): the machine has none of them on a fresh start.
 ensure_debian_packages() {

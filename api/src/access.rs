@@ -172,7 +172,9 @@ pub fn router(state: &AppState) -> Router<AppState> {
         // A batch streams a body of up to BATCH_MAX_BYTES: its own, longer limit.
         let limit = if e.path == BATCH_PATH { state.edge.batch_timeout } else { state.edge.request_timeout };
         let (_, _, handler) = e.route;
-        router.route(e.path, handler.layer::<_, std::convert::Infallible>(guard).layer(time_limit(limit)))
+        // `route_layer`: the guard runs for this method only, so another
+        // method on the path is the router's 405 (with `Allow`), not a 401.
+        router.route(e.path, handler.route_layer(guard).layer(time_limit(limit)))
     })
 }
 

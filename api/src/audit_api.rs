@@ -21,6 +21,11 @@ use crate::validate::valid_patient_ref;
 
 const MAX_PAGE: i64 = 1_000;
 
+/// `limit`: 1 to [`MAX_PAGE`], or absent.
+fn page_limit() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::page_limit(MAX_PAGE)
+}
+
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
@@ -40,8 +45,8 @@ pub struct EventQuery {
     until: Option<OffsetDateTime>,
     /// The `next_cursor` of the previous page.
     after: Option<i64>,
-    /// Events per page, 1-1000 (default 100).
-    #[param(minimum = 1, maximum = 1000)]
+    /// Events per page (default 100).
+    #[param(schema_with = page_limit)]
     limit: Option<i64>,
 }
 
@@ -241,11 +246,14 @@ pub(crate) async fn verify(State(state): State<AppState>, user: AuthUser) -> Res
 #[serde(deny_unknown_fields)]
 pub struct DisclosureQuery {
     /// The patient reference, as uploaded
+    #[schema(schema_with = crate::validate::schema::patient_ref)]
     patient_ref: String,
     /// The `next_cursor` of the previous page.
+    #[serde(default, deserialize_with = "crate::validate::integer")]
     after: Option<i64>,
-    /// Accesses per page, 1-1000 (default 100).
-    #[schema(minimum = 1, maximum = 1000)]
+    /// Accesses per page (default 100).
+    #[schema(schema_with = page_limit)]
+    #[serde(default, deserialize_with = "crate::validate::integer")]
     limit: Option<i64>,
 }
 

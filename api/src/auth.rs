@@ -95,6 +95,27 @@ impl JwtKeys {
     }
 }
 
+/// The token signer and validator as the fuzz targets (fuzz/) reach them:
+/// a verified token's (user, session).
+#[cfg(feature = "fuzzing")]
+impl JwtKeys {
+    #[doc(hidden)]
+    pub fn fuzz_sign(
+        &self,
+        user: Uuid,
+        session: Uuid,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> anyhow::Result<String> {
+        self.sign(user, session, now, expires_at)
+    }
+
+    #[doc(hidden)]
+    pub fn fuzz_verify(&self, token: &str) -> Result<(Uuid, Uuid), jsonwebtoken::errors::Error> {
+        self.verify(token).map(|claims| (claims.sub, claims.jti))
+    }
+}
+
 /// Where a request came from, for the audit trail.
 #[derive(Debug, Clone)]
 pub struct RequestMeta {

@@ -21,12 +21,13 @@ use futures_util::StreamExt;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
+use crate::extract;
 use crate::scope;
 use crate::seal::seal;
 use crate::state::AppState;
 use crate::validate::{ValidUpload, check_care_team, validate};
 
-use crate::error::{ApiError, describe_json_error};
+use crate::error::ApiError;
 /// The limits this endpoint applies (`BATCH_MAX_LINES`, `BATCH_MAX_BYTES`).
 pub use crate::state::BatchLimits;
 
@@ -56,14 +57,19 @@ struct Pending {
     path = BATCH_PATH,
     tag = "documents",
     request_body(
-        content = String,
+        content = Vec<UploadRequest>,
         content_type = "application/x-ndjson",
-        description = "One JSON `UploadRequest` per line (blank lines are counted, not read)",
+        description = "NDJSON: each item of this array is one line, a JSON `UploadRequest` (blank lines are \
+            counted, not read). A line that is not one is `rejected` in its outcome, as one that breaks a rule \
+            of the account or its care teams is; the others are stored.",
     ),
     responses(
         (status = 200, description = "One outcome per non-blank line, in line order, and their counts", body = BatchResponse),
     ),
-    extensions(("x-errors" = json!(["batch_too_large", "body_unreadable", "busy"]))),
+    extensions(("x-errors" = json!([
+        "batch_too_large", "body_unreadable", "busy", "unsupported_media_type: not sent as NDJSON",
+        "body_timeout",
+    ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id, lines))]
 pub(crate) async fn upload_batch(
@@ -72,6 +78,13 @@ pub(crate) async fn upload_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
+    if !is_ndjson(&headers) {
+        return Err(ApiError::BadRequest {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "unsupported_media_type",
+            message: format!("send the batch as NDJSON with Content-Type: {}", NDJSON[0]),
+        });
+    }
     let limits = state.batch_limits;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limits.max_bytes) {
@@ -104,13 +117,22 @@ pub(crate) async fn upload_batch(
     Ok((StatusCode::OK, Json(response)))
 }
 
+/// The batch's media types: NDJSON under its common names.
+const NDJSON: [&str; 3] = ["application/x-ndjson", "application/ndjson", "application/jsonl"];
+
+fn is_ndjson(headers: &HeaderMap) -> bool {
+    let value = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    NDJSON.contains(&essence.as_str())
+}
+
 fn parse_line(state: &AppState, user: &AuthUser, number: usize, bytes: &[u8]) -> Result<Pending, LineOutcome> {
     let rejected = |e: ApiError| {
         let (code, message) = e.code_and_message();
         LineOutcome::Rejected { line: number, code: code.into(), message }
     };
-    let request: UploadRequest = serde_json::from_slice(bytes).map_err(|e| {
-        let (code, message) = describe_json_error(&e);
+    let request: UploadRequest = extract::json(bytes).map_err(|fault| {
+        let (code, message) = fault.code_and_message("the line");
         LineOutcome::Rejected { line: number, code: code.into(), message }
     })?;
     let upload = validate(request, user.default_basis).map_err(rejected)?;
@@ -206,6 +228,22 @@ fn too_large(limits: BatchLimits) -> ApiError {
     }
 }
 
+/// The line splitter alone, as the fuzz target (fuzz/) reaches it: each
+/// line's number and bytes, or the code and message it was refused with.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub async fn fuzz_split_lines(
+    body: Body,
+    limits: BatchLimits,
+) -> Result<Vec<(usize, Result<Vec<u8>, (&'static str, String)>)>, ApiError> {
+    let mut lines = Lines::new(body, limits);
+    let mut out = Vec::new();
+    while let Some(line) = lines.next().await? {
+        out.push((line.number, line.content));
+    }
+    Ok(out)
+}
+
 /// One line of the body: its 1-based number and its bytes, or why it was
 /// refused without being parsed.
 struct Line {
@@ -277,6 +315,7 @@ impl Lines {
                         self.buffer.clear();
                     }
                 }
+                Some(Err(e)) if crate::connections::stalled(&e) => return Err(ApiError::body_stalled()),
                 Some(Err(_)) => {
                     return Err(ApiError::invalid("body_unreadable", "the request body could not be read to its end"));
                 }

@@ -22,11 +22,17 @@ use crate::validate::valid_patient_ref;
 const MIN_REASON_CHARS: usize = 10;
 const MAX_REASON_CHARS: usize = 1000;
 
+fn reason_text() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::trimmed_text(MIN_REASON_CHARS, MAX_REASON_CHARS)
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakGlassRequest {
+    #[schema(schema_with = crate::validate::schema::patient_ref)]
     pub patient_ref: String,
     /// Why the glass is broken: kept (encrypted) for the reviewers.
+    #[schema(schema_with = reason_text)]
     pub reason: String,
     /// The caller's own password, asked again.
     #[schema(format = Password)]
@@ -67,7 +73,7 @@ pub(crate) async fn break_glass(
 ) -> Result<(StatusCode, Json<BreakGlassResponse>), ApiError> {
     let patient_ref = valid_patient_ref(&req.patient_ref)?;
     let reason = req.reason.trim();
-    if reason.chars().count() < MIN_REASON_CHARS || reason.chars().count() > MAX_REASON_CHARS {
+    if reason.chars().count() < MIN_REASON_CHARS || req.reason.chars().count() > MAX_REASON_CHARS {
         return Err(ApiError::invalid(
             "invalid_reason",
             format!("reason must be {MIN_REASON_CHARS}-{MAX_REASON_CHARS} characters: say why you need this record"),

@@ -133,6 +133,11 @@ fn edge() -> Result<crate::state::Edge, ConfigError> {
             None => d.trusted_proxies,
             Some(list) => list.parse().map_err(|problem| ConfigError { name: "TRUSTED_PROXIES", problem })?,
         },
+        max_connections: usize::try_from(count("API_MAX_CONNECTIONS", d.max_connections as u64)?.max(1))
+            .unwrap_or(d.max_connections),
+        header_timeout: secs("API_HEADER_TIMEOUT_SECONDS", d.header_timeout)?,
+        idle_timeout: secs("API_IDLE_TIMEOUT_SECONDS", d.idle_timeout)?,
+        body_stall: secs("API_BODY_STALL_SECONDS", d.body_stall)?,
     })
 }
 

@@ -22,9 +22,19 @@ const BATCH: i64 = 500;
 #[serde(deny_unknown_fields)]
 pub struct ConsentWithdrawal {
     /// The consent's reference, as the research uploads named it.
+    #[schema(schema_with = consent)]
     consent_ref: String,
     /// The privacy case's reference (`DSAR-2026-0042`), never the patient's.
+    #[schema(schema_with = case)]
     case_ref: String,
+}
+
+fn consent() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::consent_ref(false)
+}
+
+fn case() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::case_ref(false)
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

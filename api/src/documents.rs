@@ -106,7 +106,7 @@ pub(crate) async fn statuses(
     path = DOCUMENTS_PATH,
     tag = "documents",
     request_body = UploadRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: the same key answers as the first request did")),
+    params(crate::idempotency::KeyHeader),
     responses(
         (status = 202, description = "Stored and queued for coding", body = UploadResponse),
     ),
@@ -152,8 +152,11 @@ async fn upload_one(
         None => None,
         Some(name) => {
             let teams = scope::upload_teams(&state.db, user.id, std::slice::from_ref(name)).await?;
-            let team =
-                teams.get(name).ok_or_else(|| ApiError::invalid("unknown_care_team", "no care team has this name"))?;
+            let team = teams.get(name).ok_or_else(|| ApiError::BadRequest {
+                status: StatusCode::NOT_FOUND,
+                code: "unknown_care_team",
+                message: "no care team has this name".into(),
+            })?;
             Some(scope::bound(team)?)
         }
     };
@@ -230,7 +233,13 @@ pub(crate) struct DocumentPath {
 #[serde(deny_unknown_fields)]
 pub struct ReadParams {
     /// `text`: the decrypted note too.
+    #[param(schema_with = include_schema)]
     include: Option<String>,
+}
+
+fn include_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["text"])).build()
 }
 
 /// Read a document: its patient, status and, once `done`, the coded

@@ -4,7 +4,7 @@
 //! (ids only) and the client gets a generic message.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::PathRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use clinflow::wire::{ErrorBody, ErrorDetail};
@@ -32,6 +32,9 @@ pub enum ApiError {
     OutOfScope,
     #[error("not found")]
     NotFound,
+    /// The path exists, not with this method (the `Allow` header lists those it has).
+    #[error("this path does not take this method; the Allow header lists those it takes")]
+    MethodNotAllowed,
     #[error("a document with this source_ref exists")]
     DuplicateSourceRef(Uuid),
     #[error("{0} is unavailable; try again")]
@@ -74,6 +77,15 @@ impl ApiError {
         Self::BadRequest { status: StatusCode::UNPROCESSABLE_ENTITY, code, message: message.into() }
     }
 
+    /// A request body that stopped arriving (`API_BODY_STALL_SECONDS`).
+    pub(crate) fn body_stalled() -> Self {
+        Self::BadRequest {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "body_timeout",
+            message: "the request body stopped arriving; send the request again".into(),
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::BadRequest { status, code, .. } => (*status, code),
@@ -83,6 +95,7 @@ impl ApiError {
             Self::CsrfToken => (StatusCode::FORBIDDEN, "csrf_token"),
             Self::OutOfScope => (StatusCode::FORBIDDEN, "out_of_scope"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::DuplicateSourceRef(_) => (StatusCode::CONFLICT, "duplicate_source_ref"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Busy => (StatusCode::TOO_MANY_REQUESTS, "busy"),
@@ -128,75 +141,23 @@ impl From<clinflow::keys::KeyError> for ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let status = rejection.status();
-        let (code, message) = match &rejection {
-            JsonRejection::MissingJsonContentType(_) => {
-                ("unsupported_media_type", "send the body as JSON with Content-Type: application/json".to_owned())
-            }
-            JsonRejection::JsonSyntaxError(_) => ("invalid_json", "the body is not valid JSON".to_owned()),
-            JsonRejection::JsonDataError(e) => ("invalid_body", describe_data_error(&e.body_text())),
-            _ if status == StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the body is too large".to_owned()),
-            _ => ("invalid_body", "the body could not be read".to_owned()),
-        };
-        Self::BadRequest { status, code, message }
-    }
-}
-
-/// axum's messages quote the offending value: neither is passed on.
+/// axum's messages quote the offending value: only the parameter's name
+/// (the route's own) is passed on.
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
+        use axum::extract::path::ErrorKind;
         match rejection {
-            PathRejection::FailedToDeserializePathParams(_) => Self::BadRequest {
-                status: StatusCode::BAD_REQUEST,
-                code: "invalid_path",
-                message: "a path parameter is not valid: ids are UUIDs".into(),
-            },
+            PathRejection::FailedToDeserializePathParams(e) => {
+                let message = match e.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { key } => format!("path parameter `{key}` is not valid UTF-8"),
+                    ErrorKind::ParseErrorAtKey { key, .. } | ErrorKind::DeserializeError { key, .. } => {
+                        format!("path parameter `{key}` is not valid: ids are UUIDs")
+                    }
+                    _ => "a path parameter is not valid: ids are UUIDs".to_owned(),
+                };
+                Self::BadRequest { status: StatusCode::BAD_REQUEST, code: "invalid_path", message }
+            }
             other => Self::Unexpected(anyhow::anyhow!("path parameters: {}", other.body_text())),
-        }
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(_: QueryRejection) -> Self {
-        Self::BadRequest {
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_query",
-            message: "the query string is not what this endpoint expects: a parameter is unknown or of the wrong type"
-                .into(),
-        }
-    }
-}
-
-/// serde's messages for a wrong type quote the offending value, which may be
-/// PHI; only the missing/unknown-field messages (which quote field names)
-/// are passed on.
-fn describe_data_error(text: &str) -> String {
-    let detail = text.split_once(": ").map_or(text, |(_, d)| d);
-    let detail = detail.split(" at line ").next().unwrap_or(detail);
-    if detail.starts_with("missing field") || detail.starts_with("unknown field") {
-        format!("the JSON body is not what this endpoint expects: {detail}")
-    } else {
-        "the JSON body is not what this endpoint expects: a field has the wrong type".to_owned()
-    }
-}
-
-/// A JSON document that is not an upload: the code and a message that
-/// never quotes the input.
-pub fn describe_json_error(e: &serde_json::Error) -> (&'static str, String) {
-    use serde_json::error::Category;
-    match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => ("invalid_json", "the line is not valid JSON".to_owned()),
-        Category::Data => {
-            let text = e.to_string();
-            let detail = text.split(" at line ").next().unwrap_or(&text);
-            let message = if detail.starts_with("missing field") || detail.starts_with("unknown field") {
-                format!("the line is not an upload: {detail}")
-            } else {
-                "the line is not an upload: a field has the wrong type".to_owned()
-            };
-            ("invalid_body", message)
         }
     }
 }
@@ -222,26 +183,5 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds);
         }
         response
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wrong_type_errors_do_not_echo_values() {
-        let m = describe_data_error(
-            "Failed to deserialize the JSON body into the target type: patient_ref: invalid type: integer `1234567`, expected a string at line 1 column 25",
-        );
-        assert!(!m.contains("1234567"), "{m}");
-        let m = describe_data_error(
-            "Failed to deserialize the JSON body into the target type: missing field `text` at line 1 column 25",
-        );
-        assert_eq!(m, "the JSON body is not what this endpoint expects: missing field `text`");
-        let e = serde_json::from_str::<std::collections::HashMap<String, String>>(r#"{"a": 1234567}"#).unwrap_err();
-        let (code, m) = describe_json_error(&e);
-        assert_eq!(code, "invalid_body");
-        assert!(!m.contains("1234567"), "{m}");
     }
 }

@@ -29,12 +29,21 @@ const CODES: &[(&str, u16, &str)] = &[
         "no answer within the time limit (`API_REQUEST_TIMEOUT_SECONDS`, for a batch `API_BATCH_TIMEOUT_SECONDS`), \
          the body's upload included",
     ),
-    ("invalid_path", 400, "a path parameter is not valid (an id that is no UUID)"),
-    ("invalid_query", 400, "a query parameter is unknown or of the wrong type"),
-    ("invalid_json", 400, "the body is not valid JSON"),
+    ("invalid_path", 400, "a path parameter is not valid (an id that is no UUID); the message names it"),
+    (
+        "invalid_query",
+        400,
+        "a query parameter is unknown, of the wrong type, not UTF-8 or holds a NUL; the message names it",
+    ),
+    ("invalid_json", 400, "the body is not valid JSON (invalid UTF-8 included); the message names the field"),
     ("payload_too_large", 413, "the body is too large"),
-    ("unsupported_media_type", 415, "the body is not sent as `application/json`"),
-    ("invalid_body", 422, "a field is missing, unknown or of the wrong type"),
+    ("unsupported_media_type", 415, "the body is not sent as `application/json` (a batch: NDJSON)"),
+    (
+        "invalid_body",
+        422,
+        "a field is missing, unknown, of the wrong type or holds a NUL character; the message names it",
+    ),
+    ("body_timeout", 408, "the body sent nothing for `API_BODY_STALL_SECONDS`"),
     // Logging in, and what needs the caller's password again.
     (
         "invalid_credentials",
@@ -75,7 +84,7 @@ const CODES: &[(&str, u16, &str)] = &[
     ("empty_text", 422, "`text` is empty"),
     ("invalid_source_ref", 422, "`source_ref` is over 256 characters or has control characters"),
     ("invalid_document_date", 422, "`document_date` is not a date as YYYY-MM-DD"),
-    ("unknown_care_team", 422, "no care team has this name"),
+    ("unknown_care_team", 404, "no care team has this name"),
     ("missing_lawful_basis", 422, "the upload names no `lawful_basis` and the account has no default basis"),
     ("invalid_lawful_basis", 422, "`lawful_basis` is not direct_care, research or legal_obligation"),
     ("missing_consent_ref", 422, "`lawful_basis` research needs the `consent_ref` it rests on"),
@@ -84,12 +93,13 @@ const CODES: &[(&str, u16, &str)] = &[
         422,
         "`consent_ref` is over 128 characters, has control characters, or comes without `lawful_basis` research",
     ),
-    ("idempotency_key_reused", 422, "this `Idempotency-Key` came with another body"),
+    ("idempotency_key_reused", 409, "this `Idempotency-Key` came with another body"),
     ("invalid_idempotency_key", 422, "the key is not 1-255 visible ASCII characters"),
     ("batch_too_large", 413, "the announced `Content-Length` is over `BATCH_MAX_BYTES`"),
     ("body_unreadable", 422, "the body could not be read to its end"),
     // Reads.
     ("not_found", 404, "no such resource"),
+    ("method_not_allowed", 405, "the path does not take this method (`Allow` lists those it takes)"),
     ("too_many_ids", 422, "more than 1000 ids"),
     ("invalid_limit", 422, "`limit` is not 1-1000"),
     ("invalid_cursor", 422, "`after` is not a `next_cursor`"),
@@ -99,15 +109,16 @@ const CODES: &[(&str, u16, &str)] = &[
     ("user_exists", 409, "a user with this username exists"),
     ("invalid_username", 422, "not 1-64 characters of letters, digits and . _ @ -"),
     ("weak_password", 422, "under 12 characters"),
-    ("own_account", 422, "an admin cannot disable or demote themselves"),
-    ("service_account_role", 422, "service accounts hold the ingest role only"),
+    ("own_account", 403, "an admin cannot disable or demote themselves, nor reset their own password"),
+    ("service_account_role", 409, "service accounts hold the ingest role only"),
     ("no_change", 422, "neither `role` nor `disabled` given"),
     ("invalid_label", 422, "not up to 64 characters of letters, digits and ._@ -"),
-    ("not_a_service_account", 422, "API keys are for service accounts only"),
+    ("not_a_service_account", 409, "API keys are for service accounts only"),
     ("team_exists", 409, "a care team with this name exists"),
     ("invalid_team_name", 422, "not 1-64 characters of letters, digits and ._@ -"),
     ("invalid_member_role", 422, "care team members are clinicians, or ingest service accounts bound to the team"),
     ("invalid_selection", 422, "not one of the selections this operation takes"),
+    ("case_required", 403, "a privacy officer's export names its `reason` and `case_ref`"),
 ];
 
 /// The status of `code` and the line that describes it.
@@ -139,6 +150,7 @@ mod tests {
             ApiError::Forbidden,
             ApiError::OutOfScope,
             ApiError::NotFound,
+            ApiError::MethodNotAllowed,
             ApiError::DuplicateSourceRef(uuid::Uuid::nil()),
             ApiError::Unavailable("the database"),
             ApiError::Busy,
@@ -148,6 +160,7 @@ mod tests {
             ApiError::WrongPassword,
             ApiError::Unexpected(anyhow::anyhow!("failure")),
             ApiError::invalid("invalid_patient_ref", "message"),
+            ApiError::body_stalled(),
         ];
         for error in errors {
             let (code, _) = error.code_and_message();

@@ -16,6 +16,29 @@ use crate::validate::ValidUpload;
 const HEADER: &str = "idempotency-key";
 const MAX_KEY_LEN: usize = 255;
 
+/// The header as the OpenAPI description states it (`params(KeyHeader)`);
+/// [`Key::from_request`] reads it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[expect(dead_code, reason = "only its description is used")]
+pub(crate) struct KeyHeader {
+    /// Makes a retry safe: the same key answers as the first request did
+    #[param(rename = "Idempotency-Key", schema_with = key_schema)]
+    idempotency_key: Option<String>,
+}
+
+/// 1 to [`MAX_KEY_LEN`] visible ASCII characters.
+fn key_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let pattern = format!("^[\\x21-\\x7e]{{1,{MAX_KEY_LEN}}}$");
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_KEY_LEN))
+        .pattern(Some(pattern))
+        .build()
+}
+
 /// A validated key and the fingerprint of the request it came with.
 pub(crate) struct Key {
     key_hmac: Vec<u8>,
@@ -67,8 +90,11 @@ impl Key {
         .await?;
         match row {
             Some(r) if r.request_hmac == self.request_hmac => Ok(Some(r.document_id)),
+            // 409, not the draft standard's 422: the request is well formed
+            // (the api's 422 means it breaks the OpenAPI description); what
+            // refuses it is the state the first request left.
             Some(_) => Err(ApiError::BadRequest {
-                status: axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                status: axum::http::StatusCode::CONFLICT,
                 code: "idempotency_key_reused",
                 message: "this Idempotency-Key was used for another request".into(),
             }),

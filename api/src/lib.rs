@@ -14,6 +14,7 @@
 //!   `seal`, `scope` (care teams), `idempotency`, `dates`, `telemetry`,
 //!   `error`, `error_codes` (every error code, its status and description),
 //!   `https` (the api's own TLS: certificate, versions, reload),
+//!   `connections` (the connection limit and the slow clients' time limits),
 //!   `config`.
 
 pub mod access;
@@ -24,6 +25,7 @@ pub mod batch;
 mod care;
 pub mod cli;
 pub mod config;
+mod connections;
 mod consents;
 mod console;
 mod dates;

@@ -304,8 +304,8 @@ pub(crate) struct PasswordChange {
     /// The password in use (an admin's one-time password, or the caller's own).
     #[schema(format = Password)]
     current_password: String,
-    /// At least 12 characters, not the current one.
-    #[schema(format = Password)]
+    /// Not the current one.
+    #[schema(schema_with = crate::validate::schema::new_password)]
     new_password: String,
 }
 
@@ -334,10 +334,13 @@ pub(crate) async fn change_password(
     };
     users::valid_password(&req.new_password)
         .map_err(|e| ApiError::invalid("weak_password", format!("new_password: {e}")))?;
-    if req.new_password == req.current_password {
+    // The current password first: only its holder learns that the new one
+    // is the same.
+    let same = req.new_password == req.current_password;
+    crate::reauth::confirm_password(&state, &user, req.current_password, Action::PasswordChange, None).await?;
+    if same {
         return Err(ApiError::invalid("same_password", "new_password must differ from current_password"));
     }
-    crate::reauth::confirm_password(&state, &user, req.current_password, Action::PasswordChange, None).await?;
     let hash = state.passwords.hash(req.new_password).await.map_err(anyhow::Error::new)?;
     let mut tx = state.db.begin().await?;
     sqlx::query!("UPDATE users SET password_hash = $2, password_change_required = false WHERE id = $1", user.id, hash)

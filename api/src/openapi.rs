@@ -85,10 +85,21 @@ fn build() -> utoipa::openapi::OpenApi {
         ))
         .build();
     spec.components.get_or_insert_with(Default::default).add_security_scheme(BEARER, SecurityScheme::Http(scheme));
+    wire_limits::state(&mut spec);
+    no_nul::state(&mut spec);
     for endpoint in &endpoints {
         if let Some(operation) = operation_mut(&mut spec, &endpoint.method, endpoint.path) {
             add_named_errors(operation);
             describe_access(operation, &endpoint.access);
+            // A path parameter is always required (one with its own
+            // `schema_with` is not marked so).
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if let RefOr::T(p) = parameter
+                    && p.parameter_in == ParameterIn::Path
+                {
+                    p.required = utoipa::openapi::Required::True;
+                }
+            }
         }
     }
     spec
@@ -213,6 +224,136 @@ fn add_retry_after(operation: &mut Operation) {
             let mut header = Header::new(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)));
             header.description = Some("Seconds to wait before retrying".into());
             response.headers.insert("Retry-After".into(), RefOr::T(header));
+        }
+    }
+}
+
+/// The limits of the bodies `clinflow::wire` shares with clinflow-ingest
+/// (whose derived schemas know only their fields' types), stated from the
+/// api's own checks (`validate::schema`, `MAX_STATUS_IDS`).
+mod wire_limits {
+    use clinflow::retention::{BASES, Basis};
+    use clinflow::wire::MAX_STATUS_IDS;
+    use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, Object, ObjectBuilder, Schema, Type};
+    use utoipa::openapi::{OpenApi, RefOr};
+
+    use crate::validate::schema as field;
+
+    pub(super) fn state(spec: &mut OpenApi) {
+        let Some(components) = spec.components.as_mut() else { return };
+        if let Some(RefOr::T(Schema::Object(upload))) = components.schemas.get_mut("UploadRequest") {
+            constrain(upload, "patient_ref", field::patient_ref().into());
+            constrain(upload, "text", field::text().into());
+            constrain(upload, "source_ref", field::source_ref().into());
+            constrain(upload, "document_date", field::document_date());
+            constrain(upload, "care_team", field::plain_name_or_empty().into());
+            constrain(upload, "lawful_basis", field::lawful_basis(true, &BASES).into());
+            constrain(upload, "consent_ref", field::consent_ref(true).into());
+            let upload = Schema::Object(upload.clone());
+            components.schemas.insert("UploadRequest".into(), RefOr::T(research_needs_its_consent(upload)));
+        }
+        if let Some(RefOr::T(Schema::Object(status))) = components.schemas.get_mut("StatusRequest")
+            && let Some(RefOr::T(Schema::Array(ids))) = status.properties.get_mut("ids")
+        {
+            ids.max_items = Some(MAX_STATUS_IDS);
+        }
+    }
+
+    /// `name`'s schema is `schema`, keeping its description.
+    fn constrain(object: &mut Object, name: &str, mut schema: RefOr<Schema>) {
+        let description = match object.properties.get(name) {
+            Some(RefOr::T(Schema::Object(o))) => o.description.clone(),
+            _ => None,
+        };
+        if let (RefOr::T(Schema::Object(new)), Some(d)) = (&mut schema, description)
+            && new.description.is_none()
+        {
+            new.description = Some(d);
+        }
+        object.properties.insert(name.into(), schema);
+    }
+
+    /// `lawful_basis: research` comes with its `consent_ref`, and no other
+    /// basis takes one (`validate::lawful_basis`).
+    fn research_needs_its_consent(upload: Schema) -> Schema {
+        let research = ObjectBuilder::new()
+            .property(
+                "lawful_basis",
+                ObjectBuilder::new().schema_type(Type::String).enum_values(Some([Basis::Research.as_str()])),
+            )
+            .property("consent_ref", ObjectBuilder::new().schema_type(Type::String))
+            .required("lawful_basis")
+            .required("consent_ref");
+        let others: Vec<Basis> = BASES.into_iter().filter(|b| *b != Basis::Research).collect();
+        let other = ObjectBuilder::new()
+            .property("lawful_basis", field::lawful_basis(true, &others))
+            .property("consent_ref", ObjectBuilder::new().schema_type(Type::Null));
+        Schema::AllOf(AllOfBuilder::new().item(upload).item(AnyOfBuilder::new().item(research).item(other)).build())
+    }
+}
+
+/// No string the api takes may hold NUL (`extract`: PostgreSQL's `text`
+/// cannot store one): every string schema of a parameter or a component
+/// without a pattern of its own gets one that says so (the patterns of
+/// `validate::schema` say it themselves). Answers hold none either.
+mod no_nul {
+    use utoipa::openapi::schema::{AdditionalProperties, ArrayItems, Schema, SchemaType, Type};
+    use utoipa::openapi::{OpenApi, RefOr};
+
+    const PATTERN: &str = r"^[^\x00]*$";
+
+    pub(super) fn state(spec: &mut OpenApi) {
+        for item in spec.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
+            for operation in operations.into_iter().flatten() {
+                for parameter in operation.parameters.iter_mut().flatten() {
+                    if let RefOr::T(parameter) = parameter {
+                        parameter.schema.iter_mut().for_each(walk);
+                    }
+                }
+                if let Some(RefOr::T(body)) = operation.request_body.as_mut() {
+                    for content in body.content.values_mut() {
+                        if let RefOr::T(content) = content {
+                            content.schema.iter_mut().for_each(walk);
+                        }
+                    }
+                }
+            }
+        }
+        for schema in spec.components.iter_mut().flat_map(|c| c.schemas.values_mut()) {
+            walk(schema);
+        }
+    }
+
+    fn is_string(kind: &SchemaType) -> bool {
+        match kind {
+            SchemaType::Type(t) => *t == Type::String,
+            SchemaType::Array(types) => types.contains(&Type::String),
+            SchemaType::AnyValue => false,
+        }
+    }
+
+    fn walk(schema: &mut RefOr<Schema>) {
+        let RefOr::T(schema) = schema else { return };
+        match schema {
+            Schema::Object(o) => {
+                if is_string(&o.schema_type) && o.pattern.is_none() && o.enum_values.is_none() {
+                    o.pattern = Some(PATTERN.into());
+                }
+                o.properties.values_mut().for_each(walk);
+                if let Some(AdditionalProperties::RefOr(extra)) = o.additional_properties.as_deref_mut() {
+                    walk(extra);
+                }
+            }
+            Schema::Array(a) => {
+                if let ArrayItems::RefOrSchema(items) = &mut a.items {
+                    walk(items);
+                }
+            }
+            Schema::AllOf(s) => s.items.iter_mut().for_each(walk),
+            Schema::AnyOf(s) => s.items.iter_mut().for_each(walk),
+            Schema::OneOf(s) => s.items.iter_mut().for_each(walk),
+            _ => {}
         }
     }
 }

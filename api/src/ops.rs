@@ -21,7 +21,7 @@ use clinflow::audit::Operator;
 const RABBITMQ_UNREACHABLE: &str = "unavailable: RabbitMQ is unreachable; retry after `Retry-After`";
 
 /// Either `ids` or `"all": true`.
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
     #[serde(default)]
@@ -30,18 +30,106 @@ pub struct ReplayRequest {
     all: bool,
 }
 
-/// One of: `"all": true`; `uploaded_from` with a later `uploaded_until`;
+/// One of: `"all": true`; `uploaded_from` with `uploaded_until`;
 /// `without_result_from`.
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReprocessRequest {
     #[serde(default)]
     all: bool,
     /// `YYYY-MM-DD`, with `uploaded_until` (exclusive).
+    #[serde(default, with = "crate::dates::ymd::option")]
     uploaded_from: Option<Date>,
+    #[serde(default, with = "crate::dates::ymd::option")]
     uploaded_until: Option<Date>,
     /// A model version: documents without a result from it.
     without_result_from: Option<String>,
+}
+
+/// The selections [`replay`] and [`reprocess`] take, each a branch of a
+/// `oneOf`: what they refuse as `invalid_selection`, the description
+/// forbids. Fields a branch leaves out must be absent or null (or false,
+/// or empty).
+mod selections {
+    use utoipa::openapi::schema::{
+        AdditionalProperties, ArrayBuilder, KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type,
+    };
+    use utoipa::openapi::{RefOr, Schema};
+
+    fn null() -> ObjectBuilder {
+        ObjectBuilder::new().schema_type(Type::Null)
+    }
+
+    fn boolean(value: bool) -> ObjectBuilder {
+        ObjectBuilder::new().schema_type(Type::Boolean).enum_values(Some([value]))
+    }
+
+    fn date() -> ObjectBuilder {
+        ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(KnownFormat::Date)))
+    }
+
+    fn ids(min: usize, max: Option<usize>) -> ArrayBuilder {
+        let id =
+            ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)));
+        ArrayBuilder::new().items(id).min_items(Some(min)).max_items(max)
+    }
+
+    impl utoipa::PartialSchema for super::ReplayRequest {
+        fn schema() -> RefOr<Schema> {
+            let all =
+                ObjectBuilder::new().property("all", boolean(true)).required("all").property("ids", ids(0, Some(0)));
+            let some =
+                ObjectBuilder::new().property("ids", ids(1, None)).required("ids").property("all", boolean(false));
+            OneOfBuilder::new()
+                .item(all.additional_properties(Some(AdditionalProperties::FreeForm(false))))
+                .item(some.additional_properties(Some(AdditionalProperties::FreeForm(false))))
+                .description(Some("Either `\"all\": true` or the `ids` of the jobs to replay"))
+                .into()
+        }
+    }
+    impl utoipa::ToSchema for super::ReplayRequest {}
+
+    impl utoipa::PartialSchema for super::ReprocessRequest {
+        fn schema() -> RefOr<Schema> {
+            let unset = |b: ObjectBuilder, fields: &[&str]| fields.iter().fold(b, |b, f| b.property(*f, null()));
+            let all = unset(
+                ObjectBuilder::new().property("all", boolean(true)).required("all"),
+                &["uploaded_from", "uploaded_until", "without_result_from"],
+            );
+            let dates = ObjectBuilder::new()
+                .property("all", boolean(false))
+                .property("uploaded_from", date().description(Some("YYYY-MM-DD")))
+                .property("uploaded_until", date().description(Some("YYYY-MM-DD, exclusive")))
+                .required("uploaded_from")
+                .required("uploaded_until");
+            let model = ObjectBuilder::new()
+                .property("all", boolean(false))
+                .property(
+                    "without_result_from",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some(crate::validate::schema::NOT_BLANK.clone()))
+                        .description(Some("A model version: documents without a result from it")),
+                )
+                .required("without_result_from");
+            OneOfBuilder::new()
+                .item(all.additional_properties(Some(AdditionalProperties::FreeForm(false))))
+                .item(
+                    unset(dates, &["without_result_from"])
+                        .additional_properties(Some(AdditionalProperties::FreeForm(false))),
+                )
+                .item(
+                    unset(model, &["uploaded_from", "uploaded_until"])
+                        .additional_properties(Some(AdditionalProperties::FreeForm(false))),
+                )
+                .description(Some(
+                    "One of: `\"all\": true`; documents uploaded from `uploaded_from` until `uploaded_until` \
+                     (none when it is not later); documents `without_result_from` a model version",
+                ))
+                .into()
+        }
+    }
+    impl utoipa::ToSchema for super::ReprocessRequest {}
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -138,7 +226,8 @@ pub(crate) async fn reprocess(
 ) -> Result<Json<ReprocessResponse>, ApiError> {
     let which = match (req.all, req.uploaded_from.zip(req.uploaded_until), req.without_result_from) {
         (true, None, None) => Reprocess::All,
-        (false, Some((from, until)), None) if from < until => {
+        // An empty range selects nothing.
+        (false, Some((from, until)), None) => {
             Reprocess::UploadedBetween(from.midnight().assume_utc(), until.midnight().assume_utc())
         }
         (false, None, Some(model)) if !model.trim().is_empty() => Reprocess::WithoutResultFrom(model),

@@ -1,8 +1,9 @@
 //! The api as a service: the route table ([`access::router`], where each
 //! route has its timeout) with the layers every request passes (request
 //! id, trace span, security headers, metrics, panics and timeouts as JSON,
-//! the client's address, body limit), served until shutdown over plain
-//! HTTP or, with its own certificate, HTTPS (with HSTS).
+//! the client's address, body limit and stalls), served until shutdown
+//! over plain HTTP or, with its own certificate, HTTPS (with HSTS), within
+//! the connection limit and time limits of [`connections`].
 
 use std::any::Any;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
+use axum_server::tls_rustls::RustlsAcceptor;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -21,6 +23,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::access;
+use crate::connections::{self, Limited};
 use crate::error::ApiError;
 use crate::https::ApiTls;
 use crate::openapi;
@@ -37,6 +40,8 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; frame-ancestors 'none
 pub fn app(state: AppState) -> Router {
     let edge = state.edge.clone();
     let routes = access::router(&state)
+        // After the routes: it reaches every route's method router.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound })
         // The description of this router, for `GET /openapi.json` and `/docs`.
         .layer(Extension(openapi::spec()))
@@ -50,8 +55,10 @@ pub fn app(state: AppState) -> Router {
 fn with_layers(routes: Router, edge: &Edge) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let proxies = edge.trusted_proxies.clone();
+    let stall = edge.body_stall;
     routes
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(move |req: Request, next: Next| connections::limit_body_stalls(stall, req, next)))
         .layer(middleware::from_fn(move |req: Request, next: Next| client_addr(proxies.clone(), req, next)))
         .layer(middleware::map_response(timeout_as_json))
         // Inside the metrics, so that a panic is counted as the 500 it becomes.
@@ -150,11 +157,15 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     response
 }
 
-/// Serves until `shutdown` fires, then finishes in-flight requests.
+/// Serves until `shutdown` fires, then finishes in-flight requests, within
+/// the edge's connection limit and time limits ([`connections`]).
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let handle = axum_server::Handle::new();
+    let server = connections::server(listener, &state.edge)?
+        .acceptor(Limited::new(&state.edge))
+        .handle(handle.clone())
+        .serve(app(state).into_make_service_with_connect_info::<SocketAddr>());
+    until_shut_down(server, &handle, &shutdown).await
 }
 
 /// HSTS on every answer over TLS: browsers use HTTPS only for this host
@@ -172,12 +183,16 @@ pub async fn serve_tls(
     tls: ApiTls,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let edge = state.edge.clone();
     let app = app(state).layer(SetResponseHeaderLayer::overriding(
         header::STRICT_TRANSPORT_SECURITY,
         HeaderValue::from_static(STRICT_TRANSPORT_SECURITY),
     ));
     let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(listener.into_std()?, tls.rustls())?
+    let acceptor =
+        RustlsAcceptor::new(tls.rustls()).handshake_timeout(edge.header_timeout).acceptor(Limited::new(&edge));
+    let server = connections::server(listener, &edge)?
+        .acceptor(acceptor)
         .handle(handle.clone())
         .serve(app.into_make_service_with_connect_info::<SocketAddr>());
     let stop_watching = shutdown.child_token();

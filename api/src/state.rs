@@ -63,7 +63,7 @@ pub struct AppState {
     /// Where erasures are journalled, outside the database
     /// (`ERASURE_JOURNAL_DIR`); without it erasure answers 503.
     pub erasure_journal: Option<Arc<clinflow::erasure::Journal>>,
-    /// Request timeouts, `/docs`, `/ui`, trusted proxies.
+    /// Request timeouts, `/docs`, `/ui`, trusted proxies, connections.
     pub edge: Edge,
 }
 
@@ -81,6 +81,19 @@ pub struct Edge {
     pub console: bool,
     /// Whose `X-Forwarded-For` is believed (`TRUSTED_PROXIES`).
     pub trusted_proxies: crate::proxies::TrustedProxies,
+    /// Connections served at once; one past it is closed unread
+    /// (`API_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Longest a new connection's first request may take to arrive, its
+    /// TLS handshake and headers (`API_HEADER_TIMEOUT_SECONDS`).
+    pub header_timeout: Duration,
+    /// A kept-alive connection's next request headers must have come
+    /// within this of the answer before, and a connection that moves no
+    /// byte for this long is closed (`API_IDLE_TIMEOUT_SECONDS`).
+    pub idle_timeout: Duration,
+    /// A request body that sends nothing for this long is answered 408
+    /// `body_timeout` (`API_BODY_STALL_SECONDS`).
+    pub body_stall: Duration,
 }
 
 impl Default for Edge {
@@ -92,6 +105,15 @@ impl Default for Edge {
             docs: true,
             console: true,
             trusted_proxies: crate::proxies::TrustedProxies::default(),
+            // Below a default open-file limit of 1,024, with room for the
+            // database pools and the broker.
+            max_connections: 900,
+            header_timeout: Duration::from_secs(10),
+            // Above the request timeout (a handler may work that long
+            // without a byte moving) and load balancers' 60 s (one must
+            // not reuse a connection the api is closing).
+            idle_timeout: Duration::from_secs(75),
+            body_stall: Duration::from_secs(20),
         }
     }
 }

@@ -60,9 +60,13 @@ pub enum UserError {
     Db(#[from] sqlx::Error),
 }
 
+/// Longest username; the characters it may hold besides ASCII letters and digits.
+pub const MAX_USERNAME_CHARS: usize = 64;
+pub const USERNAME_PUNCTUATION: &str = "._@-";
+
 pub fn valid_username(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-'))
+    (1..=MAX_USERNAME_CHARS).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || USERNAME_PUNCTUATION.contains(c))
 }
 
 /// Creates a user; `Exists` when the username is taken.

@@ -106,6 +106,41 @@ pub enum AmqpError {
     Missing { what: String, cause: lapin::Error },
 }
 
+/// A message body that is not what its queue carries: the kind of fault
+/// and where it is, never what the body held (a poison message may hold
+/// anything, PHI included; serde's own messages quote the values they
+/// could not read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Undecodable {
+    pub fault: &'static str,
+    /// Line and column (1-based) where reading stopped, when known.
+    pub at: Option<(usize, usize)>,
+}
+
+impl std::fmt::Display for Undecodable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.at {
+            Some((line, column)) => write!(f, "{} at line {line} column {column}", self.fault),
+            None => f.write_str(self.fault),
+        }
+    }
+}
+
+impl std::error::Error for Undecodable {}
+
+impl From<serde_json::Error> for Undecodable {
+    fn from(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        let fault = match e.classify() {
+            Category::Syntax => "not JSON",
+            Category::Eof => "JSON cut short",
+            Category::Data => "JSON of another shape",
+            Category::Io => "unreadable",
+        };
+        Self { fault, at: (e.line() > 0).then(|| (e.line(), e.column())) }
+    }
+}
+
 /// Names of exchanges and queues under one prefix (`clinflow` in production).
 #[derive(Debug, Clone)]
 pub struct Topology {

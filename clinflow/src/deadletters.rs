@@ -117,7 +117,7 @@ pub async fn replay(
         let channel = connection.create_channel().await?;
         let mut chosen = Vec::new();
         for delivery in take_all(&channel, &topology.lane(lane).dead_queue).await? {
-            let id = serde_json::from_slice::<DocumentJob>(&delivery.data).ok().map(|j| j.document_id);
+            let id = crate::jobs::decode(&delivery.data).ok().map(|j| j.document_id);
             match (id, selection) {
                 (Some(id), Selection::All) => chosen.push((id, delivery.delivery_tag)),
                 (Some(id), Selection::Documents(ids)) if ids.contains(&id) => chosen.push((id, delivery.delivery_tag)),
@@ -220,7 +220,7 @@ fn describe(lane: Lane, properties: &BasicProperties, data: &[u8]) -> Parked {
     let reason = amqp::header_str(properties, amqp::REASON_HEADER).or_else(|| broker_reason(properties));
     Parked {
         lane: lane.as_str(),
-        document_id: serde_json::from_slice::<DocumentJob>(data).ok().map(|j| j.document_id),
+        document_id: crate::jobs::decode(data).ok().map(|j| j.document_id),
         reason: reason.unwrap_or_else(|| "unknown".into()),
         attempts: amqp::header_int(properties, amqp::ATTEMPTS_HEADER).and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
     }

@@ -180,28 +180,7 @@ impl MedcatClient {
             .send()
             .await
             .map_err(MedcatError::Transport)?;
-        let parsed: BulkResponse = json(response).await?;
-        if parsed.result.len() != texts.len() {
-            return Err(MedcatError::Decode(format!(
-                "process_bulk answered {} results for {} documents",
-                parsed.result.len(),
-                texts.len()
-            )));
-        }
-        let model_version = parsed.medcat_info.and_then(|i| i.service_model).as_ref().and_then(value_to_string);
-        Ok(parsed
-            .result
-            .into_iter()
-            .map(|result| {
-                if result.success == Some(false) {
-                    return Err(MedcatError::NotSuccessful);
-                }
-                Ok(Processed {
-                    model_version: model_version.clone(),
-                    annotations: parse_annotations(&result.annotations)?,
-                })
-            })
-            .collect())
+        bulk_results(json(response).await?, texts.len())
     }
 
     async fn process_once(&self, text: &str, footer: &str) -> Result<Processed, MedcatError> {
@@ -220,18 +199,53 @@ impl MedcatClient {
             .send()
             .await
             .map_err(MedcatError::Transport)?;
-        let parsed: ProcessResponse = json(response).await?;
-        if parsed.result.success == Some(false) {
-            return Err(MedcatError::NotSuccessful);
-        }
-        if parsed.result.footer.as_ref().and_then(value_to_string).is_some_and(|f| f != footer) {
-            return Err(MedcatError::FooterMismatch);
-        }
-        Ok(Processed {
-            model_version: parsed.medcat_info.and_then(|i| i.service_model).as_ref().and_then(value_to_string),
-            annotations: parse_annotations(&parsed.result.annotations)?,
-        })
+        processed(json(response).await?, footer)
     }
+}
+
+/// The body of a `POST /api/process` answer for a document sent with
+/// `footer`, as [`MedcatClient::process`] reads it.
+pub fn parse_process(body: &[u8], footer: &str) -> Result<Processed, MedcatError> {
+    processed(decode(body)?, footer)
+}
+
+/// The body of a `POST /api/process_bulk` answer for `documents` documents,
+/// as [`MedcatClient::process_bulk`] reads it.
+pub fn parse_bulk(body: &[u8], documents: usize) -> Result<Vec<Result<Processed, MedcatError>>, MedcatError> {
+    bulk_results(decode(body)?, documents)
+}
+
+fn processed(parsed: ProcessResponse, footer: &str) -> Result<Processed, MedcatError> {
+    if parsed.result.success == Some(false) {
+        return Err(MedcatError::NotSuccessful);
+    }
+    if parsed.result.footer.as_ref().and_then(value_to_string).is_some_and(|f| f != footer) {
+        return Err(MedcatError::FooterMismatch);
+    }
+    Ok(Processed {
+        model_version: parsed.medcat_info.and_then(|i| i.service_model).as_ref().and_then(value_to_string),
+        annotations: parse_annotations(&parsed.result.annotations)?,
+    })
+}
+
+fn bulk_results(parsed: BulkResponse, documents: usize) -> Result<Vec<Result<Processed, MedcatError>>, MedcatError> {
+    if parsed.result.len() != documents {
+        return Err(MedcatError::Decode(format!(
+            "process_bulk answered {} results for {documents} documents",
+            parsed.result.len()
+        )));
+    }
+    let model_version = parsed.medcat_info.and_then(|i| i.service_model).as_ref().and_then(value_to_string);
+    Ok(parsed
+        .result
+        .into_iter()
+        .map(|result| {
+            if result.success == Some(false) {
+                return Err(MedcatError::NotSuccessful);
+            }
+            Ok(Processed { model_version: model_version.clone(), annotations: parse_annotations(&result.annotations)? })
+        })
+        .collect())
 }
 
 /// Every call to MedCAT, by endpoint and outcome (`ok` or
@@ -265,8 +279,12 @@ async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Re
         return Err(MedcatError::Status(status, retry_after));
     }
     let bytes = response.bytes().await.map_err(MedcatError::Transport)?;
+    decode(&bytes)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, MedcatError> {
     // serde's message names the position, not the content.
-    serde_json::from_slice(&bytes)
+    serde_json::from_slice(bytes)
         .map_err(|e| MedcatError::Decode(format!("line {} column {}: {:?}", e.line(), e.column(), e.classify())))
 }
 

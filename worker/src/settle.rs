@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use clinflow::amqp::{DELIVERY_LIMIT, Lane, Outgoing, Publisher};
 use clinflow::documents;
-use clinflow::jobs::DocumentJob;
 use clinflow::link::{self, SessionEnd};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
@@ -91,7 +90,7 @@ impl Worker {
                 metrics::histogram!(STAGE, "stage" => "queue_wait", "lane" => job.lane.as_str())
                     .record(wait.as_secs_f64());
             }
-            match serde_json::from_slice::<DocumentJob>(&job.delivery.data) {
+            match clinflow::jobs::decode(&job.delivery.data) {
                 Ok(j) if job.redeliveries() >= DELIVERY_LIMIT - 1 => {
                     self.fail_until_stored(&[(j.document_id, "redelivered_too_often")], stop).await?;
                     parked.push((job, "redelivered_too_often"));

@@ -22,12 +22,18 @@ use crate::validate::plain_name;
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewServiceAccount {
+    #[schema(schema_with = crate::validate::schema::username)]
     username: String,
     /// The lawful basis of its uploads that name none: `direct_care` (the
     /// default) or `legal_obligation`. Research uploads name their basis
     /// and consent each.
     #[serde(default)]
+    #[schema(schema_with = service_account_basis)]
     lawful_basis: Option<String>,
+}
+
+fn service_account_basis() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::lawful_basis(true, &[Basis::DirectCare, Basis::LegalObligation])
 }
 
 /// A service account: role ingest, no password (it cannot log in), used
@@ -78,7 +84,13 @@ pub(crate) async fn create_service_account(
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewApiKey {
     #[serde(default)]
+    #[schema(schema_with = key_label)]
     label: Option<String>,
+}
+
+/// A label, or none (empty, white space or null).
+fn key_label() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::plain_name_or_empty()
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -107,7 +119,7 @@ pub(crate) async fn create_api_key(
     PathParams(UserPath { id }): PathParams<UserPath>,
     JsonBody(body): JsonBody<NewApiKey>,
 ) -> Result<(StatusCode, Json<ApiKeyCreated>), ApiError> {
-    let label = body.label.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty());
+    let label = body.label.filter(|l| !l.trim().is_empty());
     if label.as_ref().is_some_and(|l| !plain_name(l)) {
         return Err(ApiError::invalid(
             "invalid_label",
@@ -119,7 +131,12 @@ pub(crate) async fn create_api_key(
         .await?
         .ok_or(ApiError::NotFound)?;
     if kind != "service" {
-        return Err(ApiError::invalid("not_a_service_account", "API keys are for service accounts only"));
+        // The request is well formed; the account is of the other kind.
+        return Err(ApiError::BadRequest {
+            status: StatusCode::CONFLICT,
+            code: "not_a_service_account",
+            message: "API keys are for service accounts only".into(),
+        });
     }
     let (key_id, key, hash) = crate::auth::new_api_key(&state.index_key);
     let event = admin.event(Action::AdminApiKey, Outcome::Success).resource("api_key", &key_id.to_string());

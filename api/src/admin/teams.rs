@@ -58,7 +58,12 @@ pub(crate) async fn list_teams(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewTeam {
+    #[schema(schema_with = team_name)]
     name: String,
+}
+
+fn team_name() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::plain_name(false)
 }
 
 /// Create a care team.
@@ -204,6 +209,7 @@ async fn team_exists(state: &AppState, team: Uuid) -> Result<bool, ApiError> {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatientRef {
+    #[schema(schema_with = crate::validate::schema::patient_ref)]
     patient_ref: String,
 }
 

@@ -59,8 +59,10 @@ pub(crate) async fn list_users(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewUser {
+    #[schema(schema_with = crate::validate::schema::username)]
     username: String,
     role: Role,
+    #[schema(schema_with = crate::validate::schema::new_password)]
     password: String,
 }
 
@@ -91,11 +93,45 @@ pub(crate) async fn create_user(
     Ok((StatusCode::CREATED, Json(Created { id })))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
+/// What an admin may not do to their own account (a well-formed request,
+/// refused for whose it is).
+fn own_account(message: &str) -> ApiError {
+    ApiError::BadRequest { status: StatusCode::FORBIDDEN, code: "own_account", message: message.into() }
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UserChange {
     role: Option<Role>,
     disabled: Option<bool>,
+}
+
+/// `role`, `disabled` or both; one of them at least (else `no_change`).
+impl utoipa::PartialSchema for UserChange {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::Ref;
+        use utoipa::openapi::schema::{AdditionalProperties, AllOfBuilder, AnyOfBuilder, ObjectBuilder, Type};
+        let role = || Ref::from_schema_name("Role");
+        let fields = ObjectBuilder::new()
+            .property("role", AnyOfBuilder::new().item(role()).item(ObjectBuilder::new().schema_type(Type::Null)))
+            .property(
+                "disabled",
+                ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::SchemaType::from_iter([Type::Boolean, Type::Null])),
+            )
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+        let with_role = ObjectBuilder::new().property("role", role()).required("role");
+        let disabled = ObjectBuilder::new().property("disabled", ObjectBuilder::new().schema_type(Type::Boolean));
+        let any = AnyOfBuilder::new().item(with_role).item(disabled.required("disabled"));
+        AllOfBuilder::new().item(fields).item(any).into()
+    }
+}
+
+impl utoipa::ToSchema for UserChange {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        use utoipa::PartialSchema;
+        schemas.push((Role::name().into(), Role::schema()));
+    }
 }
 
 /// Changes a user's role or disables (or enables) them. Disabling also
@@ -119,7 +155,7 @@ pub(crate) async fn update_user(
     JsonBody(req): JsonBody<UserChange>,
 ) -> Result<StatusCode, ApiError> {
     if id == admin.id && (req.disabled == Some(true) || req.role.is_some_and(|r| r != Role::Admin)) {
-        return Err(ApiError::invalid("own_account", "an admin cannot disable or demote themselves"));
+        return Err(own_account("an admin cannot disable or demote themselves"));
     }
     let mut tx = state.db.begin().await?;
     let kind = sqlx::query_scalar!("SELECT kind FROM users WHERE id = $1 FOR UPDATE", id)
@@ -129,7 +165,12 @@ pub(crate) async fn update_user(
     let mut changes = Vec::new();
     if let Some(role) = req.role {
         if kind == "service" && role != Role::Ingest {
-            return Err(ApiError::invalid("service_account_role", "service accounts hold the ingest role only"));
+            // Well formed; the account is of a kind that holds one role.
+            return Err(ApiError::BadRequest {
+                status: StatusCode::CONFLICT,
+                code: "service_account_role",
+                message: "service accounts hold the ingest role only".into(),
+            });
         }
         sqlx::query!("UPDATE users SET role = $2 WHERE id = $1", id, role.as_str()).execute(&mut *tx).await?;
         changes.push(format!("role:{}", role.as_str()));
@@ -166,6 +207,7 @@ pub(crate) async fn update_user(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewPassword {
+    #[schema(schema_with = crate::validate::schema::new_password)]
     password: String,
 }
 
@@ -181,7 +223,7 @@ pub(crate) struct NewPassword {
         (status = 204, description = "Set; their lockout cleared and their sessions ended"),
     ),
     extensions(("x-errors" = json!([
-        "not_found: no such person (service accounts have no password)", "weak_password",
+        "not_found: no such person (service accounts have no password)", "weak_password", "own_account",
     ]))),
 )]
 #[tracing::instrument(skip_all, fields(user_id = %admin.id, target_user_id = %id))]
@@ -192,6 +234,11 @@ pub(crate) async fn reset_password(
     JsonBody(req): JsonBody<NewPassword>,
 ) -> Result<StatusCode, ApiError> {
     users::valid_password(&req.password).map_err(user_error)?;
+    // Their own goes through `POST /v1/auth/password`, which asks for the
+    // current one: a stolen admin session cannot take the account over.
+    if id == admin.id {
+        return Err(own_account("an admin changes their own password with POST /v1/auth/password"));
+    }
     let hash = state.passwords.hash(req.password).await.map_err(user_error)?;
     let mut tx = state.db.begin().await?;
     let changed = sqlx::query!(

@@ -19,17 +19,64 @@ use crate::state::AppState;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Cursor {
+    /// The `next_cursor` of the previous page.
+    #[param(schema_with = patient_cursor)]
     after: Option<String>,
+    #[param(schema_with = super::page_size_schema)]
     limit: Option<i64>,
 }
 
+/// The same for `concept_documents`, whose cursor also names a document.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentCursor {
+    /// The `next_cursor` of the previous page.
+    #[param(schema_with = document_cursor)]
+    after: Option<String>,
+    #[param(schema_with = super::page_size_schema)]
+    limit: Option<i64>,
+}
+
+/// Hex bytes, as [`unhex`] takes them: a blind index.
+const HEX: &str = "([0-9a-fA-F]{2})*";
+
+fn cursor_schema(pattern: String) -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    let kind = SchemaType::from_iter([Type::String, Type::Null]);
+    ObjectBuilder::new().schema_type(kind).pattern(Some(pattern)).build()
+}
+
+fn patient_cursor() -> utoipa::openapi::schema::Object {
+    cursor_schema(format!("^{HEX}$"))
+}
+
+/// A blind index, `.` and a document id.
+fn document_cursor() -> utoipa::openapi::schema::Object {
+    let uuid = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}";
+    cursor_schema(format!("^{HEX}\\.{uuid}$"))
+}
+
+/// Longest CUI: SNOMED CT ids are digits; other vocabularies' (UMLS
+/// C0011849) letters and digits.
+const MAX_CUI_CHARS: usize = 32;
+
 fn valid_cui(cui: &str) -> Result<&str, ApiError> {
-    // SNOMED CT ids are digits; other vocabularies' (UMLS C0011849) letters
-    // and digits.
-    if cui.is_empty() || cui.len() > 32 || !cui.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err(ApiError::invalid("invalid_cui", "a CUI is 1-32 letters or digits"));
+    if cui.is_empty() || cui.len() > MAX_CUI_CHARS || !cui.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(ApiError::invalid("invalid_cui", format!("a CUI is 1-{MAX_CUI_CHARS} letters or digits")));
     }
     Ok(cui)
+}
+
+fn cui_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let max = MAX_CUI_CHARS;
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(max))
+        .pattern(Some(format!("^[A-Za-z0-9]{{1,{max}}}$")))
+        .build()
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -47,6 +94,7 @@ pub struct ConceptPatient {
 #[into_params(parameter_in = Path)]
 pub(crate) struct ConceptPath {
     /// SNOMED CT concept id
+    #[param(schema_with = cui_schema)]
     cui: String,
 }
 
@@ -144,7 +192,7 @@ pub struct ConceptDocument {
 /// inside the LATERAL keeps the planner from flattening it into a merge join
 /// that reads every row of the concept.
 #[utoipa::path(get, path = "/v1/concepts/{cui}/documents", tag = "patients",
-    params(ConceptPath, Cursor),
+    params(ConceptPath, DocumentCursor),
     responses((status = 200, description = "The caller's patients' documents with the concept, patient by patient, newest first within each", body = Page<ConceptDocument>)),
     extensions(("x-errors" = json!(["invalid_cui", "invalid_limit", "invalid_cursor"]))))]
 #[tracing::instrument(skip_all, fields(user_id = %user.id))]
@@ -152,7 +200,7 @@ pub(crate) async fn concept_documents(
     State(state): State<AppState>,
     user: AuthUser,
     PathParams(ConceptPath { cui }): PathParams<ConceptPath>,
-    QueryParams(cursor): QueryParams<Cursor>,
+    QueryParams(cursor): QueryParams<DocumentCursor>,
 ) -> Result<Json<Page<ConceptDocument>>, ApiError> {
     let cui = valid_cui(&cui)?;
     let limit = page_size(cursor.limit)?;

@@ -24,12 +24,23 @@ use crate::validate::{case_ref, reason_code};
 #[serde(deny_unknown_fields)]
 pub struct ErasureRequest {
     /// The patient reference, as uploaded
+    #[schema(schema_with = crate::validate::schema::patient_ref)]
     patient_ref: String,
     /// Why, as a code (`gdpr_erasure_request`, `data_entry_error`, …): it
     /// goes on the audit trail, which takes no free text.
+    #[schema(schema_with = reason)]
     reason: String,
     /// The privacy case's reference (`DSAR-2026-0042`), never the patient's.
+    #[schema(schema_with = case)]
     case_ref: String,
+}
+
+fn reason() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::reason_code(false)
+}
+
+fn case() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::case_ref(false)
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

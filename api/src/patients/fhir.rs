@@ -96,13 +96,24 @@ fn concept_resource(patient: &str, doc: Uuid, mentions: &[&Annotation], recorded
 #[serde(deny_unknown_fields)]
 pub struct ExportRequest {
     /// The patient reference, as uploaded
+    #[schema(schema_with = crate::validate::schema::patient_ref)]
     patient_ref: String,
     /// A privacy officer's reason, as a code (`gdpr_access_request`, …);
     /// required of them, optional for a clinician.
+    #[schema(schema_with = reason)]
     reason: Option<String>,
     /// A privacy officer's case reference (`DSAR-2026-0042`); required of
     /// them. Names the case, never the patient.
+    #[schema(schema_with = case)]
     case_ref: Option<String>,
+}
+
+fn reason() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::reason_code(true)
+}
+
+fn case() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::case_ref(true)
 }
 
 /// `POST /v1/patients/export`: everything held on the patient as a FHIR R4
@@ -132,8 +143,17 @@ pub(crate) async fn export(
     let mut why = Vec::new();
     let grant = match user.role {
         Role::PrivacyOfficer => {
-            why.push(reason_code("reason", req.reason.as_deref().unwrap_or_default())?);
-            why.push(format!("case:{}", case_ref(req.case_ref.as_deref().unwrap_or_default())?));
+            // Well formed without them (a clinician's export needs neither),
+            // but a privacy officer exports only for a case.
+            let (Some(reason), Some(case)) = (req.reason.as_deref(), req.case_ref.as_deref()) else {
+                return Err(ApiError::BadRequest {
+                    status: axum::http::StatusCode::FORBIDDEN,
+                    code: "case_required",
+                    message: "a privacy officer's export names its reason and case_ref".into(),
+                });
+            };
+            why.push(reason_code("reason", reason)?);
+            why.push(format!("case:{}", case_ref(case)?));
             None
         }
         _ => {

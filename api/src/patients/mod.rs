@@ -105,6 +105,25 @@ pub(super) fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
+/// `limit` as [`page_size`] takes it.
+pub(super) fn page_size_schema() -> utoipa::openapi::schema::Object {
+    crate::validate::schema::page_limit(MAX_PAGE)
+}
+
+/// A date as [`date_param`] takes it, or null.
+pub(super) fn date_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, SchemaType, Type};
+    let kind = SchemaType::from_iter([Type::String, Type::Null]);
+    ObjectBuilder::new().schema_type(kind).format(Some(SchemaFormat::KnownFormat(KnownFormat::Date))).build()
+}
+
+/// A cursor as [`cursor_id`] takes it, or null.
+pub(super) fn uuid_cursor_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, SchemaType, Type};
+    let kind = SchemaType::from_iter([Type::String, Type::Null]);
+    ObjectBuilder::new().schema_type(kind).format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid))).build()
+}
+
 pub(super) fn date_param(name: &'static str, value: Option<&str>) -> Result<Option<Date>, ApiError> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
     value

@@ -20,14 +20,21 @@ use crate::state::AppState;
 #[serde(deny_unknown_fields)]
 pub struct PatientDocumentsQuery {
     /// The patient reference, as uploaded
+    #[schema(schema_with = crate::validate::schema::patient_ref)]
     patient_ref: String,
     /// Document date (or upload date when the note has none) from,
     /// inclusive, as YYYY-MM-DD.
+    #[schema(schema_with = super::date_schema)]
     from: Option<String>,
     /// … until, inclusive.
+    #[schema(schema_with = super::date_schema)]
     until: Option<String>,
     status: Option<Status>,
+    /// The `next_cursor` of the previous page.
+    #[schema(schema_with = super::uuid_cursor_schema)]
     after: Option<String>,
+    #[schema(schema_with = super::page_size_schema)]
+    #[serde(default, deserialize_with = "crate::validate::integer")]
     limit: Option<i64>,
 }
 
@@ -100,6 +107,7 @@ pub(crate) async fn patient_documents(
 #[serde(deny_unknown_fields)]
 pub struct ProblemListQuery {
     /// The patient reference, as uploaded
+    #[schema(schema_with = crate::validate::schema::patient_ref)]
     patient_ref: String,
     /// Count negated / hypothetical mentions too (default: only affirmed).
     #[serde(default)]

@@ -398,7 +398,7 @@ async fn clinicians_read_their_teams_patients_and_break_the_glass_for_others() {
     assert_eq!(status, 202, "{body}");
     let outside = body["id"].as_str().unwrap().to_owned();
     let (status, body) = upload(&stack, &loader, "PAT-X", Some("no such team")).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("unknown_care_team")));
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_care_team")));
     wait_for_all_done(&stack, &[inside.clone(), outside.clone()]).await;
 
     let doctor = stack.login("doctor").await;
@@ -565,7 +565,7 @@ async fn admins_manage_users_sessions_and_api_keys_and_each_change_takes_effect_
     let (status, body) = stack
         .call("PATCH", &format!("/v1/admin/users/{admin_id}"), Some(&admin), Some(&json!({"disabled": true})))
         .await;
-    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("own_account")));
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("own_account")));
 
     // Service account and API key: shown once, stored hashed, works for
     // uploads, last use recorded, revocable; no password login.
@@ -574,7 +574,7 @@ async fn admins_manage_users_sessions_and_api_keys_and_each_change_takes_effect_
     assert_eq!(status, 201, "{body}");
     let service = body["id"].as_str().unwrap().to_owned();
     let (status, body) = stack.post(&format!("/v1/admin/users/{nurse}/api-keys"), Some(&admin), &json!({})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("not_a_service_account")));
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("not_a_service_account")));
     let (status, key) = stack
         .post(&format!("/v1/admin/users/{service}/api-keys"), Some(&admin), &json!({"label": "nightly etl"}))
         .await;

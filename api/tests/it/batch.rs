@@ -164,7 +164,7 @@ async fn an_idempotent_retry_gets_the_first_answer_and_stores_nothing_new() {
     let (status, again) = post("k-1", doc.clone()).await;
     assert_eq!((status, &again["id"]), (202, &first["id"]));
     let (status, other) = post("k-1", json!({"patient_ref": "PAT-1", "text": "Known HTN."})).await;
-    assert_eq!((status, other["error"]["code"].as_str()), (422, Some("idempotency_key_reused")));
+    assert_eq!((status, other["error"]["code"].as_str()), (409, Some("idempotency_key_reused")));
 
     // Ten concurrent retries of one request: one document, one id.
     let answers =

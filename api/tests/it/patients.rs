@@ -323,7 +323,7 @@ async fn a_patient_exports_as_valid_fhir_and_is_erased_from_every_table() {
     assert_eq!(export(&doctor, json!({"patient_ref": "PAT-C"})).await.0, 403);
     assert_eq!(export(&admin, case("PAT-C")).await.0, 403);
     let (status, refused) = export(&privacy, json!({"patient_ref": "PAT-C"})).await;
-    assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("invalid_reason")), "{refused}");
+    assert_eq!((status, refused["error"]["code"].as_str()), (403, Some("case_required")), "{refused}");
     let (status, refused) =
         export(&privacy, json!({"patient_ref": "PAT-C", "reason": "gdpr_access_request", "case_ref": "DSAR 7"})).await;
     assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("invalid_case_ref")), "{refused}");

@@ -107,6 +107,10 @@ fn edge_malformed_http_edge_settings_stop_the_api_with_one_line() {
         ("API_DOCS", "maybe", "API_DOCS: must be on or off"),
         ("API_REQUEST_TIMEOUT_SECONDS", "30s", "API_REQUEST_TIMEOUT_SECONDS: must be a whole number"),
         ("API_BATCH_TIMEOUT_SECONDS", "-1", "API_BATCH_TIMEOUT_SECONDS: must be a whole number"),
+        ("API_MAX_CONNECTIONS", "lots", "API_MAX_CONNECTIONS: must be a whole number"),
+        ("API_HEADER_TIMEOUT_SECONDS", "10s", "API_HEADER_TIMEOUT_SECONDS: must be a whole number"),
+        ("API_IDLE_TIMEOUT_SECONDS", "1.5", "API_IDLE_TIMEOUT_SECONDS: must be a whole number"),
+        ("API_BODY_STALL_SECONDS", "-20", "API_BODY_STALL_SECONDS: must be a whole number"),
     ];
     for (name, value, expected) in cases {
         let mut envs = BASE.to_vec();
@@ -120,7 +124,14 @@ fn edge_malformed_http_edge_settings_stop_the_api_with_one_line() {
     // Well-formed, they pass the configuration (and the api stops later,
     // at the database that is not there).
     let mut envs = BASE.to_vec();
-    envs.extend([("TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.10, fd00::/8"), ("API_DOCS", "off")]);
+    envs.extend([
+        ("TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.10, fd00::/8"),
+        ("API_DOCS", "off"),
+        ("API_MAX_CONNECTIONS", "4000"),
+        ("API_HEADER_TIMEOUT_SECONDS", "5"),
+        ("API_IDLE_TIMEOUT_SECONDS", "90"),
+        ("API_BODY_STALL_SECONDS", "30"),
+    ]);
     let (ok, stderr) = run_api(&envs);
     assert!(!ok && stderr.contains("PostgreSQL"), "{stderr}");
 }

@@ -23,6 +23,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, Verifying
 use serde::{Deserialize, Serialize};
 
 use super::event::{ActorKind, AuditEvent};
+use crate::amqp::Undecodable;
 use crate::config::{self, ConfigError};
 
 /// What an event's signature covers, before its key id and canonical bytes.
@@ -61,11 +62,12 @@ pub fn message_body(signed: &[SignedEvent]) -> Result<Vec<u8>, serde_json::Error
 /// The events of an audit message: one signed event, or an array of 1 to
 /// [`MAX_EVENTS_PER_MESSAGE`] of them (a longer one is no message any
 /// producer makes: refused before its signatures cost anything).
-pub fn parse_message(body: &[u8]) -> Result<Vec<SignedEvent>, serde_json::Error> {
+/// The error names the fault, never the body's content.
+pub fn parse_message(body: &[u8]) -> Result<Vec<SignedEvent>, Undecodable> {
     if body.trim_ascii_start().first() == Some(&b'[') {
         let events: Vec<SignedEvent> = serde_json::from_slice(body)?;
         if events.is_empty() || events.len() > MAX_EVENTS_PER_MESSAGE {
-            return Err(serde::de::Error::invalid_length(events.len(), &"1 to MAX_EVENTS_PER_MESSAGE signed events"));
+            return Err(Undecodable { fault: "not 1 to MAX_EVENTS_PER_MESSAGE signed events", at: None });
         }
         Ok(events)
     } else {
@@ -414,6 +416,19 @@ mod tests {
         assert!(parse_message(&serde_json::to_vec(&too_many).unwrap()).is_err(), "more than a producer sends");
         assert_eq!(parse_message(&message_body(&too_many[1..]).unwrap()).unwrap().len(), MAX_EVENTS_PER_MESSAGE);
         assert!(parse_message(b" [{\"event\": 1}]").is_err());
+    }
+
+    /// serde's messages quote the values they could not read; a refused
+    /// message's error names the fault and where it is, not its content.
+    #[test]
+    fn a_refused_message_error_does_not_quote_the_body() {
+        let worker = Signer::generate("worker");
+        let mut body = serde_json::to_value(worker.sign(&event(Actor::service("clinflow-worker"))).unwrap()).unwrap();
+        body["event"]["action"] = "PAT-SECRET".into();
+        for bad in [serde_json::to_vec(&body).unwrap(), b"\"PAT-SECRET\"".to_vec(), b"[\"PAT-SECRET\"]".to_vec()] {
+            let error = parse_message(&bad).unwrap_err().to_string();
+            assert!(!error.contains("SECRET") && error.contains(" at line 1 column "), "{error}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! record and line numbers.
 
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use csv::{ByteRecord, ReaderBuilder};
@@ -19,10 +20,10 @@ struct Columns {
     width: usize,
 }
 
-pub struct CsvSource {
+pub struct CsvSource<R = File> {
     path: PathBuf,
     label: String,
-    reader: csv::Reader<File>,
+    reader: csv::Reader<R>,
     columns: Columns,
     record: ByteRecord,
     record_no: u64,
@@ -30,8 +31,17 @@ pub struct CsvSource {
 
 impl CsvSource {
     pub fn open(path: &Path) -> Result<Self, SourceError> {
+        let file = File::open(path).map_err(|e| SourceError::io(path, e))?;
+        Self::from_reader(path, file)
+    }
+}
+
+impl<R: Read> CsvSource<R> {
+    /// The CSV that `reader` yields; `path` names it in errors and in
+    /// default source_refs.
+    pub fn from_reader(path: &Path, reader: R) -> Result<Self, SourceError> {
         let csv_error = |source| SourceError::Csv { path: path.to_path_buf(), source };
-        let mut reader = ReaderBuilder::new().flexible(true).from_path(path).map_err(csv_error)?;
+        let mut reader = ReaderBuilder::new().flexible(true).from_reader(reader);
         let header = reader.byte_headers().map_err(csv_error)?;
         let columns =
             Columns::find(header).map_err(|column| SourceError::MissingColumn { path: path.to_path_buf(), column })?;
@@ -65,7 +75,7 @@ impl Columns {
     }
 }
 
-impl Iterator for CsvSource {
+impl<R: Read> Iterator for CsvSource<R> {
     type Item = RecordResult;
 
     fn next(&mut self) -> Option<RecordResult> {

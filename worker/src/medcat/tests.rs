@@ -26,6 +26,31 @@ fn rejects_entities_without_offsets() {
     assert!(parse_annotations(&json!("nope")).is_err());
 }
 
+/// The bodies as the client reads them: MedCAT echoes the note, and no
+/// error may quote it.
+#[test]
+fn answers_parse_and_their_errors_quote_nothing() {
+    let answer = |annotations: Value, footer: Value| {
+        json!({"medcat_info": {"service_model": "m-1"},
+            "result": {"text": "PAT-SECRET", "annotations": annotations, "success": true, "footer": footer}})
+    };
+    let body = serde_json::to_vec(&answer(json!([{"0": ent("a", 0, 3)}]), json!("f-1"))).unwrap();
+    let processed = parse_process(&body, "f-1").unwrap();
+    assert_eq!((processed.model_version.as_deref(), processed.annotations.len()), (Some("m-1"), 1));
+    assert!(matches!(parse_process(&body, "f-2"), Err(MedcatError::FooterMismatch)));
+    let bulk = serde_json::to_vec(&json!({"result": [answer(json!([]), Value::Null)["result"].clone()]})).unwrap();
+    assert_eq!(parse_bulk(&bulk, 1).unwrap().len(), 1);
+    assert!(matches!(parse_bulk(&bulk, 2), Err(MedcatError::Decode(_))));
+    for bad in [
+        answer(json!("PAT-SECRET"), Value::Null),
+        answer(json!([{"0": {"cui": "PAT-SECRET", "start": "PAT-SECRET", "end": 1}}]), Value::Null),
+        json!({"result": "PAT-SECRET"}),
+    ] {
+        let error = parse_process(&serde_json::to_vec(&bad).unwrap(), "f").unwrap_err().to_string();
+        assert!(!error.contains("SECRET"), "{error}");
+    }
+}
+
 #[test]
 fn transient_classification() {
     for code in [408, 429, 502, 503, 504] {
